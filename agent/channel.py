@@ -1,0 +1,224 @@
+"""The agent's connection to its master (or proxy): handshake, then one of two carriers.
+
+- HTTP/2: one TLS connection, a long-lived downlink stream (GET /v1/channel/down) and a
+  long-lived uplink stream (POST /v1/channel/up with a streaming body).
+- HTTP/1.1 polling, when h2 cannot be had: POST /v1/channel/poll carries a batch of uplink
+  frames and returns a batch of downlink frames. While polling, the agent probes h2 again
+  in the background and switches back once it works.
+
+Either way the messages are the same frames; what was not acknowledged is resent from the
+spool after every reconnect. Reconnects back off exponentially with full jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+from hcsdk._backoff import Backoff
+from hcsdk._tls import client_context
+from hcsdk._wire import DOWN_TYPES, FrameDecoder, encode_frame
+
+log = logging.getLogger("zy.agent.channel")
+
+
+class ChannelLost(Exception):
+    """The channel ended; the agent reconnects."""
+
+
+class SwitchToH2(Exception):
+    """HTTP/2 works again while we were polling."""
+
+
+class Rejected(Exception):
+    """The master refused this agent's credential: retrying cannot help."""
+
+
+@dataclass
+class ChannelSettings:
+    heartbeat: float = 10.0
+    dead_after: float = 25.0
+    http2: bool = True
+    h2_retry: float = 60.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+
+
+class Channel:
+    """Carries frames between an agent and its upstream.
+
+    ``outbox(last_id)`` returns spooled frames after an id, ``on_message(msg)`` handles a
+    downlink message, and ``wake()`` returns an event set when the outbox grows.
+    """
+
+    def __init__(self, uuid: str, credential: str, urls: list[str], ca_pem: bytes,
+                 facts: Callable[[], dict[str, Any]], labels: dict[str, str],
+                 outbox: Callable[[int], list[tuple[int, bytes]]], on_message: Callable[[dict[str, Any]], None],
+                 wake: Callable[[], anyio.Event], settings: ChannelSettings | None = None):
+        self.uuid = uuid
+        self.urls = urls
+        self.ca_pem = ca_pem
+        self.facts = facts
+        self.labels = labels
+        self.outbox = outbox
+        self.on_message = on_message
+        self.wake = wake
+        self.settings = settings or ChannelSettings()
+        self.headers = {"authorization": f"Bearer {uuid}:{credential}"}
+        self.mode: str | None = None
+        self.connects = 0
+        self._url_index = 0
+        self._last_rx = time.monotonic()
+
+    async def run_forever(self) -> None:
+        backoff = Backoff(self.settings.backoff_base, self.settings.backoff_cap)
+        while True:
+            url = self.urls[self._url_index % len(self.urls)]
+            try:
+                await self._connect(url, backoff)
+                exc: BaseException = ChannelLost("channel closed")
+            except Exception as caught:  # any failure of one connection means: reconnect
+                exc = _leaf(caught)
+            if isinstance(exc, Rejected):
+                raise exc
+            if isinstance(exc, SwitchToH2):
+                log.info("HTTP/2 reachable again; switching from polling")
+                continue
+            log.warning("channel to %s ended: %s", url, _describe(exc))
+            self._url_index += 1
+            self.mode = None
+            delay = backoff.next_delay()
+            log.info("reconnecting in %.1fs", delay)
+            await anyio.sleep(delay)
+
+    def _client(self, http2: bool) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            http2=http2, http1=True, verify=client_context(self.ca_pem, http2=http2), headers=self.headers,
+            timeout=httpx.Timeout(connect=10.0, read=None, write=30.0, pool=10.0),
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
+        )
+
+    async def _connect(self, url: str, backoff: Backoff) -> None:
+        async with self._client(self.settings.http2) as client:
+            resp = await client.post(f"{url}/v1/handshake", json={"facts": self.facts(), "labels": self.labels})
+            if resp.status_code in (401, 403):
+                raise Rejected(_reason(resp))
+            if resp.status_code != 200:
+                raise ChannelLost(f"handshake answered {resp.status_code}: {_reason(resp)}")
+            info = resp.json()
+            backoff.reset()
+            self.connects += 1
+            self._last_rx = time.monotonic()
+            if resp.http_version == "HTTP/2":
+                self.mode = "h2"
+                log.info("connected to %s over HTTP/2", url)
+                await self._h2(client, url, info["sid"])
+            else:
+                self.mode = "poll"
+                log.info("connected to %s by HTTP/1.1 polling", url)
+                await self._poll(client, url, info["sid"])
+
+    # -- HTTP/2 -------------------------------------------------------------------------------
+    async def _h2(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._downlink, client, url, sid)
+            tg.start_soon(self._uplink, client, url, sid)
+            tg.start_soon(self._watchdog)
+
+    async def _downlink(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
+        decoder = FrameDecoder(allowed=DOWN_TYPES)
+        async with client.stream("GET", f"{url}/v1/channel/down", params={"sid": sid}) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                raise ChannelLost(f"downlink answered {resp.status_code}: {_reason(resp)}")
+            async for chunk in resp.aiter_raw():
+                self._last_rx = time.monotonic()
+                for msg in decoder.feed(chunk):
+                    self.on_message(msg)
+        raise ChannelLost("master closed the downlink")
+
+    async def _uplink(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
+        resp = await client.post(f"{url}/v1/channel/up", params={"sid": sid}, content=self._frames())
+        raise ChannelLost(f"uplink ended with {resp.status_code}: {_reason(resp)}")
+
+    async def _frames(self) -> AsyncIterator[bytes]:
+        last_id = 0
+        hb = encode_frame({"t": "hb", "uuid": self.uuid, "cmd": "", "taskid": "", "seq": 0})
+        while True:
+            wake = self.wake()
+            rows = self.outbox(last_id)
+            if rows:
+                last_id = rows[-1][0]
+                yield b"".join(frame for _, frame in rows)
+                continue
+            with anyio.move_on_after(self.settings.heartbeat) as idle:
+                await wake.wait()
+            if idle.cancelled_caught:
+                yield hb
+
+    async def _watchdog(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            silent = time.monotonic() - self._last_rx
+            if silent > self.settings.dead_after:
+                raise ChannelLost(f"nothing from the master for {silent:.0f}s")
+
+    # -- HTTP/1.1 polling ---------------------------------------------------------------------
+    async def _poll(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
+        async with anyio.create_task_group() as tg:
+            if self.settings.http2:
+                tg.start_soon(self._probe_h2, url)
+            await self._poll_loop(client, url, sid)
+
+    async def _poll_loop(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
+        last_id = 0
+        decoder = FrameDecoder(allowed=DOWN_TYPES)
+        hb = encode_frame({"t": "hb", "uuid": self.uuid, "cmd": "", "taskid": "", "seq": 0})
+        while True:
+            rows = self.outbox(last_id)
+            body = b"".join(f for _, f in rows) if rows else hb
+            resp = await client.post(f"{url}/v1/channel/poll", params={"sid": sid}, content=body,
+                                     headers={"content-type": "application/x-zy-frames"})
+            if resp.status_code != 200:
+                raise ChannelLost(f"poll answered {resp.status_code}: {_reason(resp)}")
+            if rows:
+                last_id = rows[-1][0]
+            self._last_rx = time.monotonic()
+            for msg in decoder.feed(resp.content):
+                self.on_message(msg)
+
+    async def _probe_h2(self, url: str) -> None:
+        while True:
+            await anyio.sleep(self.settings.h2_retry)
+            try:
+                async with self._client(True) as probe:
+                    resp = await probe.get(f"{url}/v1/ca")
+                if resp.http_version == "HTTP/2":
+                    raise SwitchToH2()
+            except httpx.HTTPError:
+                pass
+
+
+def _reason(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json().get("error"))
+    except (ValueError, AttributeError, httpx.ResponseNotRead):
+        return f"HTTP {resp.status_code}"
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = next((e for e in exc.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())),
+                   exc.exceptions[0])
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,84 @@
+"""`zy agent`: registered on the `hcsdk.commands` entry-point group."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import anyio
+
+from hcsdk._errors import JoinTokenError
+from hcsdk._jointoken import JoinToken
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--label wants KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "agent", help="run an agent (enrolls once with --join, then reconnects as the same uuid)",
+        description="Run an agent. The first start needs --join TOKEN (from `zy token create`); "
+        "the identity is kept in --state-dir and later starts need only that.",
+    )
+    p.add_argument("--join", metavar="TOKEN", help="join token, for the first start")
+    p.add_argument("--state-dir", type=Path, default=Path("./state/agent"), help="state directory (default %(default)s)")
+    p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE",
+                   help="label reported to the master (repeatable); replaces the saved labels when given")
+    p.add_argument("--hostname", help="name to report instead of the system hostname")
+    p.add_argument("--master", action="append", default=[], metavar="URL",
+                   help="master or proxy URL to use instead of the ones in the join token (repeatable)")
+    p.add_argument("--no-http2", action="store_true", help="never try HTTP/2; poll over HTTP/1.1")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats (default 10)")
+    p.add_argument("--dead-after", type=float, default=25.0, help="reconnect after this long without traffic")
+    p.add_argument("--h2-retry", type=float, default=60.0, help="while polling, retry HTTP/2 this often (seconds)")
+    p.add_argument("--backoff-cap", type=float, default=30.0, help="longest wait between reconnects (seconds)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return anyio.run(_amain, args)
+
+
+async def _amain(args: argparse.Namespace) -> int:
+    from . import facts
+    from .channel import ChannelSettings, Rejected
+    from .core import Agent
+    from .enroll import EnrollError, enroll
+    from .state import StateDir
+
+    state = StateDir(args.state_dir)
+    ident = state.load()
+    labels = dict(args.label)
+    if not ident.enrolled:
+        if not args.join:
+            print(f"zy agent: {args.state_dir} holds no enrollment; start once with --join TOKEN", file=sys.stderr)
+            return 2
+        try:
+            token = JoinToken.decode(args.join)
+            ident = await enroll(state, ident, token, facts.collect(args.hostname), labels)
+        except (JoinTokenError, EnrollError) as exc:
+            print(f"zy agent: {exc}", file=sys.stderr)
+            return 2
+        print(f"zy agent: enrolled as {ident.uuid}", flush=True)
+    elif labels and labels != ident.labels:
+        ident.labels = labels
+        state.save(ident)
+    if args.master:
+        ident.urls = list(args.master)
+    settings = ChannelSettings(heartbeat=args.heartbeat, dead_after=args.dead_after, http2=not args.no_http2,
+                               h2_retry=args.h2_retry, backoff_cap=args.backoff_cap)
+    print(f"zy agent: {ident.uuid} connecting to {', '.join(ident.urls)}", flush=True)
+    try:
+        await Agent(state, ident, hostname=args.hostname, settings=settings).run()
+    except Rejected as exc:
+        print(f"zy agent: the master refused this agent: {exc}", file=sys.stderr)
+        return 3
+    return 0

@@ -1,0 +1,78 @@
+"""An agent: its identity and spool, the executor, and the channel, wired together."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from . import facts as facts_mod
+from .channel import Channel, ChannelSettings
+from .executor import Executor
+from .spool import Spool
+from .state import Identity, StateDir
+
+log = logging.getLogger("zy.agent")
+
+
+class Agent:
+    def __init__(self, state: StateDir, ident: Identity, hostname: str | None = None,
+                 settings: ChannelSettings | None = None, output_cap: int | None = None):
+        self.state = state
+        self.ident = ident
+        self.hostname = hostname
+        self.spool = Spool(state.spool_path)
+        self._wake = anyio.Event()
+        self._tg: TaskGroup | None = None
+        kwargs: dict[str, Any] = {"output_cap": output_cap} if output_cap else {}
+        self.executor = Executor(ident.uuid, self._emit, self.spool.claim, self.spool.finish, hostname, **kwargs)
+        self.channel = Channel(
+            ident.uuid, ident.credential, ident.urls, state.ca_path.read_bytes(),
+            facts=lambda: facts_mod.collect(self.hostname), labels=ident.labels,
+            outbox=self.spool.pending_after, on_message=self._on_message, wake=self._current_wake,
+            settings=settings,
+        )
+
+    def _emit(self, msgs: list[dict[str, Any]]) -> None:
+        self.spool.append(msgs)
+        self._wake.set()
+
+    def _current_wake(self) -> anyio.Event:
+        if self._wake.is_set():
+            self._wake = anyio.Event()
+        return self._wake
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == "task" and self._tg is not None:
+            self.executor.submit(msg, self._tg)
+        elif kind == "cancel":
+            self.executor.cancel(str(msg.get("taskid")))
+        elif kind == "ack":
+            self.spool.ack((msg.get("p") or {}).get("ids") or [])
+
+    async def run(self) -> None:
+        self.executor.recover(self.spool.interrupted())
+        self.spool.forget_before(time.time() - 30 * 86400)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._signals, tg)
+                await self.channel.run_forever()
+        finally:
+            self.spool.close()
+
+    async def _signals(self, tg: TaskGroup) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                log.info("stopping: cancelling running tasks")
+                await self.executor.shutdown()
+                with anyio.move_on_after(5):
+                    while self.executor.running:
+                        await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+                return

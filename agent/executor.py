@@ -1,0 +1,213 @@
+"""Runs tasks: checks them, runs the plugin for their cmd word, streams what they produce.
+
+Every task's messages go through ``emit`` (which spools them before they are sent):
+``start`` (seq 0), ``out`` chunks (seq 1..n), then one ``done``. Commands run in their own
+session, so a timeout or a cancel kills the whole process group, not just the shell.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import ByteReceiveStream, Process, TaskGroup
+
+from . import facts as facts_mod
+
+log = logging.getLogger("zy.agent.exec")
+
+Emit = Callable[[list[dict[str, Any]]], None]
+DEFAULT_OUTPUT_CAP = 8 * 1024 * 1024
+RECOVERY_SEQ = 2**31 - 1  # seq of a "done" written after a restart; never used by a live task
+
+
+@dataclass(eq=False)
+class Task:
+    taskid: str
+    cmd: str
+    args: dict[str, Any]
+    timeout: float
+    seq: int = 0
+    status: str | None = None
+    proc: Process | None = None
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    truncated: dict[str, bool] = field(default_factory=dict)
+
+
+class TaskFailed(Exception):
+    """A plugin's clear, expected failure: reported as status ``error`` with this message."""
+
+
+class Executor:
+    def __init__(self, uuid: str, emit: Emit, claim: Callable[[str, str], bool], finish: Callable[[str], None],
+                 hostname: str | None = None, output_cap: int = DEFAULT_OUTPUT_CAP):
+        self.uuid = uuid
+        self.emit = emit
+        self.claim = claim
+        self.finish = finish
+        self.hostname = hostname
+        self.output_cap = output_cap
+        self.running: dict[str, Task] = {}
+        self.plugins: dict[str, Callable[[Task], Awaitable[tuple[str, int | None]]]] = {
+            "shell": self._shell, "exec": self._exec, "ping": self._ping, "facts": self._facts,
+        }
+
+    # -- entry points from the channel -------------------------------------------------------
+    def submit(self, msg: dict[str, Any], tg: TaskGroup) -> None:
+        taskid, cmd = msg.get("taskid"), msg.get("cmd")
+        p = msg.get("p") or {}
+        if not isinstance(taskid, str) or not isinstance(cmd, str) or not taskid:
+            log.warning("ignoring a task without taskid or cmd")
+            return
+        if not self.claim(taskid, cmd):
+            return  # already accepted once: its results travel through the spool
+        task = Task(taskid=taskid, cmd=cmd, args=p.get("args") or {}, timeout=float(p.get("timeout") or 600))
+        reason = self._refuse(msg, p)
+        if reason:
+            self._done(task, "error", None, time.time(), error=reason)
+            return
+        self.running[taskid] = task
+        tg.start_soon(self._run, task)
+
+    def cancel(self, taskid: str) -> None:
+        task = self.running.get(taskid)
+        if task and task.status is None:
+            task.status = "cancelled"
+            self._kill(task)
+            task.scope.cancel()
+
+    def recover(self, interrupted: list[tuple[str, str]]) -> None:
+        """Report tasks that were running when the agent stopped: they cannot be resumed."""
+        for taskid, cmd in interrupted:
+            task = Task(taskid=taskid, cmd=cmd, args={}, timeout=0, seq=RECOVERY_SEQ)
+            self._done(task, "error", None, None, error="the agent restarted while the task ran")
+
+    async def shutdown(self) -> None:
+        for task in list(self.running.values()):
+            self.cancel(task.taskid)
+
+    # -- the task lifecycle -------------------------------------------------------------------
+    def _refuse(self, msg: dict[str, Any], p: dict[str, Any]) -> str | None:
+        if p.get("aud") != self.uuid or msg.get("uuid") != self.uuid:
+            return "task is addressed to another agent"
+        exp = p.get("exp")
+        if not isinstance(exp, (int, float)) or exp < time.time():
+            return "task has expired"
+        if task_cmd := msg.get("cmd"):
+            if task_cmd not in self.plugins:
+                return f"unknown cmd {task_cmd!r} on this agent (known: {', '.join(sorted(self.plugins))})"
+        return None
+
+    async def _run(self, task: Task) -> None:
+        started = time.time()
+        self._emit(task, "start", {"started_at": started})
+        status, code, error = "error", None, None
+        try:
+            with task.scope:
+                with anyio.move_on_after(task.timeout) as deadline:
+                    status, code = await self.plugins[task.cmd](task)
+                if deadline.cancelled_caught:
+                    status = "timeout"
+                    error = f"killed after the {task.timeout:g}s timeout"
+        except TaskFailed as exc:
+            error = str(exc)
+        except Exception as exc:  # a plugin bug must not take the agent down
+            log.exception("task %s failed", task.taskid)
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._kill(task)
+            if task.status == "cancelled":
+                status, error = "cancelled", "cancelled on request"
+            self.running.pop(task.taskid, None)
+            self._done(task, status, code, started, error=error)
+
+    def _emit(self, task: Task, kind: str, payload: dict[str, Any]) -> None:
+        self.emit([{"t": kind, "uuid": self.uuid, "cmd": task.cmd, "taskid": task.taskid, "seq": task.seq,
+                    "p": payload}])
+        task.seq += 1
+
+    def _done(self, task: Task, status: str, code: int | None, started: float | None, error: str | None) -> None:
+        payload: dict[str, Any] = {"status": status, "exit_code": code, "started_at": started,
+                                   "finished_at": time.time(), "truncated": task.truncated}
+        if error:
+            payload["error"] = error
+        self._emit(task, "done", payload)
+        self.finish(task.taskid)
+
+    @staticmethod
+    def _kill(task: Task) -> None:
+        if task.proc is not None and task.proc.returncode is None:
+            try:
+                os.killpg(task.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    # -- built-in plugins -------------------------------------------------------------------
+    async def _shell(self, task: Task) -> tuple[str, int | None]:
+        script = task.args.get("script")
+        if not isinstance(script, str):
+            raise TaskFailed("shell needs args.script (a string)")
+        shell = task.args.get("shell") or "/bin/sh"
+        return await self._process(task, [shell, "-c", script])
+
+    async def _exec(self, task: Task) -> tuple[str, int | None]:
+        argv = task.args.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise TaskFailed("exec needs args.argv (a non-empty list of strings)")
+        return await self._process(task, argv)
+
+    async def _ping(self, task: Task) -> tuple[str, int | None]:
+        self._emit(task, "out", {"stream": "stdout", "data": "pong\n"})
+        return "ok", 0
+
+    async def _facts(self, task: Task) -> tuple[str, int | None]:
+        import json
+
+        self._emit(task, "out", {"stream": "stdout", "data": json.dumps(facts_mod.collect(self.hostname)) + "\n"})
+        return "ok", 0
+
+    async def _process(self, task: Task, argv: list[str]) -> tuple[str, int | None]:
+        try:
+            proc = await anyio.open_process(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            raise TaskFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        task.proc = proc
+        try:
+            async with anyio.create_task_group() as tg:
+                assert proc.stdout is not None and proc.stderr is not None
+                tg.start_soon(self._pump, task, proc.stdout, "stdout")
+                tg.start_soon(self._pump, task, proc.stderr, "stderr")
+                code = await proc.wait()
+                # a background child may hold the pipes open: read on briefly, then stop
+                tg.cancel_scope.deadline = anyio.current_time() + 1.0
+        finally:
+            self._kill(task)
+            with anyio.CancelScope(shield=True):
+                await proc.aclose()
+        return ("ok" if code == 0 else "failed"), code
+
+    async def _pump(self, task: Task, stream: ByteReceiveStream, name: str) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sent = 0
+        async for chunk in stream:
+            if sent >= self.output_cap:
+                task.truncated[name] = True
+                continue  # keep draining so the process is never blocked on a full pipe
+            room = self.output_cap - sent
+            if len(chunk) > room:
+                chunk, task.truncated[name] = chunk[:room], True
+            sent += len(chunk)
+            text = decoder.decode(chunk)
+            if text:
+                self._emit(task, "out", {"stream": name, "data": text})
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            self._emit(task, "out", {"stream": name, "data": tail})

@@ -1,0 +1,68 @@
+"""The agent's durable memory: results not yet acknowledged, and every taskid ever accepted.
+
+A message is written here before it is sent, and deleted only when the master acknowledges
+it; after a reconnect everything still here is sent again. The ``tasks`` table is how an agent
+never runs one taskid twice, even across restarts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from hcsdk._wire import encode_frame
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, taskid TEXT NOT NULL,
+    seq INTEGER NOT NULL, frame BLOB NOT NULL, UNIQUE(taskid, seq));
+CREATE TABLE IF NOT EXISTS tasks (taskid TEXT PRIMARY KEY, state TEXT NOT NULL, cmd TEXT NOT NULL,
+    received_at REAL NOT NULL);
+"""
+
+
+class Spool:
+    def __init__(self, path: Path):
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def append(self, msgs: list[dict[str, Any]]) -> None:
+        rows = [(m["taskid"], m["seq"], encode_frame(m)) for m in msgs]
+        self.db.execute("BEGIN")
+        self.db.executemany("INSERT OR IGNORE INTO outbox(taskid, seq, frame) VALUES(?,?,?)", rows)
+        self.db.execute("COMMIT")
+
+    def pending_after(self, last_id: int, limit: int = 500) -> list[tuple[int, bytes]]:
+        rows = self.db.execute("SELECT id, frame FROM outbox WHERE id>? ORDER BY id LIMIT ?", (last_id, limit))
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
+    def ack(self, pairs: list[list[Any]]) -> None:
+        self.db.execute("BEGIN")
+        self.db.executemany("DELETE FROM outbox WHERE taskid=? AND seq=?",
+                            [(p[0], p[1]) for p in pairs if isinstance(p, list) and len(p) == 2])
+        self.db.execute("COMMIT")
+
+    def unacked(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def claim(self, taskid: str, cmd: str) -> bool:
+        """Record a task as accepted; False when this taskid was seen before."""
+        cur = self.db.execute("INSERT OR IGNORE INTO tasks(taskid, state, cmd, received_at) VALUES(?,?,?,?)",
+                              (taskid, "running", cmd, time.time()))
+        return cur.rowcount == 1
+
+    def finish(self, taskid: str) -> None:
+        self.db.execute("UPDATE tasks SET state='done' WHERE taskid=?", (taskid,))
+
+    def interrupted(self) -> list[tuple[str, str]]:
+        """Tasks that were running when the agent last stopped: (taskid, cmd)."""
+        return [(r[0], r[1]) for r in self.db.execute("SELECT taskid, cmd FROM tasks WHERE state='running'")]
+
+    def forget_before(self, cutoff: float) -> None:
+        self.db.execute("DELETE FROM tasks WHERE state='done' AND received_at<?", (cutoff,))

@@ -1,0 +1,60 @@
+"""The agent's state directory: identity (uuid, credential), the pinned CA, and the spool."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid as uuidlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(kw_only=True)
+class Identity:
+    uuid: str
+    credential: str = ""
+    urls: list[str] = field(default_factory=list)
+    ca_fingerprint: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def enrolled(self) -> bool:
+        return bool(self.credential)
+
+
+class StateDir:
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+
+    @property
+    def identity_path(self) -> Path:
+        return self.root / "identity.json"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.root / "spool.db"
+
+    def load(self) -> Identity:
+        """The saved identity; on the very first start a fresh UUID, saved at once so a retried
+        enrollment keeps it."""
+        if self.identity_path.exists():
+            data = json.loads(self.identity_path.read_text())
+            return Identity(**data)
+        ident = Identity(uuid=str(uuidlib.uuid4()))
+        self.save(ident)
+        return ident
+
+    def save(self, ident: Identity) -> None:
+        tmp = self.identity_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(asdict(ident), fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.identity_path)

@@ -1,0 +1,260 @@
+"""The SDK's clients. :class:`AsyncClient` is the implementation; :class:`Client` is the same
+API for synchronous code, driven through one background event loop (see ``_portal``)."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from ._config import load_client_config
+from ._errors import RequestError
+from ._http import check, map_exceptions
+from ._portal import portal
+from ._run import AsyncRun, Event
+from ._targets import TargetsLike, target_spec
+from ._tls import client_context
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["AsyncClient", "Client", "Run"]
+
+INVENTORY_COLUMNS = ["uuid", "hostname", "os", "os_version", "kernel", "arch", "cpus", "mem_total", "ips",
+                     "online", "mode", "last_seen", "labels", "agent_version", "connects", "enrolled_at"]
+
+
+def _script_args(script: str | bytes | Sequence[str] | None, cmd: str | None,
+                 args: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    if isinstance(script, bytes):
+        try:
+            script = script.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"the script is not valid UTF-8 (byte {exc.start}): pass text, "
+                               "or encode binary content (e.g. base64) inside the script", 0) from None
+    if cmd is None:
+        cmd = "exec" if script is not None and not isinstance(script, str) else "shell"
+    merged = dict(args or {})
+    if script is not None:
+        if cmd == "exec":
+            merged["argv"] = list(script)
+        else:
+            merged["script"] = script
+    return cmd, merged
+
+
+class AsyncClient:
+    """Talks to a master.
+
+    >>> client = AsyncClient()                       # from ZY_CONFIG / ZY_MASTER / ~/.config/zy
+    >>> run = await client.run("uptime", targets="label:role=web", timeout=30)
+    >>> df = await run.to_dataframe()
+    """
+
+    def __init__(self, url: str | None = None, *, token: str | None = None, ca: str | None = None,
+                 timeout: float = 30.0, http2: bool = True):
+        if url is None:
+            cfg = load_client_config()
+            url, token, ca = cfg.url, token or cfg.token, ca or cfg.ca
+        if not token:
+            raise RequestError("a token is needed to talk to the master", 0)
+        self.url = url.rstrip("/")
+        self._stream_timeout = httpx.Timeout(timeout, read=60.0)
+        self._http = httpx.AsyncClient(
+            base_url=self.url, http2=http2, verify=client_context(ca, http2=http2),
+            headers={"authorization": f"Bearer {token}"}, timeout=timeout,
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _check(self, resp: httpx.Response) -> Any:
+        return check(resp)
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        with map_exceptions(self.url):
+            resp = await self._http.request(method, path, **kwargs)
+        return check(resp)
+
+    async def status(self) -> dict[str, Any]:
+        return dict(await self._request("GET", "/api/v1/status"))
+
+    async def inventory(self) -> pd.DataFrame:
+        """Every enrolled agent, one row each: uuid, hostname, os, online, last_seen, labels, ..."""
+        import pandas as pd
+
+        rows = await self._request("GET", "/api/v1/inventory")
+        recs = []
+        for row in rows:
+            facts = row.get("facts") or {}
+            recs.append({**{k: facts.get(k) for k in INVENTORY_COLUMNS}, **{
+                "uuid": row["uuid"], "hostname": row["hostname"], "online": row["online"], "mode": row.get("mode"),
+                "labels": row["labels"], "connects": row["connects"],
+                "last_seen": row["last_seen"], "enrolled_at": row["enrolled_at"]}})
+        df = pd.DataFrame.from_records(recs, columns=INVENTORY_COLUMNS)
+        for col in ("last_seen", "enrolled_at"):
+            df[col] = pd.to_datetime(df[col], unit="s", utc=True)
+        return df
+
+    async def run(self, script: str | bytes | Sequence[str] | None = None, *, targets: TargetsLike,
+                  cmd: str | None = None, args: dict[str, Any] | None = None, timeout: float = 600) -> AsyncRun:
+        """Start ``script`` (shell) or an argv list (exec) on ``targets``; returns at once.
+
+        Targets: a uuid, a list of uuids, a glob on hostname/uuid (``"web-*"``), a label
+        selector (``"label:role=web,idc=hk"``) or a DataFrame with a ``uuid`` column.
+        """
+        cmd, merged = _script_args(script, cmd, args)
+        body = {"cmd": cmd, "args": merged, "targets": target_spec(targets), "timeout": timeout}
+        return AsyncRun(self, await self._request("POST", "/api/v1/runs", json=body))
+
+    async def create_join_token(self, ttl: float = 86400, description: str = "") -> dict[str, Any]:
+        return dict(await self._request("POST", "/api/v1/tokens", json={"ttl": ttl, "description": description}))
+
+    async def join_tokens(self) -> list[dict[str, Any]]:
+        return list(await self._request("GET", "/api/v1/tokens"))
+
+    async def revoke_join_token(self, token_id: str) -> None:
+        await self._request("DELETE", f"/api/v1/tokens/{token_id}")
+
+    async def revoke_agent(self, uuid: str) -> None:
+        """The agent is dropped now and can never reconnect with its credential."""
+        await self._request("POST", f"/api/v1/agents/{uuid}/revoke")
+
+    async def disconnect_agent(self, uuid: str) -> None:
+        """Close an agent's channel (it reconnects on its own, losing nothing)."""
+        await self._request("POST", f"/api/v1/agents/{uuid}/disconnect")
+
+
+class Run:
+    """The synchronous face of :class:`AsyncRun`."""
+
+    def __init__(self, arun: AsyncRun):
+        self._arun = arun
+
+    def __repr__(self) -> str:
+        return repr(self._arun).replace("AsyncRun", "Run")
+
+    @property
+    def id(self) -> str:
+        return self._arun.id
+
+    @property
+    def done(self) -> bool:
+        return self._arun.done
+
+    @property
+    def total(self) -> int:
+        return self._arun.total
+
+    def counts(self) -> dict[str, int]:
+        return self._arun.counts()
+
+    def events(self) -> Iterator[Event]:
+        """Yield events as they arrive (output chunks, then a final ``done`` per target)."""
+        # One task in the portal drives the async iterator (it holds the run's lock across
+        # yields); events cross to this thread through a queue.
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        async def pump() -> None:
+            try:
+                async for event in self._arun.events():
+                    events.put(("event", event))
+                events.put(("end", None))
+            except BaseException as exc:
+                events.put(("error", exc))
+                raise
+
+        future = portal().start_task_soon(pump)
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "event":
+                    yield value
+                elif kind == "end":
+                    return
+                else:
+                    raise value
+        finally:
+            if not future.done():
+                future.cancel()
+
+    def wait(self, timeout: float | None = None) -> Run:
+        portal().call(self._arun.wait, timeout)
+        return self
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Wait for every target, then one row per target."""
+        return portal().call(self._arun.to_dataframe)
+
+    def snapshot(self) -> pd.DataFrame:
+        return self._arun.snapshot()
+
+    def cancel(self) -> int:
+        return portal().call(self._arun.cancel)
+
+
+class Client:
+    """The synchronous SDK: the same methods as :class:`AsyncClient`, blocking.
+
+    >>> from hcsdk import Client
+    >>> client = Client()
+    >>> client.run("uname -a", targets="web-*", timeout=30).to_dataframe()
+    """
+
+    def __init__(self, url: str | None = None, *, token: str | None = None, ca: str | None = None,
+                 timeout: float = 30.0, http2: bool = True):
+        self._async = portal().call(lambda: _make_async(url, token, ca, timeout, http2))
+
+    @property
+    def url(self) -> str:
+        return self._async.url
+
+    def close(self) -> None:
+        portal().call(self._async.aclose)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def status(self) -> dict[str, Any]:
+        return portal().call(self._async.status)
+
+    def inventory(self) -> pd.DataFrame:
+        return portal().call(self._async.inventory)
+
+    def run(self, script: str | bytes | Sequence[str] | None = None, *, targets: TargetsLike,
+            cmd: str | None = None, args: dict[str, Any] | None = None, timeout: float = 600) -> Run:
+        async def start() -> AsyncRun:
+            return await self._async.run(script, targets=targets, cmd=cmd, args=args, timeout=timeout)
+
+        return Run(portal().call(start))
+
+    def create_join_token(self, ttl: float = 86400, description: str = "") -> dict[str, Any]:
+        return portal().call(self._async.create_join_token, ttl, description)
+
+    def join_tokens(self) -> list[dict[str, Any]]:
+        return portal().call(self._async.join_tokens)
+
+    def revoke_join_token(self, token_id: str) -> None:
+        portal().call(self._async.revoke_join_token, token_id)
+
+    def revoke_agent(self, uuid: str) -> None:
+        portal().call(self._async.revoke_agent, uuid)
+
+    def disconnect_agent(self, uuid: str) -> None:
+        portal().call(self._async.disconnect_agent, uuid)
+
+
+async def _make_async(url: str | None, token: str | None, ca: str | None, timeout: float,
+                      http2: bool) -> AsyncClient:
+    return AsyncClient(url, token=token, ca=ca, timeout=timeout, http2=http2)

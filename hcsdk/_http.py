@@ -1,0 +1,39 @@
+"""The one place where httpx errors and HTTP statuses become the SDK's exceptions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+from ._errors import AuthError, MasterUnreachable, RequestError, TargetError, ZyError
+
+
+@contextmanager
+def map_exceptions(url: str) -> Iterator[None]:
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise MasterUnreachable(f"the master at {url} did not answer in time ({type(exc).__name__})") from None
+    except httpx.TransportError as exc:
+        raise MasterUnreachable(f"cannot reach the master at {url}: {exc or type(exc).__name__}") from None
+
+
+def check(resp: httpx.Response) -> Any:
+    """Return the JSON body of a 2xx response; raise the matching ZyError otherwise."""
+    if resp.is_success:
+        return resp.json()
+    try:
+        body = resp.json()
+        message, kind = str(body.get("error")), str(body.get("kind", ""))
+    except (ValueError, AttributeError):
+        message, kind = resp.text[:200] or resp.reason_phrase, ""
+    if resp.status_code in (401, 403):
+        raise AuthError(f"the master refused the request ({resp.status_code}): {message}")
+    if kind == "target":
+        raise TargetError(message)
+    if 400 <= resp.status_code < 500:
+        raise RequestError(message, resp.status_code)
+    raise ZyError(f"the master failed ({resp.status_code}): {message}")

@@ -1,0 +1,204 @@
+"""A run: one command fanned out to many targets, its events, and its results as a DataFrame."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._backoff import Backoff
+from ._errors import MasterUnreachable, ZyError
+from ._wire import loads
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ._client import AsyncClient
+
+__all__ = ["COLUMNS", "STATUSES", "AsyncRun", "Event"]
+
+STATUSES = ("ok", "failed", "timeout", "offline", "cancelled", "error")
+COLUMNS = ["uuid", "hostname", "status", "exit_code", "stdout", "stderr", "started_at", "finished_at",
+           "duration_s", "error", "truncated", "taskid"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """One thing that happened on one target.
+
+    ``kind`` is ``start``, ``stdout``, ``stderr`` (``data`` holds the chunk, ``seq`` orders
+    the chunks of one target) or ``done`` (``status`` and ``exit_code`` are final).
+    """
+
+    kind: str
+    uuid: str
+    hostname: str
+    taskid: str
+    seq: int
+    data: str = ""
+    status: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Row:
+    uuid: str
+    hostname: str
+    taskid: str
+    status: str | None = None
+    exit_code: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    truncated: dict[str, bool] = field(default_factory=dict)
+    chunks: dict[str, list[tuple[int, str]]] = field(default_factory=lambda: {"stdout": [], "stderr": []})
+
+    def text(self, stream: str) -> str:
+        return "".join(data for _, data in sorted(self.chunks[stream], key=lambda c: c[0]))
+
+
+class AsyncRun:
+    """Returned by :meth:`AsyncClient.run`. Iterate :meth:`events` to stream, or await
+    :meth:`to_dataframe` for the final table."""
+
+    def __init__(self, client: AsyncClient, info: dict[str, Any], reconnect_timeout: float = 120.0):
+        self._client = client
+        self.id: str = info["run_id"]
+        self.cmd: str = info["cmd"]
+        self._rows = {t["taskid"]: _Row(t["uuid"], t["hostname"], t["taskid"]) for t in info["targets"]}
+        self._cursor = 0
+        self._complete = False
+        self._lock = anyio.Lock()
+        self._reconnect_timeout = reconnect_timeout
+
+    def __repr__(self) -> str:
+        return f"<AsyncRun {self.id} {self.cmd} targets={len(self._rows)} {self.counts()}>"
+
+    @property
+    def done(self) -> bool:
+        return self._complete
+
+    @property
+    def total(self) -> int:
+        return len(self._rows)
+
+    def counts(self) -> dict[str, int]:
+        """Targets per status so far; ``pending`` for those still running."""
+        out: dict[str, int] = {}
+        for row in self._rows.values():
+            key = row.status or "pending"
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events as they arrive, resuming after a dropped connection or a master restart."""
+        async with self._lock:
+            backoff = Backoff(0.2, 5.0)
+            last_ok = time.monotonic()
+            while not self._complete:
+                try:
+                    async for event in self._stream():
+                        last_ok = time.monotonic()
+                        backoff.reset()
+                        yield event
+                except MasterUnreachable:
+                    if time.monotonic() - last_ok > self._reconnect_timeout:
+                        raise
+                    await anyio.sleep(backoff.next_delay())
+
+    async def _stream(self) -> AsyncIterator[Event]:
+        http = self._client._http
+        try:
+            async with http.stream("GET", f"/api/v1/runs/{self.id}/events", params={"after": self._cursor},
+                                   timeout=self._client._stream_timeout) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    self._client._check(resp)
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    rec = loads(line)
+                    if rec.get("kind") == "end":
+                        self._complete = True
+                        return
+                    self._cursor = rec["id"]
+                    event = self._apply(rec)
+                    if event is not None:
+                        yield event
+        except ZyError:
+            raise
+        except Exception as exc:  # transport trouble mid-stream: resume from the cursor
+            raise MasterUnreachable(f"event stream broke: {exc or type(exc).__name__}") from None
+
+    def _apply(self, rec: dict[str, Any]) -> Event | None:
+        row = self._rows.get(rec["taskid"])
+        if row is None:
+            return None
+        data = rec.get("data") or {}
+        kind, seq = rec["kind"], rec["seq"]
+        if kind == "start":
+            row.started_at = data.get("started_at")
+            return Event(kind="start", uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq)
+        if kind == "out":
+            stream = "stderr" if data.get("stream") == "stderr" else "stdout"
+            row.chunks[stream].append((seq, data.get("data", "")))
+            return Event(kind=stream, uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq,
+                         data=data.get("data", ""))
+        if kind == "done":
+            row.status = data.get("status", "error")
+            row.exit_code = data.get("exit_code")
+            row.started_at = row.started_at or data.get("started_at")
+            row.finished_at = data.get("finished_at") or time.time()
+            row.error = data.get("error")
+            row.truncated = data.get("truncated") or {}
+            return Event(kind="done", uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq,
+                         status=row.status, exit_code=row.exit_code, error=row.error)
+        return None
+
+    async def wait(self, timeout: float | None = None) -> AsyncRun:
+        """Wait until every target has a final status."""
+        with anyio.fail_after(timeout):
+            async for _ in self.events():
+                pass
+        return self
+
+    async def to_dataframe(self) -> pd.DataFrame:
+        await self.wait()
+        return self.snapshot()
+
+    async def cancel(self) -> int:
+        """Stop the command on every target still running it (the process group is killed)."""
+        body = await self._client._request("POST", f"/api/v1/runs/{self.id}/cancel")
+        return int(body["cancelling"])
+
+    def snapshot(self) -> pd.DataFrame:
+        """The results so far, one row per target (status None where not finished)."""
+        import pandas as pd
+
+        recs = []
+        for row in self._rows.values():
+            started = _ts(row.started_at)
+            finished = _ts(row.finished_at)
+            duration = (row.finished_at - row.started_at) if row.finished_at and row.started_at else None
+            recs.append({
+                "uuid": row.uuid, "hostname": row.hostname, "status": row.status, "exit_code": row.exit_code,
+                "stdout": row.text("stdout"), "stderr": row.text("stderr"), "started_at": started,
+                "finished_at": finished, "duration_s": duration, "error": row.error,
+                "truncated": bool(row.truncated and any(row.truncated.values())), "taskid": row.taskid,
+            })
+        df = pd.DataFrame.from_records(recs, columns=COLUMNS)
+        df["exit_code"] = df["exit_code"].astype("Int64")
+        df["duration_s"] = df["duration_s"].astype("float64")
+        for col in ("started_at", "finished_at"):
+            df[col] = pd.to_datetime(df[col], utc=True)
+        return df
+
+
+def _ts(value: float | None) -> Any:
+    import pandas as pd
+
+    return pd.Timestamp(value, unit="s", tz="UTC") if value else pd.NaT

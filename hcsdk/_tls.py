@@ -1,0 +1,109 @@
+"""TLS in one place: the master's CA and server certificate, fingerprints, client contexts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import ssl
+from pathlib import Path
+
+__all__ = [
+    "ca_fingerprint",
+    "client_context",
+    "issue_server_cert",
+    "make_ca",
+]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def make_ca(common_name: str = "zy master CA") -> tuple[bytes, bytes]:
+    """A new self-signed CA; returns (cert PEM, key PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, names: list[str]) -> tuple[bytes, bytes]:
+    """A server certificate signed by the CA, valid for every DNS name or IP in ``names``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for name in dict.fromkeys(names):
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def ca_fingerprint(ca_pem: bytes | str) -> str:
+    """``sha256:<hex>`` of the certificate's DER bytes: what a join token pins."""
+    pem = ca_pem.decode() if isinstance(ca_pem, bytes) else ca_pem
+    der = ssl.PEM_cert_to_DER_cert(pem.strip() + "\n")
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def client_context(ca: Path | str | bytes | None, http2: bool = True) -> ssl.SSLContext:
+    """A verifying client context trusting only ``ca`` (a path or PEM bytes); system CAs if None."""
+    if ca is None:
+        ctx = ssl.create_default_context()
+    elif isinstance(ca, bytes):
+        ctx = ssl.create_default_context(cadata=ca.decode())
+    else:
+        ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
+    return ctx

@@ -1,0 +1,219 @@
+"""The `zy` command. hcsdk owns the frame and the SDK's own subcommands (run, inventory,
+token, agents); services add theirs (master, agent, ...) through the ``hcsdk.commands``
+entry-point group, so hcsdk imports none of them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib.metadata import entry_points
+from typing import Any
+
+from ._version import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zy", description="hcsdk: a command channel for hybrid clouds")
+    parser.add_argument("--version", action="version", version=f"zy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a script on targets and print a table of results",
+                       description="Run a script on targets. Exits 1 if any target did not end 'ok'.")
+    p.add_argument("-t", "--targets", required=True,
+                   help="uuid, hostname, glob ('web-*'), label selector ('label:role=web') or comma-separated uuids")
+    p.add_argument("--timeout", type=float, default=600, help="seconds before the command is killed (default 600)")
+    p.add_argument("--cmd", default=None, help="plugin word: shell (default) or exec (argv, no shell)")
+    p.add_argument("--output", choices=["table", "full", "json"], default="table",
+                   help="table: first line of output; full: all output; json: one JSON record per target")
+    p.add_argument("script", nargs=argparse.REMAINDER, help="after --: the script (shell) or argv (exec)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("inventory", help="list enrolled agents")
+    p.add_argument("selector", nargs="?", help="optional target expression to filter by")
+    p.set_defaults(func=_cmd_inventory)
+
+    p = sub.add_parser("token", help="create, list and revoke join tokens")
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c = tsub.add_parser("create", help="print a new join token")
+    c.add_argument("--ttl", default="24h", help="lifetime: seconds or 30m, 24h, 7d (default 24h)")
+    c.add_argument("--description", default="")
+    c.set_defaults(func=_cmd_token_create)
+    tsub.add_parser("list", help="list join tokens").set_defaults(func=_cmd_token_list)
+    r = tsub.add_parser("revoke", help="revoke a join token by id")
+    r.add_argument("id")
+    r.set_defaults(func=_cmd_token_revoke)
+
+    p = sub.add_parser("agents", help="revoke or disconnect agents")
+    asub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (("revoke", "drop an agent and refuse it for good"),
+                         ("disconnect", "close an agent's channel; it reconnects by itself")):
+        a = asub.add_parser(action, help=text)
+        a.add_argument("uuid")
+        a.set_defaults(func=_cmd_agent_action, agent_action=action)
+
+    for ep in sorted(entry_points(group="hcsdk.commands"), key=lambda e: e.name):
+        try:
+            ep.load()(sub)
+        except ImportError as exc:  # a service installed without its dependencies
+            sub.add_parser(ep.name, help=f"(unavailable: {exc})")
+    return parser
+
+
+def parse_duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"zy: cannot read {text!r} as a duration (use seconds or 30m, 24h, 7d)") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from ._errors import ZyError
+
+    try:
+        return int(args.func(args) or 0)
+    except ZyError as exc:
+        print(f"zy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _client() -> Any:
+    from ._client import Client
+
+    return Client()
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    script = args.script[1:] if args.script[:1] == ["--"] else args.script
+    if not script:
+        raise SystemExit("zy run: give the script after --, e.g. zy run -t 'web-*' -- 'uptime'")
+    targets: Any = args.targets
+    if "," in targets and not targets.startswith("label:"):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    cmd = args.cmd or "shell"
+    payload: Any = " ".join(script) if cmd == "shell" else script
+    client = _client()
+    run = client.run(payload, targets=targets, cmd=cmd, timeout=args.timeout)
+    try:
+        _follow(run)
+    except KeyboardInterrupt:
+        print(f"zy: cancelling run {run.id}", file=sys.stderr)
+        run.cancel()
+        raise
+    df = run.to_dataframe()
+    _print_results(df, args.output)
+    return 0 if (df["status"] == "ok").all() else 1
+
+
+def _follow(run: Any) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True, console=_stderr_console()) as progress:
+        bar = progress.add_task(f"run {run.id}", total=run.total)
+        for event in run.events():
+            if event.kind == "done":
+                progress.advance(bar)
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _print_results(df: Any, mode: str) -> None:
+    if mode == "json":
+        print(df.to_json(orient="records", lines=True, date_format="iso"))
+        return
+    from rich.table import Table
+
+    table = Table(show_lines=mode == "full")
+    for col in ("hostname", "uuid", "status", "exit", "duration", "output"):
+        table.add_column(col, overflow="fold" if col == "output" else "ellipsis")
+    colors = {"ok": "green", "failed": "red", "timeout": "yellow", "offline": "bright_black"}
+    for row in df.itertuples():
+        out = (row.stdout or "") + (row.stderr or "")
+        if mode == "table":
+            out = out.strip().splitlines()[0] if out.strip() else ""
+        if row.error and row.status != "ok":
+            out = f"{out}  [{row.error}]" if out else f"[{row.error}]"
+        code = "" if row.exit_code is None or str(row.exit_code) == "<NA>" else str(row.exit_code)
+        dur = "" if row.duration_s != row.duration_s or row.duration_s is None else f"{row.duration_s:.2f}s"
+        status = f"[{colors.get(row.status, 'magenta')}]{row.status}[/]"
+        table.add_row(row.hostname, row.uuid[:8], status, code, dur, out)
+    console = _console()
+    console.print(table)
+    counts = df["status"].value_counts().to_dict()
+    console.print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+def _cmd_inventory(args: argparse.Namespace) -> int:
+    df = _client().inventory()
+    if args.selector:
+        import fnmatch
+
+        sel = args.selector
+        df = df[df["hostname"].map(lambda h: fnmatch.fnmatchcase(h, sel)) | (df["uuid"] == sel)]
+    from rich.table import Table
+
+    table = Table()
+    for col in ("hostname", "uuid", "online", "mode", "os", "arch", "last_seen", "labels"):
+        table.add_column(col)
+    for row in df.itertuples():
+        labels = ",".join(f"{k}={v}" for k, v in (row.labels or {}).items())
+        seen = "" if str(row.last_seen) == "NaT" else row.last_seen.strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(row.hostname, row.uuid, "yes" if row.online else "no", row.mode or "", row.os or "",
+                      row.arch or "", seen, labels)
+    _console().print(table)
+    print(f"{len(df)} agents, {int(df['online'].sum()) if len(df) else 0} online")
+    return 0
+
+
+def _cmd_token_create(args: argparse.Namespace) -> int:
+    token = _client().create_join_token(parse_duration(args.ttl), args.description)
+    print(token["token"])
+    expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(token["expires_at"]))
+    print(f"# id {token['id']}, expires {expires}; CA {token['ca']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_token_list(args: argparse.Namespace) -> int:
+    for t in _client().join_tokens():
+        expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["expires_at"]))
+        print(f"{t['id']}  {t['state']:8}  expires {expires}  uses {t['uses']}  {t['description']}")
+    return 0
+
+
+def _cmd_token_revoke(args: argparse.Namespace) -> int:
+    _client().revoke_join_token(args.id)
+    print(f"revoked join token {args.id}")
+    return 0
+
+
+def _cmd_agent_action(args: argparse.Namespace) -> int:
+    client = _client()
+    getattr(client, f"{args.agent_action}_agent")(args.uuid)
+    print(f"{args.agent_action}: {args.uuid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

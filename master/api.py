@@ -1,0 +1,224 @@
+"""The REST API the SDK and the CLI use. Every route requires the admin token."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from hcsdk._jointoken import JoinToken
+from hcsdk._tls import ca_fingerprint
+from hcsdk._version import __version__
+from hcsdk._wire import dumps, loads
+
+from .bootstrap import Paths, secret_hash
+from .hub import Hub, RequestRejected
+
+
+class RunRequest(BaseModel):
+    cmd: str = "shell"
+    args: dict[str, Any]
+    targets: dict[str, Any]
+    timeout: float = Field(default=600.0, gt=0, le=7 * 86400)
+
+
+class TokenRequest(BaseModel):
+    ttl: float = Field(default=86400.0, gt=0, le=365 * 86400)
+    description: str = ""
+
+
+class AuthFailed(Exception):
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.message = message
+
+
+def _problem(status: int, message: str, kind: str) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": message, "kind": kind}, status_code=status, headers=headers)
+
+
+def _validate_args(cmd: str, args: dict[str, Any]) -> None:
+    if cmd == "shell" and not isinstance(args.get("script"), str):
+        raise RequestRejected("cmd 'shell' needs args.script, a string")
+    if cmd == "exec":
+        argv = args.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise RequestRejected("cmd 'exec' needs args.argv, a non-empty list of strings")
+
+
+def build_api(hub: Hub, paths: Paths, master_urls: list[str]) -> FastAPI:
+    app = FastAPI(title="zy master", version=__version__, docs_url=None, redoc_url=None)
+    store = hub.db.store
+
+    async def admin(request: Request) -> None:
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise AuthFailed(401, "API token missing (send 'Authorization: Bearer <token>')")
+        expected = await hub.db(store.get_meta, "admin_token_hash") or ""
+        if not hmac.compare_digest(expected, secret_hash(token)):
+            raise AuthFailed(401, "API token is not valid")
+
+    @app.exception_handler(AuthFailed)
+    async def _auth_failed(request: Request, exc: AuthFailed) -> JSONResponse:
+        return _problem(exc.status, exc.message, "auth")
+
+    @app.exception_handler(RequestRejected)
+    async def _rejected(request: Request, exc: RequestRejected) -> JSONResponse:
+        return _problem(exc.status, str(exc), exc.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errs):
+            ctx = next(e for e in errs if e.get("type") == "json_invalid").get("ctx") or {}
+            return _problem(400, f"malformed JSON: {ctx.get('error', 'cannot parse the body')}", "request")
+        parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errs[:5]]
+        return _problem(422, "invalid request: " + "; ".join(parts), "request")
+
+    deps = [Depends(admin)]
+
+    @app.get("/api/v1/status", dependencies=deps)
+    async def status() -> dict[str, Any]:
+        return {"version": __version__, "agents_online": len(hub.sessions), "urls": master_urls, **hub.stats}
+
+    @app.get("/api/v1/inventory", dependencies=deps)
+    async def inventory() -> list[dict[str, Any]]:
+        rows = await hub.db(store.agents)
+        for row in rows:
+            row.pop("credential_hash", None)
+            session = hub.sessions.get(row["uuid"])
+            row["online"] = session is not None
+            row["mode"] = session.mode if session else None
+        return rows
+
+    @app.post("/api/v1/runs", dependencies=deps)
+    async def create_run(req: RunRequest) -> dict[str, Any]:
+        _validate_args(req.cmd, req.args)
+        return await hub.create_run(req.cmd, req.args, req.targets, req.timeout)
+
+    @app.get("/api/v1/runs/{run_id}", dependencies=deps)
+    async def get_run(run_id: str) -> dict[str, Any]:
+        run = await hub.db(store.run, run_id)
+        if run is None:
+            raise RequestRejected(f"no run {run_id!r}", kind="run", status=404)
+        return run
+
+    @app.post("/api/v1/runs/{run_id}/cancel", dependencies=deps)
+    async def cancel_run(run_id: str) -> dict[str, Any]:
+        return {"run_id": run_id, "cancelling": await hub.cancel_run(run_id)}
+
+    @app.get("/api/v1/runs/{run_id}/events", dependencies=deps)
+    async def run_events(run_id: str, after: int = 0) -> StreamingResponse:
+        if await hub.db(store.run, run_id) is None:
+            raise RequestRejected(f"no run {run_id!r}", kind="run", status=404)
+        return StreamingResponse(_event_stream(hub, run_id, after), media_type="application/x-ndjson")
+
+    @app.post("/api/v1/tokens", dependencies=deps)
+    async def create_token(req: TokenRequest) -> dict[str, Any]:
+        token_id, secret = secrets.token_hex(4), secrets.token_urlsafe(24)
+        row = await hub.db(store.add_join_token, token_id, secret_hash(secret), req.ttl, req.description)
+        fingerprint = ca_fingerprint(paths.ca_cert.read_bytes())
+        jt = JoinToken(urls=tuple(master_urls), ca_fingerprint=fingerprint, token_id=token_id, secret=secret)
+        return {"id": token_id, "token": jt.encode(), "expires_at": row["expires_at"], "ca": fingerprint}
+
+    @app.get("/api/v1/tokens", dependencies=deps)
+    async def list_tokens() -> list[dict[str, Any]]:
+        now = time.time()
+        rows = await hub.db(store.join_tokens)
+        for r in rows:
+            r["state"] = "revoked" if r["revoked"] else ("expired" if r["expires_at"] < now else "valid")
+        return rows
+
+    @app.delete("/api/v1/tokens/{token_id}", dependencies=deps)
+    async def revoke_token(token_id: str) -> dict[str, Any]:
+        if not await hub.db(store.revoke_join_token, token_id):
+            raise RequestRejected(f"no join token {token_id!r}", kind="token", status=404)
+        return {"id": token_id, "revoked": True}
+
+    @app.post("/api/v1/agents/{uuid}/{action}", dependencies=deps)
+    async def agent_action(uuid: str, action: Literal["revoke", "disconnect"]) -> dict[str, Any]:
+        if await hub.db(store.agent, uuid) is None:
+            raise RequestRejected(f"unknown agent {uuid!r}", kind="target", status=404)
+        if action == "revoke":
+            await hub.db(store.revoke_agent, uuid)
+        session = hub.sessions.get(uuid)
+        if session:
+            session.close(f"{action} requested")
+            hub.session_ended(session)
+        return {"uuid": uuid, action: True}
+
+    return app
+
+
+async def _event_stream(hub: Hub, run_id: str, cursor: int) -> AsyncIterator[bytes]:
+    store = hub.db.store
+    while True:
+        changed = hub.run_changed(run_id)
+        rows = await hub.db(store.events_after, run_id, cursor)
+        if rows:
+            lines = []
+            for r in rows:
+                r["data"] = loads(r["data"])
+                lines.append(dumps(r))
+                cursor = r["id"]
+            yield b"\n".join(lines) + b"\n"
+            continue
+        if await hub.db(store.run_open_count, run_id) == 0:
+            yield dumps({"kind": "end", "id": cursor}) + b"\n"
+            return
+        with anyio.move_on_after(10):
+            await changed.wait()
+            continue
+        yield b"\n"  # keep-alive through idle middleboxes
+
+
+class BodyLimit:
+    """Refuses request bodies over a size before the framework buffers them."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _too_large(send, self.limit)
+                return
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _too_large(send, self.limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    body = dumps({"error": f"request body exceeds {limit} bytes", "kind": "request"})
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

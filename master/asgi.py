@@ -1,0 +1,67 @@
+"""Small raw-ASGI helpers for the channel routes, which are too hot for a framework."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from hcsdk._wire import dumps
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def query(scope: Scope) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+
+
+async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = msg.get("body", b"")
+        if chunk:
+            yield chunk
+        if not msg.get("more_body"):
+            return
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    buf = bytearray()
+    async for chunk in body_chunks(receive):
+        buf += chunk
+        if len(buf) > limit:
+            raise BodyTooLarge(f"request body exceeds {limit} bytes")
+    return bytes(buf)
+
+
+async def respond(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = body if isinstance(body, bytes) else dumps(body)
+    ctype = b"application/octet-stream" if isinstance(body, bytes) else b"application/json"
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", ctype), (b"content-length", str(len(data)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def error(send: Send, status: int, message: str, kind: str = "request") -> None:
+    extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+    await respond(send, status, {"error": message, "kind": kind}, extra)

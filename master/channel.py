@@ -1,0 +1,225 @@
+"""The agent-facing routes: CA, enrollment, handshake, and the channel itself.
+
+Route policy (an allow-list: anything not named here is 404):
+
+    GET  /v1/ca             public       the CA certificate (its hash is pinned in join tokens)
+    POST /v1/enroll         join token   first contact; returns the agent's credential
+    POST /v1/handshake      agent        facts in, session id out
+    GET  /v1/channel/down   agent+sid    long-lived stream of framed messages to the agent
+    POST /v1/channel/up     agent+sid    long-lived request body of framed messages from it
+    POST /v1/channel/poll   agent+sid    HTTP/1.1 fallback: uplink batch in, downlink batch out
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+from typing import Any
+
+import anyio
+
+from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_batch, loads
+
+from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, body_chunks, error, header, query, read_body, respond
+from .bootstrap import Paths, secret_hash
+from .hub import Hub, Session
+
+log = logging.getLogger("zy.master.channel")
+
+
+class ChannelApp:
+    def __init__(self, hub: Hub, paths: Paths):
+        self.hub = hub
+        self.paths = paths
+        self.settings = hub.settings
+        self.routes = {
+            ("GET", "/v1/ca"): self.ca,
+            ("POST", "/v1/enroll"): self.enroll,
+            ("POST", "/v1/handshake"): self.handshake,
+            ("GET", "/v1/channel/down"): self.down,
+            ("POST", "/v1/channel/up"): self.up,
+            ("POST", "/v1/channel/poll"): self.poll,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.routes.get((scope["method"], scope["path"]))
+        if handler is None:
+            await error(send, 404, f"no route {scope['method']} {scope['path']}")
+            return
+        try:
+            await handler(scope, receive, send)
+        except ClientGone:
+            pass
+        except BodyTooLarge as exc:
+            await error(send, 413, str(exc))
+
+    # -- public ------------------------------------------------------------------------------
+    async def ca(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await respond(send, 200, self.paths.ca_cert.read_bytes())
+
+    async def enroll(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._json(receive, send)
+        if body is None:
+            return
+        token, uuid = body.get("token"), body.get("uuid")
+        facts, labels = body.get("facts") or {}, body.get("labels") or {}
+        if not isinstance(token, str) or not isinstance(uuid, str) or not (8 <= len(uuid) <= 64):
+            await error(send, 400, "enroll needs 'token' and 'uuid' strings")
+            return
+        if not isinstance(facts, dict) or not _str_map(labels):
+            await error(send, 400, "'facts' must be an object and 'labels' a map of strings")
+            return
+        token_id, _, secret = token.partition(".")
+        row = await self.hub.db(self.hub.db.store.join_token, token_id)
+        if row is None or not hmac.compare_digest(row["secret_hash"], secret_hash(secret)):
+            await error(send, 401, "join token is not valid", kind="auth")
+            return
+        if row["revoked"] or row["expires_at"] < time.time():
+            await error(send, 403, "join token has expired or was revoked; create a new one", kind="auth")
+            return
+        existing = await self.hub.db(self.hub.db.store.agent, uuid)
+        if existing and (existing["revoked"] or existing["token_id"] != token_id):
+            await error(send, 403, f"agent {uuid} is already enrolled; it cannot enroll again", kind="auth")
+            return
+        credential = secrets.token_urlsafe(32)
+        await self.hub.db(self.hub.db.store.enroll, uuid, secret_hash(credential), token_id, facts, labels)
+        await respond(send, 200, {"uuid": uuid, "credential": credential})
+
+    # -- agent -------------------------------------------------------------------------------
+    async def _agent(self, scope: Scope, send: Send) -> str | None:
+        auth = header(scope, b"authorization") or ""
+        scheme, _, cred = auth.partition(" ")
+        uuid, _, secret = cred.partition(":")
+        if scheme.lower() != "bearer" or not uuid or not secret:
+            await error(send, 401, "agent credential missing", kind="auth")
+            return None
+        row = await self.hub.db(self.hub.db.store.agent, uuid)
+        if row is None or not hmac.compare_digest(row["credential_hash"], secret_hash(secret)):
+            await error(send, 401, "agent credential is not valid", kind="auth")
+            return None
+        if row["revoked"]:
+            await error(send, 403, f"agent {uuid} has been revoked", kind="auth")
+            return None
+        return uuid
+
+    async def _session(self, scope: Scope, send: Send) -> Session | None:
+        uuid = await self._agent(scope, send)
+        if uuid is None:
+            return None
+        session = self.hub.sessions.get(uuid)
+        if session is None or session.sid != query(scope).get("sid") or session.closed.is_set():
+            await error(send, 409, "session is gone or superseded; handshake again", kind="session")
+            return None
+        return session
+
+    async def handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
+        uuid = await self._agent(scope, send)
+        if uuid is None:
+            return
+        body = await self._json(receive, send)
+        if body is None:
+            return
+        facts, labels = body.get("facts") or {}, body.get("labels") or {}
+        if not isinstance(facts, dict) or not _str_map(labels):
+            await error(send, 400, "'facts' must be an object and 'labels' a map of strings")
+            return
+        mode = "h2" if scope.get("http_version") == "2" else "poll"
+        session = await self.hub.handshake(uuid, facts, labels, mode)
+        s = self.settings
+        await respond(send, 200, {"sid": session.sid, "mode": mode, "heartbeat": s.heartbeat,
+                                  "dead_after": s.dead_after, "poll_wait": s.poll_wait, "max_frame": s.max_frame})
+
+    async def down(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session = await self._session(scope, send)
+        if session is None:
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/x-zy-frames")]})
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_disconnect, receive, session)
+                await self._write_down(session, send)
+                tg.cancel_scope.cancel()
+        finally:
+            self.hub.session_ended(session)
+        try:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except Exception:  # the peer is already gone
+            pass
+
+    async def _watch_disconnect(self, receive: Receive, session: Session) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        session.close("agent disconnected")
+
+    async def _write_down(self, session: Session, send: Send) -> None:
+        hb = {"t": "hb", "uuid": session.uuid, "cmd": "", "taskid": "", "seq": 0}
+        while not session.closed.is_set():
+            with anyio.move_on_after(self.settings.heartbeat):
+                await session.wake.wait()
+            if session.closed.is_set():
+                return
+            msgs = session.take() or [hb]
+            try:
+                await send({"type": "http.response.body", "body": encode_batch(msgs), "more_body": True})
+            except Exception:
+                session.close("write to agent failed")
+                return
+
+    async def up(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session = await self._session(scope, send)
+        if session is None:
+            return
+        decoder = FrameDecoder(self.settings.max_frame, UP_TYPES)
+        try:
+            async for chunk in body_chunks(receive):
+                await self._ingest(session, decoder.feed(chunk))
+        except FrameError as exc:
+            log.warning("dropping agent %s: %s", session.uuid, exc)
+            session.close(f"bad frame: {exc}")
+            self.hub.session_ended(session)
+            await error(send, 400, f"bad frame: {exc}", kind="frame")
+            return
+        await respond(send, 200, {"ok": True})
+
+    async def poll(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session = await self._session(scope, send)
+        if session is None:
+            return
+        decoder = FrameDecoder(self.settings.max_frame, UP_TYPES)
+        try:
+            await self._ingest(session, decoder.feed(await read_body(receive, self.settings.max_body)))
+            if decoder.pending:
+                raise FrameError("request ends inside a frame")
+        except FrameError as exc:
+            session.close(f"bad frame: {exc}")
+            self.hub.session_ended(session)
+            await error(send, 400, f"bad frame: {exc}", kind="frame")
+            return
+        with anyio.move_on_after(self.settings.poll_wait):
+            await session.wake.wait()
+        await respond(send, 200, encode_batch(session.take(1024 * 1024)))
+
+    async def _ingest(self, session: Session, msgs: list[dict[str, Any]]) -> None:
+        self.hub.touch(session)
+        for msg in msgs:
+            if msg["t"] != "hb":
+                await self.hub.ingest(session.uuid, msg)
+
+    async def _json(self, receive: Receive, send: Send) -> dict[str, Any] | None:
+        raw = await read_body(receive, self.settings.max_body)
+        try:
+            body = loads(raw)
+        except ValueError as exc:
+            await error(send, 400, f"malformed JSON: {exc}")
+            return None
+        if not isinstance(body, dict):
+            await error(send, 400, "request body must be a JSON object")
+            return None
+        return body
+
+
+def _str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())

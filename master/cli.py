@@ -1,0 +1,54 @@
+"""`zy master`: registered on the `hcsdk.commands` entry-point group."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import anyio
+
+from .settings import MasterSettings
+
+
+def _addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "master", help="run the master (agents connect to it; the SDK talks to it)",
+        description="Run the master. On first start it creates DATA_DIR with a SQLite store, its own CA, "
+        "a server certificate, an admin token and client.toml.",
+    )
+    p.add_argument("--data-dir", type=Path, default=Path("./state/master"), help="state directory (default %(default)s)")
+    p.add_argument("--listen", type=_addr, default=("127.0.0.1", 8443), metavar="HOST:PORT",
+                   help="address to listen on; port 0 picks a free one (default 127.0.0.1:8443)")
+    p.add_argument("--advertise", action="append", default=[], metavar="URL",
+                   help="URL agents should use (repeatable); default: derived from --listen")
+    p.add_argument("--no-http2", action="store_true", help="refuse HTTP/2 (agents fall back to HTTP/1.1 polling)")
+    p.add_argument("--no-user-config", action="store_true", help="do not write client.toml into ~/.config/zy")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between channel heartbeats (default 10)")
+    p.add_argument("--dead-after", type=float, default=25.0, help="a silent channel is dead after this (default 25)")
+    p.add_argument("--offline-grace", type=float, default=15.0,
+                   help="seconds an agent may be gone before its open tasks end (default 15)")
+    p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024, help="largest channel message in bytes")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    host, port = args.listen
+    settings = MasterSettings(
+        data_dir=args.data_dir, host=host, port=port, http2=not args.no_http2, advertise=args.advertise,
+        heartbeat=args.heartbeat, dead_after=args.dead_after, offline_grace=args.offline_grace,
+        max_frame=args.max_frame, write_user_config=not args.no_user_config,
+    )
+    from .server import serve
+
+    anyio.run(serve, settings)
+    return 0

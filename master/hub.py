@@ -1,0 +1,247 @@
+"""The master's live state: agent sessions, task dispatch, result ingest, run notifications.
+
+Results flow: uplink handlers put agent messages on one ingest queue; a single writer drains
+whatever is ready, stores it in one transaction, then acknowledges to each agent and wakes the
+SDK streams of the runs that changed. Batching is what keeps SQLite and Python off the hot path.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from hcsdk._wire import dumps
+
+from .db import Db
+from .settings import MasterSettings
+from .store import FINAL
+from .targets import resolve
+
+KNOWN_CMDS = ("shell", "exec", "ping", "facts")
+
+
+@dataclass(eq=False)
+class Session:
+    """One connected agent. Its outbox is volatile: anything lost with it is redelivered
+    from the store on the agent's next handshake."""
+
+    uuid: str
+    sid: str
+    hostname: str
+    mode: str
+    last_rx: float = field(default_factory=time.monotonic)
+    outbox: deque[dict[str, Any]] = field(default_factory=deque)
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    closed: anyio.Event = field(default_factory=anyio.Event)
+    close_reason: str = ""
+
+    def send(self, msgs: list[dict[str, Any]]) -> None:
+        self.outbox.extend(msgs)
+        self.wake.set()
+
+    def close(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.close_reason = reason
+            self.closed.set()
+            self.wake.set()
+
+    def take(self, max_bytes: int = 256 * 1024) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        size = 0
+        while self.outbox and size < max_bytes:
+            msg = self.outbox.popleft()
+            out.append(msg)
+            size += 64 + len(dumps(msg.get("p") or {}))
+        if not self.outbox:
+            self.wake = anyio.Event()
+        return out
+
+
+class RequestRejected(ValueError):
+    """A request from the SDK that cannot be carried out; ``kind`` names the cause."""
+
+    def __init__(self, message: str, kind: str = "request", status: int = 422):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+
+class Hub:
+    def __init__(self, db: Db, settings: MasterSettings):
+        self.db = db
+        self.settings = settings
+        self.sessions: dict[str, Session] = {}
+        self.offline_since: dict[str, float] = {}
+        self._run_events: dict[str, anyio.Event] = {}
+        self._ingest_tx, self._ingest_rx = anyio.create_memory_object_stream[tuple[str, dict[str, Any]]](20_000)
+        self._seen: dict[str, float] = {}
+        self.stats = {"ingested": 0, "dispatched": 0}
+
+    async def run(self, tg: TaskGroup) -> None:
+        now = time.monotonic()
+        for uuid in await self.db(self.db.store.open_task_agents):
+            self.offline_since.setdefault(uuid, now)
+        tg.start_soon(self._ingest_loop)
+        tg.start_soon(self._sweep_loop)
+
+    # -- sessions ---------------------------------------------------------------------------
+    async def handshake(self, uuid: str, facts: dict[str, Any], labels: dict[str, str], mode: str) -> Session:
+        old = self.sessions.get(uuid)
+        if old:
+            old.close("superseded by a new handshake")
+        session = Session(uuid=uuid, sid=secrets.token_hex(8), hostname=str(facts.get("hostname", "")), mode=mode)
+        self.sessions[uuid] = session
+        self.offline_since.pop(uuid, None)
+        await self.db(self.db.store.agent_connected, uuid, facts, labels)
+        await self._redeliver(session)
+        return session
+
+    def session_ended(self, session: Session) -> None:
+        session.close("channel ended")
+        if self.sessions.get(session.uuid) is session:
+            del self.sessions[session.uuid]
+            self.offline_since[session.uuid] = time.monotonic()
+
+    def touch(self, session: Session) -> None:
+        session.last_rx = time.monotonic()
+        self._seen[session.uuid] = time.time()
+
+    async def _redeliver(self, session: Session) -> None:
+        tasks = await self.db(self.db.store.open_tasks_for, session.uuid)
+        msgs = []
+        for t in tasks:
+            if t["cancel_requested"]:
+                msgs.append({"t": "cancel", "uuid": session.uuid, "cmd": t["cmd"], "taskid": t["taskid"], "seq": 0})
+            elif t["status"] in ("pending", "dispatched"):
+                msgs.append(self._task_msg(session.uuid, t["taskid"], t["cmd"], _loads(t["args"]), t["timeout"],
+                                           t["deadline"]))
+        if msgs:
+            session.send(msgs)
+
+    @staticmethod
+    def _task_msg(uuid: str, taskid: str, cmd: str, args: dict[str, Any], timeout: float,
+                  deadline: float) -> dict[str, Any]:
+        # exp and aud make a captured command useless later or for another agent
+        return {"t": "task", "uuid": uuid, "cmd": cmd, "taskid": taskid, "seq": 0,
+                "p": {"args": args, "timeout": timeout, "exp": deadline, "aud": uuid}}
+
+    # -- runs -------------------------------------------------------------------------------
+    async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float) -> dict[str, Any]:
+        if cmd not in KNOWN_CMDS:
+            raise RequestRejected(f"unknown cmd {cmd!r} (known: {', '.join(KNOWN_CMDS)})", kind="cmd")
+        agents = await self.db(self.db.store.agents)
+        try:
+            chosen = resolve(targets, agents)
+        except ValueError as exc:
+            raise RequestRejected(str(exc), kind="target") from None
+        run_id = "r" + secrets.token_hex(6)
+        now = time.time()
+        deadline = now + timeout + self.settings.result_grace
+        rows = []
+        for i, agent in enumerate(chosen):
+            online = agent["uuid"] in self.sessions
+            rows.append((f"{run_id}.{i}", agent["uuid"], "pending" if online else "offline", deadline))
+        await self.db(self.db.store.create_run, run_id, cmd, args, timeout, rows)
+        dispatched = []
+        for taskid, uuid, status, _ in rows:
+            session = self.sessions.get(uuid)
+            if status == "pending" and session:
+                session.send([self._task_msg(uuid, taskid, cmd, args, timeout, deadline)])
+                dispatched.append(taskid)
+        await self.db(self.db.store.mark_dispatched, dispatched)
+        self.stats["dispatched"] += len(dispatched)
+        self.notify({run_id})
+        return {
+            "run_id": run_id, "cmd": cmd, "timeout": timeout,
+            "targets": [{"uuid": a["uuid"], "hostname": a["hostname"], "taskid": r[0], "status": r[2]}
+                        for a, r in zip(chosen, rows, strict=True)],
+        }
+
+    async def cancel_run(self, run_id: str) -> int:
+        if not await self.db(self.db.store.run, run_id):
+            raise RequestRejected(f"no run {run_id!r}", kind="run", status=404)
+        open_tasks = await self.db(self.db.store.request_cancel, run_id)
+        unreachable = []
+        for t in open_tasks:
+            session = self.sessions.get(t["uuid"])
+            if session and t["status"] != "pending":
+                session.send([{"t": "cancel", "uuid": t["uuid"], "cmd": "", "taskid": t["taskid"], "seq": 0}])
+            else:
+                unreachable.append((t["taskid"], "cancelled", "cancelled before the agent received it"))
+        if unreachable:
+            self.notify(await self.db(self.db.store.finish_by_master, unreachable))
+        return len(open_tasks)
+
+    def notify(self, run_ids: set[str]) -> None:
+        for run_id in run_ids:
+            ev = self._run_events.pop(run_id, None)
+            if ev:
+                ev.set()
+
+    def run_changed(self, run_id: str) -> anyio.Event:
+        return self._run_events.setdefault(run_id, anyio.Event())
+
+    # -- ingest -----------------------------------------------------------------------------
+    async def ingest(self, uuid: str, msg: dict[str, Any]) -> None:
+        await self._ingest_tx.send((uuid, msg))
+
+    async def _ingest_loop(self) -> None:
+        async for first in self._ingest_rx:
+            batch = [first]
+            while len(batch) < 5000:
+                try:
+                    batch.append(self._ingest_rx.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            acks, changed = await self.db(self.db.store.ingest, batch)
+            self.stats["ingested"] += len(batch)
+            for uuid, pairs in acks.items():
+                session = self.sessions.get(uuid)
+                if session:
+                    session.send([{"t": "ack", "uuid": uuid, "cmd": "", "taskid": "", "seq": 0, "p": {"ids": pairs}}])
+            self.notify(changed)
+
+    # -- housekeeping -----------------------------------------------------------------------
+    async def _sweep_loop(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            await self.sweep()
+
+    async def sweep(self) -> None:
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if now - session.last_rx > self.settings.dead_after:
+                session.close(f"no traffic for {self.settings.dead_after:.0f}s")
+                self.session_ended(session)
+        if self._seen:
+            seen, self._seen = self._seen, {}
+            await self.db(self.db.store.touch_agents, seen)
+        verdicts: list[tuple[str, str, str]] = []
+        for uuid, since in list(self.offline_since.items()):
+            if now - since < self.settings.offline_grace:
+                continue
+            del self.offline_since[uuid]
+            for t in await self.db(self.db.store.open_tasks_for, uuid):
+                if t["status"] == "running":
+                    verdicts.append((t["taskid"], "error", "agent went offline while the task ran"))
+                else:
+                    verdicts.append((t["taskid"], "offline", "agent is offline"))
+        for t in await self.db(self.db.store.overdue_tasks, time.time()):
+            verdicts.append((t["taskid"], "error", "no result from the agent within the timeout"))
+        if verdicts:
+            self.notify(await self.db(self.db.store.finish_by_master, verdicts))
+
+
+def _loads(text: str) -> Any:
+    from hcsdk._wire import loads
+
+    return loads(text)
+
+
+__all__ = ["FINAL", "KNOWN_CMDS", "Hub", "RequestRejected", "Session"]

@@ -1,0 +1,30 @@
+"""Master settings, with defaults chosen for long-lived agent channels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hcsdk._wire import DEFAULT_MAX_FRAME
+
+
+@dataclass(kw_only=True)
+class MasterSettings:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8443
+    http2: bool = True
+    advertise: list[str] = field(default_factory=list)
+    #: seconds between heartbeats each way on an idle channel
+    heartbeat: float = 10.0
+    #: a channel silent this long is dead (under 30 s by default)
+    dead_after: float = 25.0
+    #: how long an agent may be gone before its open tasks end offline/error
+    offline_grace: float = 15.0
+    #: slack after a task's timeout before the master stops waiting for its result
+    result_grace: float = 30.0
+    #: how long a poll request waits for something to deliver
+    poll_wait: float = 2.0
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_body: int = 16 * 1024 * 1024
+    write_user_config: bool = True

@@ -1,0 +1,315 @@
+"""The master's durable state in SQLite (WAL).
+
+All methods are synchronous and are called from one worker thread at a time (see
+``master.state.Db``), so the event loop never blocks on disk. The schema is small on purpose;
+a PostgreSQL store would implement the same methods.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hcsdk._wire import dumps, loads
+
+FINAL = ("ok", "failed", "timeout", "offline", "cancelled", "error")
+_FINAL_SQL = "('ok','failed','timeout','offline','cancelled','error')"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, description TEXT NOT NULL DEFAULT '',
+    uses INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS agents (
+    uuid TEXT PRIMARY KEY, credential_hash TEXT NOT NULL, token_id TEXT NOT NULL,
+    hostname TEXT NOT NULL DEFAULT '', facts TEXT NOT NULL DEFAULT '{}', labels TEXT NOT NULL DEFAULT '{}',
+    enrolled_at REAL NOT NULL, last_seen REAL, revoked INTEGER NOT NULL DEFAULT 0,
+    connects INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, cmd TEXT NOT NULL, args TEXT NOT NULL, timeout REAL NOT NULL,
+    created_at REAL NOT NULL, total INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    taskid TEXT PRIMARY KEY, run_id TEXT NOT NULL, uuid TEXT NOT NULL, status TEXT NOT NULL,
+    exit_code INTEGER, started_at REAL, finished_at REAL, error TEXT, final_source TEXT,
+    deadline REAL NOT NULL, cancel_requested INTEGER NOT NULL DEFAULT 0, truncated TEXT);
+CREATE INDEX IF NOT EXISTS tasks_run ON tasks(run_id);
+CREATE INDEX IF NOT EXISTS tasks_open ON tasks(uuid, status);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, taskid TEXT NOT NULL,
+    uuid TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL,
+    UNIQUE(taskid, seq));
+CREATE INDEX IF NOT EXISTS events_run ON events(run_id, id);
+"""
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash (what "kill the master" tests); only a
+        # power cut can lose the last commits.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self) -> sqlite3.Connection:
+        return self.db
+
+    # -- meta -------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)", (key, value))
+
+    # -- join tokens ------------------------------------------------------------------------
+    def add_join_token(self, token_id: str, secret_hash: str, ttl: float, description: str) -> dict[str, Any]:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO join_tokens(id, secret_hash, created_at, expires_at, description) VALUES(?,?,?,?,?)",
+            (token_id, secret_hash, now, now + ttl, description),
+        )
+        return self.join_token(token_id) or {}
+
+    def join_token(self, token_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM join_tokens WHERE id=?", (token_id,)).fetchone()
+        return dict(row) if row else None
+
+    def join_tokens(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT id, created_at, expires_at, revoked, description, uses FROM join_tokens ORDER BY created_at"
+        )
+        return [dict(r) for r in rows]
+
+    def revoke_join_token(self, token_id: str) -> bool:
+        return self.db.execute("UPDATE join_tokens SET revoked=1 WHERE id=?", (token_id,)).rowcount > 0
+
+    # -- agents -----------------------------------------------------------------------------
+    def enroll(self, uuid: str, credential_hash: str, token_id: str, facts: dict[str, Any],
+               labels: dict[str, str]) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(
+                "INSERT INTO agents(uuid, credential_hash, token_id, hostname, facts, labels, enrolled_at) "
+                "VALUES(?,?,?,?,?,?,?) ON CONFLICT(uuid) DO UPDATE SET credential_hash=excluded.credential_hash",
+                (uuid, credential_hash, token_id, str(facts.get("hostname", "")), dumps(facts).decode(),
+                 dumps(labels).decode(), time.time()),
+            )
+            self.db.execute("UPDATE join_tokens SET uses=uses+1 WHERE id=?", (token_id,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def agent(self, uuid: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM agents WHERE uuid=?", (uuid,)).fetchone()
+        return dict(row) if row else None
+
+    def agent_connected(self, uuid: str, facts: dict[str, Any], labels: dict[str, str]) -> None:
+        self.db.execute(
+            "UPDATE agents SET hostname=?, facts=?, labels=?, last_seen=?, connects=connects+1 WHERE uuid=?",
+            (str(facts.get("hostname", "")), dumps(facts).decode(), dumps(labels).decode(), time.time(), uuid),
+        )
+
+    def touch_agents(self, seen: dict[str, float]) -> None:
+        self.db.executemany("UPDATE agents SET last_seen=? WHERE uuid=?", [(t, u) for u, t in seen.items()])
+
+    def revoke_agent(self, uuid: str) -> bool:
+        return self.db.execute("UPDATE agents SET revoked=1 WHERE uuid=?", (uuid,)).rowcount > 0
+
+    def agents(self, include_revoked: bool = False) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM agents" + ("" if include_revoked else " WHERE revoked=0") + " ORDER BY hostname, uuid"
+        out = []
+        for row in self.db.execute(sql):
+            rec = dict(row)
+            rec["facts"] = loads(rec["facts"])
+            rec["labels"] = loads(rec["labels"])
+            out.append(rec)
+        return out
+
+    # -- runs and tasks ---------------------------------------------------------------------
+    def create_run(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float,
+                   tasks: list[tuple[str, str, str, float]]) -> list[dict[str, Any]]:
+        """Insert a run and its tasks ``(taskid, uuid, status, deadline)``.
+
+        Tasks created already final (offline targets) get their ``done`` event here, so the
+        SDK sees them like any other result. Returns those events.
+        """
+        now = time.time()
+        events = []
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(
+                "INSERT INTO runs(id, cmd, args, timeout, created_at, total) VALUES(?,?,?,?,?,?)",
+                (run_id, cmd, dumps(args).decode(), timeout, now, len(tasks)),
+            )
+            self.db.executemany(
+                "INSERT INTO tasks(taskid, run_id, uuid, status, deadline, finished_at, final_source) "
+                "VALUES(?,?,?,?,?,?,?)",
+                [(tid, run_id, uuid, st, dl, now if st in FINAL else None, "master" if st in FINAL else None)
+                 for tid, uuid, st, dl in tasks],
+            )
+            for tid, uuid, st, _ in tasks:
+                if st in FINAL:
+                    events.append(self._insert_event(run_id, tid, uuid, 0, "done",
+                                                     {"status": st, "error": "agent is offline"}))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return [e for e in events if e]
+
+    def _insert_event(self, run_id: str, taskid: str, uuid: str, seq: int, kind: str,
+                      data: dict[str, Any]) -> dict[str, Any] | None:
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO events(run_id, taskid, uuid, seq, kind, data) VALUES(?,?,?,?,?,?)",
+            (run_id, taskid, uuid, seq, kind, dumps(data).decode()),
+        )
+        if cur.rowcount == 0:
+            return None
+        return {"id": cur.lastrowid, "run_id": run_id, "taskid": taskid, "uuid": uuid, "seq": seq, "kind": kind}
+
+    def task_runs(self, taskids: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """taskid -> (run_id, uuid) for the given task ids."""
+        ids = list(set(taskids))
+        out: dict[str, tuple[str, str]] = {}
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            q = "SELECT taskid, run_id, uuid FROM tasks WHERE taskid IN (%s)" % ",".join("?" * len(part))
+            out.update({r[0]: (r[1], r[2]) for r in self.db.execute(q, part)})
+        return out
+
+    def ingest(self, batch: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, list[list[Any]]], set[str]]:
+        """Persist messages from agents in one transaction.
+
+        Returns the acknowledgements to send back per agent and the runs that changed.
+        Messages about unknown tasks, or from an agent that is not the task's target, are
+        acknowledged (so the agent stops resending) but not stored.
+        """
+        owners = self.task_runs(m["taskid"] for _, m in batch if isinstance(m.get("taskid"), str))
+        acks: dict[str, list[list[Any]]] = {}
+        changed: set[str] = set()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for uuid, msg in batch:
+                taskid, seq = msg.get("taskid"), msg.get("seq")
+                acks.setdefault(uuid, []).append([taskid, seq])
+                owner = owners.get(taskid) if isinstance(taskid, str) else None
+                if owner is None or owner[1] != uuid or not isinstance(seq, int):
+                    continue
+                run_id = owner[0]
+                payload = msg.get("p") or {}
+                if self._apply(run_id, taskid, uuid, seq, msg["t"], payload):
+                    changed.add(run_id)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return acks, changed
+
+    def _apply(self, run_id: str, taskid: str, uuid: str, seq: int, kind: str, p: dict[str, Any]) -> bool:
+        if not self._insert_event(run_id, taskid, uuid, seq, kind, p):
+            return False  # a resend we already hold
+        if kind == "start":
+            self.db.execute(
+                "UPDATE tasks SET status='running', started_at=? WHERE taskid=? AND status IN ('pending','dispatched')",
+                (p.get("started_at"), taskid),
+            )
+        elif kind == "done":
+            # An agent's own verdict overrides one the master presumed (e.g. "went offline").
+            self.db.execute(
+                "UPDATE tasks SET status=?, exit_code=?, started_at=COALESCE(started_at, ?), finished_at=?, "
+                "error=?, truncated=?, final_source='agent' WHERE taskid=? AND "
+                f"(status NOT IN {_FINAL_SQL} OR final_source='master')",
+                (p.get("status", "error"), p.get("exit_code"), p.get("started_at"), p.get("finished_at"),
+                 p.get("error"), dumps(p.get("truncated") or {}).decode(), taskid),
+            )
+        return True
+
+    def open_tasks_for(self, uuid: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT t.taskid, t.run_id, t.status, t.cancel_requested, t.deadline, r.cmd, r.args, r.timeout "
+            f"FROM tasks t JOIN runs r ON r.id=t.run_id WHERE t.uuid=? AND t.status NOT IN {_FINAL_SQL}",
+            (uuid,),
+        )
+        return [dict(r) for r in rows]
+
+    def mark_dispatched(self, taskids: list[str]) -> None:
+        self.db.executemany(
+            "UPDATE tasks SET status='dispatched' WHERE taskid=? AND status='pending'", [(t,) for t in taskids]
+        )
+
+    def finish_by_master(self, items: list[tuple[str, str, str]]) -> set[str]:
+        """Final status decided by the master ``(taskid, status, error)``; returns changed runs."""
+        owners = self.task_runs(t for t, _, _ in items)
+        changed = set()
+        now = time.time()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for taskid, status, error in items:
+                cur = self.db.execute(
+                    f"UPDATE tasks SET status=?, error=?, finished_at=?, final_source='master' "
+                    f"WHERE taskid=? AND status NOT IN {_FINAL_SQL}",
+                    (status, error, now, taskid),
+                )
+                if cur.rowcount and taskid in owners:
+                    run_id, uuid = owners[taskid]
+                    # seq -1 marks a verdict of the master's; agents' seqs start at 0
+                    self._insert_event(run_id, taskid, uuid, -1, "done", {"status": status, "error": error})
+                    changed.add(run_id)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return changed
+
+    def request_cancel(self, run_id: str) -> list[dict[str, Any]]:
+        self.db.execute(f"UPDATE tasks SET cancel_requested=1 WHERE run_id=? AND status NOT IN {_FINAL_SQL}",
+                        (run_id,))
+        rows = self.db.execute(
+            f"SELECT taskid, uuid, status FROM tasks WHERE run_id=? AND status NOT IN {_FINAL_SQL}", (run_id,)
+        )
+        return [dict(r) for r in rows]
+
+    def overdue_tasks(self, now: float) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            f"SELECT taskid, uuid, status FROM tasks WHERE deadline < ? AND status NOT IN {_FINAL_SQL}", (now,)
+        )
+        return [dict(r) for r in rows]
+
+    def open_task_agents(self) -> list[str]:
+        rows = self.db.execute(f"SELECT DISTINCT uuid FROM tasks WHERE status NOT IN {_FINAL_SQL}")
+        return [r[0] for r in rows]
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        if not row:
+            return None
+        rec = dict(row)
+        rec["args"] = loads(rec["args"])
+        rec["tasks"] = [dict(r) for r in self.db.execute(
+            "SELECT t.*, a.hostname FROM tasks t LEFT JOIN agents a ON a.uuid=t.uuid WHERE run_id=? ORDER BY taskid",
+            (run_id,))]
+        rec["open"] = sum(1 for t in rec["tasks"] if t["status"] not in FINAL)
+        return rec
+
+    def run_open_count(self, run_id: str) -> int:
+        row = self.db.execute(f"SELECT COUNT(*) FROM tasks WHERE run_id=? AND status NOT IN {_FINAL_SQL}", (run_id,))
+        return int(row.fetchone()[0])
+
+    def events_after(self, run_id: str, cursor: int, limit: int = 2000) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT id, taskid, uuid, seq, kind, data FROM events WHERE run_id=? AND id>? ORDER BY id LIMIT ?",
+            (run_id, cursor, limit),
+        )
+        return [dict(r) for r in rows]

@@ -1,0 +1,79 @@
+"""Resolving a run's target spec to agent UUIDs.
+
+A spec is ``{"uuids": [...]}`` (from a list, a DataFrame or a single UUID) or
+``{"expr": "..."}``: a glob on hostname or uuid (``web-*``), a label selector
+(``label:role=web,idc=hk``), or one exact uuid or hostname.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+
+class TargetError(ValueError):
+    pass
+
+
+MAX_TARGETS = 50_000
+
+
+def resolve(spec: Any, agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not isinstance(spec, dict) or not (("uuids" in spec) ^ ("expr" in spec)):
+        raise TargetError("targets must be {'uuids': [...]} or {'expr': '...'}")
+    if "uuids" in spec:
+        return _by_uuids(spec["uuids"], agents)
+    expr = spec["expr"]
+    if not isinstance(expr, str) or not expr.strip():
+        raise TargetError("target expression must be a non-empty string")
+    expr = expr.strip()
+    if expr.startswith("label:"):
+        return _by_labels(expr, agents)
+    if any(ch in expr for ch in "*?["):
+        found = [a for a in agents if fnmatch.fnmatchcase(a["hostname"], expr) or fnmatch.fnmatchcase(a["uuid"], expr)]
+        if not found:
+            raise TargetError(f"target {expr!r} matched no agent (glob on hostname or uuid)")
+        return found
+    found = [a for a in agents if a["uuid"] == expr or a["hostname"] == expr]
+    if not found:
+        raise TargetError(f"unknown target {expr!r} (no agent with that uuid or hostname)")
+    return found
+
+
+def _by_uuids(uuids: Any, agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not isinstance(uuids, list) or not all(isinstance(u, str) for u in uuids):
+        raise TargetError("'uuids' must be a list of strings")
+    if not uuids:
+        raise TargetError("the target list is empty")
+    if len(uuids) > MAX_TARGETS:
+        raise TargetError(f"the target list has {len(uuids)} entries; at most {MAX_TARGETS} are allowed in one run")
+    index = {a["uuid"]: a for a in agents}
+    unknown = [u for u in dict.fromkeys(uuids) if u not in index]
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        names = ", ".join(repr(u) for u in unknown[:3])
+        raise TargetError(f"unknown target {names}{more} (no agent with that uuid)")
+    return [index[u] for u in dict.fromkeys(uuids)]
+
+
+def _by_labels(expr: str, agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    wanted: list[tuple[str, str | None]] = []
+    for part in expr[len("label:"):].split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not key.strip():
+            raise TargetError(f"bad label selector {expr!r}: empty key in {part!r}")
+        wanted.append((key.strip(), value.strip() if sep else None))
+    if not wanted:
+        raise TargetError(f"bad label selector {expr!r}: give key=value pairs, e.g. label:role=web")
+
+    def match(agent: dict[str, Any]) -> bool:
+        labels = agent.get("labels") or {}
+        return all(k in labels and (v is None or labels[k] == v) for k, v in wanted)
+
+    found = [a for a in agents if match(a)]
+    if not found:
+        raise TargetError(f"label selector {expr!r} matched no agent")
+    return found
