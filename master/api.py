@@ -164,6 +164,9 @@ async def _event_stream(hub: Hub, run_id: str, cursor: int) -> AsyncIterator[byt
     store = hub.db.store
     while True:
         changed = hub.run_changed(run_id)
+        # Count open tasks before reading events: a task's final event commits together with
+        # its status, so "no open task" seen first means every event is already readable.
+        still_open = await hub.db(store.run_open_count, run_id)
         rows = await hub.db(store.events_after, run_id, cursor)
         if rows:
             lines = []
@@ -173,7 +176,7 @@ async def _event_stream(hub: Hub, run_id: str, cursor: int) -> AsyncIterator[byt
                 cursor = r["id"]
             yield b"\n".join(lines) + b"\n"
             continue
-        if await hub.db(store.run_open_count, run_id) == 0:
+        if still_open == 0:
             yield dumps({"kind": "end", "id": cursor}) + b"\n"
             return
         with anyio.move_on_after(10):

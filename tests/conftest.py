@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet import Fleet
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def fleet5(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """A master with five agents (web-1..3 role=web, db-1..2 role=db), shared by a module."""
+    fleet = Fleet(tmp_path_factory.mktemp("fleet5"), ["--offline-grace", "2", "--heartbeat", "2"])
+    fleet.start_master()
+    for i in range(1, 4):
+        fleet.start_agent(f"web-{i}", {"role": "web", "idc": "hk" if i < 3 else "sg"})
+    for i in range(1, 3):
+        fleet.start_agent(f"db-{i}", {"role": "db"})
+    try:
+        fleet.wait_online()
+        yield fleet
+    finally:
+        fleet.close()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """A fresh master with no agents yet, for tests that break things."""
+    f = Fleet(tmp_path, ["--offline-grace", "2", "--heartbeat", "2"])
+    f.start_master()
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        for name in ("fleet", "fleet5"):
+            fl = item.funcargs.get(name) if hasattr(item, "funcargs") else None
+            if fl is not None:
+                report.sections.append((f"{name} logs", fl.logs()))

@@ -1,0 +1,199 @@
+"""Processes that die, restart, time out and get cancelled; nothing may be lost or orphaned."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from fleet import Fleet, wait_for
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_enroll_once_then_reconnect_as_the_same_uuid(fleet: Fleet) -> None:
+    agent = fleet.start_agent("box-1", {"role": "app"})
+    fleet.wait_online("box-1")
+    uuid = fleet.uuid_of("box-1")
+    agent.stop()
+    fleet.wait_offline("box-1")
+    fleet.start_agent("box-1", join=False)  # no token: the state dir holds the identity
+    fleet.wait_online("box-1")
+    inv = fleet.client.inventory()
+    assert list(inv["uuid"]) == [uuid]
+    assert inv.loc[0, "connects"] >= 2
+    assert inv.loc[0, "labels"] == {"role": "app"}
+
+
+def test_timeout_kills_the_whole_process_group(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.start_agent("t-1")
+    fleet.wait_online("t-1")
+    pidfile = tmp_path / "bg.pid"
+    script = f"sleep 300 & echo $! > {pidfile}; sleep 300"
+    df = fleet.client.run(script, targets="t-1", timeout=1.5).to_dataframe()
+    assert df.loc[0, "status"] == "timeout"
+    assert "timeout" in df.loc[0, "error"]
+    bg = int(pidfile.read_text())
+    wait_for(lambda: not _pid_alive(bg), 10, "background child to be killed")
+
+
+def test_cancel_stops_the_command_on_every_target(fleet: Fleet, tmp_path: Path) -> None:
+    for name in ("c-1", "c-2"):
+        fleet.start_agent(name)
+    fleet.wait_online()
+    script = f"echo $$ > {tmp_path}/$(hostname 2>/dev/null || echo x)-$$.pid; sleep 300 & wait"
+    run = fleet.client.run(script, targets="c-*", timeout=600)
+    wait_for(lambda: len(list(tmp_path.glob("*.pid"))) == 2, 20, "both commands to start")
+    assert run.cancel() == 2
+    df = run.to_dataframe()
+    assert list(df["status"]) == ["cancelled", "cancelled"]
+    for pidfile in tmp_path.glob("*.pid"):
+        pid = int(pidfile.read_text())
+        wait_for(lambda pid=pid: not _pid_alive(pid), 10, "cancelled shell to die")
+
+
+def test_offline_targets_end_offline_at_once(fleet: Fleet) -> None:
+    fleet.start_agent("on-1")
+    gone = fleet.start_agent("off-1")
+    fleet.wait_online()
+    gone.stop()
+    fleet.wait_offline("off-1")
+    df = fleet.client.run("sleep 0.5; echo ok", targets="o*", timeout=30).to_dataframe()
+    by_host = df.set_index("hostname")
+    assert by_host.loc["off-1", "status"] == "offline"
+    assert by_host.loc["on-1", "status"] == "ok"
+
+
+def test_agent_killed_mid_run_ends_error_not_hanging(fleet: Fleet) -> None:
+    victim = fleet.start_agent("k-1")
+    fleet.start_agent("k-2")
+    fleet.wait_online()
+    run = fleet.client.run("sleep 120", targets="k-*", timeout=600)
+    wait_for(lambda: _started(fleet, run.id) == 2, 20, "tasks to start")
+    victim.kill()
+    # the master notices the dead channel by itself; the survivor is still running; cancel it so the run can complete
+    wait_for(lambda: _status(fleet, run.id, "k-1") in ("error", "offline"), 30, "dead agent's row to end")
+    run.cancel()
+    df = run.to_dataframe()
+    by_host = df.set_index("hostname")
+    assert by_host.loc["k-1", "status"] in ("error", "offline")
+    assert by_host.loc["k-2", "status"] == "cancelled"
+
+
+def test_master_killed_mid_run_loses_no_result(fleet: Fleet) -> None:
+    for i in range(3):
+        fleet.start_agent(f"m-{i}")
+    fleet.wait_online()
+    run = fleet.client.run("sleep 2; echo finished", targets="m-*", timeout=120)
+    wait_for(lambda: _started(fleet, run.id) == 3, 20, "tasks to start")
+    fleet.restart_master(kill=True)  # SIGKILL: no goodbye to anyone
+    df = run.to_dataframe()  # the SDK resumes its event stream after the restart
+    assert (df["status"] == "ok").all(), df
+    assert (df["stdout"] == "finished\n").all()
+    fleet.wait_online()
+    assert (fleet.client.run("echo again", targets="m-*", timeout=30).to_dataframe()["status"] == "ok").all()
+
+
+def test_server_initiated_disconnect_is_a_reconnect_that_loses_nothing(fleet: Fleet) -> None:
+    fleet.start_agent("d-1")
+    fleet.wait_online()
+    uuid = fleet.uuid_of("d-1")
+    run = fleet.client.run("sleep 1.5; echo survived", targets="d-1", timeout=60)
+    wait_for(lambda: _started(fleet, run.id) == 1, 20, "task to start")
+    fleet.client.disconnect_agent(uuid)
+    df = run.to_dataframe()
+    assert df.loc[0, "status"] == "ok" and df.loc[0, "stdout"] == "survived\n"
+    wait_for(lambda: fleet.client.inventory().loc[0, "connects"] >= 2, 30, "agent to reconnect")
+
+
+def test_graceful_master_restart_goaway_loses_nothing(fleet: Fleet) -> None:
+    fleet.start_agent("g-1")
+    fleet.wait_online()
+    run = fleet.client.run("sleep 1.5; echo after-goaway", targets="g-1", timeout=60)
+    wait_for(lambda: _started(fleet, run.id) == 1, 20, "task to start")
+    fleet.restart_master(kill=False)  # SIGTERM: granian closes connections with GOAWAY
+    df = run.to_dataframe()
+    assert df.loc[0, "status"] == "ok" and df.loc[0, "stdout"] == "after-goaway\n"
+
+
+def test_no_http2_master_falls_back_to_polling(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, ["--no-http2", "--offline-grace", "2"])
+    fleet.start_master()
+    try:
+        fleet.start_agent("p-1")
+        fleet.start_agent("p-2")
+        fleet.wait_online()
+        inv = fleet.client.inventory()
+        assert set(inv["mode"]) == {"poll"}
+        df = fleet.client.run("for i in 1 2 3; do echo $i; done", targets="p-*", timeout=30).to_dataframe()
+        assert (df["status"] == "ok").all() and (df["stdout"] == "1\n2\n3\n").all()
+        run = fleet.client.run("sleep 300", targets="p-1", timeout=600)
+        wait_for(lambda: _started(fleet, run.id) == 1, 20, "task to start over polling")
+        run.cancel()
+        assert run.to_dataframe().loc[0, "status"] == "cancelled"
+    finally:
+        fleet.close()
+
+
+def test_polling_agent_returns_to_http2_when_it_is_back(fleet: Fleet) -> None:
+    """The agent starts against an HTTP/1.1-only master, then the master comes back with h2."""
+    fleet.master.stop()  # type: ignore[union-attr]
+    fleet.start_master(fleet.port, ["--no-http2"])
+    fleet.start_agent("b-1")
+    fleet.wait_online()
+    assert fleet.client.inventory().loc[0, "mode"] == "poll"
+    fleet.restart_master(kill=False)  # same port, h2 allowed again (no --no-http2 this time)
+    wait_for(lambda: fleet.client.inventory().loc[0, "mode"] == "h2", 40, "agent back on HTTP/2")
+
+
+@pytest.mark.slow
+def test_idle_channel_outlives_every_timeout(tmp_path: Path) -> None:
+    """Default heartbeats and server limits: a channel idle for 40 s must not be dropped."""
+    fleet = Fleet(tmp_path)
+    fleet.start_master()
+    try:
+        state = tmp_path / "agents" / "idle-1"
+        from fleet import ZY, Proc
+
+        argv = [*ZY, "agent", "--state-dir", str(state), "--hostname", "idle-1", "--join", fleet.token]
+        fleet.agents["idle-1"] = Proc("idle-1", argv, tmp_path / "agent-idle-1.log", fleet.env)
+        fleet.wait_online()
+        time.sleep(40)
+        inv = fleet.client.inventory()
+        assert inv.loc[0, "connects"] == 1, fleet.logs()
+        df = fleet.client.run("echo still-here", targets="idle-1", timeout=30).to_dataframe()
+        assert df.loc[0, "stdout"] == "still-here\n"
+        assert fleet.client.inventory().loc[0, "connects"] == 1
+    finally:
+        fleet.close()
+
+
+def _run_info(fleet: Fleet, run_id: str) -> dict[str, object]:
+    from hcsdk._portal import portal
+
+    return portal().call(fleet.client._async._request, "GET", f"/api/v1/runs/{run_id}")  # type: ignore[no-any-return]
+
+
+def _started(fleet: Fleet, run_id: str) -> int:
+    info = _run_info(fleet, run_id)
+    return sum(1 for t in info["tasks"] if t["started_at"])  # type: ignore[index,union-attr]
+
+
+def _status(fleet: Fleet, run_id: str, hostname: str) -> str | None:
+    info = _run_info(fleet, run_id)
+    for t in info["tasks"]:  # type: ignore[union-attr]
+        if t["hostname"] == hostname:
+            return t["status"]  # type: ignore[no-any-return]
+    return None
