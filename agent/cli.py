@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--dead-after", type=float, default=25.0, help="reconnect after this long without traffic")
     p.add_argument("--h2-retry", type=float, default=60.0, help="while polling, retry HTTP/2 this often (seconds)")
     p.add_argument("--backoff-cap", type=float, default=30.0, help="longest wait between reconnects (seconds)")
+    p.add_argument("--output-cap", type=int, default=8 * 1024 * 1024, metavar="BYTES",
+                   help="keep at most this much of each task's stdout and of its stderr (default 8 MiB)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
 
@@ -78,7 +80,7 @@ async def _amain(args: argparse.Namespace) -> int:
                                h2_retry=args.h2_retry, backoff_cap=args.backoff_cap)
     print(f"zy agent: {ident.uuid} connecting to {', '.join(ident.urls)}", flush=True)
     try:
-        await Agent(state, ident, hostname=args.hostname, settings=settings).run()
+        await Agent(state, ident, hostname=args.hostname, settings=settings, output_cap=args.output_cap).run()
     except Rejected as exc:
         print(f"zy agent: the master refused this agent: {exc}", file=sys.stderr)
         return 3

@@ -11,7 +11,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from . import facts as facts_mod
-from .channel import Channel, ChannelSettings
+from .channel import Channel, ChannelSettings, Rejected
 from .executor import Executor
 from .spool import Spool
 from .state import Identity, StateDir
@@ -63,6 +63,11 @@ class Agent:
                 self._tg = tg
                 tg.start_soon(self._signals, tg)
                 await self.channel.run_forever()
+        except BaseExceptionGroup as group:
+            rejected = group.subgroup(Rejected)
+            if rejected is not None:
+                raise rejected.exceptions[0] from None
+            raise
         finally:
             self.spool.close()
 

@@ -26,6 +26,7 @@ log = logging.getLogger("zy.agent.exec")
 
 Emit = Callable[[list[dict[str, Any]]], None]
 DEFAULT_OUTPUT_CAP = 8 * 1024 * 1024
+OUT_PIECE_CHARS = 16 * 1024
 RECOVERY_SEQ = 2**31 - 1  # seq of a "done" written after a restart; never used by a live task
 
 
@@ -171,7 +172,7 @@ class Executor:
     async def _facts(self, task: Task) -> tuple[str, int | None]:
         import json
 
-        self._emit(task, "out", {"stream": "stdout", "data": json.dumps(facts_mod.collect(self.hostname)) + "\n"})
+        self._emit_text(task, "stdout", json.dumps(facts_mod.collect(self.hostname)) + "\n")
         return "ok", 0
 
     async def _process(self, task: Task, argv: list[str]) -> tuple[str, int | None]:
@@ -205,9 +206,10 @@ class Executor:
             if len(chunk) > room:
                 chunk, task.truncated[name] = chunk[:room], True
             sent += len(chunk)
-            text = decoder.decode(chunk)
-            if text:
-                self._emit(task, "out", {"stream": name, "data": text})
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            self._emit(task, "out", {"stream": name, "data": tail})
+            self._emit_text(task, name, decoder.decode(chunk))
+        self._emit_text(task, name, decoder.decode(b"", final=True))
+
+    def _emit_text(self, task: Task, stream: str, text: str) -> None:
+        # JSON can grow a character to six bytes (\u0000): pieces this size always fit a frame
+        for i in range(0, len(text), OUT_PIECE_CHARS):
+            self._emit(task, "out", {"stream": stream, "data": text[i : i + OUT_PIECE_CHARS]})

@@ -135,6 +135,10 @@ class Hub:
     async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float) -> dict[str, Any]:
         if cmd not in KNOWN_CMDS:
             raise RequestRejected(f"unknown cmd {cmd!r} (known: {', '.join(KNOWN_CMDS)})", kind="cmd")
+        size = len(dumps(args))
+        if size > self.settings.max_frame - 1024:
+            raise RequestRejected(f"the command's arguments take {size} bytes; at most "
+                                  f"{self.settings.max_frame - 1024} fit in one message", status=413)
         agents = await self.db(self.db.store.agents)
         try:
             chosen = resolve(targets, agents)

@@ -45,7 +45,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report = outcome.get_result()
     if report.failed and call.when == "call":
-        for name in ("fleet", "fleet5"):
+        for name in ("fleet", "fleet5", "fl"):
             fl = item.funcargs.get(name) if hasattr(item, "funcargs") else None
             if fl is not None:
                 report.sections.append((f"{name} logs", fl.logs()))

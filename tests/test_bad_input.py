@@ -1,0 +1,198 @@
+"""Bad input gets a clear error and loses nothing; auth failures get 401/403 and nothing else."""
+
+from __future__ import annotations
+
+import struct
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fleet import Fleet, Proc, ZY, wait_for
+from hcsdk import AuthError, Client, JoinToken, RequestError, TargetError
+from hcsdk._tls import client_context
+
+
+@pytest.fixture(scope="module")
+def fl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path_factory.mktemp("bad"), ["--offline-grace", "2", "--max-frame", "1048576"])
+    fleet.start_master()
+    fleet.start_agent("ok-1")
+    fleet.start_agent("ok-2")
+    try:
+        fleet.wait_online()
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def _api(fleet: Fleet, token: str | None = "admin") -> httpx.Client:
+    headers = {}
+    if token == "admin":
+        token = tomllib.loads(fleet.config_path.read_text())["token"]
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    ca = (fleet.root / "master" / "ca.pem").read_bytes()
+    return httpx.Client(base_url=fleet.url, verify=client_context(ca), headers=headers, timeout=30)
+
+
+def _still_works(fleet: Fleet) -> None:
+    df = fleet.client.run("echo fine", targets="ok-*", timeout=30).to_dataframe()
+    assert (df["status"] == "ok").all() and len(df) == 2
+
+
+def test_malformed_json_is_a_400_naming_the_problem(fl: Fleet) -> None:
+    with _api(fl) as api:
+        resp = api.post("/api/v1/runs", content=b'{"cmd": "shell", "args": {', headers={"content-type": "application/json"})
+        assert resp.status_code == 400
+        assert "malformed JSON" in resp.json()["error"]
+        resp = api.post("/api/v1/runs", content=b'{"cmd": "shell", "args": {"script": "\xff\xfe"}}',
+                        headers={"content-type": "application/json"})
+        assert resp.status_code == 400, resp.text
+        resp = api.post("/api/v1/runs", json={"cmd": "shell", "args": {}, "targets": {"expr": "ok-1"}})
+        assert resp.status_code == 422 and "args.script" in resp.json()["error"]
+        resp = api.post("/api/v1/runs", json={"cmd": "shell", "args": {"script": "x"}, "targets": {"expr": "ok-1"},
+                                              "timeout": -1})
+        assert resp.status_code == 422 and "timeout" in resp.json()["error"]
+    _still_works(fl)
+
+
+def test_arguments_too_large_for_one_message_are_413(fl: Fleet) -> None:
+    with pytest.raises(RequestError, match="fit in one message") as info:
+        fl.client.run("echo " + "x" * 2_000_000, targets="ok-1")
+    assert info.value.status == 413
+
+
+def test_non_utf8_script_is_refused_by_the_sdk(fl: Fleet) -> None:
+    with pytest.raises(RequestError, match="not valid UTF-8"):
+        fl.client.run(b"echo \xff\xfe", targets="ok-1")
+
+
+def test_oversized_request_body_is_413(fl: Fleet) -> None:
+    with _api(fl) as api:
+        resp = api.post("/api/v1/runs", content=b"x" * (17 * 1024 * 1024), headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and "exceeds" in resp.json()["error"]
+    _still_works(fl)
+
+
+def test_target_list_of_100000_entries_is_a_clear_error(fl: Fleet) -> None:
+    targets = [f"00000000-0000-0000-0000-{i:012d}" for i in range(100_000)]
+    with pytest.raises(TargetError, match="100000 entries; at most 50000"):
+        fl.client.run("true", targets=targets)
+    _still_works(fl)
+
+
+def test_api_token_missing_or_wrong_is_401(fl: Fleet) -> None:
+    with _api(fl, token=None) as api:
+        resp = api.get("/api/v1/inventory")
+        assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+        assert set(resp.json()) == {"error", "kind"}
+    with _api(fl, token="zya_wrong") as api:
+        assert api.get("/api/v1/inventory").status_code == 401
+    bad = Client(fl.url, token="zya_wrong", ca=str(fl.root / "master" / "ca.pem"))
+    with pytest.raises(AuthError, match="401"):
+        bad.inventory()
+    bad.close()
+
+
+def test_channel_routes_need_an_agent_credential_and_unknown_routes_404(fl: Fleet) -> None:
+    with _api(fl, token=None) as api:
+        assert api.post("/v1/handshake", json={}).status_code == 401
+        assert api.get("/v1/channel/down", params={"sid": "x"}).status_code == 401
+        assert api.get("/v1/admin").status_code == 404
+        assert api.get("/etc/passwd").status_code == 404
+        # the admin token is no agent credential
+    with _api(fl) as api:
+        assert api.post("/v1/handshake", json={}).status_code == 401
+
+
+def _fake_agent(fl: Fleet, client: httpx.Client) -> tuple[str, dict[str, str]]:
+    """Enroll a raw HTTP client as an agent (the master is under test here, not the agent)."""
+    token = JoinToken.decode(fl.client.create_join_token(ttl=600)["token"])
+    uuid = "fake0000-0000-4000-8000-" + str(time.time_ns())[-12:]
+    resp = client.post("/v1/enroll", json={"token": token.credential, "uuid": uuid, "facts": {"hostname": "fake"}})
+    assert resp.status_code == 200, resp.text
+    headers = {"authorization": f"Bearer {uuid}:{resp.json()['credential']}"}
+    return uuid, headers
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x00\x05hello",                       # not JSON
+        b"\x00\x00\x00\x02[]",                          # JSON, not an object
+        b'\x00\x00\x00\x0c{"t":"evil"}',                # unknown message type
+        struct.pack(">I", 100 * 1024 * 1024) + b"{",   # a frame over the limit
+    ],
+)
+def test_agent_sending_garbage_frames_is_dropped_and_others_carry_on(fl: Fleet, garbage: bytes) -> None:
+    ca = (fl.root / "master" / "ca.pem").read_bytes()
+    with httpx.Client(base_url=fl.url, verify=client_context(ca), http2=True, timeout=30) as raw:
+        uuid, headers = _fake_agent(fl, raw)
+        sid = raw.post("/v1/handshake", json={"facts": {"hostname": "fake"}}, headers=headers).json()["sid"]
+        resp = raw.post("/v1/channel/up", params={"sid": sid}, content=garbage, headers=headers)
+        assert resp.status_code == 400 and "bad frame" in resp.json()["error"]
+        # its session is gone: it must handshake again
+        resp = raw.post("/v1/channel/poll", params={"sid": sid}, content=b"", headers=headers)
+        assert resp.status_code == 409
+    _still_works(fl)
+
+
+def test_oversized_output_is_truncated_not_an_out_of_memory(fl: Fleet) -> None:
+    fl.start_agent("cap-1", extra=["--output-cap", "100000"])
+    fl.wait_online("cap-1")
+    df = fl.client.run("head -c 3000000 /dev/zero | tr '\\0' a; echo tail >&2", targets="cap-1",
+                       timeout=60).to_dataframe()
+    assert df.loc[0, "status"] == "ok"
+    assert len(df.loc[0, "stdout"]) == 100_000 and df.loc[0, "truncated"]
+    assert df.loc[0, "stderr"] == "tail\n"
+
+
+def test_expired_and_revoked_join_tokens_are_refused(fl: Fleet) -> None:
+    expired = fl.client.create_join_token(ttl=0.5)["token"]
+    time.sleep(1.0)
+    proc = _agent_with_token(fl, "late-1", expired)
+    assert proc.popen.wait(30) == 2
+    assert "expired" in proc.output()
+    revoked = fl.client.create_join_token(ttl=600)
+    fl.client.revoke_join_token(revoked["id"])
+    proc = _agent_with_token(fl, "late-2", revoked["token"])
+    assert proc.popen.wait(30) == 2
+    assert "revoked" in proc.output()
+
+
+def test_a_token_pinning_another_ca_is_refused(fl: Fleet) -> None:
+    real = JoinToken.decode(fl.token)
+    forged = JoinToken(urls=real.urls, ca_fingerprint="sha256:" + "0" * 64, token_id=real.token_id,
+                       secret=real.secret)
+    proc = _agent_with_token(fl, "mitm-1", forged.encode())
+    assert proc.popen.wait(30) == 2
+    assert "does not match the join token" in proc.output()
+
+
+def test_revoked_agent_is_dropped_and_cannot_reconnect(fl: Fleet) -> None:
+    agent = fl.start_agent("rev-1")
+    fl.wait_online("rev-1")
+    fl.client.revoke_agent(fl.uuid_of("rev-1"))
+    assert agent.popen.wait(30) == 3
+    assert "revoked" in agent.output()
+    assert "rev-1" not in set(fl.client.inventory()["hostname"])
+    with pytest.raises(TargetError):
+        fl.client.run("true", targets="rev-1")
+
+
+def _agent_with_token(fl: Fleet, name: str, token: str) -> Proc:
+    argv = [*ZY, "agent", "--state-dir", str(fl.root / "agents" / name), "--hostname", name, "--join", token]
+    proc = Proc(name, argv, fl.root / f"agent-{name}.log", fl.env)
+    fl.agents[name] = proc
+    return proc
+
+
+def test_bad_join_token_text_is_a_clear_error(tmp_path: Path, fl: Fleet) -> None:
+    proc = _agent_with_token(fl, "typo-1", "zyj1.not-base64!!")
+    assert proc.popen.wait(30) == 2
+    assert "damaged" in proc.output()
+    wait_for(lambda: True)
