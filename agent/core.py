@@ -29,7 +29,8 @@ class Agent:
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         kwargs: dict[str, Any] = {"output_cap": output_cap} if output_cap else {}
-        self.executor = Executor(ident.uuid, self._emit, self.spool.claim, self.spool.finish, hostname, **kwargs)
+        self.executor = Executor(ident.uuid, self._emit, self.spool.claim, self.spool.finish, hostname,
+                                 started=self.spool.set_pgid, **kwargs)
         self.channel = Channel(
             ident.uuid, ident.credential, ident.urls, state.ca_path.read_bytes(),
             facts=lambda: facts_mod.collect(self.hostname), labels=ident.labels,

@@ -49,13 +49,15 @@ class TaskFailed(Exception):
 
 class Executor:
     def __init__(self, uuid: str, emit: Emit, claim: Callable[[str, str], bool], finish: Callable[[str], None],
-                 hostname: str | None = None, output_cap: int = DEFAULT_OUTPUT_CAP):
+                 hostname: str | None = None, output_cap: int = DEFAULT_OUTPUT_CAP,
+                 started: Callable[[str, int], None] | None = None):
         self.uuid = uuid
         self.emit = emit
         self.claim = claim
         self.finish = finish
         self.hostname = hostname
         self.output_cap = output_cap
+        self.started = started or (lambda taskid, pgid: None)
         self.running: dict[str, Task] = {}
         self.plugins: dict[str, Callable[[Task], Awaitable[tuple[str, int | None]]]] = {
             "shell": self._shell, "exec": self._exec, "ping": self._ping, "facts": self._facts,
@@ -85,9 +87,15 @@ class Executor:
             self._kill(task)
             task.scope.cancel()
 
-    def recover(self, interrupted: list[tuple[str, str]]) -> None:
-        """Report tasks that were running when the agent stopped: they cannot be resumed."""
-        for taskid, cmd in interrupted:
+    def recover(self, interrupted: list[tuple[str, str, int | None, float]]) -> None:
+        """Report tasks that were running when the agent stopped: they cannot be resumed.
+        Their process groups, if still alive, are killed rather than left orphaned."""
+        for taskid, cmd, pgid, received_at in interrupted:
+            if pgid and _started_after(pgid, received_at - 1):
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             task = Task(taskid=taskid, cmd=cmd, args={}, timeout=0, seq=RECOVERY_SEQ)
             self._done(task, "error", None, None, error="the agent restarted while the task ran")
 
@@ -181,6 +189,7 @@ class Executor:
         except OSError as exc:
             raise TaskFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         task.proc = proc
+        self.started(task.taskid, proc.pid)
         try:
             async with anyio.create_task_group() as tg:
                 assert proc.stdout is not None and proc.stderr is not None
@@ -213,3 +222,15 @@ class Executor:
         # JSON can grow a character to six bytes (\u0000): pieces this size always fit a frame
         for i in range(0, len(text), OUT_PIECE_CHARS):
             self._emit(task, "out", {"stream": stream, "data": text[i : i + OUT_PIECE_CHARS]})
+
+
+def _started_after(pid: int, when: float) -> bool:
+    """Whether process ``pid`` exists and started after ``when`` (so a reused pid is spared)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return boot + start_ticks / os.sysconf("SC_CLK_TCK") >= when

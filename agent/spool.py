@@ -18,7 +18,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, taskid TEXT NOT NULL,
     seq INTEGER NOT NULL, frame BLOB NOT NULL, UNIQUE(taskid, seq));
 CREATE TABLE IF NOT EXISTS tasks (taskid TEXT PRIMARY KEY, state TEXT NOT NULL, cmd TEXT NOT NULL,
-    received_at REAL NOT NULL);
+    received_at REAL NOT NULL, pgid INTEGER);
 """
 
 
@@ -60,9 +60,13 @@ class Spool:
     def finish(self, taskid: str) -> None:
         self.db.execute("UPDATE tasks SET state='done' WHERE taskid=?", (taskid,))
 
-    def interrupted(self) -> list[tuple[str, str]]:
-        """Tasks that were running when the agent last stopped: (taskid, cmd)."""
-        return [(r[0], r[1]) for r in self.db.execute("SELECT taskid, cmd FROM tasks WHERE state='running'")]
+    def set_pgid(self, taskid: str, pgid: int) -> None:
+        self.db.execute("UPDATE tasks SET pgid=? WHERE taskid=?", (pgid, taskid))
+
+    def interrupted(self) -> list[tuple[str, str, int | None, float]]:
+        """Tasks that were running when the agent last stopped: (taskid, cmd, pgid, received_at)."""
+        rows = self.db.execute("SELECT taskid, cmd, pgid, received_at FROM tasks WHERE state='running'")
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def forget_before(self, cutoff: float) -> None:
         self.db.execute("DELETE FROM tasks WHERE state='done' AND received_at<?", (cutoff,))

@@ -55,6 +55,7 @@ class Proc:
         if self.alive:
             os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait(10)
+        self._fh.close()
 
     def stop(self, timeout: float = 10) -> None:
         if self.alive:

@@ -92,6 +92,22 @@ def test_agent_killed_mid_run_ends_error_not_hanging(fleet: Fleet) -> None:
     assert by_host.loc["k-2", "status"] == "cancelled"
 
 
+def test_agent_restarted_mid_task_never_runs_it_twice(fleet: Fleet, tmp_path: Path) -> None:
+    agent = fleet.start_agent("x-1")
+    fleet.wait_online()
+    marker, pidfile = tmp_path / "runs.txt", tmp_path / "x.pid"
+    run = fleet.client.run(f"echo ran >> {marker}; echo $$ > {pidfile}; sleep 300", targets="x-1", timeout=600)
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, "task to start")
+    agent.kill()  # a crash: the task's shell is left behind for the new agent to find
+    fleet.start_agent("x-1", join=False)
+    df = run.to_dataframe()
+    assert df.loc[0, "status"] == "error"
+    assert marker.read_text() == "ran\n", "the task must never run a second time"
+    wait_for(lambda: not _pid_alive(int(pidfile.read_text())), 20, "the orphaned shell to be killed")
+    # the restarted agent reports the truth: it knows it was restarted
+    wait_for(lambda: "restarted" in str(_run_info(fleet, run.id)["tasks"][0]["error"]), 20, "agent's verdict")
+
+
 def test_master_killed_mid_run_loses_no_result(fleet: Fleet) -> None:
     for i in range(3):
         fleet.start_agent(f"m-{i}")
