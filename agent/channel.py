@@ -23,7 +23,7 @@ import httpx
 
 from hcsdk._backoff import Backoff
 from hcsdk._tls import client_context
-from hcsdk._wire import DOWN_TYPES, FrameDecoder, encode_frame
+from hcsdk._wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder, encode_frame
 
 log = logging.getLogger("zy.agent.channel")
 
@@ -74,6 +74,8 @@ class Channel:
         self.mode: str | None = None
         self.connects = 0
         self._url_index = 0
+        self.max_frame = DEFAULT_MAX_FRAME
+        self.poll_timeout = 30.0
         self._last_rx = time.monotonic()
 
     async def run_forever(self) -> None:
@@ -106,12 +108,15 @@ class Channel:
 
     async def _connect(self, url: str, backoff: Backoff) -> None:
         async with self._client(self.settings.http2) as client:
-            resp = await client.post(f"{url}/v1/handshake", json={"facts": self.facts(), "labels": self.labels})
+            resp = await client.post(f"{url}/v1/handshake", json={"facts": self.facts(), "labels": self.labels},
+                                     timeout=30.0)
             if resp.status_code in (401, 403):
                 raise Rejected(_reason(resp))
             if resp.status_code != 200:
                 raise ChannelLost(f"handshake answered {resp.status_code}: {_reason(resp)}")
             info = resp.json()
+            self.max_frame = int(info.get("max_frame") or DEFAULT_MAX_FRAME)
+            self.poll_timeout = float(info.get("poll_wait") or 2) + self.settings.dead_after
             backoff.reset()
             self.connects += 1
             self._last_rx = time.monotonic()
@@ -132,7 +137,7 @@ class Channel:
             tg.start_soon(self._watchdog)
 
     async def _downlink(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
-        decoder = FrameDecoder(allowed=DOWN_TYPES)
+        decoder = FrameDecoder(self.max_frame, allowed=DOWN_TYPES)
         async with client.stream("GET", f"{url}/v1/channel/down", params={"sid": sid}) as resp:
             if resp.status_code != 200:
                 await resp.aread()
@@ -178,13 +183,13 @@ class Channel:
 
     async def _poll_loop(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
         last_id = 0
-        decoder = FrameDecoder(allowed=DOWN_TYPES)
+        decoder = FrameDecoder(self.max_frame, allowed=DOWN_TYPES)
         hb = encode_frame({"t": "hb", "uuid": self.uuid, "cmd": "", "taskid": "", "seq": 0})
         while True:
             rows = self.outbox(last_id)
             body = b"".join(f for _, f in rows) if rows else hb
             resp = await client.post(f"{url}/v1/channel/poll", params={"sid": sid}, content=body,
-                                     headers={"content-type": "application/x-zy-frames"})
+                                     headers={"content-type": "application/x-zy-frames"}, timeout=self.poll_timeout)
             if resp.status_code != 200:
                 raise ChannelLost(f"poll answered {resp.status_code}: {_reason(resp)}")
             if rows:

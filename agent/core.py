@@ -29,17 +29,21 @@ class Agent:
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         kwargs: dict[str, Any] = {"output_cap": output_cap} if output_cap else {}
-        self.executor = Executor(ident.uuid, self._emit, self.spool.claim, self.spool.finish, hostname,
+        self.executor = Executor(ident.uuid, self._emit, self.spool.claim, self._finish, hostname,
                                  started=self.spool.set_pgid, **kwargs)
         self.channel = Channel(
             ident.uuid, ident.credential, ident.urls, state.ca_path.read_bytes(),
             facts=lambda: facts_mod.collect(self.hostname), labels=ident.labels,
-            outbox=self.spool.pending_after, on_message=self._on_message, wake=self._current_wake,
+            outbox=lambda last_id: self.spool.pending_after(last_id, max_bytes=2 * 1024 * 1024), on_message=self._on_message, wake=self._current_wake,
             settings=settings,
         )
 
     def _emit(self, msgs: list[dict[str, Any]]) -> None:
         self.spool.append(msgs)
+        self._wake.set()
+
+    def _finish(self, taskid: str, msgs: list[dict[str, Any]]) -> None:
+        self.spool.finish(taskid, msgs)
         self._wake.set()
 
     def _current_wake(self) -> anyio.Event:

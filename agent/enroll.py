@@ -7,7 +7,7 @@ import ssl
 import httpx
 
 from hcsdk._jointoken import JoinToken
-from hcsdk._tls import ca_fingerprint, client_context
+from hcsdk._tls import ca_fingerprint, client_context, single_cert_pem
 
 from .state import Identity, StateDir
 
@@ -33,7 +33,10 @@ async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict
             async with httpx.AsyncClient(verify=_unverified(), timeout=15) as probe:
                 resp = await probe.get(f"{url}/v1/ca")
                 resp.raise_for_status()
-            ca_pem = resp.content
+            try:
+                ca_pem = single_cert_pem(resp.content)
+            except ValueError as exc:
+                raise EnrollError(f"{url}/v1/ca did not return a CA certificate ({exc})") from None
             if ca_fingerprint(ca_pem) != token.ca_fingerprint:
                 raise EnrollError(
                     f"the CA served by {url} does not match the join token's fingerprint: "

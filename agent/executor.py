@@ -48,7 +48,8 @@ class TaskFailed(Exception):
 
 
 class Executor:
-    def __init__(self, uuid: str, emit: Emit, claim: Callable[[str, str], bool], finish: Callable[[str], None],
+    def __init__(self, uuid: str, emit: Emit, claim: Callable[[str, str], bool],
+                 finish: Callable[[str, list[dict[str, Any]]], None],
                  hostname: str | None = None, output_cap: int = DEFAULT_OUTPUT_CAP,
                  started: Callable[[str, int], None] | None = None):
         self.uuid = uuid
@@ -65,14 +66,17 @@ class Executor:
 
     # -- entry points from the channel -------------------------------------------------------
     def submit(self, msg: dict[str, Any], tg: TaskGroup) -> None:
-        taskid, cmd = msg.get("taskid"), msg.get("cmd")
-        p = msg.get("p") or {}
-        if not isinstance(taskid, str) or not isinstance(cmd, str) or not taskid:
-            log.warning("ignoring a task without taskid or cmd")
+        taskid, cmd, p = msg.get("taskid"), msg.get("cmd"), msg.get("p")
+        if not isinstance(taskid, str) or not isinstance(cmd, str) or not taskid or not isinstance(p, dict):
+            log.warning("ignoring a malformed task message")
+            return
+        args, timeout = p.get("args") or {}, p.get("timeout")
+        if not isinstance(args, dict) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            log.warning("ignoring task %s: bad args or timeout", taskid)
             return
         if not self.claim(taskid, cmd):
             return  # already accepted once: its results travel through the spool
-        task = Task(taskid=taskid, cmd=cmd, args=p.get("args") or {}, timeout=float(p.get("timeout") or 600))
+        task = Task(taskid=taskid, cmd=cmd, args=args, timeout=float(timeout))
         reason = self._refuse(msg, p)
         if reason:
             self._done(task, "error", None, time.time(), error=reason)
@@ -148,8 +152,9 @@ class Executor:
                                    "finished_at": time.time(), "truncated": task.truncated}
         if error:
             payload["error"] = error
-        self._emit(task, "done", payload)
-        self.finish(task.taskid)
+        msg = {"t": "done", "uuid": self.uuid, "cmd": task.cmd, "taskid": task.taskid, "seq": task.seq, "p": payload}
+        task.seq += 1
+        self.finish(task.taskid, [msg])
 
     @staticmethod
     def _kill(task: Task) -> None:

@@ -28,6 +28,9 @@ class Spool:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(tasks)")}
+        if "pgid" not in columns:  # spools written before pgid was kept
+            self.db.execute("ALTER TABLE tasks ADD COLUMN pgid INTEGER")
 
     def close(self) -> None:
         self.db.close()
@@ -38,9 +41,18 @@ class Spool:
         self.db.executemany("INSERT OR IGNORE INTO outbox(taskid, seq, frame) VALUES(?,?,?)", rows)
         self.db.execute("COMMIT")
 
-    def pending_after(self, last_id: int, limit: int = 500) -> list[tuple[int, bytes]]:
-        rows = self.db.execute("SELECT id, frame FROM outbox WHERE id>? ORDER BY id LIMIT ?", (last_id, limit))
-        return [(int(r[0]), bytes(r[1])) for r in rows]
+    def pending_after(self, last_id: int, limit: int = 500, max_bytes: int = 4 * 1024 * 1024) -> list[tuple[int, bytes]]:
+        """Frames after ``last_id`` in order, at most ``limit`` of them and (beyond the first)
+        at most ``max_bytes`` together, so a batch always fits one request."""
+        out: list[tuple[int, bytes]] = []
+        size = 0
+        for row in self.db.execute("SELECT id, frame FROM outbox WHERE id>? ORDER BY id LIMIT ?", (last_id, limit)):
+            frame = bytes(row[1])
+            if out and size + len(frame) > max_bytes:
+                break
+            out.append((int(row[0]), frame))
+            size += len(frame)
+        return out
 
     def ack(self, pairs: list[list[Any]]) -> None:
         self.db.execute("BEGIN")
@@ -57,8 +69,14 @@ class Spool:
                               (taskid, "running", cmd, time.time()))
         return cur.rowcount == 1
 
-    def finish(self, taskid: str) -> None:
+    def finish(self, taskid: str, final: list[dict[str, Any]]) -> None:
+        """Spool a task's last messages and mark it done in one commit, so a crash cannot
+        leave a finished task looking interrupted."""
+        self.db.execute("BEGIN")
+        self.db.executemany("INSERT OR IGNORE INTO outbox(taskid, seq, frame) VALUES(?,?,?)",
+                            [(m["taskid"], m["seq"], encode_frame(m)) for m in final])
         self.db.execute("UPDATE tasks SET state='done' WHERE taskid=?", (taskid,))
+        self.db.execute("COMMIT")
 
     def set_pgid(self, taskid: str, pgid: int) -> None:
         self.db.execute("UPDATE tasks SET pgid=? WHERE taskid=?", (pgid, taskid))

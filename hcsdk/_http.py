@@ -24,7 +24,10 @@ def map_exceptions(url: str) -> Iterator[None]:
 def check(resp: httpx.Response) -> Any:
     """Return the JSON body of a 2xx response; raise the matching ZyError otherwise."""
     if resp.is_success:
-        return resp.json()
+        try:
+            return resp.json()
+        except ValueError:
+            raise ZyError(f"the answer from {resp.url} is not JSON (is something else listening there?)") from None
     try:
         body = resp.json()
         message, kind = str(body.get("error")), str(body.get("kind", ""))

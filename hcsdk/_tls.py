@@ -10,6 +10,7 @@ from pathlib import Path
 
 __all__ = [
     "ca_fingerprint",
+    "single_cert_pem",
     "client_context",
     "issue_server_cert",
     "make_ca",
@@ -90,10 +91,25 @@ def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, names: list[str]) -
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
+def single_cert_pem(pem: bytes | str) -> bytes:
+    """The one certificate in ``pem``, re-encoded. Refuses bundles and trailing data, so what
+    is pinned is exactly what will be trusted."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ValueError("not a PEM certificate") from None
+    if len(certs) != 1:
+        raise ValueError(f"expected exactly one certificate, got {len(certs)}")
+    return certs[0].public_bytes(serialization.Encoding.PEM)
+
+
 def ca_fingerprint(ca_pem: bytes | str) -> str:
-    """``sha256:<hex>`` of the certificate's DER bytes: what a join token pins."""
-    pem = ca_pem.decode() if isinstance(ca_pem, bytes) else ca_pem
-    der = ssl.PEM_cert_to_DER_cert(pem.strip() + "\n")
+    """``sha256:<hex>`` of the one certificate's DER bytes: what a join token pins."""
+    der = ssl.PEM_cert_to_DER_cert(single_cert_pem(ca_pem).decode())
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 

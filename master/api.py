@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hcsdk._jointoken import JoinToken
 from hcsdk._tls import ca_fingerprint
@@ -75,6 +76,10 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str]) -> FastAPI:
     @app.exception_handler(RequestRejected)
     async def _rejected(request: Request, exc: RequestRejected) -> JSONResponse:
         return _problem(exc.status, str(exc), exc.kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _problem(exc.status_code, str(exc.detail), "request")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -177,6 +182,7 @@ async def _event_stream(hub: Hub, run_id: str, cursor: int) -> AsyncIterator[byt
             yield b"\n".join(lines) + b"\n"
             continue
         if still_open == 0:
+            hub.forget_run_waiter(run_id)
             yield dumps({"kind": "end", "id": cursor}) + b"\n"
             return
         with anyio.move_on_after(10):
@@ -186,7 +192,8 @@ async def _event_stream(hub: Hub, run_id: str, cursor: int) -> AsyncIterator[byt
 
 
 class BodyLimit:
-    """Refuses request bodies over a size before the framework buffers them."""
+    """Reads a request body up to a size before the framework sees it, so an oversized body is
+    a 413 whether or not it announced its length."""
 
     def __init__(self, app: Any, limit: int):
         self.app = app
@@ -200,24 +207,27 @@ class BodyLimit:
             if key == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await _too_large(send, self.limit)
                 return
-        seen = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal seen
+        body = bytearray()
+        while True:
             msg = await receive()
-            seen += len(msg.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
-            return msg
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            if len(body) > self.limit:
+                await _too_large(send, self.limit)
+                return
+            if not msg.get("more_body"):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _too_large(send, self.limit)
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _too_large(send: Any, limit: int) -> None:

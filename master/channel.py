@@ -25,6 +25,7 @@ from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_batch, loads
 from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, body_chunks, error, header, query, read_body, respond
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, Session
+from .messages import problem
 
 log = logging.getLogger("zy.master.channel")
 
@@ -80,7 +81,9 @@ class ChannelApp:
             await error(send, 403, "join token has expired or was revoked; create a new one", kind="auth")
             return
         existing = await self.hub.db(self.hub.db.store.agent, uuid)
-        if existing and (existing["revoked"] or existing["token_id"] != token_id):
+        # Re-enrolling is for an agent that crashed before saving its credential; once an agent
+        # has connected, its uuid belongs to it and a token holder cannot take it over.
+        if existing and (existing["revoked"] or existing["token_id"] != token_id or existing["connects"] > 0):
             await error(send, 403, f"agent {uuid} is already enrolled; it cannot enroll again", kind="auth")
             return
         credential = secrets.token_urlsafe(32)
@@ -163,7 +166,8 @@ class ChannelApp:
                 return
             msgs = session.take() or [hb]
             try:
-                await send({"type": "http.response.body", "body": encode_batch(msgs), "more_body": True})
+                await send({"type": "http.response.body", "body": encode_batch(msgs, self.settings.max_frame),
+                            "more_body": True})
             except Exception:
                 session.close("write to agent failed")
                 return
@@ -200,11 +204,14 @@ class ChannelApp:
             return
         with anyio.move_on_after(self.settings.poll_wait):
             await session.wake.wait()
-        await respond(send, 200, encode_batch(session.take(1024 * 1024)))
+        await respond(send, 200, encode_batch(session.take(1024 * 1024), self.settings.max_frame))
 
     async def _ingest(self, session: Session, msgs: list[dict[str, Any]]) -> None:
         self.hub.touch(session)
         for msg in msgs:
+            reason = problem(msg)
+            if reason:
+                raise FrameError(f"malformed {msg['t']!r} message: {reason}")
             if msg["t"] != "hb":
                 await self.hub.ingest(session.uuid, msg)
 

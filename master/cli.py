@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--dead-after", type=float, default=25.0, help="a silent channel is dead after this (default 25)")
     p.add_argument("--offline-grace", type=float, default=15.0,
                    help="seconds an agent may be gone before its open tasks end (default 15)")
+    p.add_argument("--startup-grace", type=float, default=40.0,
+                   help="after a restart, seconds agents with open tasks have to reconnect (default 40)")
     p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024, help="largest channel message in bytes")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
@@ -45,7 +47,7 @@ def _main(args: argparse.Namespace) -> int:
     host, port = args.listen
     settings = MasterSettings(
         data_dir=args.data_dir, host=host, port=port, http2=not args.no_http2, advertise=args.advertise,
-        heartbeat=args.heartbeat, dead_after=args.dead_after, offline_grace=args.offline_grace,
+        heartbeat=args.heartbeat, dead_after=args.dead_after, offline_grace=args.offline_grace, startup_grace=args.startup_grace,
         max_frame=args.max_frame, write_user_config=not args.no_user_config,
     )
     from .server import serve

@@ -7,6 +7,7 @@ SDK streams of the runs that changed. Batching is what keeps SQLite and Python o
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections import deque
@@ -24,6 +25,7 @@ from .store import FINAL
 from .targets import resolve
 
 KNOWN_CMDS = ("shell", "exec", "ping", "facts")
+log = logging.getLogger("zy.master.hub")
 
 
 @dataclass(eq=False)
@@ -82,11 +84,14 @@ class Hub:
         self._ingest_tx, self._ingest_rx = anyio.create_memory_object_stream[tuple[str, dict[str, Any]]](20_000)
         self._seen: dict[str, float] = {}
         self.stats = {"ingested": 0, "dispatched": 0}
+        self.stopping = False
 
     async def run(self, tg: TaskGroup) -> None:
-        now = time.monotonic()
+        # After a master restart, agents come back over their reconnect backoff: give them
+        # that long before their open tasks are written off.
+        since = time.monotonic() + max(0.0, self.settings.startup_grace - self.settings.offline_grace)
         for uuid in await self.db(self.db.store.open_task_agents):
-            self.offline_since.setdefault(uuid, now)
+            self.offline_since.setdefault(uuid, since)
         tg.start_soon(self._ingest_loop)
         tg.start_soon(self._sweep_loop)
 
@@ -106,7 +111,8 @@ class Hub:
         session.close("channel ended")
         if self.sessions.get(session.uuid) is session:
             del self.sessions[session.uuid]
-            self.offline_since[session.uuid] = time.monotonic()
+            if not self.stopping:
+                self.offline_since[session.uuid] = time.monotonic()
 
     def touch(self, session: Session) -> None:
         session.last_rx = time.monotonic()
@@ -114,15 +120,17 @@ class Hub:
 
     async def _redeliver(self, session: Session) -> None:
         tasks = await self.db(self.db.store.open_tasks_for, session.uuid)
-        msgs = []
+        msgs, sent = [], []
         for t in tasks:
             if t["cancel_requested"]:
                 msgs.append({"t": "cancel", "uuid": session.uuid, "cmd": t["cmd"], "taskid": t["taskid"], "seq": 0})
             elif t["status"] in ("pending", "dispatched"):
                 msgs.append(self._task_msg(session.uuid, t["taskid"], t["cmd"], _loads(t["args"]), t["timeout"],
                                            t["deadline"]))
+                sent.append(t["taskid"])
         if msgs:
             session.send(msgs)
+            await self.db(self.db.store.mark_dispatched, sent)
 
     @staticmethod
     def _task_msg(uuid: str, taskid: str, cmd: str, args: dict[str, Any], timeout: float,
@@ -135,7 +143,10 @@ class Hub:
     async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float) -> dict[str, Any]:
         if cmd not in KNOWN_CMDS:
             raise RequestRejected(f"unknown cmd {cmd!r} (known: {', '.join(KNOWN_CMDS)})", kind="cmd")
-        size = len(dumps(args))
+        try:
+            size = len(dumps(args))
+        except (TypeError, ValueError) as exc:
+            raise RequestRejected(f"the command's arguments cannot be encoded: {exc}") from None
         if size > self.settings.max_frame - 1024:
             raise RequestRejected(f"the command's arguments take {size} bytes; at most "
                                   f"{self.settings.max_frame - 1024} fit in one message", status=413)
@@ -150,16 +161,15 @@ class Hub:
         rows = []
         for i, agent in enumerate(chosen):
             online = agent["uuid"] in self.sessions
-            rows.append((f"{run_id}.{i}", agent["uuid"], "pending" if online else "offline", deadline))
+            rows.append((f"{run_id}.{i}", agent["uuid"], "dispatched" if online else "offline", deadline))
         await self.db(self.db.store.create_run, run_id, cmd, args, timeout, rows)
-        dispatched = []
+        # Tasks are stored as dispatched before they are sent: if this session drops before the
+        # agent sees them, the next handshake redelivers them.
         for taskid, uuid, status, _ in rows:
             session = self.sessions.get(uuid)
-            if status == "pending" and session:
+            if status == "dispatched" and session:
                 session.send([self._task_msg(uuid, taskid, cmd, args, timeout, deadline)])
-                dispatched.append(taskid)
-        await self.db(self.db.store.mark_dispatched, dispatched)
-        self.stats["dispatched"] += len(dispatched)
+                self.stats["dispatched"] += 1
         self.notify({run_id})
         return {
             "run_id": run_id, "cmd": cmd, "timeout": timeout,
@@ -174,10 +184,11 @@ class Hub:
         unreachable = []
         for t in open_tasks:
             session = self.sessions.get(t["uuid"])
-            if session and t["status"] != "pending":
-                session.send([{"t": "cancel", "uuid": t["uuid"], "cmd": "", "taskid": t["taskid"], "seq": 0}])
-            else:
+            if t["status"] == "pending":
                 unreachable.append((t["taskid"], "cancelled", "cancelled before the agent received it"))
+            elif session:
+                session.send([{"t": "cancel", "uuid": t["uuid"], "cmd": "", "taskid": t["taskid"], "seq": 0}])
+            # else: the agent may be running it; the cancel goes out when it reconnects
         if unreachable:
             self.notify(await self.db(self.db.store.finish_by_master, unreachable))
         return len(open_tasks)
@@ -191,6 +202,11 @@ class Hub:
     def run_changed(self, run_id: str) -> anyio.Event:
         return self._run_events.setdefault(run_id, anyio.Event())
 
+    def forget_run_waiter(self, run_id: str) -> None:
+        ev = self._run_events.get(run_id)
+        if ev is not None and not ev.is_set():
+            del self._run_events[run_id]
+
     # -- ingest -----------------------------------------------------------------------------
     async def ingest(self, uuid: str, msg: dict[str, Any]) -> None:
         await self._ingest_tx.send((uuid, msg))
@@ -203,7 +219,12 @@ class Hub:
                     batch.append(self._ingest_rx.receive_nowait())
                 except anyio.WouldBlock:
                     break
-            acks, changed = await self.db(self.db.store.ingest, batch)
+            try:
+                acks, changed = await self.db(self.db.store.ingest, batch)
+            except Exception:
+                # e.g. a full disk: nothing is acknowledged, so agents keep their spool and resend
+                log.exception("could not store %d agent messages; they will be resent", len(batch))
+                continue
             self.stats["ingested"] += len(batch)
             for uuid, pairs in acks.items():
                 session = self.sessions.get(uuid)
@@ -217,7 +238,16 @@ class Hub:
             await anyio.sleep(1.0)
             await self.sweep()
 
+    def begin_shutdown(self) -> None:
+        """Close every channel (agents reconnect to the next master) and stop judging tasks:
+        a master that is going away must not write off tasks whose agents only lost it."""
+        self.stopping = True
+        for session in list(self.sessions.values()):
+            session.close("master shutting down")
+
     async def sweep(self) -> None:
+        if self.stopping:
+            return
         now = time.monotonic()
         for session in list(self.sessions.values()):
             if now - session.last_rx > self.settings.dead_after:

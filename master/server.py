@@ -104,6 +104,8 @@ async def serve(settings: MasterSettings) -> None:
                 async for _ in signals:
                     break
             print("zy master: shutting down", flush=True)
+            hub.begin_shutdown()
+            await anyio.sleep(0.1)  # let the channel handlers end their streams
             server.interrupt_signal = True
             server.main_loop_interrupt.set()
             with anyio.move_on_after(5):

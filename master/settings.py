@@ -21,6 +21,9 @@ class MasterSettings:
     dead_after: float = 25.0
     #: how long an agent may be gone before its open tasks end offline/error
     offline_grace: float = 15.0
+    #: after a master restart, how long agents with open tasks have to come back (their
+    #: reconnect backoff is capped at 30 s by default)
+    startup_grace: float = 40.0
     #: slack after a task's timeout before the master stops waiting for its result
     result_grace: float = 30.0
     #: how long a poll request waits for something to deliver

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 import tomllib
@@ -14,6 +15,11 @@ import pytest
 from fleet import Fleet, Proc, ZY, wait_for
 from hcsdk import AuthError, Client, JoinToken, RequestError, TargetError
 from hcsdk._tls import client_context
+
+
+def _frame(msg: dict) -> bytes:
+    body = json.dumps(msg).encode()
+    return struct.pack(">I", len(body)) + body
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +132,9 @@ def _fake_agent(fl: Fleet, client: httpx.Client) -> tuple[str, dict[str, str]]:
         b"\x00\x00\x00\x02[]",                          # JSON, not an object
         b'\x00\x00\x00\x0c{"t":"evil"}',                # unknown message type
         struct.pack(">I", 100 * 1024 * 1024) + b"{",   # a frame over the limit
+        _frame({"t": "start", "taskid": "r1.0", "seq": 0, "p": [1]}),            # payload not an object
+        _frame({"t": "done", "taskid": "r1.0", "seq": 1, "p": {"x": 1}}),        # done without a status
+        _frame({"t": "out", "taskid": "r1.0", "seq": 99999999999999, "p": {}}),  # seq out of range
     ],
 )
 def test_agent_sending_garbage_frames_is_dropped_and_others_carry_on(fl: Fleet, garbage: bytes) -> None:
@@ -196,3 +205,23 @@ def test_bad_join_token_text_is_a_clear_error(tmp_path: Path, fl: Fleet) -> None
     assert proc.popen.wait(30) == 2
     assert "damaged" in proc.output()
     wait_for(lambda: True)
+
+
+def test_a_connected_agent_cannot_be_taken_over_by_re_enrolling(fl: Fleet) -> None:
+    token = JoinToken.decode(fl.token)  # the token ok-1 enrolled with
+    uuid = fl.uuid_of("ok-1")
+    ca = (fl.root / "master" / "ca.pem").read_bytes()
+    with httpx.Client(base_url=fl.url, verify=client_context(ca), timeout=30) as raw:
+        resp = raw.post("/v1/enroll", json={"token": token.credential, "uuid": uuid, "facts": {}})
+    assert resp.status_code == 403 and "already enrolled" in resp.json()["error"]
+    _still_works(fl)
+
+
+def test_ca_pin_refuses_a_bundle_that_smuggles_a_second_ca() -> None:
+    from hcsdk._tls import ca_fingerprint, make_ca
+
+    real, _ = make_ca()
+    evil, _ = make_ca("evil")
+    with pytest.raises(ValueError, match="exactly one certificate"):
+        ca_fingerprint(real + evil)
+    assert ca_fingerprint(real) != ca_fingerprint(evil)

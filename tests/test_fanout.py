@@ -111,15 +111,9 @@ def test_unknown_cmd_word_is_refused(fleet5: Fleet) -> None:
 
 @pytest.mark.anyio
 async def test_async_client_in_a_running_loop(fleet5: Fleet) -> None:
-    async with AsyncClient(fleet5.url, token=_token(fleet5), ca=str(fleet5.root / "master" / "ca.pem")) as client:
+    async with AsyncClient(fleet5.url, token=fleet5.admin_token, ca=str(fleet5.root / "master" / "ca.pem")) as client:
         run = await client.run("echo async", targets="web-*", timeout=30)
         seen = [e async for e in run.events() if e.kind == "done"]
         assert len(seen) == 3
         df = await run.to_dataframe()
         assert (df["stdout"] == "async\n").all()
-
-
-def _token(fleet: Fleet) -> str:
-    import tomllib
-
-    return str(tomllib.loads(fleet.config_path.read_text())["token"])

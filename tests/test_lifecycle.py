@@ -141,7 +141,7 @@ def test_graceful_master_restart_goaway_loses_nothing(fleet: Fleet) -> None:
     wait_for(lambda: _started(fleet, run.id) == 1, 20, "task to start")
     fleet.restart_master(kill=False)  # SIGTERM: granian closes connections with GOAWAY
     df = run.to_dataframe()
-    assert df.loc[0, "status"] == "ok" and df.loc[0, "stdout"] == "after-goaway\n"
+    assert df.loc[0, "status"] == "ok" and df.loc[0, "stdout"] == "after-goaway\n", df.loc[0, "error"]
 
 
 def test_no_http2_master_falls_back_to_polling(tmp_path: Path) -> None:

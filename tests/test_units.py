@@ -138,7 +138,7 @@ def test_spool_claims_a_taskid_once_and_forgets_only_acknowledged(tmp_path: Path
     assert [f for _, f in spool.pending_after(0)] == [encode_frame({"t": "done", "taskid": "t1", "seq": 2, "p": {}})]
     spool.set_pgid("t1", 4242)
     assert [i[:3] for i in spool.interrupted()] == [("t1", "shell", 4242)]
-    spool.finish("t1")
+    spool.finish("t1", [])
     spool.close()
     reopened = Spool(tmp_path / "spool.db")  # survives a restart
     assert reopened.claim("t1", "shell") is False

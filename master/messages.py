@@ -1,0 +1,52 @@
+"""Checks on what agents send, beyond framing: a message that passes here can be stored
+without surprises. Anything else is treated like a garbage frame."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .store import FINAL
+
+_MAX_SEQ = 2**31 - 1
+_MAX_INT = 2**63 - 1
+
+
+def _num(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e13)
+
+
+def problem(msg: dict[str, Any]) -> str | None:
+    """Why an uplink message is malformed, or None when it is fine."""
+    kind = msg["t"]
+    if kind == "hb":
+        return None
+    taskid, seq, p = msg.get("taskid"), msg.get("seq"), msg.get("p")
+    if not isinstance(taskid, str) or not 0 < len(taskid) <= 128:
+        return "taskid must be a string of 1-128 characters"
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= _MAX_SEQ:
+        return f"seq must be an integer from 0 to {_MAX_SEQ}"
+    if not isinstance(p, dict):
+        return "payload must be an object"
+    if kind == "start":
+        return None if _num(p.get("started_at")) else "start needs a numeric started_at"
+    if kind == "out":
+        if p.get("stream") not in ("stdout", "stderr") or not isinstance(p.get("data"), str):
+            return "out needs stream stdout|stderr and string data"
+        return None
+    return _done_problem(p)
+
+
+def _done_problem(p: dict[str, Any]) -> str | None:
+    if p.get("status") not in FINAL:
+        return f"done needs a status among {', '.join(FINAL)}"
+    code = p.get("exit_code")
+    if code is not None and (not isinstance(code, int) or isinstance(code, bool) or abs(code) > _MAX_INT):
+        return "exit_code must be an integer or null"
+    if not (_num(p.get("started_at")) and _num(p.get("finished_at"))):
+        return "started_at and finished_at must be numbers or null"
+    if p.get("error") is not None and not isinstance(p.get("error"), str):
+        return "error must be a string or null"
+    truncated = p.get("truncated", {})
+    if not isinstance(truncated, dict) or not all(isinstance(v, bool) for v in truncated.values()):
+        return "truncated must map stream names to booleans"
+    return None

@@ -1,0 +1,88 @@
+"""The `zy` CLI and how the SDK finds a master (ZY_CONFIG, ZY_MASTER/ZY_TOKEN/ZY_CA, ~/.config/zy)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fleet import ZY, Fleet
+from hcsdk import Client, ConfigError
+
+
+def _zy(fleet: Fleet, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {**fleet.env, "ZY_CONFIG": str(fleet.config_path), "COLUMNS": "200"}
+    return subprocess.run([*ZY, *args], capture_output=True, text=True, env={**base, **(env or {})}, timeout=60)
+
+
+def test_zy_run_prints_a_table_and_exit_code_reflects_results(fleet5: Fleet) -> None:
+    ok = _zy(fleet5, "run", "-t", "web-*", "--", "echo hello-table")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("hello-table") == 3 and "ok: 3" in ok.stdout
+    bad = _zy(fleet5, "run", "-t", "label:role=db", "--timeout", "20", "--", "exit 4")
+    assert bad.returncode == 1
+    assert "failed: 2" in bad.stdout
+    js = _zy(fleet5, "run", "-t", "db-1", "--output", "json", "--", "echo j")
+    assert '"status":"ok"' in js.stdout
+
+
+def test_zy_errors_are_one_line_without_traceback(fleet5: Fleet) -> None:
+    res = _zy(fleet5, "run", "-t", "nobody", "--", "true")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "zy: unknown target 'nobody' (no agent with that uuid or hostname)"
+    res = _zy(fleet5, "inventory", env={"ZY_CONFIG": str(fleet5.root / "missing.toml")})
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_zy_inventory_and_tokens(fleet5: Fleet) -> None:
+    inv = _zy(fleet5, "inventory")
+    assert inv.returncode == 0 and "5 agents, 5 online" in inv.stdout
+    created = _zy(fleet5, "token", "create", "--ttl", "10m", "--description", "ci")
+    assert created.returncode == 0 and created.stdout.startswith("zyj1.")
+    listed = _zy(fleet5, "token", "list")
+    assert "ci" in listed.stdout and "valid" in listed.stdout
+
+
+def test_client_config_discovery(fleet5: Fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in ("ZY_CONFIG", "ZY_MASTER", "ZY_TOKEN", "ZY_CA"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="no master configured"):
+        Client()
+    monkeypatch.setenv("ZY_CONFIG", str(fleet5.config_path))
+    with Client() as c:
+        assert len(c.inventory()) == 5
+    monkeypatch.delenv("ZY_CONFIG")
+    monkeypatch.setenv("ZY_MASTER", fleet5.url)
+    monkeypatch.setenv("ZY_TOKEN", fleet5.admin_token)
+    monkeypatch.setenv("ZY_CA", str(fleet5.root / "master" / "ca.pem"))
+    with Client() as c:
+        assert len(c.inventory()) == 5
+    for key in ("ZY_MASTER", "ZY_TOKEN", "ZY_CA"):
+        monkeypatch.delenv(key)
+    user_cfg = tmp_path / "xdg" / "zy" / "client.toml"
+    user_cfg.parent.mkdir(parents=True)
+    user_cfg.write_text(fleet5.config_path.read_text())
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    with Client() as c:
+        assert len(c.inventory()) == 5
+
+
+def test_master_writes_user_config_unless_told_not_to(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    fleet.master_args = []
+    import re
+
+    from hcsdk.localfleet import Proc, wait_for
+
+    argv = [*ZY, "master", "--data-dir", str(tmp_path / "m"), "--listen", "127.0.0.1:0"]
+    proc = Proc("master", argv, tmp_path / "m.log", fleet.env)
+    try:
+        wait_for(lambda: re.search("listening on", proc.output()), 30, "master")
+        user_cfg = tmp_path / "xdg" / "zy" / "client.toml"
+        assert user_cfg.exists() and (tmp_path / "m" / "client.toml").exists()
+        assert oct(user_cfg.stat().st_mode & 0o777) == "0o600"
+        assert "token" in user_cfg.read_text()
+    finally:
+        proc.stop()
