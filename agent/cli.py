@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "the identity is kept in --state-dir and later starts need only that.",
     )
     p.add_argument("--join", metavar="TOKEN", help="join token, for the first start")
-    p.add_argument("--state-dir", type=Path, default=Path("./state/agent"), help="state directory (default %(default)s)")
+    p.add_argument("--state-dir", type=Path, default=Path("./state/agent"),
+                   help="state directory (default %(default)s)")
     p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE",
                    help="label reported to the master (repeatable); replaces the saved labels when given")
     p.add_argument("--hostname", help="name to report instead of the system hostname")

@@ -34,13 +34,16 @@ class Agent:
         self.channel = Channel(
             ident.uuid, ident.credential, ident.urls, state.ca_path.read_bytes(),
             facts=lambda: facts_mod.collect(self.hostname), labels=ident.labels,
-            outbox=lambda last_id: self.spool.pending_after(last_id, max_bytes=2 * 1024 * 1024), on_message=self._on_message, wake=self._current_wake,
+            outbox=self._outbox, on_message=self._on_message, wake=self._current_wake,
             settings=settings,
         )
 
     def _emit(self, msgs: list[dict[str, Any]]) -> None:
         self.spool.append(msgs)
         self._wake.set()
+
+    def _outbox(self, last_id: int) -> list[tuple[int, bytes]]:
+        return self.spool.pending_after(last_id, max_bytes=2 * 1024 * 1024)
 
     def _finish(self, taskid: str, msgs: list[dict[str, Any]]) -> None:
         self.spool.finish(taskid, msgs)
@@ -82,7 +85,7 @@ class Agent:
                 log.info("stopping: cancelling running tasks")
                 await self.executor.shutdown()
                 with anyio.move_on_after(5):
-                    while self.executor.running:
+                    while self.executor.running:  # noqa: ASYNC110 - tasks end in many places
                         await anyio.sleep(0.05)
                 tg.cancel_scope.cancel()
                 return

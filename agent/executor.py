@@ -11,6 +11,7 @@ import codecs
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -190,7 +191,9 @@ class Executor:
 
     async def _process(self, task: Task, argv: list[str]) -> tuple[str, int | None]:
         try:
-            proc = await anyio.open_process(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+            env = {**os.environ, "ZY_UUID": self.uuid, "ZY_TASKID": task.taskid,
+                   "ZY_HOSTNAME": self.hostname or socket.gethostname()}
+            proc = await anyio.open_process(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         except OSError as exc:
             raise TaskFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         task.proc = proc

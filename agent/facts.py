@@ -44,7 +44,7 @@ def _ip_addresses() -> list[str]:
                 addrs.add(prev.split()[-1])
     except OSError:
         try:
-            addrs.update(i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None))
+            addrs.update(str(i[4][0]) for i in socket.getaddrinfo(socket.gethostname(), None))
         except OSError:
             pass
     return sorted(a for a in addrs if not a.startswith("127."))

@@ -41,7 +41,8 @@ class Spool:
         self.db.executemany("INSERT OR IGNORE INTO outbox(taskid, seq, frame) VALUES(?,?,?)", rows)
         self.db.execute("COMMIT")
 
-    def pending_after(self, last_id: int, limit: int = 500, max_bytes: int = 4 * 1024 * 1024) -> list[tuple[int, bytes]]:
+    def pending_after(self, last_id: int, limit: int = 500,
+                      max_bytes: int = 4 * 1024 * 1024) -> list[tuple[int, bytes]]:
         """Frames after ``last_id`` in order, at most ``limit`` of them and (beyond the first)
         at most ``max_bytes`` together, so a batch always fits one request."""
         out: list[tuple[int, bytes]] = []

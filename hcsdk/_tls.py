@@ -18,7 +18,7 @@ __all__ = [
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def make_ca(common_name: str = "zy master CA") -> tuple[bytes, bytes]:

@@ -33,6 +33,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
             value = predicate()
             if value:
                 return value
+        except AssertionError:
+            raise
         except Exception as exc:  # the thing may not be up yet
             last_exc = exc
         time.sleep(0.1)
@@ -45,7 +47,7 @@ class Proc:
         self.argv = argv
         self.log = log
         self._offset = log.stat().st_size if log.exists() else 0
-        self._fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._fh = open(log, "ab")
         self.popen = subprocess.Popen(argv, stdout=self._fh, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True)
 
@@ -95,15 +97,16 @@ class LocalFleet:
     def start_master(self, port: int = 0, extra: list[str] | None = None) -> None:
         argv = [*ZY, "master", "--data-dir", str(self.root / "master"), "--listen", f"127.0.0.1:{port}",
                 "--no-user-config", *self.master_args, *(extra or [])]
-        self.master = Proc("master", argv, self.root / "master.log", self.env)
-        match = wait_for(lambda: re.search(r"listening on (https://\S+)", self.master.output())
-                         or self._master_died(), 30, "master to listen")
+        master = self.master = Proc("master", argv, self.root / "master.log", self.env)
+
+        def listening() -> re.Match[str] | None:
+            if not master.alive:
+                raise AssertionError("master exited:\n" + master.output())
+            return re.search(r"listening on (https://\S+)", master.output())
+
+        match = wait_for(listening, 30, "master to listen")
         self.url = match.group(1)
         self.port = int(self.url.rsplit(":", 1)[1])
-
-    def _master_died(self) -> None:
-        if self.master and not self.master.alive:
-            raise AssertionError("master exited:\n" + self.master.output())
 
     def restart_master(self, kill: bool = True) -> None:
         assert self.master is not None

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Run the master. On first start it creates DATA_DIR with a SQLite store, its own CA, "
         "a server certificate, an admin token and client.toml.",
     )
-    p.add_argument("--data-dir", type=Path, default=Path("./state/master"), help="state directory (default %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=Path("./state/master"),
+                   help="state directory (default %(default)s)")
     p.add_argument("--listen", type=_addr, default=("127.0.0.1", 8443), metavar="HOST:PORT",
                    help="address to listen on; port 0 picks a free one (default 127.0.0.1:8443)")
     p.add_argument("--advertise", action="append", default=[], metavar="URL",
@@ -47,7 +48,8 @@ def _main(args: argparse.Namespace) -> int:
     host, port = args.listen
     settings = MasterSettings(
         data_dir=args.data_dir, host=host, port=port, http2=not args.no_http2, advertise=args.advertise,
-        heartbeat=args.heartbeat, dead_after=args.dead_after, offline_grace=args.offline_grace, startup_grace=args.startup_grace,
+        heartbeat=args.heartbeat, dead_after=args.dead_after, offline_grace=args.offline_grace,
+        startup_grace=args.startup_grace,
         max_frame=args.max_frame, write_user_config=not args.no_user_config,
     )
     from .server import serve

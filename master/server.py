@@ -109,7 +109,7 @@ async def serve(settings: MasterSettings) -> None:
             server.interrupt_signal = True
             server.main_loop_interrupt.set()
             with anyio.move_on_after(5):
-                while server.wrks:
+                while server.wrks:  # noqa: ASYNC110 - granian exposes no event for this
                     await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
     finally:

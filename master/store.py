@@ -185,7 +185,7 @@ class Store:
         out: dict[str, tuple[str, str]] = {}
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
-            q = "SELECT taskid, run_id, uuid FROM tasks WHERE taskid IN (%s)" % ",".join("?" * len(part))
+            q = f"SELECT taskid, run_id, uuid FROM tasks WHERE taskid IN ({','.join('?' * len(part))})"
             out.update({r[0]: (r[1], r[2]) for r in self.db.execute(q, part)})
         return out
 
@@ -205,7 +205,7 @@ class Store:
                 taskid, seq = msg.get("taskid"), msg.get("seq")
                 acks.setdefault(uuid, []).append([taskid, seq])
                 owner = owners.get(taskid) if isinstance(taskid, str) else None
-                if owner is None or owner[1] != uuid or not isinstance(seq, int):
+                if owner is None or owner[1] != uuid or not isinstance(seq, int) or not isinstance(taskid, str):
                     continue
                 run_id = owner[0]
                 payload = msg.get("p") or {}

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fleet import Fleet, Proc, ZY, wait_for
+from fleet import ZY, Fleet, Proc, wait_for
 from hcsdk import AuthError, Client, JoinToken, RequestError, TargetError
 from hcsdk._tls import client_context
 
@@ -52,7 +52,8 @@ def _still_works(fleet: Fleet) -> None:
 
 def test_malformed_json_is_a_400_naming_the_problem(fl: Fleet) -> None:
     with _api(fl) as api:
-        resp = api.post("/api/v1/runs", content=b'{"cmd": "shell", "args": {', headers={"content-type": "application/json"})
+        resp = api.post("/api/v1/runs", content=b'{"cmd": "shell", "args": {',
+                        headers={"content-type": "application/json"})
         assert resp.status_code == 400
         assert "malformed JSON" in resp.json()["error"]
         resp = api.post("/api/v1/runs", content=b'{"cmd": "shell", "args": {"script": "\xff\xfe"}}',
