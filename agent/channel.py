@@ -22,6 +22,7 @@ import anyio
 import httpx
 
 from hcsdk._backoff import Backoff
+from hcsdk._http import error_message
 from hcsdk._tls import client_context
 from hcsdk._wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder, encode_frame
 
@@ -111,9 +112,9 @@ class Channel:
             resp = await client.post(f"{url}/v1/handshake", json={"facts": self.facts(), "labels": self.labels},
                                      timeout=30.0)
             if resp.status_code in (401, 403):
-                raise Rejected(_reason(resp))
+                raise Rejected(error_message(resp))
             if resp.status_code != 200:
-                raise ChannelLost(f"handshake answered {resp.status_code}: {_reason(resp)}")
+                raise ChannelLost(f"handshake answered {resp.status_code}: {error_message(resp)}")
             info = resp.json()
             self.max_frame = int(info.get("max_frame") or DEFAULT_MAX_FRAME)
             self.poll_timeout = float(info.get("poll_wait") or 2) + self.settings.dead_after
@@ -141,7 +142,7 @@ class Channel:
         async with client.stream("GET", f"{url}/v1/channel/down", params={"sid": sid}) as resp:
             if resp.status_code != 200:
                 await resp.aread()
-                raise ChannelLost(f"downlink answered {resp.status_code}: {_reason(resp)}")
+                raise ChannelLost(f"downlink answered {resp.status_code}: {error_message(resp)}")
             async for chunk in resp.aiter_raw():
                 self._last_rx = time.monotonic()
                 for msg in decoder.feed(chunk):
@@ -150,7 +151,7 @@ class Channel:
 
     async def _uplink(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
         resp = await client.post(f"{url}/v1/channel/up", params={"sid": sid}, content=self._frames())
-        raise ChannelLost(f"uplink ended with {resp.status_code}: {_reason(resp)}")
+        raise ChannelLost(f"uplink ended with {resp.status_code}: {error_message(resp)}")
 
     async def _frames(self) -> AsyncIterator[bytes]:
         last_id = 0
@@ -191,7 +192,7 @@ class Channel:
             resp = await client.post(f"{url}/v1/channel/poll", params={"sid": sid}, content=body,
                                      headers={"content-type": "application/x-zy-frames"}, timeout=self.poll_timeout)
             if resp.status_code != 200:
-                raise ChannelLost(f"poll answered {resp.status_code}: {_reason(resp)}")
+                raise ChannelLost(f"poll answered {resp.status_code}: {error_message(resp)}")
             if rows:
                 last_id = rows[-1][0]
             self._last_rx = time.monotonic()
@@ -208,13 +209,6 @@ class Channel:
                     raise SwitchToH2()
             except httpx.HTTPError:
                 pass
-
-
-def _reason(resp: httpx.Response) -> str:
-    try:
-        return str(resp.json().get("error"))
-    except (ValueError, AttributeError, httpx.ResponseNotRead):
-        return f"HTTP {resp.status_code}"
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -6,6 +6,7 @@ import ssl
 
 import httpx
 
+from hcsdk._http import error_message
 from hcsdk._jointoken import JoinToken
 from hcsdk._tls import ca_fingerprint, client_context, single_cert_pem
 
@@ -45,7 +46,7 @@ async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict
                 resp = await client.post(f"{url}/v1/enroll", json={
                     "token": token.credential, "uuid": ident.uuid, "facts": facts, "labels": labels})
             if resp.status_code in (401, 403):
-                raise EnrollError(f"master refused the join token: {_reason(resp)}")
+                raise EnrollError(f"master refused the join token: {error_message(resp)}")
             resp.raise_for_status()
         except httpx.HTTPError as exc:
             errors.append(f"{url}: {exc}")
@@ -60,8 +61,3 @@ async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict
     raise EnrollError("could not reach any master in the join token: " + "; ".join(errors))
 
 
-def _reason(resp: httpx.Response) -> str:
-    try:
-        return str(resp.json().get("error"))
-    except ValueError:
-        return f"HTTP {resp.status_code}"

@@ -21,6 +21,14 @@ def map_exceptions(url: str) -> Iterator[None]:
         raise MasterUnreachable(f"cannot reach the master at {url}: {exc or type(exc).__name__}") from None
 
 
+def error_message(resp: httpx.Response) -> str:
+    """The ``error`` a master put in a failed response, or the HTTP status."""
+    try:
+        return str(resp.json().get("error"))
+    except (ValueError, AttributeError, httpx.ResponseNotRead):
+        return f"HTTP {resp.status_code}"
+
+
 def check(resp: httpx.Response) -> Any:
     """Return the JSON body of a 2xx response; raise the matching ZyError otherwise."""
     if resp.is_success:

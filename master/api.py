@@ -124,7 +124,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str]) -> FastAPI:
 
     @app.get("/api/v1/runs/{run_id}/events", dependencies=deps)
     async def run_events(run_id: str, after: int = 0) -> StreamingResponse:
-        if await hub.db(store.run, run_id) is None:
+        if not await hub.db(store.run_exists, run_id):
             raise RequestRejected(f"no run {run_id!r}", kind="run", status=404)
         return StreamingResponse(_event_stream(hub, run_id, after), media_type="application/x-ndjson")
 

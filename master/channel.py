@@ -181,12 +181,16 @@ class ChannelApp:
             async for chunk in body_chunks(receive):
                 await self._ingest(session, decoder.feed(chunk))
         except FrameError as exc:
-            log.warning("dropping agent %s: %s", session.uuid, exc)
-            session.close(f"bad frame: {exc}")
-            self.hub.session_ended(session)
-            await error(send, 400, f"bad frame: {exc}", kind="frame")
+            await self._drop(session, send, exc)
             return
         await respond(send, 200, {"ok": True})
+
+    async def _drop(self, session: Session, send: Send, exc: FrameError) -> None:
+        """An agent that sends garbage loses its session; the others are not affected."""
+        log.warning("dropping agent %s: %s", session.uuid, exc)
+        session.close(f"bad frame: {exc}")
+        self.hub.session_ended(session)
+        await error(send, 400, f"bad frame: {exc}", kind="frame")
 
     async def poll(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = await self._session(scope, send)
@@ -198,9 +202,7 @@ class ChannelApp:
             if decoder.pending:
                 raise FrameError("request ends inside a frame")
         except FrameError as exc:
-            session.close(f"bad frame: {exc}")
-            self.hub.session_ended(session)
-            await error(send, 400, f"bad frame: {exc}", kind="frame")
+            await self._drop(session, send, exc)
             return
         with anyio.move_on_after(self.settings.poll_wait):
             await session.wake.wait()

@@ -178,7 +178,7 @@ class Hub:
         }
 
     async def cancel_run(self, run_id: str) -> int:
-        if not await self.db(self.db.store.run, run_id):
+        if not await self.db(self.db.store.run_exists, run_id):
             raise RequestRejected(f"no run {run_id!r}", kind="run", status=404)
         open_tasks = await self.db(self.db.store.request_cancel, run_id)
         unreachable = []

@@ -303,6 +303,9 @@ class Store:
         rec["open"] = sum(1 for t in rec["tasks"] if t["status"] not in FINAL)
         return rec
 
+    def run_exists(self, run_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM runs WHERE id=?", (run_id,)).fetchone() is not None
+
     def run_open_count(self, run_id: str) -> int:
         row = self.db.execute(f"SELECT COUNT(*) FROM tasks WHERE run_id=? AND status NOT IN {_FINAL_SQL}", (run_id,))
         return int(row.fetchone()[0])
