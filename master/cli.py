@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import anyio
@@ -52,7 +53,11 @@ def _main(args: argparse.Namespace) -> int:
         startup_grace=args.startup_grace,
         max_frame=args.max_frame, write_user_config=not args.no_user_config,
     )
-    from .server import serve
+    from .server import StartupError, serve
 
-    anyio.run(serve, settings)
+    try:
+        anyio.run(serve, settings)
+    except StartupError as exc:
+        print(f"zy master: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -3,9 +3,11 @@ next to the hub's background work. One process holds the agent sessions, so one 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -83,8 +85,43 @@ def _urls(settings: MasterSettings, port: int) -> list[str]:
     return [f"https://{host}:{port}"]
 
 
+class StartupError(Exception):
+    """The master cannot start; the message says why and what to do."""
+
+
+def _check_port_free(host: str, port: int) -> None:
+    # granian binds with SO_REUSEPORT, so a second master on a taken port would silently share
+    # it with the first. A plain bind without that option tells the truth.
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror} (another master?)") from None
+
+
+def _lock_data_dir(paths: Paths) -> Any:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    fh = open(paths.root / "master.lock", "a+")  # held for the life of the process
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        raise StartupError(f"another master is running on {paths.root} (pid {fh.read().strip() or '?'})") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
 async def serve(settings: MasterSettings) -> None:
     paths = Paths(settings.data_dir)
+    lock = _lock_data_dir(paths)
+    _check_port_free(settings.host, settings.port)
     extra = [u.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") for u in settings.advertise]
     ensure_pki(paths, server_names(settings.host, extra))
     store = Store(paths.db)
@@ -114,6 +151,7 @@ async def serve(settings: MasterSettings) -> None:
             tg.cancel_scope.cancel()
     finally:
         store.close()
+        lock.close()
 
 
 def _announce(urls: list[str], paths: Paths, written: list[Any], first: bool, http2: bool) -> None:

@@ -86,3 +86,13 @@ def test_master_writes_user_config_unless_told_not_to(tmp_path: Path) -> None:
         assert "token" in user_cfg.read_text()
     finally:
         proc.stop()
+
+
+def test_a_second_master_on_a_taken_port_or_data_dir_refuses_to_start(fleet: Fleet, tmp_path: Path) -> None:
+    taken = subprocess.run([*ZY, "master", "--data-dir", str(tmp_path / "other"), "--listen",
+                            f"127.0.0.1:{fleet.port}", "--no-user-config"],
+                           capture_output=True, text=True, env=fleet.env, timeout=60)
+    assert taken.returncode == 2 and "cannot listen on" in taken.stderr
+    same_dir = subprocess.run([*ZY, "master", "--data-dir", str(fleet.root / "master"), "--listen", "127.0.0.1:0",
+                               "--no-user-config"], capture_output=True, text=True, env=fleet.env, timeout=60)
+    assert same_dir.returncode == 2 and "another master is running" in same_dir.stderr
