@@ -183,21 +183,40 @@ class Channel:
             await self._poll_loop(client, url, sid)
 
     async def _poll_loop(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
-        last_id = 0
+        """Two request loops over HTTP/1.1: one held poll for what the master sends, and
+        uplink-only posts as soon as there is something to send, so results never wait for
+        the held poll to come back."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._poll_up, client, url, sid)
+            await self._poll_down(client, url, sid)
+
+    async def _post_poll(self, client: httpx.AsyncClient, url: str, params: dict[str, str],
+                         body: bytes) -> httpx.Response:
+        resp = await client.post(f"{url}/v1/channel/poll", params=params, content=body,
+                                 headers={"content-type": "application/x-zy-frames"}, timeout=self.poll_timeout)
+        if resp.status_code != 200:
+            raise ChannelLost(f"poll answered {resp.status_code}: {error_message(resp)}")
+        self._last_rx = time.monotonic()
+        return resp
+
+    async def _poll_down(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
         decoder = FrameDecoder(self.max_frame, allowed=DOWN_TYPES)
         hb = encode_frame({"t": "hb", "uuid": self.uuid, "cmd": "", "taskid": "", "seq": 0})
         while True:
-            rows = self.outbox(last_id)
-            body = b"".join(f for _, f in rows) if rows else hb
-            resp = await client.post(f"{url}/v1/channel/poll", params={"sid": sid}, content=body,
-                                     headers={"content-type": "application/x-zy-frames"}, timeout=self.poll_timeout)
-            if resp.status_code != 200:
-                raise ChannelLost(f"poll answered {resp.status_code}: {error_message(resp)}")
-            if rows:
-                last_id = rows[-1][0]
-            self._last_rx = time.monotonic()
+            resp = await self._post_poll(client, url, {"sid": sid}, hb)
             for msg in decoder.feed(resp.content):
                 self.on_message(msg)
+
+    async def _poll_up(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
+        last_id = 0
+        while True:
+            wake = self.wake()
+            rows = self.outbox(last_id)
+            if not rows:
+                await wake.wait()
+                continue
+            await self._post_poll(client, url, {"sid": sid, "mode": "up"}, b"".join(f for _, f in rows))
+            last_id = rows[-1][0]
 
     async def _probe_h2(self, url: str) -> None:
         while True:

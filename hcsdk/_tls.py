@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
 import hashlib
 import ipaddress
+import re
 import ssl
 from pathlib import Path
 
@@ -91,25 +93,29 @@ def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, names: list[str]) -
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def single_cert_pem(pem: bytes | str) -> bytes:
-    """The one certificate in ``pem``, re-encoded. Refuses bundles and trailing data, so what
-    is pinned is exactly what will be trusted."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
 
+
+def single_cert_pem(pem: bytes | str) -> bytes:
+    """The one certificate in ``pem``, re-encoded. Refuses bundles, other blocks and trailing
+    bytes (strict base64), so what is pinned is exactly what will be trusted. Standard library
+    only: the agent must not need more to enroll."""
     data = pem.encode() if isinstance(pem, str) else pem
+    blocks = _PEM_CERT.findall(data)
+    if len(blocks) != 1:
+        raise ValueError(f"expected exactly one certificate, got {len(blocks)}")
+    if _PEM_CERT.sub(b"", data).strip():
+        raise ValueError("unexpected data around the certificate")
     try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise ValueError("not a PEM certificate") from None
-    if len(certs) != 1:
-        raise ValueError(f"expected exactly one certificate, got {len(certs)}")
-    return certs[0].public_bytes(serialization.Encoding.PEM)
+        der = binascii.a2b_base64(b"".join(blocks[0].split()), strict_mode=True)
+    except binascii.Error as exc:
+        raise ValueError(f"certificate is not valid base64: {exc}") from None
+    return ssl.DER_cert_to_PEM_cert(der).encode()
 
 
 def ca_fingerprint(ca_pem: bytes | str) -> str:
     """``sha256:<hex>`` of the one certificate's DER bytes: what a join token pins."""
-    der = ssl.PEM_cert_to_DER_cert(single_cert_pem(ca_pem).decode())
+    der = ssl.PEM_cert_to_DER_cert(single_cert_pem(ca_pem).decode())  # strict, see above
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 

@@ -8,6 +8,7 @@ Route policy (an allow-list: anything not named here is 404):
     GET  /v1/channel/down   agent+sid    long-lived stream of framed messages to the agent
     POST /v1/channel/up     agent+sid    long-lived request body of framed messages from it
     POST /v1/channel/poll   agent+sid    HTTP/1.1 fallback: uplink batch in, downlink batch out
+                                         (held up to poll_wait); ?mode=up: uplink only, at once
 """
 
 from __future__ import annotations
@@ -203,6 +204,11 @@ class ChannelApp:
                 raise FrameError("request ends inside a frame")
         except FrameError as exc:
             await self._drop(session, send, exc)
+            return
+        if query(scope).get("mode") == "up":
+            # an uplink-only request: answer at once, and leave downlink messages to the
+            # held poll so they reach the agent in order
+            await respond(send, 200, b"")
             return
         with anyio.move_on_after(self.settings.poll_wait):
             await session.wake.wait()
