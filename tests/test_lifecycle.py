@@ -215,3 +215,26 @@ def _status(fleet: Fleet, run_id: str, hostname: str) -> str | None:
         if t["hostname"] == hostname:
             return t["status"]
     return None
+
+
+def test_a_silent_dead_link_is_noticed_by_both_sides_and_healed(tmp_path: Path) -> None:
+    """No FIN, no RST: the path just goes quiet. Heartbeats must notice within dead-after."""
+    from faultproxy import FaultProxy
+
+    fleet = Fleet(tmp_path, ["--heartbeat", "1", "--dead-after", "4", "--offline-grace", "30"])
+    fleet.start_master()
+    link = FaultProxy("127.0.0.1", fleet.port)
+    try:
+        agent = fleet.start_agent("silent-1", extra=["--master", link.url, "--dead-after", "4"])
+        fleet.wait_online()
+        link.blackhole()
+        fleet.wait_offline("silent-1", timeout=20)  # the master gave up on the channel
+        wait_for(lambda: "nothing from the master" in agent.output(), 20, "the agent to notice")
+        link.heal()
+        fleet.wait_online("silent-1", timeout=30)
+        assert fleet.client.inventory().loc[0, "connects"] >= 2
+        df = fleet.client.run("echo back", targets="silent-1", timeout=30).to_dataframe()
+        assert df.loc[0, "stdout"] == "back\n"
+    finally:
+        link.close()
+        fleet.close()
