@@ -76,6 +76,8 @@ class Channel:
         self.connects = 0
         self._url_index = 0
         self.max_frame = DEFAULT_MAX_FRAME
+        self.heartbeat = self.settings.heartbeat
+        self.dead_after = self.settings.dead_after
         self.poll_timeout = 30.0
         self._last_rx = time.monotonic()
 
@@ -117,7 +119,12 @@ class Channel:
                 raise ChannelLost(f"handshake answered {resp.status_code}: {error_message(resp)}")
             info = resp.json()
             self.max_frame = int(info.get("max_frame") or DEFAULT_MAX_FRAME)
-            self.poll_timeout = float(info.get("poll_wait") or 2) + self.settings.dead_after
+            # the master's expectations win: beat at least as often as it wants, and allow
+            # its heartbeats to be late before calling the channel dead
+            master_hb = float(info.get("heartbeat") or self.settings.heartbeat)
+            self.heartbeat = min(self.settings.heartbeat, master_hb / 2)
+            self.dead_after = max(self.settings.dead_after, 2 * master_hb + 1)
+            self.poll_timeout = float(info.get("poll_wait") or 2) + self.dead_after
             backoff.reset()
             self.connects += 1
             self._last_rx = time.monotonic()
@@ -163,7 +170,7 @@ class Channel:
                 last_id = rows[-1][0]
                 yield b"".join(frame for _, frame in rows)
                 continue
-            with anyio.move_on_after(self.settings.heartbeat) as idle:
+            with anyio.move_on_after(self.heartbeat) as idle:
                 await wake.wait()
             if idle.cancelled_caught:
                 yield hb
@@ -172,7 +179,7 @@ class Channel:
         while True:
             await anyio.sleep(1.0)
             silent = time.monotonic() - self._last_rx
-            if silent > self.settings.dead_after:
+            if silent > self.dead_after:
                 raise ChannelLost(f"nothing from the master for {silent:.0f}s")
 
     # -- HTTP/1.1 polling ---------------------------------------------------------------------

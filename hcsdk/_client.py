@@ -87,11 +87,15 @@ class AsyncClient:
     async def status(self) -> dict[str, Any]:
         return dict(await self._request("GET", "/api/v1/status"))
 
-    async def inventory(self) -> pd.DataFrame:
-        """Every enrolled agent, one row each: uuid, hostname, os, online, last_seen, labels, ..."""
+    async def inventory(self, targets: str | None = None) -> pd.DataFrame:
+        """Enrolled agents, one row each: uuid, hostname, os, online, last_seen, labels, ...
+
+        ``targets`` narrows it with the same expressions :meth:`run` takes
+        (``"web-*"``, ``"label:role=web"``, a uuid or hostname)."""
         import pandas as pd
 
-        rows = await self._request("GET", "/api/v1/inventory")
+        params = {"targets": targets} if targets else None
+        rows = await self._request("GET", "/api/v1/inventory", params=params)
         recs = []
         for row in rows:
             facts = row.get("facts") or {}
@@ -229,8 +233,8 @@ class Client:
     def status(self) -> dict[str, Any]:
         return portal().call(self._async.status)
 
-    def inventory(self) -> pd.DataFrame:
-        return portal().call(self._async.inventory)
+    def inventory(self, targets: str | None = None) -> pd.DataFrame:
+        return portal().call(self._async.inventory, targets)
 
     def run(self, script: str | bytes | Sequence[str] | None = None, *, targets: TargetsLike,
             cmd: str | None = None, args: dict[str, Any] | None = None, timeout: float = 600) -> Run:

@@ -21,16 +21,19 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a script on targets and print a table of results",
                        description="Run a script on targets. Exits 1 if any target did not end 'ok'.")
     p.add_argument("-t", "--targets", required=True,
-                   help="uuid, hostname, glob ('web-*'), label selector ('label:role=web') or comma-separated uuids")
+                   help="a uuid or hostname, a glob on either ('web-*'), a label selector ('label:role=web,idc=hk'), "
+                   "or a comma-separated list of uuids and hostnames")
     p.add_argument("--timeout", type=float, default=600, help="seconds before the command is killed (default 600)")
-    p.add_argument("--cmd", default=None, help="plugin word: shell (default) or exec (argv, no shell)")
+    p.add_argument("--cmd", default="shell",
+                   help="plugin word: shell (default: the script through /bin/sh), exec (argv, no shell), ping, facts")
     p.add_argument("--output", choices=["table", "full", "json"], default="table",
                    help="table: first line of output; full: all output; json: one JSON record per target")
     p.add_argument("script", nargs=argparse.REMAINDER, help="after --: the script (shell) or argv (exec)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("inventory", help="list enrolled agents")
-    p.add_argument("selector", nargs="?", help="optional target expression to filter by")
+    p.add_argument("selector", nargs="?",
+                   help="only these: a glob ('web-*'), a label selector ('label:role=web'), a uuid or hostname")
     p.set_defaults(func=_cmd_inventory)
 
     p = sub.add_parser("token", help="create, list and revoke join tokens")
@@ -102,13 +105,13 @@ def _console() -> Any:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
-    if not script:
+    cmd = args.cmd
+    if not script and cmd in ("shell", "exec"):
         raise SystemExit("zy run: give the script after --, e.g. zy run -t 'web-*' -- 'uptime'")
     targets: Any = args.targets
     if "," in targets and not targets.startswith("label:"):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    cmd = args.cmd or "shell"
-    payload: Any = " ".join(script) if cmd == "shell" else script
+    payload: Any = (" ".join(script) if cmd == "shell" else script) or None
     client = _client()
     run = client.run(payload, targets=targets, cmd=cmd, timeout=args.timeout)
     try:
@@ -143,6 +146,7 @@ def _print_results(df: Any, mode: str) -> None:
     if mode == "json":
         print(df.to_json(orient="records", lines=True, date_format="iso"))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(show_lines=mode == "full")
@@ -154,11 +158,11 @@ def _print_results(df: Any, mode: str) -> None:
         if mode == "table":
             out = out.strip().splitlines()[0] if out.strip() else ""
         if row.error and row.status != "ok":
-            out = f"{out}  [{row.error}]" if out else f"[{row.error}]"
+            out = f"{out}  ({row.error})" if out else f"({row.error})"
         code = "" if row.exit_code is None or str(row.exit_code) == "<NA>" else str(row.exit_code)
         dur = "" if row.duration_s != row.duration_s or row.duration_s is None else f"{row.duration_s:.2f}s"
         status = f"[{colors.get(row.status, 'magenta')}]{row.status}[/]"
-        table.add_row(row.hostname, row.uuid[:8], status, code, dur, out)
+        table.add_row(escape(row.hostname), row.uuid[:8], status, code, dur, escape(out))
     console = _console()
     console.print(table)
     counts = df["status"].value_counts().to_dict()
@@ -166,12 +170,8 @@ def _print_results(df: Any, mode: str) -> None:
 
 
 def _cmd_inventory(args: argparse.Namespace) -> int:
-    df = _client().inventory()
-    if args.selector:
-        import fnmatch
-
-        sel = args.selector
-        df = df[df["hostname"].map(lambda h: fnmatch.fnmatchcase(h, sel)) | (df["uuid"] == sel)]
+    df = _client().inventory(args.selector)
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table()
@@ -180,8 +180,8 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
     for row in df.itertuples():
         labels = ",".join(f"{k}={v}" for k, v in (row.labels or {}).items())
         seen = "" if str(row.last_seen) == "NaT" else row.last_seen.strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(row.hostname, row.uuid, "yes" if row.online else "no", row.mode or "", row.os or "",
-                      row.arch or "", seen, labels)
+        table.add_row(escape(row.hostname), row.uuid, "yes" if row.online else "no", row.mode or "",
+                      escape(row.os or ""), row.arch or "", seen, escape(labels))
     _console().print(table)
     print(f"{len(df)} agents, {int(df['online'].sum()) if len(df) else 0} online")
     return 0

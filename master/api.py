@@ -22,6 +22,7 @@ from hcsdk._wire import dumps, loads
 
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, RequestRejected
+from .targets import resolve
 
 
 class RunRequest(BaseModel):
@@ -97,8 +98,14 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str]) -> FastAPI:
         return {"version": __version__, "agents_online": len(hub.sessions), "urls": master_urls, **hub.stats}
 
     @app.get("/api/v1/inventory", dependencies=deps)
-    async def inventory() -> list[dict[str, Any]]:
+    async def inventory(targets: str | None = None) -> list[dict[str, Any]]:
+        """Every agent, or those a target expression (glob, label selector, uuid) selects."""
         rows = await hub.db(store.agents)
+        if targets:
+            try:
+                rows = resolve({"expr": targets}, rows)
+            except ValueError as exc:
+                raise RequestRejected(str(exc), kind="target", status=404) from None
         for row in rows:
             row.pop("credential_hash", None)
             session = hub.sessions.get(row["uuid"])
@@ -218,6 +225,12 @@ class BodyLimit:
                 return
             if not msg.get("more_body"):
                 break
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            await _reply(send, 400, f"request body is not valid UTF-8 (byte {exc.start}); "
+                                    "JSON must be UTF-8: send text, or base64 for binary content")
+            return
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -231,7 +244,11 @@ class BodyLimit:
 
 
 async def _too_large(send: Any, limit: int) -> None:
-    body = dumps({"error": f"request body exceeds {limit} bytes", "kind": "request"})
-    await send({"type": "http.response.start", "status": 413,
+    await _reply(send, 413, f"request body exceeds {limit} bytes")
+
+
+async def _reply(send: Any, status: int, message: str) -> None:
+    body = dumps({"error": message, "kind": "request"})
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

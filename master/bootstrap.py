@@ -45,6 +45,10 @@ class Paths:
         return self.root / "server.key"
 
     @property
+    def admin_token(self) -> Path:
+        return self.root / "admin.token"
+
+    @property
     def client_config(self) -> Path:
         return self.root / "client.toml"
 
@@ -56,8 +60,15 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def server_names(host: str, extra: list[str]) -> list[str]:
+    """Names the server certificate covers: the listen host, advertised hosts, localhost, and
+    this host's name and addresses (what agents use when the master listens on 0.0.0.0)."""
     names = [n for n in [host, *extra] if n and n not in ("0.0.0.0", "::")]
-    return list(dict.fromkeys([*names, "localhost", "127.0.0.1", "::1", socket.gethostname()]))
+    hostname = socket.gethostname()
+    try:
+        addrs = socket.gethostbyname_ex(hostname)[2]
+    except OSError:
+        addrs = []
+    return list(dict.fromkeys([*names, "localhost", "127.0.0.1", "::1", hostname, *addrs]))
 
 
 def ensure_pki(paths: Paths, names: list[str]) -> None:
@@ -77,33 +88,21 @@ def ensure_pki(paths: Paths, names: list[str]) -> None:
         names_file.write_text(wanted)
 
 
-def ensure_admin_token(store: Store, paths: Paths) -> str | None:
-    """Create the admin token on first start. Returns it when new (it is shown once and written
-    to client.toml); the store keeps only its hash."""
-    if store.get_meta("admin_token_hash"):
-        return None
+def ensure_admin_token(store: Store, paths: Paths) -> tuple[str, bool]:
+    """The admin token and whether it was just made. It is kept in the data dir (0600, beside
+    the CA key, which guards more than it does) so client.toml can always be rewritten; the
+    store keeps its hash to check requests against."""
+    if paths.admin_token.exists() and store.get_meta("admin_token_hash"):
+        return paths.admin_token.read_text().strip(), False
     token = "zya_" + secrets.token_urlsafe(32)
+    _write_private(paths.admin_token, token.encode())
     store.set_meta("admin_token_hash", secret_hash(token))
-    return token
+    return token, True
 
 
-def write_client_configs(paths: Paths, url: str, token: str | None, to_user: bool) -> list[Path]:
-    """client.toml in the data dir (and the user's config dir). The token is only known on the
-    first start, later starts keep the token already written and refresh the URL."""
-    written = []
+def write_client_configs(paths: Paths, url: str, token: str, to_user: bool) -> list[Path]:
+    """client.toml in the data dir and, unless told not to, in the user's config dir."""
     targets = [paths.client_config] + ([user_config_path()] if to_user else [])
     for path in targets:
-        tok = token
-        if tok is None and path.exists():
-            import tomllib
-
-            tok = tomllib.loads(path.read_text()).get("token")
-        if tok is None and paths.client_config.exists():
-            import tomllib
-
-            tok = tomllib.loads(paths.client_config.read_text()).get("token")
-        if tok is None:
-            continue
-        write_client_config(path, ClientConfig(url=url, token=tok, ca=str(paths.ca_cert.resolve())))
-        written.append(path)
-    return written
+        write_client_config(path, ClientConfig(url=url, token=token, ca=str(paths.ca_cert.resolve())))
+    return targets

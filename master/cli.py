@@ -30,16 +30,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--listen", type=_addr, default=("127.0.0.1", 8443), metavar="HOST:PORT",
                    help="address to listen on; port 0 picks a free one (default 127.0.0.1:8443)")
     p.add_argument("--advertise", action="append", default=[], metavar="URL",
-                   help="URL agents should use (repeatable); default: derived from --listen")
+                   help="URL agents should use (repeatable); default: from --listen, or this host's name "
+                   "when listening on 0.0.0.0")
     p.add_argument("--no-http2", action="store_true", help="refuse HTTP/2 (agents fall back to HTTP/1.1 polling)")
-    p.add_argument("--no-user-config", action="store_true", help="do not write client.toml into ~/.config/zy")
-    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between channel heartbeats (default 10)")
-    p.add_argument("--dead-after", type=float, default=25.0, help="a silent channel is dead after this (default 25)")
+    p.add_argument("--no-user-config", action="store_true",
+                   help="do not write client.toml into the user's config dir ($XDG_CONFIG_HOME/zy or ~/.config/zy)")
+    p.add_argument("--heartbeat", type=float, default=10.0,
+                   help="seconds between heartbeats on an idle channel; agents beat at least twice as often "
+                   "(default 10)")
+    p.add_argument("--dead-after", type=float, default=25.0,
+                   help="drop an agent's channel after this many silent seconds (default 25)")
     p.add_argument("--offline-grace", type=float, default=15.0,
                    help="seconds an agent may be gone before its open tasks end (default 15)")
     p.add_argument("--startup-grace", type=float, default=40.0,
                    help="after a restart, seconds agents with open tasks have to reconnect (default 40)")
-    p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024, help="largest channel message in bytes")
+    p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024,
+                   help="largest channel message in bytes (default %(default)s)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
 

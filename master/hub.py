@@ -222,8 +222,14 @@ class Hub:
             try:
                 acks, changed = await self.db(self.db.store.ingest, batch)
             except Exception:
-                # e.g. a full disk: nothing is acknowledged, so agents keep their spool and resend
-                log.exception("could not store %d agent messages; they will be resent", len(batch))
+                # e.g. a full disk: nothing is acknowledged, and the senders' channels are closed
+                # so that they reconnect and resend everything still in their spools
+                log.exception("could not store %d agent messages; their agents will resend", len(batch))
+                for uuid in {u for u, _ in batch}:
+                    session = self.sessions.get(uuid)
+                    if session:
+                        session.close("results could not be stored")
+                        self.session_ended(session)
                 continue
             self.stats["ingested"] += len(batch)
             for uuid, pairs in acks.items():

@@ -80,7 +80,7 @@ async def _bound_port(timeout: float = 10.0) -> int:
 def _urls(settings: MasterSettings, port: int) -> list[str]:
     if settings.advertise:
         return list(settings.advertise)
-    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    host = settings.host if settings.host not in ("0.0.0.0", "::") else socket.gethostname()
     host = f"[{host}]" if ":" in host else host
     return [f"https://{host}:{port}"]
 
@@ -125,7 +125,7 @@ async def serve(settings: MasterSettings) -> None:
     extra = [u.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") for u in settings.advertise]
     ensure_pki(paths, server_names(settings.host, extra))
     store = Store(paths.db)
-    new_token = ensure_admin_token(store, paths)
+    admin_token, first_start = ensure_admin_token(store, paths)
     hub = Hub(Db(store), settings)
     urls: list[str] = []
     server = _granian(settings, paths, build_app(hub, paths, urls))
@@ -135,8 +135,8 @@ async def serve(settings: MasterSettings) -> None:
             tg.start_soon(server.serve)
             port = await _bound_port()
             urls.extend(_urls(settings, port))
-            written = write_client_configs(paths, urls[0], new_token, settings.write_user_config)
-            _announce(urls, paths, written, new_token is not None, settings.http2)
+            written = write_client_configs(paths, urls[0], admin_token, settings.write_user_config)
+            _announce(urls, paths, written, first_start, settings.http2)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break

@@ -1,6 +1,7 @@
 """Resolving a run's target spec to agent UUIDs.
 
-A spec is ``{"uuids": [...]}`` (from a list, a DataFrame or a single UUID) or
+A spec is ``{"uuids": [...]}`` (from a list or a DataFrame; an entry may also be an exact
+hostname) or
 ``{"expr": "..."}``: a glob on hostname or uuid (``web-*``), a label selector
 (``label:role=web,idc=hk``), or one exact uuid or hostname.
 """
@@ -48,12 +49,21 @@ def _by_uuids(uuids: Any, agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if len(uuids) > MAX_TARGETS:
         raise TargetError(f"the target list has {len(uuids)} entries; at most {MAX_TARGETS} are allowed in one run")
     index = {a["uuid"]: a for a in agents}
-    unknown = [u for u in dict.fromkeys(uuids) if u not in index]
+    by_host: dict[str, list[dict[str, Any]]] = {}
+    for a in agents:
+        by_host.setdefault(a["hostname"], []).append(a)
+    found: dict[str, dict[str, Any]] = {}
+    unknown = []
+    for name in uuids:
+        matches = [index[name]] if name in index else by_host.get(name, [])
+        if not matches:
+            unknown.append(name)
+        found.update((a["uuid"], a) for a in matches)
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         names = ", ".join(repr(u) for u in unknown[:3])
-        raise TargetError(f"unknown target {names}{more} (no agent with that uuid)")
-    return [index[u] for u in dict.fromkeys(uuids)]
+        raise TargetError(f"unknown target {names}{more} (no agent with that uuid or hostname)")
+    return list(found.values())
 
 
 def _by_labels(expr: str, agents: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Coroutine
 from concurrent.futures import Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class FaultProxy:
@@ -30,8 +34,8 @@ class FaultProxy:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def _call(self, coro):  # type: ignore[no-untyped-def]
-        fut: Future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[type-arg]
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return fut.result(10)
 
     def blackhole(self) -> None:

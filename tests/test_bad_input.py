@@ -7,12 +7,11 @@ import struct
 import time
 import tomllib
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from fleet import ZY, Fleet, Proc, wait_for
+from fleet import ZY, Fleet, Proc
 from hcsdk import AuthError, Client, JoinToken, RequestError, TargetError
 from hcsdk._tls import client_context
 
@@ -58,7 +57,10 @@ def test_malformed_json_is_a_400_naming_the_problem(fl: Fleet) -> None:
         assert "malformed JSON" in resp.json()["error"]
         resp = api.post("/api/v1/runs", content=b'{"cmd": "shell", "args": {"script": "\xff\xfe"}}',
                         headers={"content-type": "application/json"})
-        assert resp.status_code == 400, resp.text
+        assert resp.status_code == 400 and "not valid UTF-8 (byte 37)" in resp.json()["error"], resp.text
+        for route in ("/v1/enroll", "/v1/handshake"):
+            resp = api.post(route, content=b'{"token": ', headers={"authorization": f"Bearer {_agent_cred(fl)}"})
+            assert resp.status_code == 400 and "malformed JSON" in resp.json()["error"], (route, resp.text)
         resp = api.post("/api/v1/runs", json={"cmd": "shell", "args": {}, "targets": {"expr": "ok-1"}})
         assert resp.status_code == 422 and "args.script" in resp.json()["error"]
         resp = api.post("/api/v1/runs", json={"cmd": "shell", "args": {"script": "x"}, "targets": {"expr": "ok-1"},
@@ -201,11 +203,25 @@ def _agent_with_token(fl: Fleet, name: str, token: str) -> Proc:
     return proc
 
 
-def test_bad_join_token_text_is_a_clear_error(tmp_path: Path, fl: Fleet) -> None:
+def test_bad_join_token_text_is_a_clear_error(fl: Fleet) -> None:
     proc = _agent_with_token(fl, "typo-1", "zyj1.not-base64!!")
     assert proc.popen.wait(30) == 2
     assert "damaged" in proc.output()
-    wait_for(lambda: True)
+
+
+def _agent_cred(fl: Fleet) -> str:
+    import json
+
+    ident = json.loads((fl.root / "agents" / "ok-1" / "identity.json").read_text())
+    return f"{ident['uuid']}:{ident['credential']}"
+
+
+def test_a_wrong_agent_secret_is_401_and_nothing_else(fl: Fleet) -> None:
+    uuid = fl.uuid_of("ok-1")
+    with _api(fl, token=None) as api:
+        resp = api.post("/v1/handshake", json={"facts": {}}, headers={"authorization": f"Bearer {uuid}:wrong"})
+    assert resp.status_code == 401 and resp.json() == {"error": "agent credential is not valid", "kind": "auth"}
+    _still_works(fl)
 
 
 def test_a_connected_agent_cannot_be_taken_over_by_re_enrolling(fl: Fleet) -> None:

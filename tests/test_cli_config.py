@@ -25,6 +25,10 @@ def test_zy_run_prints_a_table_and_exit_code_reflects_results(fleet5: Fleet) -> 
     assert "failed: 2" in bad.stdout
     js = _zy(fleet5, "run", "-t", "db-1", "--output", "json", "--", "echo j")
     assert '"status":"ok"' in js.stdout
+    slow = _zy(fleet5, "run", "-t", "web-1,db-2", "--timeout", "1", "--", "sleep 30")
+    assert slow.returncode == 1 and slow.stdout.count("killed after the 1s timeout") == 2, slow.stdout
+    ping = _zy(fleet5, "run", "-t", "web-*", "--cmd", "ping")
+    assert ping.returncode == 0 and ping.stdout.count("pong") == 3
 
 
 def test_zy_errors_are_one_line_without_traceback(fleet5: Fleet) -> None:
@@ -38,6 +42,8 @@ def test_zy_errors_are_one_line_without_traceback(fleet5: Fleet) -> None:
 def test_zy_inventory_and_tokens(fleet5: Fleet) -> None:
     inv = _zy(fleet5, "inventory")
     assert inv.returncode == 0 and "5 agents, 5 online" in inv.stdout
+    inv = _zy(fleet5, "inventory", "label:role=db")
+    assert inv.returncode == 0 and "2 agents, 2 online" in inv.stdout
     created = _zy(fleet5, "token", "create", "--ttl", "10m", "--description", "ci")
     assert created.returncode == 0 and created.stdout.startswith("zyj1.")
     listed = _zy(fleet5, "token", "list")
@@ -84,6 +90,14 @@ def test_master_writes_user_config_unless_told_not_to(tmp_path: Path) -> None:
         assert user_cfg.exists() and (tmp_path / "m" / "client.toml").exists()
         assert oct(user_cfg.stat().st_mode & 0o777) == "0o600"
         assert "token" in user_cfg.read_text()
+    finally:
+        proc.stop()
+    user_cfg.unlink()
+    argv += ["--no-user-config"]
+    proc = Proc("master", argv, tmp_path / "m.log", fleet.env)
+    try:
+        wait_for(lambda: re.search("listening on", proc.output()), 30, "master")
+        assert not user_cfg.exists()
     finally:
         proc.stop()
 

@@ -32,6 +32,17 @@ def test_inventory_reports_facts_and_labels(fleet5: Fleet) -> None:
     assert web1["labels"] == {"role": "web", "idc": "hk"}
     assert web1["online"] and web1["mode"] == "h2"
     assert web1["cpus"] >= 1 and web1["mem_total"] > 0 and web1["arch"]
+    import platform
+
+    import hcsdk
+
+    assert web1["kernel"] == platform.release() and web1["os"] and web1["agent_version"] == hcsdk.__version__
+    assert isinstance(web1["ips"], list)
+    assert web1["last_seen"] >= web1["enrolled_at"]
+    web = fleet5.client.inventory("label:role=web")
+    assert sorted(web["hostname"]) == ["web-1", "web-2", "web-3"]
+    with pytest.raises(TargetError, match="matched no agent"):
+        fleet5.client.inventory("label:role=nothing")
 
 
 @pytest.mark.parametrize(
@@ -59,6 +70,8 @@ def test_targets_as_uuid_list_single_uuid_and_dataframe(fleet5: Fleet) -> None:
     assert list(df["uuid"]) == [one]
     df = client.run("true", targets=[one, fleet5.uuid_of("db-2")], timeout=30).to_dataframe()
     assert set(df["hostname"]) == {"db-1", "db-2"}
+    df = client.run("true", targets=["web-1", one], timeout=30).to_dataframe()  # hostnames work in lists too
+    assert set(df["hostname"]) == {"web-1", "db-1"}
 
 
 def test_unknown_targets_are_a_clear_error_before_anything_runs(fleet5: Fleet) -> None:

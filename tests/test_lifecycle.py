@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from fleet import Fleet, wait_for
@@ -54,15 +55,17 @@ def test_cancel_stops_the_command_on_every_target(fleet: Fleet, tmp_path: Path) 
     for name in ("c-1", "c-2"):
         fleet.start_agent(name)
     fleet.wait_online()
-    script = f"echo $$ > {tmp_path}/$(hostname 2>/dev/null || echo x)-$$.pid; sleep 300 & wait"
+    # each target leaves the pids of its shell and of a background child
+    script = f'sleep 300 & echo "$$ $!" > {tmp_path}/$ZY_HOSTNAME.pid; wait'
     run = fleet.client.run(script, targets="c-*", timeout=600)
     wait_for(lambda: len(list(tmp_path.glob("*.pid"))) == 2, 20, "both commands to start")
     assert run.cancel() == 2
     df = run.to_dataframe()
     assert list(df["status"]) == ["cancelled", "cancelled"]
-    for pidfile in tmp_path.glob("*.pid"):
-        pid = int(pidfile.read_text())
-        wait_for(lambda p=pid: not _pid_alive(p), 10, "cancelled shell to die")  # type: ignore[misc]
+    pids = [int(p) for f in tmp_path.glob("*.pid") for p in f.read_text().split()]
+    assert len(pids) == 4
+    for pid in pids:
+        wait_for(lambda p=pid: not _pid_alive(p), 10, "the whole process group to die")  # type: ignore[misc]
 
 
 def test_offline_targets_end_offline_at_once(fleet: Fleet) -> None:
@@ -71,7 +74,10 @@ def test_offline_targets_end_offline_at_once(fleet: Fleet) -> None:
     fleet.wait_online()
     gone.stop()
     fleet.wait_offline("off-1")
-    df = fleet.client.run("sleep 0.5; echo ok", targets="o*", timeout=30).to_dataframe()
+    run = fleet.client.run("sleep 0.5; echo ok", targets="o*", timeout=30)
+    # decided when the run was created, not after a wait
+    assert {t["hostname"]: t["status"] for t in _run_info(fleet, run.id)["tasks"]}["off-1"] == "offline"
+    df = run.to_dataframe()
     by_host = df.set_index("hostname")
     assert by_host.loc["off-1", "status"] == "offline"
     assert by_host.loc["on-1", "status"] == "ok"
@@ -101,12 +107,31 @@ def test_agent_restarted_mid_task_never_runs_it_twice(fleet: Fleet, tmp_path: Pa
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, "task to start")
     agent.kill()  # a crash: the task's shell is left behind for the new agent to find
     fleet.start_agent("x-1", join=False)
-    df = run.to_dataframe()
-    assert df.loc[0, "status"] == "error"
+    # the restarted agent reports the truth: it knows it was restarted (this overrides any
+    # "went offline" the master may have presumed meanwhile)
+    wait_for(lambda: "restarted" in str(_run_info(fleet, run.id)["tasks"][0]["error"]), 30, "agent's verdict")
+    assert _run_info(fleet, run.id)["tasks"][0]["status"] == "error"
+    assert run.to_dataframe().loc[0, "status"] in ("error", "offline")
     assert marker.read_text() == "ran\n", "the task must never run a second time"
     wait_for(lambda: not _pid_alive(int(pidfile.read_text())), 20, "the orphaned shell to be killed")
-    # the restarted agent reports the truth: it knows it was restarted
-    wait_for(lambda: "restarted" in str(_run_info(fleet, run.id)["tasks"][0]["error"]), 20, "agent's verdict")
+
+
+def test_results_made_while_the_master_is_down_come_from_the_spool(fleet: Fleet, tmp_path: Path) -> None:
+    for i in range(2):
+        fleet.start_agent(f"s-{i}")
+    fleet.wait_online()
+    done = tmp_path / "done"
+    done.mkdir()
+    run = fleet.client.run(f"sleep 1; echo produced; touch {done}/$ZY_HOSTNAME", targets="s-*", timeout=120)
+    wait_for(lambda: _started(fleet, run.id) == 2, 20, "tasks to start")
+    assert fleet.master is not None
+    fleet.master.kill()
+    wait_for(lambda: len(list(done.iterdir())) == 2, 20, "both commands to finish while the master is down")
+    time.sleep(0.5)  # their final messages are spooled, with nobody to send them to
+    fleet.restart_master(kill=True)
+    df = run.to_dataframe()
+    assert (df["status"] == "ok").all(), df
+    assert (df["stdout"] == "produced\n").all()
 
 
 def test_master_killed_mid_run_loses_no_result(fleet: Fleet) -> None:
@@ -238,3 +263,17 @@ def test_a_silent_dead_link_is_noticed_by_both_sides_and_healed(tmp_path: Path) 
     finally:
         link.close()
         fleet.close()
+
+
+@pytest.mark.anyio
+async def test_polling_agent_probes_for_http2_in_the_background(fleet: Fleet) -> None:
+    """The probe the agent runs while polling: against a master that speaks h2 it asks to switch."""
+    from agent.channel import Channel, ChannelSettings, SwitchToH2
+
+    ca = (fleet.root / "master" / "ca.pem").read_bytes()
+    channel = Channel("probe", "x", [fleet.url], ca, facts=dict, labels={}, outbox=lambda _: [],
+                      on_message=lambda _: None, wake=lambda: None,  # type: ignore[arg-type,return-value]
+                      settings=ChannelSettings(h2_retry=0.1))
+    with pytest.raises(SwitchToH2):
+        with anyio.fail_after(20):
+            await channel._probe_h2(fleet.url)
