@@ -8,6 +8,7 @@ import argparse
 import sys
 import time
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from ._version import __version__
@@ -46,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     r = tsub.add_parser("revoke", help="revoke a join token by id")
     r.add_argument("id")
     r.set_defaults(func=_cmd_token_revoke)
+
+    p = sub.add_parser("fleet", help="start or stop a local fleet (a master and agents) for trying things out",
+                       description="A local fleet: a master (SQLite, its own CA) and a few labelled agents as "
+                       "background processes under --root. Used by the quickstart, the notebooks and the tests.")
+    fsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = fsub.add_parser("up", help="start it (does nothing if it is already running)")
+    up.add_argument("--agents", type=int, default=4, help="how many agents (default 4: web-1..3 and db-1)")
+    up.add_argument("--port", type=int, default=0, help="master port (default: a free one)")
+    for fp in (up, fsub.add_parser("down", help="stop it"), fsub.add_parser("status", help="is it running?")):
+        fp.add_argument("--root", type=Path, default=Path("state/fleet"), help="where it lives (default %(default)s)")
+    p.set_defaults(func=_cmd_fleet)
 
     p = sub.add_parser("agents", help="revoke or disconnect agents")
     asub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -205,6 +217,30 @@ def _cmd_token_list(args: argparse.Namespace) -> int:
 def _cmd_token_revoke(args: argparse.Namespace) -> int:
     _client().revoke_join_token(args.id)
     print(f"revoked join token {args.id}")
+    return 0
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from . import localfleet
+
+    if args.action == "up":
+        agents = localfleet.DEFAULT_AGENTS[: args.agents] + [
+            (f"node-{i}", {"role": "node"}) for i in range(len(localfleet.DEFAULT_AGENTS) + 1, args.agents + 1)]
+        state = localfleet.fleet_up(args.root, agents, args.port)
+        print(f"fleet up: master {state['url']}, {len(state['pids']) - 1} agents under {state['root']}")
+        print(f"export ZY_CONFIG={state['config']}")
+        return 0
+    if args.action == "down":
+        stopped = localfleet.fleet_down(args.root)
+        print(f"fleet down: stopped {', '.join(stopped)}" if stopped else "fleet down: nothing was running")
+        return 0
+    running = localfleet.fleet_status(args.root.resolve())
+    if not running:
+        print("fleet: not running")
+        return 1
+    print(f"fleet: master {running['url']}; " + ", ".join(
+        f"{name} {'up' if up else 'DOWN'}" for name, up in running["alive"].items()))
+    print(f"export ZY_CONFIG={running['config']}")
     return 0
 
 

@@ -169,6 +169,18 @@ class LocalFleet:
     def wait_offline(self, name: str, timeout: float = 30) -> None:
         wait_for(lambda: name not in self.online(), timeout, f"agent {name} offline")
 
+    def detach(self) -> None:
+        """Leave the processes running when this object goes away (see ``fleet_up``)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        for proc in [self.master, *self.agents.values()]:
+            if proc is not None:
+                proc._fh.close()
+                proc.popen.returncode = 0  # we hand them over; Popen must not warn or wait
+        self.master = None
+        self.agents = {}
+
     def __enter__(self) -> LocalFleet:
         return self
 
@@ -189,3 +201,101 @@ class LocalFleet:
             if proc is not None:
                 parts.append(f"===== {proc.name} =====\n{proc.output()[-4000:]}")
         return "\n".join(parts)
+
+
+# -- a fleet that outlives the command that started it (`zy fleet up/down`) -------------------
+
+DEFAULT_AGENTS: list[tuple[str, dict[str, str]]] = [
+    ("web-1", {"role": "web", "idc": "hk"}),
+    ("web-2", {"role": "web", "idc": "hk"}),
+    ("web-3", {"role": "web", "idc": "sg"}),
+    ("db-1", {"role": "db", "idc": "hk"}),
+]
+
+
+def _state_file(root: Path) -> Path:
+    return root / "fleet.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def fleet_status(root: Path) -> dict[str, Any] | None:
+    """The running fleet under ``root`` (its URL, config path, pids), or None."""
+    import json
+
+    path = _state_file(root)
+    if not path.exists():
+        return None
+    state: dict[str, Any] = json.loads(path.read_text())
+    state["alive"] = {name: _alive(pid) for name, pid in state["pids"].items()}
+    return state if state["alive"].get("master") else None
+
+
+def fleet_up(root: Path, agents: list[tuple[str, dict[str, str]]] | None = None, port: int = 0,
+             master_args: list[str] | None = None) -> dict[str, Any]:
+    """Start a master and agents as background processes that keep running after this returns.
+
+    Idempotent: a fleet already running under ``root`` is returned as it is."""
+    import json
+
+    root = root.resolve()
+    running = fleet_status(root)
+    if running:
+        return running
+    root.mkdir(parents=True, exist_ok=True)
+    fleet = LocalFleet(root, master_args)
+    try:
+        fleet.start_master(port)
+        for name, labels in agents or DEFAULT_AGENTS:
+            fleet.start_agent(name, labels, fast=False)
+        fleet.wait_online(timeout=60)
+    except BaseException:
+        fleet.close()
+        raise
+    pids = {"master": fleet.master.popen.pid} if fleet.master else {}
+    pids.update({name: proc.popen.pid for name, proc in fleet.agents.items()})
+    state = {"url": fleet.url, "config": str(fleet.config_path), "root": str(root), "pids": pids}
+    _state_file(root).write_text(json.dumps(state, indent=1))
+    fleet.detach()
+    return fleet_status(root) or state
+
+
+def fleet_down(root: Path, timeout: float = 10.0) -> list[str]:
+    """Stop every process of the fleet under ``root``; returns the names that were running."""
+    import json
+
+    path = _state_file(root.resolve())
+    if not path.exists():
+        return []
+    pids: dict[str, int] = json.loads(path.read_text())["pids"]
+    stopped = [name for name, pid in pids.items() if _alive(pid)]
+    # agents first, so none of them logs a lost master on the way out
+    order = sorted(pids.items(), key=lambda kv: kv[0] == "master")
+    for _, pid in order:
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids.values()):
+        time.sleep(0.1)
+    for pid in pids.values():
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    path.unlink()
+    return stopped

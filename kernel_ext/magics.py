@@ -1,0 +1,243 @@
+"""``%%zyrun``, ``%zyrun``, ``%zyconnect``, ``%zyinventory``: hcsdk in IPython and Jupyter.
+
+Settings are traitlets, so ``%config ZyRun.timeout = 30`` works as IPython users expect.
+Errors a person can act on (unknown target, master unreachable, auth) are one-line
+``UsageError``s, not traceback walls. No protocol logic lives here: it all goes through hcsdk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
+
+from .follow import BackgroundRun, Follower
+from .interpolate import InterpolationError, interpolate
+from .views import NullView, TextView, View, WidgetView, grouped_output
+
+USAGE = """\
+%%zyrun [-t TARGETS] [--cmd WORD] [--timeout S] [-o VAR] [--bg] [--quiet] [--show-output]
+%zyrun  [options] -- COMMAND
+
+Run the cell body (or COMMAND) on TARGETS and collect the results into a DataFrame.
+
+TARGETS is a uuid or hostname, a glob ('web-*'), a label selector ('label:role=web'), a
+comma-separated list, or the name of a variable holding a list of uuids or a DataFrame with a
+'uuid' column. {name} in the body is replaced from your namespace; {{ and }} are literal
+braces; ${VAR} and $VAR are left to the shell.
+
+The DataFrame is shown at the end, and bound to _zy (and to VAR with -o). Interrupting the
+kernel cancels the run on every target. --bg returns at once with a handle: handle.df fills
+in as results arrive, handle.wait() returns the final DataFrame.
+"""
+
+
+class _HelpShown(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{message}\n\n{self.format_usage()}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> Any:
+        raise _HelpShown()
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="%%zyrun", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
+                add_help=True)
+    p.add_argument("-t", "--targets", help="where to run (default: ZyRun.targets)")
+    p.add_argument("--cmd", default="shell", help="plugin word: shell (default), exec, ping, facts")
+    p.add_argument("--timeout", type=float, help="seconds before the command is killed (default: ZyRun.timeout)")
+    p.add_argument("-o", "--out", metavar="VAR", help="also bind the result (or, with --bg, the handle) to VAR")
+    p.add_argument("--bg", action="store_true", help="return at once; the handle fills in while you work")
+    p.add_argument("--quiet", action="store_true", help="no progress view and no table at the end")
+    p.add_argument("--show-output", action="store_true", help="print output grouped by identical text")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="(line magic) the command, after --")
+    return p
+
+
+@magics_class
+class ZyRun(Magics):
+    """hcsdk magics. Settings: ``%config ZyRun``."""
+
+    timeout = Float(600.0, help="Default timeout in seconds for %%zyrun.").tag(config=True)
+    targets = Unicode("", help="Default targets when -t is not given.").tag(config=True)
+    widgets = CaselessStrEnum(["auto", "on", "off"], default_value="auto",
+                              help="Live widgets: auto (in a Jupyter kernel), on, or off (text line).").tag(config=True)
+    update_interval = Float(0.3, help="Seconds between progress updates (keeps IOPub traffic low).").tag(config=True)
+    table_rows = Int(50, help="Rows shown in the live table (the DataFrame has them all).").tag(config=True)
+    connect_timeout = Float(30.0, help="Seconds to wait for the master on each request.").tag(config=True)
+    show_output = Bool(False, help="Always print output grouped by identical text.").tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any):
+        super().__init__(shell=shell, **kwargs)
+        self._client: Any = None
+
+    @property
+    def _ns(self) -> dict[str, Any]:
+        assert self.shell is not None, "the magics need an IPython shell"
+        return self.shell.user_ns  # type: ignore[no-any-return]
+
+    # -- connection ---------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from hcsdk import Client, ZyError
+
+            try:
+                self._client = Client(timeout=self.connect_timeout)
+            except ZyError as exc:
+                raise UsageError(f"{exc}\n(or connect with %zyconnect URL --token T --ca PATH)") from None
+        return self._client
+
+    @line_magic
+    def zyconnect(self, line: str) -> str:
+        """%zyconnect [URL] [--token T] [--ca PATH]: talk to this master from now on.
+
+        Without a URL, the client config is used (ZY_CONFIG, ZY_MASTER/ZY_TOKEN/ZY_CA, or
+        ~/.config/zy/client.toml)."""
+        from hcsdk import Client, ZyError
+
+        p = _Parser(prog="%zyconnect", add_help=True)
+        p.add_argument("url", nargs="?")
+        p.add_argument("--token")
+        p.add_argument("--ca")
+        try:
+            args = p.parse_args(shlex.split(line))
+        except _HelpShown:
+            return ""
+        try:
+            client = Client(args.url, token=args.token, ca=args.ca, timeout=self.connect_timeout)
+            status = client.status()
+        except ZyError as exc:
+            raise UsageError(str(exc)) from None
+        if self._client is not None:
+            self._client.close()
+        self._client = client
+        return f"connected to {client.url}: {status['agents_online']} agents online"
+
+    @line_magic
+    def zyinventory(self, line: str) -> Any:
+        """%zyinventory [SELECTOR]: the inventory as a DataFrame (all agents, or those a glob,
+        label selector, uuid or hostname selects)."""
+        from hcsdk import ZyError
+
+        try:
+            return self.client.inventory(line.strip() or None)
+        except ZyError as exc:
+            raise UsageError(str(exc)) from None
+
+    # -- running ------------------------------------------------------------------------------
+    @line_cell_magic
+    def zyrun(self, line: str, cell: str | None = None) -> Any:
+        try:
+            args = _parser().parse_args(shlex.split(line))
+        except _HelpShown:  # argparse has printed the help
+            return None
+        except ValueError as exc:  # shlex: unbalanced quotes
+            raise UsageError(f"cannot parse the options: {exc}") from None
+        body = cell if cell is not None else " ".join(args.command[1:] if args.command[:1] == ["--"]
+                                                       else args.command)
+        if not body.strip() and args.cmd in ("shell", "exec"):
+            raise UsageError("nothing to run: give a cell body, or a command after -- on the line")
+        try:
+            body = interpolate(body, self._ns)
+        except InterpolationError as exc:
+            raise UsageError(str(exc)) from None
+        return self._run(args, body)
+
+    def _targets(self, spec: str | None) -> Any:
+        spec = spec or self.targets
+        if not spec:
+            raise UsageError("no targets: use -t TARGETS or %config ZyRun.targets = '...'")
+        value = self._ns.get(spec) if spec.isidentifier() else None
+        if value is not None and not isinstance(value, str) and (
+                hasattr(value, "columns") or isinstance(value, (list, tuple, set)) or hasattr(value, "tolist")):
+            return value
+        if "," in spec and not spec.startswith("label:"):
+            return [s.strip() for s in spec.split(",") if s.strip()]
+        return spec
+
+    def _payload(self, cmd: str, body: str) -> Any:
+        if cmd == "exec":
+            return shlex.split(body)
+        if cmd == "shell":
+            return body
+        return None
+
+    def _run(self, args: argparse.Namespace, body: str) -> Any:
+        from hcsdk import ZyError
+
+        targets = self._targets(args.targets)
+        try:
+            run = self.client.run(self._payload(args.cmd, body), targets=targets, cmd=args.cmd,
+                                  timeout=args.timeout or self.timeout)
+        except ZyError as exc:
+            raise UsageError(str(exc)) from None
+        view = self._view(run, args.quiet)
+        if args.bg:
+            handle = BackgroundRun(run, Follower(run, view, self.update_interval, render_in_thread=True))
+            self._bind(args, handle)
+            return handle
+        follower = Follower(run, view, self.update_interval, render_in_thread=False)
+        try:
+            follower.wait_rendering()
+        except KeyboardInterrupt:
+            self._interrupted(run, follower)
+            raise
+        except ZyError as exc:
+            raise UsageError(f"run {run.id}: {exc}") from None
+        df = run.snapshot()
+        self._bind(args, df)
+        if args.show_output or self.show_output:
+            print(grouped_output(df))
+        return None if args.quiet else df
+
+    def _view(self, run: Any, quiet: bool) -> View:
+        if quiet:
+            return NullView(run)
+        if self._widgets_wanted():
+            view = WidgetView(run, self.table_rows)
+            view.show()
+            return view
+        return TextView(run)
+
+    def _widgets_wanted(self) -> bool:
+        if self.widgets == "off":
+            return False
+        if self.widgets == "on":
+            return True
+        if type(self.shell).__name__ != "ZMQInteractiveShell":
+            return False
+        try:
+            import ipywidgets  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def _interrupted(self, run: Any, follower: Follower) -> None:
+        """Ctrl-C / the stop button: cancel on the master, so nothing keeps running on hosts."""
+        try:
+            n = run.cancel()
+            follower.done.wait(15)
+            follower.view.render(final=True)
+            print(f"zyrun: interrupted; cancelled run {run.id} on the master ({n} targets were still running)")
+        except Exception as exc:  # the master may be the reason for the interrupt
+            print(f"zyrun: interrupted, but cancelling run {run.id} failed: {exc}")
+        self._ns["_zy"] = run.snapshot()
+
+    def _bind(self, args: argparse.Namespace, value: Any) -> None:
+        self._ns["_zy"] = value
+        if args.out:
+            if not args.out.isidentifier():
+                raise UsageError(f"-o wants a variable name, got {args.out!r}")
+            self._ns[args.out] = value
+
+
+ZyRun.zyrun.__doc__ = USAGE

@@ -1,0 +1,156 @@
+"""How a run looks while it runs: a live widget, a text progress line, or nothing.
+
+Views read the run's state (``run.counts()``, ``run.snapshot()``) when they render; they are
+throttled by the caller. ``WidgetView`` also carries a ``text/plain`` line in its display
+bundle, so where widgets cannot render (nbconvert, papermill) the final line stands in.
+"""
+
+from __future__ import annotations
+
+import html
+import sys
+import threading
+import time
+from typing import Any
+
+STATUS_COLORS = {"ok": "#2e7d32", "failed": "#c62828", "timeout": "#ef6c00", "offline": "#757575",
+                 "cancelled": "#6a1b9a", "error": "#ad1457", "running": "#1565c0"}
+
+
+def progress_line(run: Any, elapsed: float) -> str:
+    counts = run.counts()
+    done = run.total - counts.get("pending", 0)
+    parts = [f"{k} {v}" for k, v in sorted(counts.items()) if k != "pending"]
+    state = "done" if run.done else "running"
+    return f"zyrun {run.id}: {done}/{run.total} {state} ({', '.join(parts) or 'waiting'}) {elapsed:.1f}s"
+
+
+class View:
+    def __init__(self, run: Any):
+        self.run = run
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def render(self, final: bool = False) -> None:
+        with self._lock:
+            self._render(final)
+
+    def _render(self, final: bool) -> None:
+        pass
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+class NullView(View):
+    """--quiet"""
+
+
+class TextView(View):
+    """One progress line, rewritten in place on a terminal; one line per update elsewhere."""
+
+    def __init__(self, run: Any, stream: Any = None):
+        super().__init__(run)
+        self.stream = stream or sys.stdout
+        self._last = ""
+
+    def _render(self, final: bool) -> None:
+        line = progress_line(self.run, self.elapsed)
+        if line == self._last and not final:
+            return
+        self._last = line
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        if tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+        elif final:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+class WidgetView(View):
+    """A progress bar with per-status counts and a table of targets that fills in."""
+
+    def __init__(self, run: Any, max_rows: int = 50):
+        super().__init__(run)
+        import ipywidgets as w
+
+        self.max_rows = max_rows
+        self.bar = w.IntProgress(value=0, min=0, max=max(run.total, 1), description="0/" + str(run.total),
+                                 bar_style="info", layout=w.Layout(width="50%"))
+        self.label = w.HTML()
+        self.table = w.HTML()
+        self.box = w.VBox([w.HBox([self.bar, self.label]), self.table])
+        self._display_id: Any = None
+
+    def show(self) -> None:
+        from IPython.display import display
+
+        self._display_id = display(self._bundle(), raw=True, display_id=True)
+
+    def _bundle(self) -> dict[str, Any]:
+        return {"application/vnd.jupyter.widget-view+json": {"model_id": self.box.model_id, "version_major": 2,
+                                                             "version_minor": 0},
+                "text/plain": progress_line(self.run, self.elapsed)}
+
+    def _render(self, final: bool) -> None:
+        counts = self.run.counts()
+        done = self.run.total - counts.get("pending", 0)
+        self.bar.value = done
+        self.bar.description = f"{done}/{self.run.total}"
+        if self.run.done:
+            bad = any(k not in ("ok", "pending") for k in counts)
+            self.bar.bar_style = "warning" if bad else "success"
+        self.label.value = _counts_html(counts, self.run.done, self.elapsed)
+        self.table.value = _table_html(self.run.snapshot(), self.max_rows)
+        if final and self._display_id is not None:
+            self._display_id.update(self._bundle(), raw=True)
+
+
+def _counts_html(counts: dict[str, int], done: bool, elapsed: float) -> str:
+    chips = " ".join(
+        f'<span style="color:{STATUS_COLORS.get(k, "#000")};font-weight:600">{html.escape(k)} {v}</span>'
+        for k, v in sorted(counts.items()) if k != "pending"
+    )
+    state = "done" if done else f"running, {counts.get('pending', 0)} pending"
+    return f"&nbsp;{chips} &nbsp;<span style='color:#555'>{state} · {elapsed:.1f}s</span>"
+
+
+def _table_html(df: Any, max_rows: int) -> str:
+    if df.empty:
+        return ""
+    order = {"failed": 0, "error": 0, "timeout": 1, "offline": 2, "cancelled": 2, None: 3, "ok": 4}
+    df = df.assign(_o=df["status"].map(lambda s: order.get(s, 3))).sort_values(["_o", "hostname"])
+    rows = []
+    for r in df.head(max_rows).itertuples():
+        status = r.status or "running"
+        first = ((r.stdout or "") + (r.stderr or "")).strip().splitlines()
+        out = first[0] if first else (r.error or "")
+        dur = "" if r.duration_s != r.duration_s else f"{r.duration_s:.2f}s"
+        code = "" if str(r.exit_code) == "<NA>" else str(r.exit_code)
+        rows.append(
+            f"<tr><td>{html.escape(r.hostname)}</td>"
+            f"<td style='color:{STATUS_COLORS.get(status, '#000')}'>{status}</td>"
+            f"<td>{code}</td><td>{dur}</td><td style='text-align:left'>{html.escape(out[:160])}</td></tr>"
+        )
+    more = len(df) - max_rows
+    tail = f"<tr><td colspan=5>… and {more} more</td></tr>" if more > 0 else ""
+    head = "<tr><th>hostname</th><th>status</th><th>exit</th><th>duration</th><th>output</th></tr>"
+    return f"<table class='zyrun-table'>{head}{''.join(rows)}{tail}</table>"
+
+
+def grouped_output(df: Any) -> str:
+    """Targets grouped by identical output, the way a person reads 500 hosts' answers."""
+    groups: dict[str, list[Any]] = {}
+    for r in df.itertuples():
+        text = (r.stdout or "") + (("\n[stderr]\n" + r.stderr) if r.stderr else "")
+        if r.status != "ok" and r.error:
+            text += f"\n[{r.status}: {r.error}]"
+        groups.setdefault(text, []).append(r)
+    blocks = []
+    for text, rows in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        hosts = ", ".join(r.hostname for r in rows[:20]) + (f", … ({len(rows) - 20} more)" if len(rows) > 20 else "")
+        statuses = ", ".join(sorted({str(r.status) for r in rows}))
+        blocks.append(f"── {len(rows)} target{'s' if len(rows) != 1 else ''} ({statuses}): {hosts}\n"
+                      f"{text.rstrip() or '(no output)'}")
+    return "\n\n".join(blocks)
