@@ -147,6 +147,8 @@ class LocalFleet:
         argv = [*ZY, "agent", "--state-dir", str(state), "--hostname", name, *quick, *(extra or [])]
         if join and not (state / "identity.json").exists():
             argv += ["--join", self.token]
+        elif self.url:
+            argv += ["--master", self.url]  # the master may have come back on another port
         for key, value in (labels or {}).items():
             argv += ["--label", f"{key}={value}"]
         proc = Proc(name, argv, self.root / f"agent-{name}.log", self.env)

@@ -12,7 +12,7 @@ import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 
 from .follow import BackgroundRun, Follower
@@ -26,9 +26,9 @@ USAGE = """\
 Run the cell body (or COMMAND) on TARGETS and collect the results into a DataFrame.
 
 TARGETS is a uuid or hostname, a glob ('web-*'), a label selector ('label:role=web'), a
-comma-separated list, or the name of a variable holding a list of uuids or a DataFrame with a
-'uuid' column. {name} in the body is replaced from your namespace; {{ and }} are literal
-braces; ${VAR} and $VAR are left to the shell.
+comma-separated list, or the name of a variable holding one of those, a list of uuids, or a
+DataFrame with a 'uuid' column. {name} in the options and the body is replaced from your namespace; {{ and }}
+are literal braces; ${VAR} and $VAR are left to the shell.
 
 The DataFrame is shown at the end, and bound to _zy (and to VAR with -o). Interrupting the
 kernel cancels the run on every target. --bg returns at once with a handle: handle.df fills
@@ -134,22 +134,30 @@ class ZyRun(Magics):
             raise UsageError(str(exc)) from None
 
     # -- running ------------------------------------------------------------------------------
+    @no_var_expand  # IPython would expand $VAR in the line; those belong to the shell
     @line_cell_magic
     def zyrun(self, line: str, cell: str | None = None) -> Any:
         try:
-            args = _parser().parse_args(shlex.split(line))
+            line = interpolate(line, self._ns)
+        except InterpolationError as exc:
+            raise UsageError(str(exc)) from None
+        # on the line, everything after " -- " is the command, verbatim (quotes and all)
+        options, sep, verbatim = line.partition(" -- ") if not line.startswith("-- ") else ("", "--", line[3:])
+        try:
+            args = _parser().parse_args(shlex.split(options))
         except _HelpShown:  # argparse has printed the help
             return None
         except ValueError as exc:  # shlex: unbalanced quotes
             raise UsageError(f"cannot parse the options: {exc}") from None
-        body = cell if cell is not None else " ".join(args.command[1:] if args.command[:1] == ["--"]
-                                                       else args.command)
+        if cell is None:  # the line was expanded already
+            body = verbatim if sep else shlex.join(args.command)
+        else:
+            try:
+                body = interpolate(cell, self._ns)
+            except InterpolationError as exc:
+                raise UsageError(str(exc)) from None
         if not body.strip() and args.cmd in ("shell", "exec"):
             raise UsageError("nothing to run: give a cell body, or a command after -- on the line")
-        try:
-            body = interpolate(body, self._ns)
-        except InterpolationError as exc:
-            raise UsageError(str(exc)) from None
         return self._run(args, body)
 
     def _targets(self, spec: str | None) -> Any:
@@ -157,7 +165,9 @@ class ZyRun(Magics):
         if not spec:
             raise UsageError("no targets: use -t TARGETS or %config ZyRun.targets = '...'")
         value = self._ns.get(spec) if spec.isidentifier() else None
-        if value is not None and not isinstance(value, str) and (
+        if isinstance(value, str):
+            spec = value  # a variable holding an expression, e.g. targets = "label:role=web"
+        elif value is not None and (
                 hasattr(value, "columns") or isinstance(value, (list, tuple, set)) or hasattr(value, "tolist")):
             return value
         if "," in spec and not spec.startswith("label:"):

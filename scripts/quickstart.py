@@ -1,68 +1,69 @@
-"""The main job on the embedded default: a local master (SQLite, its own CA) and three agents
-as real processes, an inventory, and a fan-out whose results land in a DataFrame.
+"""The main job on the embedded default: a local fleet (a master with SQLite and its own CA,
+and four labelled agents, as real processes), then the quickstart runbook executed against it.
 
-    .venv/bin/python scripts/quickstart.py [--keep]
+    .venv/bin/python scripts/quickstart.py [--keep] [--out out/]
 
-State goes to ./state/quickstart (made afresh each run). With --keep the fleet stays up
-until Ctrl-C, and the line it prints tells how to point `zy` or hcsdk at it.
+The executed notebook and an HTML copy land in --out. The fleet is stopped at the end unless
+--keep is given (then `make lab` opens JupyterLab on it, and `zy fleet down` stops it).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import pandas as pd
+from hcsdk.localfleet import fleet_down, fleet_up
 
-from hcsdk.localfleet import LocalFleet
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="run the hcsdk quickstart on a local fleet")
-    ap.add_argument("--keep", action="store_true", help="keep the fleet running until Ctrl-C")
-    ap.add_argument("--root", type=Path, default=Path("state/quickstart"))
+def main() -> int:
+    ap = argparse.ArgumentParser(description="run the quickstart runbook on a local fleet")
+    ap.add_argument("--keep", action="store_true", help="leave the fleet running afterwards")
+    ap.add_argument("--root", type=Path, default=ROOT / "state" / "fleet", help="where the fleet lives")
+    ap.add_argument("--out", type=Path, default=ROOT / "out", help="where the executed notebooks go")
+    ap.add_argument("--notebook", action="append", default=None,
+                    help="runbook(s) to execute (default: notebooks/quickstart.ipynb)")
     args = ap.parse_args()
-    shutil.rmtree(args.root, ignore_errors=True)
-    args.root.mkdir(parents=True)
-    pd.set_option("display.width", 160)
-    pd.set_option("display.max_colwidth", 40)
+    notebooks = [Path(n) for n in args.notebook] if args.notebook else [ROOT / "notebooks" / "quickstart.ipynb"]
+    args.out.mkdir(parents=True, exist_ok=True)
 
-    with LocalFleet(args.root.resolve()) as fleet:
-        fleet.start_master()
-        print(f"master: {fleet.url}  (data in {fleet.root / 'master'})")
-        for name, role in (("web-1", "web"), ("web-2", "web"), ("db-1", "db")):
-            fleet.start_agent(name, {"role": role}, fast=False)
-        fleet.wait_online()
-        client = fleet.client
-        print("\n== inventory")
-        print(client.inventory()[["hostname", "uuid", "os", "online", "mode", "labels"]].to_string(index=False))
-
-        print("\n== run: uname -r; uptime on every agent")
-        t0 = time.perf_counter()
-        df = client.run("uname -r; uptime", targets=fleet.client.inventory(), timeout=30).to_dataframe()
-        print(f"({len(df)} results in {time.perf_counter() - t0:.2f}s)")
-        print(df[["hostname", "status", "exit_code", "duration_s", "stdout"]].to_string(index=False))
-
-        print("\n== run everywhere; db-1 fails on purpose (commands see ZY_HOSTNAME, ZY_UUID, ZY_TASKID)")
-        df = client.run('[ "$ZY_HOSTNAME" != db-1 ] || exit 3', targets="*", timeout=30).to_dataframe()
-        print(df.groupby(["status", "exit_code"]).size().rename("targets").to_string())
-
-        print("\n== streaming events")
-        run = client.run("for i in 1 2 3; do echo tick $i; sleep 0.3; done", targets="web-1", timeout=30)
-        for event in run.events():
-            print(f"  {event.hostname:6} {event.kind:6} seq={event.seq:<3} {event.data.strip() or event.status or ''}")
-
+    t0 = time.perf_counter()
+    state = fleet_up(args.root)
+    print(f"fleet: master {state['url']} with {len(state['pids']) - 1} agents ({time.perf_counter() - t0:.1f}s)")
+    failed = False
+    try:
+        for nb in notebooks:
+            failed |= not execute(nb, args.out, state["config"])
+    finally:
         if args.keep:
-            print(f"\nfleet is up: export ZY_CONFIG={fleet.config_path}   (Ctrl-C to stop)")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
-    print("\nquickstart: ok")
+            print(f"fleet left running: export ZY_CONFIG={state['config']}; `make lab`; `zy fleet down`")
+        else:
+            fleet_down(args.root)
+    return 1 if failed else 0
+
+
+def execute(notebook: Path, out: Path, config: str) -> bool:
+    import papermill
+
+    target = out / notebook.name
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook), str(target), parameters={"zy_config": config},
+                                   progress_bar=False, cwd=str(notebook.parent))
+    except papermill.PapermillExecutionError as exc:
+        print(f"{notebook.name}: FAILED in cell {exc.exec_count}: {exc.ename}: {exc.evalue}", file=sys.stderr)
+        return False
+    finally:
+        if target.exists():
+            subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(target), "--log-level", "WARN"],
+                           check=False)
+    print(f"{notebook.name}: executed in {time.perf_counter() - t0:.1f}s -> {target} and {target.with_suffix('.html')}")
+    return True
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

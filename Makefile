@@ -1,0 +1,28 @@
+# Shortcuts; each target is one documented command.
+PY := .venv/bin/python
+
+.PHONY: setup main test lab fleet-up fleet-down bench notebooks
+
+setup:            ## a virtualenv with everything, and the system packages the tests need
+	bash scripts/setup.sh
+
+main: setup       ## the main job: local fleet + the quickstart runbook, executed into out/
+	$(PY) scripts/quickstart.py
+
+test: setup       ## ruff, mypy and the tests
+	bash scripts/test.sh
+
+fleet-up:         ## start the local fleet (state/fleet) and leave it running
+	.venv/bin/zy fleet up
+
+fleet-down:       ## stop it
+	.venv/bin/zy fleet down
+
+lab: fleet-up     ## JupyterLab on notebooks/, connected to the local fleet
+	ZY_CONFIG=$(CURDIR)/state/fleet/master/client.toml .venv/bin/jupyter lab --notebook-dir=notebooks
+
+notebooks:        ## rewrite notebooks/*.ipynb from notebooks/build.py
+	$(PY) notebooks/build.py
+
+bench:            ## fan-out benchmark
+	$(PY) bench/fanout.py

@@ -1,0 +1,159 @@
+"""Writes the runbook notebooks from this one source, so they stay reviewable as code.
+
+    python notebooks/build.py        # rewrites notebooks/*.ipynb (outputs cleared)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat as nbf
+
+HERE = Path(__file__).parent
+
+
+def md(text: str) -> nbf.NotebookNode:
+    return nbf.v4.new_markdown_cell(text.strip())
+
+
+def code(text: str, tags: list[str] | None = None) -> nbf.NotebookNode:
+    cell = nbf.v4.new_code_cell(text.strip())
+    if tags:
+        cell.metadata["tags"] = tags
+    return cell
+
+
+CONNECT = """
+import os
+if zy_config:
+    os.environ["ZY_CONFIG"] = zy_config
+%load_ext kernel_ext
+%zyconnect
+"""
+
+QUICKSTART = [
+    md("""
+# Quickstart: run a command on a fleet
+
+Connect to the master, look at the inventory, run a command on a set of servers with
+`%%zyrun`, and read the results as a pandas DataFrame. Start a local fleet first with
+`zy fleet up` (or point `zy_config` at your master's `client.toml`).
+"""),
+    code("""
+# parameters (papermill can override these)
+zy_config = ""            # path to a client.toml; empty: ZY_CONFIG / ~/.config/zy/client.toml
+targets = "web-*"         # a glob, a label selector, a uuid or hostname
+timeout = 30
+""", tags=["parameters"]),
+    code(CONNECT),
+    md("## Inventory\nEvery enrolled agent, with the facts it reported at its last handshake."),
+    code("""
+inv = %zyinventory
+inv[["hostname", "online", "mode", "os", "cpus", "labels"]]
+"""),
+    md("""
+## Run a command
+`-t targets` names a variable holding the selector; `-o res` keeps the DataFrame. The live
+widget shows progress while it runs.
+"""),
+    code("""
+%%zyrun -t targets -o res --timeout {timeout}
+uname -r
+uptime
+"""),
+    md("A label selector picks servers by what they are, not by name:"),
+    code("""
+%zyrun -t label:role=web,idc=hk --quiet -- echo "{len(inv)} agents in the fleet; this is $ZY_HOSTNAME"
+_zy[["hostname", "stdout"]]
+"""),
+    code("""
+res[["hostname", "status", "exit_code", "duration_s", "stdout"]]
+"""),
+    md("## Everywhere, with a failure\n`db-1` fails on purpose; group the results by how they ended."),
+    code("""
+%%zyrun -t * -o mixed --quiet
+if [ "$ZY_HOSTNAME" = db-1 ]; then echo "disk check failed" >&2; exit 3; fi
+echo healthy
+"""),
+    code("""
+summary = mixed.groupby(["status", "exit_code"], dropna=False).size().rename("targets")
+summary
+"""),
+    md("## How long did each target take?"),
+    code("""
+ax = mixed.sort_values("duration_s").plot.barh(x="hostname", y="duration_s", legend=False,
+                                              title="duration per target (s)", figsize=(6, 2.5))
+assert len(mixed) == len(inv), "every agent answered"
+"""),
+]
+
+FLEET_HEALTH = [
+    md("""
+# Fleet health: disk, memory and load
+
+Collects disk usage of `/`, memory in use and the 1-minute load from every target into one
+DataFrame, highlights the hosts over a threshold, and charts them.
+"""),
+    code("""
+# parameters (papermill can override these)
+zy_config = ""
+targets = "*"
+disk_threshold = 80.0     # percent used on /
+mem_threshold = 90.0      # percent of memory in use
+load_threshold = 2.0      # 1-minute load per CPU
+""", tags=["parameters"]),
+    code(CONNECT),
+    md("""
+## Collect
+Each target prints one JSON line. The braces of the JSON are doubled (`{{ }}`), because
+`{name}` in a `%%zyrun` cell is replaced from the notebook's variables.
+"""),
+    code("""
+%%zyrun -t targets -o raw --quiet --timeout 60
+disk=$(df -P / | awk 'NR==2 {{gsub("%", "", $5); print $5}}')
+mem=$(awk '/MemTotal/ {{t=$2}} /MemAvailable/ {{a=$2}} END {{printf "%.1f", (t-a)*100/t}}' /proc/meminfo)
+load=$(cut -d' ' -f1 /proc/loadavg)
+echo "{{\\"disk_pct\\": $disk, \\"mem_pct\\": $mem, \\"load1\\": $load, \\"cpus\\": $(nproc)}}"
+"""),
+    code("""
+import json
+import pandas as pd
+
+ok = raw[raw["status"] == "ok"]
+metrics = pd.DataFrame([json.loads(s) for s in ok["stdout"]], index=ok.index)
+health = pd.concat([ok[["hostname", "uuid"]], metrics], axis=1)
+health["load_per_cpu"] = health["load1"] / health["cpus"]
+health["over"] = ((health["disk_pct"] > disk_threshold) | (health["mem_pct"] > mem_threshold)
+                  | (health["load_per_cpu"] > load_threshold))
+unreachable = raw[raw["status"] != "ok"][["hostname", "status", "error"]]
+print(f"{len(health)} hosts measured, {int(health['over'].sum())} over a threshold, "
+      f"{len(unreachable)} did not answer")
+"""),
+    md("## Hosts over a threshold are highlighted"),
+    code("""
+def highlight(row):
+    limits = {"disk_pct": disk_threshold, "mem_pct": mem_threshold, "load_per_cpu": load_threshold}
+    return ["background-color: #ffcdd2" if col in limits and row[col] > limits[col] else "" for col in row.index]
+
+health.sort_values(["over", "disk_pct"], ascending=False).style.apply(highlight, axis=1).format(precision=1)
+"""),
+    code("""
+ax = health.set_index("hostname")[["disk_pct", "mem_pct"]].plot.bar(
+    title="disk and memory in use (%)", figsize=(7, 3), ylim=(0, 100))
+ax.axhline(disk_threshold, color="tab:blue", linestyle="--", linewidth=1)
+ax.axhline(mem_threshold, color="tab:orange", linestyle="--", linewidth=1)
+assert len(health) + len(unreachable) == len(raw)
+"""),
+]
+
+
+def write(name: str, cells: list[nbf.NotebookNode]) -> None:
+    nb = nbf.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nbf.write(nb, HERE / name)
+
+
+if __name__ == "__main__":
+    write("quickstart.ipynb", QUICKSTART)
+    write("fleet-health.ipynb", FLEET_HEALTH)
