@@ -241,7 +241,18 @@ class Client:
         async def start() -> AsyncRun:
             return await self._async.run(script, targets=targets, cmd=cmd, args=args, timeout=timeout)
 
-        return Run(portal().call(start))
+        future = portal().start_task_soon(start)
+        try:
+            return Run(future.result())
+        except KeyboardInterrupt:
+            # Ctrl-C while the master was creating the run: it may exist already and must not
+            # be left running on the targets.
+            try:
+                created = future.result(timeout=10)
+            except Exception:
+                raise KeyboardInterrupt from None
+            portal().call(created.cancel)
+            raise
 
     def create_join_token(self, ttl: float = 86400, description: str = "") -> dict[str, Any]:
         return portal().call(self._async.create_join_token, ttl, description)

@@ -114,8 +114,12 @@ class ZyRun(Magics):
             return ""
         try:
             client = Client(args.url, token=args.token, ca=args.ca, timeout=self.connect_timeout)
+        except ZyError as exc:
+            raise UsageError(str(exc)) from None
+        try:
             status = client.status()
         except ZyError as exc:
+            client.close()
             raise UsageError(str(exc)) from None
         if self._client is not None:
             self._client.close()
@@ -185,18 +189,24 @@ class ZyRun(Magics):
         from hcsdk import ZyError
 
         targets = self._targets(args.targets)
+        widgets = not args.quiet and self._widgets_wanted()  # imports ipywidgets before the run exists
         try:
             run = self.client.run(self._payload(args.cmd, body), targets=targets, cmd=args.cmd,
                                   timeout=args.timeout or self.timeout)
         except ZyError as exc:
             raise UsageError(str(exc)) from None
-        view = self._view(run, args.quiet)
-        if args.bg:
-            handle = BackgroundRun(run, Follower(run, view, self.update_interval, render_in_thread=True))
-            self._bind(args, handle)
-            return handle
-        follower = Follower(run, view, self.update_interval, render_in_thread=False)
+        except KeyboardInterrupt:  # the SDK has cancelled a run that was already created
+            print("zyrun: interrupted while starting; the run was cancelled on the master")
+            raise
+        # From here on the run exists on the master: an interrupt anywhere must cancel it.
+        follower: Follower | None = None
         try:
+            view = self._view(run, args.quiet, widgets)
+            follower = Follower(run, view, self.update_interval, render_in_thread=args.bg)
+            if args.bg:
+                handle = BackgroundRun(run, follower)
+                self._bind(args, handle)
+                return handle
             follower.wait_rendering()
         except KeyboardInterrupt:
             self._interrupted(run, follower)
@@ -209,10 +219,10 @@ class ZyRun(Magics):
             print(grouped_output(df))
         return None if args.quiet else df
 
-    def _view(self, run: Any, quiet: bool) -> View:
+    def _view(self, run: Any, quiet: bool, widgets: bool) -> View:
         if quiet:
             return NullView(run)
-        if self._widgets_wanted():
+        if widgets:
             view = WidgetView(run, self.table_rows)
             view.show()
             return view
@@ -231,12 +241,15 @@ class ZyRun(Magics):
             return False
         return True
 
-    def _interrupted(self, run: Any, follower: Follower) -> None:
+    def _interrupted(self, run: Any, follower: Follower | None) -> None:
         """Ctrl-C / the stop button: cancel on the master, so nothing keeps running on hosts."""
         try:
             n = run.cancel()
-            follower.done.wait(15)
-            follower.view.render(final=True)
+            if follower is not None:
+                follower.done.wait(15)
+                follower.view.render(final=True)
+            else:
+                run.wait(15)
             print(f"zyrun: interrupted; cancelled run {run.id} on the master ({n} targets were still running)")
         except Exception as exc:  # the master may be the reason for the interrupt
             print(f"zyrun: interrupted, but cancelling run {run.id} failed: {exc}")

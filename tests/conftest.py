@@ -30,6 +30,23 @@ def fleet5(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         fleet.close()
 
 
+@pytest.fixture(scope="session")
+def fleet4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """The fleet `zy fleet up` makes (web-1..3, db-1 with role/idc labels), for notebooks and
+    magics; shared by the whole session, so tests must not break it."""
+    from hcsdk.localfleet import DEFAULT_AGENTS
+
+    fleet = Fleet(tmp_path_factory.mktemp("fleet4"))
+    fleet.start_master()
+    for name, labels in DEFAULT_AGENTS:
+        fleet.start_agent(name, labels)
+    try:
+        fleet.wait_online()
+        yield fleet
+    finally:
+        fleet.close()
+
+
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     """A fresh master with no agents yet, for tests that break things."""
@@ -46,7 +63,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome: Any = yield
     report = outcome.get_result()
     if report.failed and call.when == "call":
-        for name in ("fleet", "fleet5", "fl"):
+        for name in ("fleet", "fleet5", "fl", "fleet4"):
             fl = item.funcargs.get(name) if hasattr(item, "funcargs") else None
             if fl is not None:
                 report.sections.append((f"{name} logs", fl.logs()))

@@ -1,0 +1,150 @@
+"""The magics in an in-process IPython shell (no kernel, so the text view stands in)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+import pytest
+from IPython.core.error import UsageError
+
+from fleet import Fleet
+
+
+@pytest.fixture(scope="module")
+def ip(fleet4: Fleet) -> Iterator[Any]:
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "kernel_ext")
+    ca = fleet4.root / "master" / "ca.pem"
+    shell.run_line_magic("zyconnect", f"{fleet4.url} --token {fleet4.admin_token} --ca {ca}")
+    yield shell
+    magics = shell.magics_manager.registry["ZyRun"]
+    if magics._client is not None:
+        magics._client.close()
+        magics._client = None
+
+
+def run(ip: Any, cell: str) -> Any:
+    """Run a cell; raise what it raised (UsageError included) instead of printing it."""
+    result = ip.run_cell(cell)
+    if result.error_before_exec or result.error_in_exec:
+        raise result.error_before_exec or result.error_in_exec
+    return result.result
+
+
+def test_cell_magic_returns_and_binds_the_dataframe(ip: Any) -> None:
+    df = run(ip, "%%zyrun -t web-* -o web_res\necho hello from $ZY_HOSTNAME")
+    assert isinstance(df, pd.DataFrame) and len(df) == 3
+    assert sorted(df["stdout"]) == [f"hello from web-{i}\n" for i in (1, 2, 3)]
+    assert ip.user_ns["web_res"] is df and ip.user_ns["_zy"] is df
+
+
+@pytest.mark.parametrize(
+    ("setup", "flag", "expected"),
+    [
+        ("t = 'label:role=web,idc=hk'", "t", {"web-1", "web-2"}),
+        ("t = ['web-3', 'db-1']", "t", {"web-3", "db-1"}),
+        ("t = %zyinventory label:idc=sg", "t", {"web-3"}),
+        ("inv_all = %zyinventory\nt = inv_all['uuid'].tolist()[:1]", "t", None),
+        ("", "web-1,db-1", {"web-1", "db-1"}),
+        ("", "label:role=db", {"db-1"}),
+    ],
+)
+def test_target_forms(ip: Any, setup: str, flag: str, expected: set[str] | None) -> None:
+    if setup:
+        run(ip, setup)
+    df = run(ip, f"%%zyrun -t {flag} --quiet\ntrue")
+    assert df is None  # --quiet shows nothing...
+    got = set(ip.user_ns["_zy"]["hostname"])  # ...but binds _zy
+    if expected is None:
+        assert len(got) == 1
+    else:
+        assert got == expected
+
+
+def test_interpolation_and_escaping(ip: Any) -> None:
+    ip.user_ns.update(word="spam", n=3)
+    df = run(ip, "%%zyrun -t web-1\n"
+                 "echo {word} {n * 2} {{literal}} ${HOME:+home-set} $ZY_HOSTNAME\n"
+                 "x=1; echo ${x}")
+    assert df.loc[0, "stdout"] == "spam 6 {literal} home-set web-1\n1\n"
+    df = run(ip, "%zyrun -t web-{n} -- echo '{word}' \"$ZY_HOSTNAME; ok\"")
+    assert df.loc[0, "stdout"] == "spam web-3; ok\n"
+    with pytest.raises(UsageError, match="cannot expand {nothing_here}"):
+        run(ip, "%%zyrun -t web-1\necho {nothing_here}")
+
+
+def test_bg_returns_at_once_and_fills_in(ip: Any) -> None:
+    handle = run(ip, "%%zyrun -t web-* --bg -o job\nsleep 1.5; echo late")
+    assert not handle.done
+    assert handle.df["status"].isna().all()
+    assert ip.user_ns["job"] is handle and ip.user_ns["_zy"] is handle
+    run(ip, "x = 1 + 1")  # the user works in other cells meanwhile
+    df = handle.wait(30)
+    assert handle.done and (df["status"] == "ok").all() and (df["stdout"] == "late\n").all()
+    assert (handle.df["stdout"] == "late\n").all()
+
+
+def test_text_progress_line_stands_in_without_widgets(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    run(ip, "%%zyrun -t db-1\necho text")
+    out = capsys.readouterr().out
+    assert "zyrun r" in out and "1/1 done (ok 1)" in out
+
+
+def test_show_output_groups_identical_output(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    run(ip, '%%zyrun -t * --quiet --show-output\n[ "$ZY_HOSTNAME" = db-1 ] && echo different || echo same')
+    out = capsys.readouterr().out
+    assert "── 3 targets (ok): web-1, web-2, web-3\nsame" in out
+    assert "── 1 target (ok): db-1\ndifferent" in out
+
+
+def test_config_sets_defaults(ip: Any) -> None:
+    run(ip, "%config ZyRun.timeout = 1.0")
+    run(ip, "%config ZyRun.targets = 'db-1'")
+    try:
+        df = run(ip, "%%zyrun\nsleep 10")
+        assert list(df["hostname"]) == ["db-1"] and df.loc[0, "status"] == "timeout"
+    finally:
+        run(ip, "%config ZyRun.timeout = 600.0")
+        run(ip, "%config ZyRun.targets = ''")
+
+
+def test_errors_are_one_line_usage_errors(ip: Any, fleet4: Fleet) -> None:
+    with pytest.raises(UsageError, match="unknown target 'web-9'"):
+        run(ip, "%%zyrun -t web-9\ntrue")
+    with pytest.raises(UsageError, match="no targets"):
+        run(ip, "%%zyrun\ntrue")
+    with pytest.raises(UsageError, match="nothing to run"):
+        run(ip, "%%zyrun -t web-1\n   ")
+    with pytest.raises(UsageError, match="unrecognized arguments: --frobnicate"):
+        run(ip, "%%zyrun -t web-1 --frobnicate\ntrue")
+    with pytest.raises(UsageError, match="refused the request \\(401\\)"):
+        run(ip, f"%zyconnect {fleet4.url} --token nope --ca {fleet4.root / 'master' / 'ca.pem'}")
+    with pytest.raises(UsageError, match="cannot reach the master"):
+        run(ip, f"%zyconnect https://127.0.0.1:1 --token x --ca {fleet4.root / 'master' / 'ca.pem'}")
+    # the failed connects left the working connection in place
+    assert run(ip, "%zyrun -t web-1 --quiet -- true") is None
+
+
+def test_help(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    run(ip, "%zyrun --help")
+    out = capsys.readouterr().out
+    assert "--bg" in out and "{name}" in out and "_zy" in out
+
+
+def test_widget_view_reflects_a_finished_run(fleet4: Fleet) -> None:
+    from kernel_ext.views import WidgetView
+
+    run_ = fleet4.client.run("echo w; [ $ZY_HOSTNAME != db-1 ]", targets="*", timeout=30)
+    view = WidgetView(run_, max_rows=2)
+    run_.wait(30)
+    view.render(final=True)
+    assert view.bar.value == view.bar.max == 4 and view.bar.bar_style == "warning"
+    assert "ok 3" in view.label.value and "failed 1" in view.label.value
+    assert view.table.value.index("db-1") < view.table.value.index("web-"), "failures first"
+    assert "and 2 more" in view.table.value
+
+
