@@ -17,12 +17,16 @@ STATUS_COLORS = {"ok": "#2e7d32", "failed": "#c62828", "timeout": "#ef6c00", "of
                  "cancelled": "#6a1b9a", "error": "#ad1457", "running": "#1565c0"}
 
 
+def _secs(elapsed: float) -> str:
+    return f"{elapsed:.2f}s" if elapsed < 10 else f"{elapsed:.0f}s"
+
+
 def progress_line(run: Any, elapsed: float) -> str:
     counts = run.counts()
     done = run.total - counts.get("pending", 0)
     parts = [f"{k} {v}" for k, v in sorted(counts.items()) if k != "pending"]
     state = "done" if run.done else "running"
-    return f"zyrun {run.id}: {done}/{run.total} {state} ({', '.join(parts) or 'waiting'}) {elapsed:.1f}s"
+    return f"zyrun {run.id}: {done}/{run.total} {state} ({', '.join(parts) or 'waiting'}) {_secs(elapsed)}"
 
 
 class View:
@@ -113,7 +117,7 @@ def _counts_html(counts: dict[str, int], done: bool, elapsed: float) -> str:
         for k, v in sorted(counts.items()) if k != "pending"
     )
     state = "done" if done else f"running, {counts.get('pending', 0)} pending"
-    return f"&nbsp;{chips} &nbsp;<span style='color:#555'>{state} · {elapsed:.1f}s</span>"
+    return f"&nbsp;{chips} &nbsp;<span style='color:#555'>{state} · {_secs(elapsed)}</span>"
 
 
 def _table_html(df: Any, max_rows: int) -> str:

@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the test suite needs (none yet for the channel core; SSH and nginx come
-# with the proxy work). Installed only when missing and when we can.
-APT_PACKAGES=()
+# Debian packages the test suite needs: Chromium for the JupyterLab browser test (Playwright
+# drives /usr/bin/chromium; it never downloads a browser of its own). Installed only when
+# missing and when we can.
+APT_PACKAGES=(chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

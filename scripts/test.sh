@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 ruff check .
-mypy hcsdk master agent tests bench
+mypy hcsdk master agent kernel_ext tests bench notebooks/build.py
 python -m pytest tests -q "$@"
