@@ -219,7 +219,8 @@ def _state_file(root: Path) -> Path:
     return root / "fleet.json"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -240,7 +241,7 @@ def fleet_status(root: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     state: dict[str, Any] = json.loads(path.read_text())
-    state["alive"] = {name: _alive(pid) for name, pid in state["pids"].items()}
+    state["alive"] = {name: pid_alive(pid) for name, pid in state["pids"].items()}
     return state if state["alive"].get("master") else None
 
 
@@ -281,20 +282,20 @@ def fleet_down(root: Path, timeout: float = 10.0) -> list[str]:
     if not path.exists():
         return []
     pids: dict[str, int] = json.loads(path.read_text())["pids"]
-    stopped = [name for name, pid in pids.items() if _alive(pid)]
+    stopped = [name for name, pid in pids.items() if pid_alive(pid)]
     # agents first, so none of them logs a lost master on the way out
     order = sorted(pids.items(), key=lambda kv: kv[0] == "master")
     for _, pid in order:
-        if _alive(pid):
+        if pid_alive(pid):
             try:
                 os.killpg(pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids.values()):
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in pids.values()):
         time.sleep(0.1)
     for pid in pids.values():
-        if _alive(pid):
+        if pid_alive(pid):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

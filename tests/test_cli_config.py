@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 
 from fleet import ZY, Fleet
 from hcsdk import Client, ConfigError
+from hcsdk.localfleet import pid_alive
 
 
 def _zy(fleet: Fleet, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -110,3 +113,28 @@ def test_a_second_master_on_a_taken_port_or_data_dir_refuses_to_start(fleet: Fle
     same_dir = subprocess.run([*ZY, "master", "--data-dir", str(fleet.root / "master"), "--listen", "127.0.0.1:0",
                                "--no-user-config"], capture_output=True, text=True, env=fleet.env, timeout=60)
     assert same_dir.returncode == 2 and "another master is running" in same_dir.stderr
+
+
+def test_zy_fleet_up_status_down(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZY_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    root = tmp_path / "fleet"
+
+    def zy(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ZY, *args], capture_output=True, text=True, env=env, timeout=120)
+
+    up = zy("fleet", "up", "--root", str(root), "--agents", "2")
+    assert up.returncode == 0, up.stderr
+    assert f"export ZY_CONFIG={root}/master/client.toml" in up.stdout
+    assert "fleet up: master https://127.0.0.1:" in zy("fleet", "up", "--root", str(root)).stdout  # idempotent
+    status = zy("fleet", "status", "--root", str(root))
+    assert status.returncode == 0 and "web-1 up" in status.stdout and "web-2 up" in status.stdout
+    env["ZY_CONFIG"] = str(root / "master" / "client.toml")
+    ran = zy("run", "-t", "web-*", "--", "echo in-fleet")
+    assert ran.returncode == 0 and ran.stdout.count("in-fleet") == 2
+    pids = [int(p) for p in json.loads((root / "fleet.json").read_text())["pids"].values()]
+    down = zy("fleet", "down", "--root", str(root))
+    assert down.returncode == 0 and "stopped master, web-1, web-2" in down.stdout
+    assert zy("fleet", "status", "--root", str(root)).returncode == 1
+    for pid in pids:
+        assert not pid_alive(pid)

@@ -13,6 +13,7 @@ import pytest
 from jupyter_client.manager import KernelManager
 
 from fleet import Fleet, wait_for
+from hcsdk.localfleet import pid_alive
 
 
 class Kernel:
@@ -92,8 +93,7 @@ def test_interrupt_cancels_on_the_master_and_kills_the_commands(kernel: Kernel, 
     pids = [int(p) for f in tmp_path.glob("*.pid") for p in f.read_text().split()]
     assert len(pids) == 4
     for pid in pids:
-        wait_for(lambda p=pid: not Path(f"/proc/{p}").exists() or  # type: ignore[misc]
-                 Path(f"/proc/{p}/stat").read_text().split()[2] == "Z", 20, f"process {pid} to be gone")
+        wait_for(lambda p=pid: not pid_alive(p), 20, f"process {pid} to be gone")  # type: ignore[misc]
     if "cancelled run" in text:  # interrupted while following (not while starting): _zy holds it
         reply, msgs = kernel.execute("print(sorted(_zy['status']))")
         assert _text(msgs).strip() == "['cancelled', 'cancelled']"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,18 +10,7 @@ import anyio
 import pytest
 
 from fleet import Fleet, wait_for
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purposes
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+from hcsdk.localfleet import pid_alive
 
 
 def test_enroll_once_then_reconnect_as_the_same_uuid(fleet: Fleet) -> None:
@@ -48,7 +36,7 @@ def test_timeout_kills_the_whole_process_group(fleet: Fleet, tmp_path: Path) -> 
     assert df.loc[0, "status"] == "timeout"
     assert "timeout" in df.loc[0, "error"]
     bg = int(pidfile.read_text())
-    wait_for(lambda: not _pid_alive(bg), 10, "background child to be killed")
+    wait_for(lambda: not pid_alive(bg), 10, "background child to be killed")
 
 
 def test_cancel_stops_the_command_on_every_target(fleet: Fleet, tmp_path: Path) -> None:
@@ -65,7 +53,7 @@ def test_cancel_stops_the_command_on_every_target(fleet: Fleet, tmp_path: Path) 
     pids = [int(p) for f in tmp_path.glob("*.pid") for p in f.read_text().split()]
     assert len(pids) == 4
     for pid in pids:
-        wait_for(lambda p=pid: not _pid_alive(p), 10, "the whole process group to die")  # type: ignore[misc]
+        wait_for(lambda p=pid: not pid_alive(p), 10, "the whole process group to die")  # type: ignore[misc]
 
 
 def test_offline_targets_end_offline_at_once(fleet: Fleet) -> None:
@@ -113,7 +101,7 @@ def test_agent_restarted_mid_task_never_runs_it_twice(fleet: Fleet, tmp_path: Pa
     assert _run_info(fleet, run.id)["tasks"][0]["status"] == "error"
     assert run.to_dataframe().loc[0, "status"] in ("error", "offline")
     assert marker.read_text() == "ran\n", "the task must never run a second time"
-    wait_for(lambda: not _pid_alive(int(pidfile.read_text())), 20, "the orphaned shell to be killed")
+    wait_for(lambda: not pid_alive(int(pidfile.read_text())), 20, "the orphaned shell to be killed")
 
 
 def test_results_made_while_the_master_is_down_come_from_the_spool(fleet: Fleet, tmp_path: Path) -> None:
