@@ -56,8 +56,9 @@ def _main(args: argparse.Namespace) -> int:
 
 
 async def _amain(args: argparse.Namespace) -> int:
+    from hcsdk._channel import ChannelSettings, Rejected
+
     from . import facts
-    from .channel import ChannelSettings, Rejected
     from .core import Agent
     from .enroll import EnrollError, enroll
     from .state import StateDir

@@ -10,8 +10,10 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from hcsdk._channel import Channel, ChannelSettings, Rejected
+from hcsdk._e2e import sign, verify
+
 from . import facts as facts_mod
-from .channel import Channel, ChannelSettings, Rejected
 from .executor import Executor
 from .spool import Spool
 from .state import Identity, StateDir
@@ -26,6 +28,9 @@ class Agent:
         self.ident = ident
         self.hostname = hostname
         self.spool = Spool(state.spool_path)
+        if not ident.e2e_key:
+            raise ValueError(f"{state.identity_path} has no end-to-end key: enroll this agent again")
+        self.key = bytes.fromhex(ident.e2e_key)
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         kwargs: dict[str, Any] = {"output_cap": output_cap} if output_cap else {}
@@ -39,14 +44,14 @@ class Agent:
         )
 
     def _emit(self, msgs: list[dict[str, Any]]) -> None:
-        self.spool.append(msgs)
+        self.spool.append([sign(self.key, m) for m in msgs])
         self._wake.set()
 
     def _outbox(self, last_id: int) -> list[tuple[int, bytes]]:
         return self.spool.pending_after(last_id, max_bytes=2 * 1024 * 1024)
 
     def _finish(self, taskid: str, msgs: list[dict[str, Any]]) -> None:
-        self.spool.finish(taskid, msgs)
+        self.spool.finish(taskid, [sign(self.key, m) for m in msgs])
         self._wake.set()
 
     def _current_wake(self) -> anyio.Event:
@@ -56,6 +61,10 @@ class Agent:
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         kind = msg["t"]
+        if kind != "hb" and (msg.get("uuid") != self.ident.uuid or not verify(self.key, msg)):
+            # altered, forged or meant for another agent: whoever relayed it is not trusted
+            log.warning("rejected a %r message for task %r: bad MAC", kind, msg.get("taskid"))
+            return
         if kind == "task" and self._tg is not None:
             self.executor.submit(msg, self._tg)
         elif kind == "cancel":

@@ -6,6 +6,7 @@ import ssl
 
 import httpx
 
+from hcsdk._e2e import b64, derive_key, new_keypair, unb64
 from hcsdk._http import error_message
 from hcsdk._jointoken import JoinToken
 from hcsdk._tls import ca_fingerprint, client_context, single_cert_pem
@@ -27,7 +28,7 @@ def _unverified() -> ssl.SSLContext:
 
 
 async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict[str, object],
-                 labels: dict[str, str]) -> Identity:
+                 labels: dict[str, str], kind: str = "agent") -> Identity:
     errors = []
     for url in token.urls:
         try:
@@ -42,9 +43,11 @@ async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict
                 raise EnrollError(
                     f"the CA served by {url} does not match the join token's fingerprint: "
                     "refusing to enroll (wrong master, or someone in between)")
+            private, public = new_keypair()
             async with httpx.AsyncClient(verify=client_context(ca_pem), timeout=15) as client:
                 resp = await client.post(f"{url}/v1/enroll", json={
-                    "token": token.credential, "uuid": ident.uuid, "facts": facts, "labels": labels})
+                    "token": token.credential, "uuid": ident.uuid, "facts": facts, "labels": labels,
+                    "kind": kind, "e2e_pub": b64(public)})
             if resp.status_code in (401, 403):
                 raise EnrollError(f"master refused the join token: {error_message(resp)}")
             resp.raise_for_status()
@@ -56,6 +59,7 @@ async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict
         ident.urls = list(token.urls)
         ident.ca_fingerprint = token.ca_fingerprint
         ident.labels = labels
+        ident.e2e_key = derive_key(private, unb64(token.e2e_public), ident.uuid).hex()
         state.save(ident)
         return ident
     raise EnrollError("could not reach any master in the join token: " + "; ".join(errors))

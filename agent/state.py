@@ -16,6 +16,8 @@ class Identity:
     urls: list[str] = field(default_factory=list)
     ca_fingerprint: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    #: hex of the 32-byte key this agent and the master share for end-to-end MACs
+    e2e_key: str = ""
 
     @property
     def enrolled(self) -> bool:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hcsdk._e2e import b64, public_key
 from hcsdk._jointoken import JoinToken
 from hcsdk._tls import ca_fingerprint
 from hcsdk._version import __version__
@@ -57,7 +58,7 @@ def _validate_args(cmd: str, args: dict[str, Any]) -> None:
             raise RequestRejected("cmd 'exec' needs args.argv, a non-empty list of strings")
 
 
-def build_api(hub: Hub, paths: Paths, master_urls: list[str]) -> FastAPI:
+def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes) -> FastAPI:
     app = FastAPI(title="zy master", version=__version__, docs_url=None, redoc_url=None)
     store = hub.db.store
 
@@ -108,6 +109,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str]) -> FastAPI:
                 raise RequestRejected(str(exc), kind="target", status=404) from None
         for row in rows:
             row.pop("credential_hash", None)
+            row.pop("e2e_key", None)
             session = hub.sessions.get(row["uuid"])
             row["online"] = session is not None
             row["mode"] = session.mode if session else None
@@ -140,7 +142,8 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str]) -> FastAPI:
         token_id, secret = secrets.token_hex(4), secrets.token_urlsafe(24)
         row = await hub.db(store.add_join_token, token_id, secret_hash(secret), req.ttl, req.description)
         fingerprint = ca_fingerprint(paths.ca_cert.read_bytes())
-        jt = JoinToken(urls=tuple(master_urls), ca_fingerprint=fingerprint, token_id=token_id, secret=secret)
+        jt = JoinToken(urls=tuple(master_urls), ca_fingerprint=fingerprint, e2e_public=b64(public_key(e2e_private)),
+                       token_id=token_id, secret=secret)
         return {"id": token_id, "token": jt.encode(), "expires_at": row["expires_at"], "ca": fingerprint}
 
     @app.get("/api/v1/tokens", dependencies=deps)

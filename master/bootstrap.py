@@ -49,6 +49,10 @@ class Paths:
         return self.root / "admin.token"
 
     @property
+    def e2e_key(self) -> Path:
+        return self.root / "e2e.key"
+
+    @property
     def client_config(self) -> Path:
         return self.root / "client.toml"
 
@@ -98,6 +102,16 @@ def ensure_admin_token(store: Store, paths: Paths) -> tuple[str, bool]:
     _write_private(paths.admin_token, token.encode())
     store.set_meta("admin_token_hash", secret_hash(token))
     return token, True
+
+
+def ensure_e2e_key(paths: Paths) -> bytes:
+    """The master's X25519 private key for end-to-end message keys (made once, 0600)."""
+    from hcsdk._e2e import new_keypair
+
+    if not paths.e2e_key.exists():
+        private, _ = new_keypair()
+        _write_private(paths.e2e_key, private)
+    return paths.e2e_key.read_bytes()
 
 
 def write_client_configs(paths: Paths, url: str, token: str, to_user: bool) -> list[Path]:

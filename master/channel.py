@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 
+from hcsdk._e2e import derive_key, unb64
 from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_batch, loads
 
 from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, body_chunks, error, header, query, read_body, respond
@@ -32,9 +33,10 @@ log = logging.getLogger("zy.master.channel")
 
 
 class ChannelApp:
-    def __init__(self, hub: Hub, paths: Paths):
+    def __init__(self, hub: Hub, paths: Paths, e2e_private: bytes):
         self.hub = hub
         self.paths = paths
+        self.e2e_private = e2e_private
         self.settings = hub.settings
         self.routes = {
             ("GET", "/v1/ca"): self.ca,
@@ -67,6 +69,16 @@ class ChannelApp:
             return
         token, uuid = body.get("token"), body.get("uuid")
         facts, labels = body.get("facts") or {}, body.get("labels") or {}
+        kind = body.get("kind", "agent")
+        try:
+            peer = unb64(str(body.get("e2e_pub", "")))
+            e2e_key = derive_key(self.e2e_private, peer, str(uuid))
+        except ValueError:
+            await error(send, 400, "enroll needs 'e2e_pub', the agent's X25519 public key (base64url)")
+            return
+        if kind not in ("agent", "proxy"):
+            await error(send, 400, "'kind' must be 'agent' or 'proxy'")
+            return
         if not isinstance(token, str) or not isinstance(uuid, str) or not (8 <= len(uuid) <= 64):
             await error(send, 400, "enroll needs 'token' and 'uuid' strings")
             return
@@ -88,11 +100,12 @@ class ChannelApp:
             await error(send, 403, f"agent {uuid} is already enrolled; it cannot enroll again", kind="auth")
             return
         credential = secrets.token_urlsafe(32)
-        await self.hub.db(self.hub.db.store.enroll, uuid, secret_hash(credential), token_id, facts, labels)
+        await self.hub.db(self.hub.db.store.enroll, uuid, secret_hash(credential), token_id, facts, labels, e2e_key,
+                          kind)
         await respond(send, 200, {"uuid": uuid, "credential": credential})
 
     # -- agent -------------------------------------------------------------------------------
-    async def _agent(self, scope: Scope, send: Send) -> str | None:
+    async def _agent(self, scope: Scope, send: Send) -> dict[str, Any] | None:
         auth = header(scope, b"authorization") or ""
         scheme, _, cred = auth.partition(" ")
         uuid, _, secret = cred.partition(":")
@@ -106,21 +119,21 @@ class ChannelApp:
         if row["revoked"]:
             await error(send, 403, f"agent {uuid} has been revoked", kind="auth")
             return None
-        return uuid
+        return row
 
     async def _session(self, scope: Scope, send: Send) -> Session | None:
-        uuid = await self._agent(scope, send)
-        if uuid is None:
+        row = await self._agent(scope, send)
+        if row is None:
             return None
-        session = self.hub.sessions.get(uuid)
+        session = self.hub.sessions.get(row["uuid"])
         if session is None or session.sid != query(scope).get("sid") or session.closed.is_set():
             await error(send, 409, "session is gone or superseded; handshake again", kind="session")
             return None
         return session
 
     async def handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
-        uuid = await self._agent(scope, send)
-        if uuid is None:
+        row = await self._agent(scope, send)
+        if row is None:
             return
         body = await self._json(receive, send)
         if body is None:
@@ -130,7 +143,7 @@ class ChannelApp:
             await error(send, 400, "'facts' must be an object and 'labels' a map of strings")
             return
         mode = "h2" if scope.get("http_version") == "2" else "poll"
-        session = await self.hub.handshake(uuid, facts, labels, mode)
+        session = await self.hub.handshake(row["uuid"], facts, labels, mode, bytes.fromhex(row["e2e_key"]))
         s = self.settings
         await respond(send, 200, {"sid": session.sid, "mode": mode, "heartbeat": s.heartbeat,
                                   "dead_after": s.dead_after, "poll_wait": s.poll_wait, "max_frame": s.max_frame})
@@ -220,8 +233,15 @@ class ChannelApp:
             reason = problem(msg)
             if reason:
                 raise FrameError(f"malformed {msg['t']!r} message: {reason}")
-            if msg["t"] != "hb":
-                await self.hub.ingest(session.uuid, msg)
+            if msg["t"] == "hb":
+                continue
+            if not self.hub.authentic(msg):
+                # altered, forged, or signed with another agent's key: never stored, never acked
+                self.hub.stats["rejected"] += 1
+                log.warning("rejected a %r message for task %r: bad MAC (altered or forged in transit?)",
+                            msg["t"], msg.get("taskid"))
+                continue
+            await self.hub.ingest(session.uuid, msg)
 
     async def _json(self, receive: Receive, send: Send) -> dict[str, Any] | None:
         raw = await read_body(receive, self.settings.max_body)

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from hcsdk._e2e import sign, verify
 from hcsdk._wire import dumps
 
 from .db import Db
@@ -83,7 +84,8 @@ class Hub:
         self._run_events: dict[str, anyio.Event] = {}
         self._ingest_tx, self._ingest_rx = anyio.create_memory_object_stream[tuple[str, dict[str, Any]]](20_000)
         self._seen: dict[str, float] = {}
-        self.stats = {"ingested": 0, "dispatched": 0}
+        self.stats = {"ingested": 0, "dispatched": 0, "rejected": 0}
+        self.keys: dict[str, bytes] = {}
         self.stopping = False
 
     async def run(self, tg: TaskGroup) -> None:
@@ -96,7 +98,16 @@ class Hub:
         tg.start_soon(self._sweep_loop)
 
     # -- sessions ---------------------------------------------------------------------------
-    async def handshake(self, uuid: str, facts: dict[str, Any], labels: dict[str, str], mode: str) -> Session:
+    def authentic(self, msg: dict[str, Any]) -> bool:
+        key = self.keys.get(str(msg.get("uuid")))
+        return key is not None and verify(key, msg)
+
+    def _signed(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return sign(self.keys[msg["uuid"]], msg)
+
+    async def handshake(self, uuid: str, facts: dict[str, Any], labels: dict[str, str], mode: str,
+                        key: bytes) -> Session:
+        self.keys[uuid] = key
         old = self.sessions.get(uuid)
         if old:
             old.close("superseded by a new handshake")
@@ -123,7 +134,8 @@ class Hub:
         msgs, sent = [], []
         for t in tasks:
             if t["cancel_requested"]:
-                msgs.append({"t": "cancel", "uuid": session.uuid, "cmd": t["cmd"], "taskid": t["taskid"], "seq": 0})
+                msgs.append(self._signed({"t": "cancel", "uuid": session.uuid, "cmd": t["cmd"], "taskid": t["taskid"],
+                                          "seq": 0}))
             elif t["status"] in ("pending", "dispatched"):
                 msgs.append(self._task_msg(session.uuid, t["taskid"], t["cmd"], _loads(t["args"]), t["timeout"],
                                            t["deadline"]))
@@ -132,12 +144,12 @@ class Hub:
             session.send(msgs)
             await self.db(self.db.store.mark_dispatched, sent)
 
-    @staticmethod
-    def _task_msg(uuid: str, taskid: str, cmd: str, args: dict[str, Any], timeout: float,
+    def _task_msg(self, uuid: str, taskid: str, cmd: str, args: dict[str, Any], timeout: float,
                   deadline: float) -> dict[str, Any]:
-        # exp and aud make a captured command useless later or for another agent
-        return {"t": "task", "uuid": uuid, "cmd": cmd, "taskid": taskid, "seq": 0,
-                "p": {"args": args, "timeout": timeout, "exp": deadline, "aud": uuid}}
+        # exp and aud make a captured command useless later or for another agent; the MAC
+        # makes it impossible to alter or forge on the way
+        return self._signed({"t": "task", "uuid": uuid, "cmd": cmd, "taskid": taskid, "seq": 0,
+                             "p": {"args": args, "timeout": timeout, "exp": deadline, "aud": uuid}})
 
     # -- runs -------------------------------------------------------------------------------
     async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float) -> dict[str, Any]:
@@ -187,7 +199,8 @@ class Hub:
             if t["status"] == "pending":
                 unreachable.append((t["taskid"], "cancelled", "cancelled before the agent received it"))
             elif session:
-                session.send([{"t": "cancel", "uuid": t["uuid"], "cmd": "", "taskid": t["taskid"], "seq": 0}])
+                session.send([self._signed({"t": "cancel", "uuid": t["uuid"], "cmd": "", "taskid": t["taskid"],
+                                            "seq": 0})])
             # else: the agent may be running it; the cancel goes out when it reconnects
         if unreachable:
             self.notify(await self.db(self.db.store.finish_by_master, unreachable))
@@ -235,7 +248,8 @@ class Hub:
             for uuid, pairs in acks.items():
                 session = self.sessions.get(uuid)
                 if session:
-                    session.send([{"t": "ack", "uuid": uuid, "cmd": "", "taskid": "", "seq": 0, "p": {"ids": pairs}}])
+                    session.send([self._signed({"t": "ack", "uuid": uuid, "cmd": "", "taskid": "", "seq": 0,
+                                                "p": {"ids": pairs}})])
             self.notify(changed)
 
     # -- housekeeping -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from granian.server.embed import Server
 
 from .api import BodyLimit, build_api
 from .asgi import error
-from .bootstrap import Paths, ensure_admin_token, ensure_pki, server_names, write_client_configs
+from .bootstrap import Paths, ensure_admin_token, ensure_e2e_key, ensure_pki, server_names, write_client_configs
 from .channel import ChannelApp
 from .db import Db
 from .hub import Hub
@@ -29,9 +29,9 @@ from .store import Store
 log = logging.getLogger("zy.master")
 
 
-def build_app(hub: Hub, paths: Paths, urls: list[str]) -> Any:
-    channel = ChannelApp(hub, paths)
-    api = BodyLimit(build_api(hub, paths, urls), hub.settings.max_body)
+def build_app(hub: Hub, paths: Paths, urls: list[str], e2e_private: bytes) -> Any:
+    channel = ChannelApp(hub, paths, e2e_private)
+    api = BodyLimit(build_api(hub, paths, urls, e2e_private), hub.settings.max_body)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -126,9 +126,10 @@ async def serve(settings: MasterSettings) -> None:
     ensure_pki(paths, server_names(settings.host, extra))
     store = Store(paths.db)
     admin_token, first_start = ensure_admin_token(store, paths)
+    e2e_private = ensure_e2e_key(paths)
     hub = Hub(Db(store), settings)
     urls: list[str] = []
-    server = _granian(settings, paths, build_app(hub, paths, urls))
+    server = _granian(settings, paths, build_app(hub, paths, urls, e2e_private))
     try:
         async with anyio.create_task_group() as tg:
             await hub.run(tg)

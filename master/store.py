@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS agents (
     uuid TEXT PRIMARY KEY, credential_hash TEXT NOT NULL, token_id TEXT NOT NULL,
     hostname TEXT NOT NULL DEFAULT '', facts TEXT NOT NULL DEFAULT '{}', labels TEXT NOT NULL DEFAULT '{}',
     enrolled_at REAL NOT NULL, last_seen REAL, revoked INTEGER NOT NULL DEFAULT 0,
-    connects INTEGER NOT NULL DEFAULT 0);
+    connects INTEGER NOT NULL DEFAULT 0, e2e_key TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL DEFAULT 'agent');
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, cmd TEXT NOT NULL, args TEXT NOT NULL, timeout REAL NOT NULL,
     created_at REAL NOT NULL, total INTEGER NOT NULL);
@@ -96,14 +96,15 @@ class Store:
 
     # -- agents -----------------------------------------------------------------------------
     def enroll(self, uuid: str, credential_hash: str, token_id: str, facts: dict[str, Any],
-               labels: dict[str, str]) -> None:
+               labels: dict[str, str], e2e_key: bytes, kind: str = "agent") -> None:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             self.db.execute(
-                "INSERT INTO agents(uuid, credential_hash, token_id, hostname, facts, labels, enrolled_at) "
-                "VALUES(?,?,?,?,?,?,?) ON CONFLICT(uuid) DO UPDATE SET credential_hash=excluded.credential_hash",
+                "INSERT INTO agents(uuid, credential_hash, token_id, hostname, facts, labels, enrolled_at, e2e_key, "
+                "kind) VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(uuid) DO UPDATE SET "
+                "credential_hash=excluded.credential_hash, e2e_key=excluded.e2e_key",
                 (uuid, credential_hash, token_id, str(facts.get("hostname", "")), dumps(facts).decode(),
-                 dumps(labels).decode(), time.time()),
+                 dumps(labels).decode(), time.time(), e2e_key.hex(), kind),
             )
             self.db.execute("UPDATE join_tokens SET uses=uses+1 WHERE id=?", (token_id,))
             self.db.execute("COMMIT")

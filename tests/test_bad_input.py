@@ -13,6 +13,7 @@ import pytest
 
 from fleet import ZY, Fleet, Proc
 from hcsdk import AuthError, Client, JoinToken, RequestError, TargetError
+from hcsdk._e2e import b64, new_keypair
 from hcsdk._tls import client_context
 
 
@@ -122,7 +123,8 @@ def _fake_agent(fl: Fleet, client: httpx.Client) -> tuple[str, dict[str, str]]:
     """Enroll a raw HTTP client as an agent (the master is under test here, not the agent)."""
     token = JoinToken.decode(fl.client.create_join_token(ttl=600)["token"])
     uuid = "fake0000-0000-4000-8000-" + str(time.time_ns())[-12:]
-    resp = client.post("/v1/enroll", json={"token": token.credential, "uuid": uuid, "facts": {"hostname": "fake"}})
+    resp = client.post("/v1/enroll", json={"token": token.credential, "uuid": uuid, "facts": {"hostname": "fake"},
+                                           "e2e_pub": b64(new_keypair()[1])})
     assert resp.status_code == 200, resp.text
     headers = {"authorization": f"Bearer {uuid}:{resp.json()['credential']}"}
     return uuid, headers
@@ -178,7 +180,8 @@ def test_expired_and_revoked_join_tokens_are_refused(fl: Fleet) -> None:
 
 def test_a_token_pinning_another_ca_is_refused(fl: Fleet) -> None:
     real = JoinToken.decode(fl.token)
-    forged = JoinToken(urls=real.urls, ca_fingerprint="sha256:" + "0" * 64, token_id=real.token_id,
+    forged = JoinToken(urls=real.urls, ca_fingerprint="sha256:" + "0" * 64, e2e_public=real.e2e_public,
+                       token_id=real.token_id,
                        secret=real.secret)
     proc = _agent_with_token(fl, "mitm-1", forged.encode())
     assert proc.popen.wait(30) == 2
@@ -229,7 +232,8 @@ def test_a_connected_agent_cannot_be_taken_over_by_re_enrolling(fl: Fleet) -> No
     uuid = fl.uuid_of("ok-1")
     ca = (fl.root / "master" / "ca.pem").read_bytes()
     with httpx.Client(base_url=fl.url, verify=client_context(ca), timeout=30) as raw:
-        resp = raw.post("/v1/enroll", json={"token": token.credential, "uuid": uuid, "facts": {}})
+        resp = raw.post("/v1/enroll", json={"token": token.credential, "uuid": uuid, "facts": {},
+                                            "e2e_pub": b64(new_keypair()[1])})
     assert resp.status_code == 403 and "already enrolled" in resp.json()["error"]
     _still_works(fl)
 

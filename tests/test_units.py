@@ -71,7 +71,8 @@ def test_backoff_has_full_jitter_within_a_growing_capped_window() -> None:
 
 
 def test_join_token_round_trip_and_damage() -> None:
-    token = JoinToken(urls=("https://m:8443",), ca_fingerprint="sha256:" + "ab" * 32, token_id="id1", secret="s")
+    token = JoinToken(urls=("https://m:8443",), ca_fingerprint="sha256:" + "ab" * 32, e2e_public="k",
+                      token_id="id1", secret="s")
     assert JoinToken.decode(token.encode()) == token
     with pytest.raises(JoinTokenError, match="zyj1"):
         JoinToken.decode("abc")
@@ -144,3 +145,22 @@ def test_spool_claims_a_taskid_once_and_forgets_only_acknowledged(tmp_path: Path
     assert reopened.claim("t1", "shell") is False
     assert reopened.unacked() == 1 and reopened.interrupted() == []
     reopened.close()
+
+
+def test_e2e_keys_agree_and_macs_catch_alteration() -> None:
+    from hcsdk._e2e import derive_key, new_keypair, sign, verify
+    from hcsdk._wire import loads
+
+    m_priv, m_pub = new_keypair()
+    a_priv, a_pub = new_keypair()
+    key = derive_key(a_priv, m_pub, "agent-1")
+    assert key == derive_key(m_priv, a_pub, "agent-1")
+    assert key != derive_key(m_priv, a_pub, "agent-2")
+    msg = sign(key, {"t": "task", "uuid": "agent-1", "cmd": "shell", "taskid": "r1.0", "seq": 0,
+                     "p": {"args": {"script": "echo ünïcode"}, "timeout": 1.5, "exp": 1e9}})
+    wire = loads(encode_frame(msg)[4:])  # through orjson and back
+    assert verify(key, wire)
+    for field, value in (("cmd", "exec"), ("taskid", "r1.1"), ("uuid", "agent-2")):
+        assert not verify(key, {**wire, field: value})
+    assert not verify(key, {**wire, "p": {**wire["p"], "args": {"script": "rm -rf /"}}})
+    assert not verify(key, {k: v for k, v in wire.items() if k != "m"})

@@ -1,4 +1,5 @@
-"""The agent's connection to its master (or proxy): handshake, then one of two carriers.
+"""The client side of the channel, shared by agents and proxies: handshake, then one of two
+carriers, reconnecting for ever with backoff.
 
 - HTTP/2: one TLS connection, a long-lived downlink stream (GET /v1/channel/down) and a
   long-lived uplink stream (POST /v1/channel/up with a streaming body).
@@ -21,12 +22,12 @@ from typing import Any
 import anyio
 import httpx
 
-from hcsdk._backoff import Backoff
-from hcsdk._http import error_message
-from hcsdk._tls import client_context
-from hcsdk._wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder, encode_frame
+from ._backoff import Backoff
+from ._http import error_message
+from ._tls import client_context
+from ._wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder, encode_frame
 
-log = logging.getLogger("zy.agent.channel")
+log = logging.getLogger("zy.channel")
 
 
 class ChannelLost(Exception):

@@ -1,0 +1,78 @@
+"""End-to-end message authentication between the master and each agent.
+
+Proxies relay messages but may be compromised, so every command (task, cancel, ack) and every
+result (start, out, done) carries ``m``: an HMAC-SHA256 over the envelope, keyed with a secret
+only the master and that agent hold. The key comes from X25519 at enrollment: the agent
+combines its own private key with the master's public key (carried in the join token) and the
+master combines its private key with the agent's public key, so the key itself never crosses
+the wire and a relay cannot compute it.
+
+The MAC covers a canonical JSON form (sorted keys, ASCII, no spaces) computed with the
+standard library on both sides, so orjson and json peers agree byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from typing import Any
+
+__all__ = ["canonical", "derive_key", "new_keypair", "public_key", "sign", "verify"]
+
+_INFO = b"zy e2e v1 "
+
+
+def new_keypair() -> tuple[bytes, bytes]:
+    """(private, public) raw X25519 keys."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    key = X25519PrivateKey.generate()
+    raw = serialization.Encoding.Raw
+    private = key.private_bytes(raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    return private, key.public_key().public_bytes(raw, serialization.PublicFormat.Raw)
+
+
+def public_key(private: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    raw = serialization.Encoding.Raw
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(raw, serialization.PublicFormat.Raw)
+
+
+def derive_key(private: bytes, peer_public: bytes, agent_uuid: str) -> bytes:
+    """The shared 32-byte MAC key of one agent (the same on both ends)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    return HKDF(hashes.SHA256(), 32, salt=None, info=_INFO + agent_uuid.encode()).derive(shared)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def canonical(msg: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in msg.items() if k != "m"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def sign(key: bytes, msg: dict[str, Any]) -> dict[str, Any]:
+    msg["m"] = hmac.new(key, canonical(msg), hashlib.sha256).hexdigest()
+    return msg
+
+
+def verify(key: bytes, msg: dict[str, Any]) -> bool:
+    mac = msg.get("m")
+    if not isinstance(mac, str):
+        return False
+    return hmac.compare_digest(mac, hmac.new(key, canonical(msg), hashlib.sha256).hexdigest())
