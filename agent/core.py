@@ -12,11 +12,11 @@ from anyio.abc import TaskGroup
 
 from hcsdk._channel import Channel, ChannelSettings, Rejected
 from hcsdk._e2e import sign, verify
+from hcsdk._identity import Identity, StateDir
 
 from . import facts as facts_mod
 from .executor import Executor
 from .spool import Spool
-from .state import Identity, StateDir
 
 log = logging.getLogger("zy.agent")
 

@@ -14,6 +14,7 @@ spool after every reconnect. Reconnects back off exponentially with full jitter.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -56,13 +57,16 @@ class Channel:
     """Carries frames between an agent and its upstream.
 
     ``outbox(last_id)`` returns spooled frames after an id, ``on_message(msg)`` handles a
-    downlink message, and ``wake()`` returns an event set when the outbox grows.
+    downlink message, and ``wake()`` returns an event set when the outbox grows. ``on_lost()``
+    runs each time an established connection ends. Several URLs (proxies) are tried in turn,
+    starting at a random one so that agents spread over them.
     """
 
     def __init__(self, uuid: str, credential: str, urls: list[str], ca_pem: bytes,
                  facts: Callable[[], dict[str, Any]], labels: dict[str, str],
                  outbox: Callable[[int], list[tuple[int, bytes]]], on_message: Callable[[dict[str, Any]], None],
-                 wake: Callable[[], anyio.Event], settings: ChannelSettings | None = None):
+                 wake: Callable[[], anyio.Event], settings: ChannelSettings | None = None,
+                 on_lost: Callable[[], None] | None = None):
         self.uuid = uuid
         self.urls = urls
         self.ca_pem = ca_pem
@@ -75,7 +79,12 @@ class Channel:
         self.headers = {"authorization": f"Bearer {uuid}:{credential}"}
         self.mode: str | None = None
         self.connects = 0
-        self._url_index = 0
+        self._url_index = random.randrange(len(urls)) if urls else 0
+        self.on_lost = on_lost or (lambda: None)
+        #: while connected: the client, URL and session id, for requests on the same connection
+        self.client: httpx.AsyncClient | None = None
+        self.url: str | None = None
+        self.sid: str | None = None
         self.max_frame = DEFAULT_MAX_FRAME
         self.heartbeat = self.settings.heartbeat
         self.dead_after = self.settings.dead_after
@@ -129,14 +138,25 @@ class Channel:
             backoff.reset()
             self.connects += 1
             self._last_rx = time.monotonic()
-            if resp.http_version == "HTTP/2":
-                self.mode = "h2"
-                log.info("connected to %s over HTTP/2", url)
-                await self._h2(client, url, info["sid"])
-            else:
-                self.mode = "poll"
-                log.info("connected to %s by HTTP/1.1 polling", url)
-                await self._poll(client, url, info["sid"])
+            self.client, self.url, self.sid = client, url, info["sid"]
+            try:
+                if resp.http_version == "HTTP/2":
+                    self.mode = "h2"
+                    log.info("connected to %s over HTTP/2", url)
+                    await self._h2(client, url, info["sid"])
+                else:
+                    self.mode = "poll"
+                    log.info("connected to %s by HTTP/1.1 polling", url)
+                    await self._poll(client, url, info["sid"])
+            finally:
+                self.client = self.url = self.sid = None
+                self.on_lost()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A request on the live connection (a proxy forwards handshakes this way)."""
+        if self.client is None or self.url is None:
+            raise ChannelLost("not connected upstream")
+        return await self.client.request(method, f"{self.url}{path}", **kwargs)
 
     # -- HTTP/2 -------------------------------------------------------------------------------
     async def _h2(self, client: httpx.AsyncClient, url: str, sid: str) -> None:

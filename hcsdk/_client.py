@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncClient", "Client", "Run"]
 
-INVENTORY_COLUMNS = ["uuid", "hostname", "os", "os_version", "kernel", "arch", "cpus", "mem_total", "ips",
-                     "online", "mode", "last_seen", "labels", "agent_version", "connects", "enrolled_at"]
+INVENTORY_COLUMNS = ["uuid", "hostname", "kind", "os", "os_version", "kernel", "arch", "cpus", "mem_total", "ips",
+                     "online", "mode", "via", "last_seen", "labels", "agent_version", "connects", "enrolled_at"]
 
 
 def _script_args(script: str | bytes | Sequence[str] | None, cmd: str | None,
@@ -101,6 +101,7 @@ class AsyncClient:
             facts = row.get("facts") or {}
             recs.append({**{k: facts.get(k) for k in INVENTORY_COLUMNS}, **{
                 "uuid": row["uuid"], "hostname": row["hostname"], "online": row["online"], "mode": row.get("mode"),
+                "kind": row.get("kind", "agent"), "via": row.get("via", []),
                 "labels": row["labels"], "connects": row["connects"],
                 "last_seen": row["last_seen"], "enrolled_at": row["enrolled_at"]}})
         df = pd.DataFrame.from_records(recs, columns=INVENTORY_COLUMNS)

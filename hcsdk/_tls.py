@@ -9,9 +9,12 @@ import ipaddress
 import re
 import ssl
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ca_fingerprint",
+    "make_csr",
+    "sign_csr",
     "single_cert_pem",
     "client_context",
     "issue_server_cert",
@@ -60,14 +63,23 @@ def make_ca(common_name: str = "zy master CA") -> tuple[bytes, bytes]:
 
 def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, names: list[str]) -> tuple[bytes, bytes]:
     """A server certificate signed by the CA, valid for every DNS name or IP in ``names``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return _issue(ca_cert_pem, ca_key_pem, names, key.public_key()), key_pem
+
+
+def _issue(ca_cert_pem: bytes, ca_key_pem: bytes, names: list[str], public_key: Any) -> bytes:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
     for name in dict.fromkeys(names):
         try:
@@ -78,7 +90,7 @@ def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, names: list[str]) -
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(_now() - dt.timedelta(minutes=5))
         .not_valid_after(_now() + dt.timedelta(days=825))
@@ -87,10 +99,7 @@ def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, names: list[str]) -
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
@@ -111,6 +120,45 @@ def single_cert_pem(pem: bytes | str) -> bytes:
     except binascii.Error as exc:
         raise ValueError(f"certificate is not valid base64: {exc}") from None
     return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+def make_csr(names: list[str]) -> tuple[bytes, bytes]:
+    """A new key and a certificate signing request for ``names`` (a proxy asks the master's CA)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for name in dict.fromkeys(names):
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+           .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+           .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return csr.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes) -> bytes:
+    """A server certificate for the names a CSR asks for, signed by the CA."""
+    from cryptography import x509
+
+    csr = x509.load_pem_x509_csr(csr_pem)
+    if not csr.is_signature_valid:
+        raise ValueError("the CSR's signature does not verify")
+    try:
+        sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise ValueError("the CSR names no host (subjectAltName)") from None
+    names = [str(n.value) for n in sans]
+    return _issue(ca_cert_pem, ca_key_pem, names, csr.public_key())
 
 
 def ca_fingerprint(ca_pem: bytes | str) -> str:

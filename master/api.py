@@ -113,6 +113,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
             session = hub.sessions.get(row["uuid"])
             row["online"] = session is not None
             row["mode"] = session.mode if session else None
+            row["via"] = [_name(hub, v) for v in session.via] if session else []
         return rows
 
     @app.post("/api/v1/runs", dependencies=deps)
@@ -173,6 +174,11 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
         return {"uuid": uuid, action: True}
 
     return app
+
+
+def _name(hub: Hub, uuid: str) -> str:
+    session = hub.sessions.get(uuid)
+    return session.hostname if session and session.hostname else uuid
 
 
 async def _event_stream(hub: Hub, run_id: str, cursor: int) -> AsyncIterator[bytes]:

@@ -21,10 +21,24 @@ from typing import Any
 
 import anyio
 
+from hcsdk._asgi import (
+    BodyTooLarge,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    error,
+    header,
+    query,
+    read_body,
+    respond,
+)
 from hcsdk._e2e import derive_key, unb64
+from hcsdk._mailbox import stream_mailbox
+from hcsdk._tls import sign_csr
 from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_batch, loads
 
-from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, body_chunks, error, header, query, read_body, respond
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, Session
 from .messages import problem
@@ -99,17 +113,31 @@ class ChannelApp:
         if existing and (existing["revoked"] or existing["token_id"] != token_id or existing["connects"] > 0):
             await error(send, 403, f"agent {uuid} is already enrolled; it cannot enroll again", kind="auth")
             return
+        answer: dict[str, Any] = {"uuid": uuid}
+        if kind == "proxy":  # a proxy serves agents over TLS: the master's CA vouches for it
+            try:
+                answer["cert"] = sign_csr(self.paths.ca_cert.read_bytes(), self.paths.ca_key.read_bytes(),
+                                          str(body.get("csr", "")).encode()).decode()
+            except ValueError as exc:
+                await error(send, 400, f"a proxy enrolls with a valid 'csr': {exc}")
+                return
         credential = secrets.token_urlsafe(32)
         await self.hub.db(self.hub.db.store.enroll, uuid, secret_hash(credential), token_id, facts, labels, e2e_key,
                           kind)
-        await respond(send, 200, {"uuid": uuid, "credential": credential})
+        await respond(send, 200, {**answer, "credential": credential})
 
     # -- agent -------------------------------------------------------------------------------
     async def _agent(self, scope: Scope, send: Send) -> dict[str, Any] | None:
         auth = header(scope, b"authorization") or ""
         scheme, _, cred = auth.partition(" ")
+        if scheme.lower() != "bearer":
+            await error(send, 401, "agent credential missing", kind="auth")
+            return None
+        return await self._credential(cred, send)
+
+    async def _credential(self, cred: str, send: Send) -> dict[str, Any] | None:
         uuid, _, secret = cred.partition(":")
-        if scheme.lower() != "bearer" or not uuid or not secret:
+        if not uuid or not secret:
             await error(send, 401, "agent credential missing", kind="auth")
             return None
         row = await self.hub.db(self.hub.db.store.agent, uuid)
@@ -126,15 +154,34 @@ class ChannelApp:
         if row is None:
             return None
         session = self.hub.sessions.get(row["uuid"])
-        if session is None or session.sid != query(scope).get("sid") or session.closed.is_set():
+        if (session is None or session.carrier is not None or session.sid != query(scope).get("sid")
+                or session.closed.is_set()):
             await error(send, 409, "session is gone or superseded; handshake again", kind="session")
             return None
         return session
 
     async def handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A client's handshake, direct or forwarded by a proxy.
+
+        A proxy forwards a handshake with its own credential in Authorization, its session id
+        in ``x-zy-sid``, the client's credential in ``x-zy-agent-auth`` and the proxies on the
+        path in ``x-zy-via``; the client is then reached through that proxy's session."""
         row = await self._agent(scope, send)
         if row is None:
             return
+        carrier: Session | None = None
+        via: list[str] = []
+        relayed = header(scope, b"x-zy-agent-auth")
+        if relayed is not None:
+            carrier = self.hub.sessions.get(row["uuid"])
+            if (carrier is None or carrier.carrier is not None or carrier.kind != "proxy"
+                    or carrier.sid != header(scope, b"x-zy-sid")):
+                await error(send, 409, "forwarding proxy has no live session here; handshake again", kind="session")
+                return
+            row = await self._credential(relayed, send)
+            if row is None:
+                return
+            via = [v for v in (header(scope, b"x-zy-via") or "").split(",") if v]
         body = await self._json(receive, send)
         if body is None:
             return
@@ -142,49 +189,21 @@ class ChannelApp:
         if not isinstance(facts, dict) or not _str_map(labels):
             await error(send, 400, "'facts' must be an object and 'labels' a map of strings")
             return
-        mode = "h2" if scope.get("http_version") == "2" else "poll"
-        session = await self.hub.handshake(row["uuid"], facts, labels, mode, bytes.fromhex(row["e2e_key"]))
+        mode = carrier.mode if carrier else ("h2" if scope.get("http_version") == "2" else "poll")
+        session = await self.hub.handshake(row["uuid"], facts, labels, mode, bytes.fromhex(row["e2e_key"]),
+                                           kind=row.get("kind") or "agent", carrier=carrier, via=via)
         s = self.settings
-        await respond(send, 200, {"sid": session.sid, "mode": mode, "heartbeat": s.heartbeat,
+        await respond(send, 200, {"uuid": session.uuid, "sid": session.sid, "mode": mode, "heartbeat": s.heartbeat,
                                   "dead_after": s.dead_after, "poll_wait": s.poll_wait, "max_frame": s.max_frame})
 
     async def down(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = await self._session(scope, send)
         if session is None:
             return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/x-zy-frames")]})
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_disconnect, receive, session)
-                await self._write_down(session, send)
-                tg.cancel_scope.cancel()
+            await stream_mailbox(session, receive, send, self.settings.heartbeat, self.settings.max_frame)
         finally:
             self.hub.session_ended(session)
-        try:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except Exception:  # the peer is already gone
-            pass
-
-    async def _watch_disconnect(self, receive: Receive, session: Session) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        session.close("agent disconnected")
-
-    async def _write_down(self, session: Session, send: Send) -> None:
-        hb = {"t": "hb", "uuid": session.uuid, "cmd": "", "taskid": "", "seq": 0}
-        while not session.closed.is_set():
-            with anyio.move_on_after(self.settings.heartbeat):
-                await session.wake.wait()
-            if session.closed.is_set():
-                return
-            msgs = session.take() or [hb]
-            try:
-                await send({"type": "http.response.body", "body": encode_batch(msgs, self.settings.max_frame),
-                            "more_body": True})
-            except Exception:
-                session.close("write to agent failed")
-                return
 
     async def up(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = await self._session(scope, send)
@@ -233,7 +252,17 @@ class ChannelApp:
             reason = problem(msg)
             if reason:
                 raise FrameError(f"malformed {msg['t']!r} message: {reason}")
-            if msg["t"] == "hb":
+            kind, uuid = msg["t"], str(msg.get("uuid"))
+            if kind == "hb":
+                continue
+            target = self.hub.carried(session, uuid)
+            if kind == "bye":  # a proxy says a client behind it went away
+                if target is not None and target is not session:
+                    self.hub.session_ended(target, reason="it left its proxy")
+                continue
+            if target is None:
+                self.hub.stats["rejected"] += 1
+                log.warning("dropped a %r message for %s from %s, which does not carry it", kind, uuid, session.uuid)
                 continue
             if not self.hub.authentic(msg):
                 # altered, forged, or signed with another agent's key: never stored, never acked
@@ -241,7 +270,8 @@ class ChannelApp:
                 log.warning("rejected a %r message for task %r: bad MAC (altered or forged in transit?)",
                             msg["t"], msg.get("taskid"))
                 continue
-            await self.hub.ingest(session.uuid, msg)
+            self.hub.touch(target)
+            await self.hub.ingest(uuid, msg)
 
     async def _json(self, receive: Receive, send: Send) -> dict[str, Any] | None:
         raw = await read_body(receive, self.settings.max_body)

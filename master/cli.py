@@ -59,7 +59,9 @@ def _main(args: argparse.Namespace) -> int:
         startup_grace=args.startup_grace,
         max_frame=args.max_frame, write_user_config=not args.no_user_config,
     )
-    from .server import StartupError, serve
+    from hcsdk._serve import StartupError
+
+    from .server import serve
 
     try:
         anyio.run(serve, settings)

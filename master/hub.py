@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from hcsdk._e2e import sign, verify
+from hcsdk._mailbox import Mailbox
 from hcsdk._wire import dumps
 
 from .db import Db
@@ -29,41 +28,31 @@ KNOWN_CMDS = ("shell", "exec", "ping", "facts")
 log = logging.getLogger("zy.master.hub")
 
 
-@dataclass(eq=False)
-class Session:
-    """One connected agent. Its outbox is volatile: anything lost with it is redelivered
-    from the store on the agent's next handshake."""
+class Session(Mailbox):
+    """One connected agent or proxy. Its outbox is volatile: anything lost with it is
+    redelivered from the store on the agent's next handshake.
 
-    uuid: str
-    sid: str
-    hostname: str
-    mode: str
-    last_rx: float = field(default_factory=time.monotonic)
-    outbox: deque[dict[str, Any]] = field(default_factory=deque)
-    wake: anyio.Event = field(default_factory=anyio.Event)
-    closed: anyio.Event = field(default_factory=anyio.Event)
-    close_reason: str = ""
+    An agent behind proxies has a ``carrier``: the session of the proxy connected to this
+    master that relays for it; what is sent to the agent goes into the carrier's outbox, routed
+    by uuid. ``via`` lists the proxies on the path, nearest the master first."""
+
+    def __init__(self, uuid: str, sid: str, hostname: str, mode: str, kind: str = "agent",
+                 carrier: Session | None = None, via: list[str] | None = None) -> None:
+        super().__init__(uuid)
+        self.sid = sid
+        self.hostname = hostname
+        self.mode = mode
+        self.kind = kind
+        self.carrier = carrier
+        self.via = list(via or [])
+        self.children: set[str] = set()
+        self.last_rx = time.monotonic()
 
     def send(self, msgs: list[dict[str, Any]]) -> None:
-        self.outbox.extend(msgs)
-        self.wake.set()
-
-    def close(self, reason: str) -> None:
-        if not self.closed.is_set():
-            self.close_reason = reason
-            self.closed.set()
-            self.wake.set()
-
-    def take(self, max_bytes: int = 256 * 1024) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        size = 0
-        while self.outbox and size < max_bytes:
-            msg = self.outbox.popleft()
-            out.append(msg)
-            size += 64 + len(dumps(msg.get("p") or {}))
-        if not self.outbox:
-            self.wake = anyio.Event()
-        return out
+        if self.carrier is not None:
+            self.carrier.send(msgs)
+        else:
+            super().send(msgs)
 
 
 class RequestRejected(ValueError):
@@ -106,24 +95,43 @@ class Hub:
         return sign(self.keys[msg["uuid"]], msg)
 
     async def handshake(self, uuid: str, facts: dict[str, Any], labels: dict[str, str], mode: str,
-                        key: bytes) -> Session:
+                        key: bytes, kind: str = "agent", carrier: Session | None = None,
+                        via: list[str] | None = None) -> Session:
         self.keys[uuid] = key
         old = self.sessions.get(uuid)
         if old:
-            old.close("superseded by a new handshake")
-        session = Session(uuid=uuid, sid=secrets.token_hex(8), hostname=str(facts.get("hostname", "")), mode=mode)
+            self.session_ended(old, reason="superseded by a new handshake", offline=False)
+        session = Session(uuid=uuid, sid=secrets.token_hex(8), hostname=str(facts.get("hostname", "")), mode=mode,
+                          kind=kind, carrier=carrier, via=list(via or []))
+        if carrier is not None:
+            carrier.children.add(uuid)
         self.sessions[uuid] = session
         self.offline_since.pop(uuid, None)
         await self.db(self.db.store.agent_connected, uuid, facts, labels)
         await self._redeliver(session)
         return session
 
-    def session_ended(self, session: Session) -> None:
-        session.close("channel ended")
+    def session_ended(self, session: Session, reason: str = "channel ended", offline: bool = True) -> None:
+        """A session is over; so is every session a proxy session was carrying."""
+        session.close(reason)
+        if session.carrier is not None:
+            session.carrier.children.discard(session.uuid)
+        for child_uuid in list(session.children):
+            child = self.sessions.get(child_uuid)
+            if child is not None and child.carrier is session:
+                self.session_ended(child, reason=f"its proxy {session.hostname or session.uuid} went away")
+        session.children.clear()
         if self.sessions.get(session.uuid) is session:
             del self.sessions[session.uuid]
-            if not self.stopping:
+            if offline and not self.stopping:
                 self.offline_since[session.uuid] = time.monotonic()
+
+    def carried(self, carrier: Session, uuid: str) -> Session | None:
+        """The session of ``uuid`` if ``carrier`` is the connection that relays for it."""
+        session = self.sessions.get(uuid)
+        if session is None:
+            return None
+        return session if session is carrier or session.carrier is carrier else None
 
     def touch(self, session: Session) -> None:
         session.last_rx = time.monotonic()
@@ -162,7 +170,7 @@ class Hub:
         if size > self.settings.max_frame - 1024:
             raise RequestRejected(f"the command's arguments take {size} bytes; at most "
                                   f"{self.settings.max_frame - 1024} fit in one message", status=413)
-        agents = await self.db(self.db.store.agents)
+        agents = [a for a in await self.db(self.db.store.agents) if a.get("kind", "agent") == "agent"]
         try:
             chosen = resolve(targets, agents)
         except ValueError as exc:
@@ -270,7 +278,7 @@ class Hub:
             return
         now = time.monotonic()
         for session in list(self.sessions.values()):
-            if now - session.last_rx > self.settings.dead_after:
+            if session.carrier is None and now - session.last_rx > self.settings.dead_after:
                 session.close(f"no traffic for {self.settings.dead_after:.0f}s")
                 self.session_ended(session)
         if self._seen:

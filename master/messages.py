@@ -18,8 +18,8 @@ def _num(value: Any) -> bool:
 def problem(msg: dict[str, Any]) -> str | None:
     """Why an uplink message is malformed, or None when it is fine."""
     kind = msg["t"]
-    if kind == "hb":
-        return None
+    if kind in ("hb", "bye"):
+        return None if isinstance(msg.get("uuid"), str) else "uuid must be a string"
     taskid, seq, p = msg.get("taskid"), msg.get("seq"), msg.get("p")
     if not isinstance(taskid, str) or not 0 < len(taskid) <= 128:
         return "taskid must be a string of 1-128 characters"

@@ -6,12 +6,11 @@ import ssl
 
 import httpx
 
-from hcsdk._e2e import b64, derive_key, new_keypair, unb64
-from hcsdk._http import error_message
-from hcsdk._jointoken import JoinToken
-from hcsdk._tls import ca_fingerprint, client_context, single_cert_pem
-
-from .state import Identity, StateDir
+from ._e2e import b64, derive_key, new_keypair, unb64
+from ._http import error_message
+from ._identity import Identity, StateDir
+from ._jointoken import JoinToken
+from ._tls import ca_fingerprint, client_context, single_cert_pem
 
 
 class EnrollError(Exception):
@@ -28,9 +27,13 @@ def _unverified() -> ssl.SSLContext:
 
 
 async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict[str, object],
-                 labels: dict[str, str], kind: str = "agent") -> Identity:
+                 labels: dict[str, str], kind: str = "agent", urls: list[str] | None = None,
+                 csr: bytes | None = None) -> Identity:
+    """Enroll once with the master (directly or through proxies at ``urls``).
+
+    A proxy sends ``csr`` and gets a server certificate from the master's CA (``tls.pem``)."""
     errors = []
-    for url in token.urls:
+    for url in urls or token.urls:
         try:
             async with httpx.AsyncClient(verify=_unverified(), timeout=15) as probe:
                 resp = await probe.get(f"{url}/v1/ca")
@@ -47,7 +50,7 @@ async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict
             async with httpx.AsyncClient(verify=client_context(ca_pem), timeout=15) as client:
                 resp = await client.post(f"{url}/v1/enroll", json={
                     "token": token.credential, "uuid": ident.uuid, "facts": facts, "labels": labels,
-                    "kind": kind, "e2e_pub": b64(public)})
+                    "kind": kind, "e2e_pub": b64(public), **({"csr": csr.decode()} if csr else {})})
             if resp.status_code in (401, 403):
                 raise EnrollError(f"master refused the join token: {error_message(resp)}")
             resp.raise_for_status()
@@ -55,8 +58,11 @@ async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict
             errors.append(f"{url}: {exc}")
             continue
         state.ca_path.write_bytes(ca_pem)
-        ident.credential = resp.json()["credential"]
-        ident.urls = list(token.urls)
+        answer = resp.json()
+        if csr is not None:
+            (state.root / "tls.pem").write_text(answer["cert"])
+        ident.credential = answer["credential"]
+        ident.urls = list(urls or token.urls)
         ident.ca_fingerprint = token.ca_fingerprint
         ident.labels = labels
         ident.e2e_key = derive_key(private, unb64(token.e2e_public), ident.uuid).hex()

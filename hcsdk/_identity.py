@@ -1,4 +1,5 @@
-"""The agent's state directory: identity (uuid, credential), the pinned CA, and the spool."""
+"""A channel client's state directory (agents and proxies): identity (uuid, credential, end-to-end
+key), the pinned CA, and (for agents) the spool."""
 
 from __future__ import annotations
 

@@ -1,0 +1,87 @@
+"""Serving an ASGI app the way master and proxy both do: granian embedded in the caller's
+event loop, TLS with ALPN (h2 unless refused), limits set for long-lived channels, the real
+port read back after binding, a data directory held by one process at a time."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+__all__ = ["StartupError", "bound_port", "check_port_free", "granian_server", "lock_dir"]
+
+
+class StartupError(Exception):
+    """A service cannot start; the message says why and what to do."""
+
+
+def granian_server(app: Any, host: str, port: int, cert: Path, key: Path, *, http2: bool, heartbeat: float,
+                   dead_after: float) -> Any:
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings, HTTP2Settings
+    from granian.server.embed import Server
+
+    # Long-lived channels: pings keep NATs and middleboxes from silently dropping idle
+    # connections, and the stream limit leaves room for the two channel streams plus API use.
+    h2 = HTTP2Settings(
+        keep_alive_interval=int(heartbeat * 1000),
+        keep_alive_timeout=int(dead_after),
+        max_concurrent_streams=256,
+        initial_connection_window_size=4 * 1024 * 1024,
+        initial_stream_window_size=1024 * 1024,
+    )
+    h1 = HTTP1Settings(header_read_timeout=30_000, keep_alive=True)
+    return Server(
+        app, address=host, port=port, interface=Interfaces.ASGINL,
+        http=HTTPModes.auto if http2 else HTTPModes.http1,
+        http1_settings=h1, http2_settings=h2, backlog=4096,
+        ssl_cert=cert.resolve(), ssl_key=key.resolve(),
+        log_enabled=False, websockets=False,
+    )
+
+
+async def bound_port(timeout: float = 10.0) -> int:
+    """The port this process listens on (for --listen HOST:0)."""
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    with anyio.fail_after(timeout):
+        while True:
+            for conn in me.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    return int(conn.laddr.port)
+            await anyio.sleep(0.02)
+
+
+def check_port_free(host: str, port: int) -> None:
+    # granian binds with SO_REUSEPORT, so a second server on a taken port would silently share
+    # it with the first. A plain bind without that option tells the truth.
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror} (already in use?)") from None
+
+
+def lock_dir(root: Path, what: str) -> Any:
+    """Hold ``root/<what>.lock`` for the life of the process; refuse if another process does."""
+    root.mkdir(parents=True, exist_ok=True)
+    fh = open(root / f"{what}.lock", "a+")  # held for the life of the process
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        raise StartupError(f"another {what} is running on {root} (pid {fh.read().strip() or '?'})") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
