@@ -87,6 +87,9 @@ async def _amain(args: argparse.Namespace) -> int:
     print(f"zy agent: {ident.uuid} connecting to {', '.join(ident.urls)}", flush=True)
     try:
         await Agent(state, ident, hostname=args.hostname, settings=settings, output_cap=args.output_cap).run()
+    except ValueError as exc:  # a state dir from an older version
+        print(f"zy agent: {exc}", file=sys.stderr)
+        return 2
     except Rejected as exc:
         print(f"zy agent: the master refused this agent: {exc}", file=sys.stderr)
         return 3

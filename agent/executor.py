@@ -96,9 +96,12 @@ class Executor:
         """Report tasks that were running when the agent stopped: they cannot be resumed.
         Their process groups, if still alive, are killed rather than left orphaned."""
         for taskid, cmd, pgid, received_at in interrupted:
+            groups = set(_task_process_groups(self.uuid, taskid))
             if pgid and _started_after(pgid, received_at - 1):
+                groups.add(pgid)
+            for group in groups:
                 try:
-                    os.killpg(pgid, signal.SIGKILL)
+                    os.killpg(group, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
             task = Task(taskid=taskid, cmd=cmd, args={}, timeout=0, seq=RECOVERY_SEQ)
@@ -230,6 +233,24 @@ class Executor:
         # JSON can grow a character to six bytes (\u0000): pieces this size always fit a frame
         for i in range(0, len(text), OUT_PIECE_CHARS):
             self._emit(task, "out", {"stream": stream, "data": text[i : i + OUT_PIECE_CHARS]})
+
+
+def _task_process_groups(uuid: str, taskid: str) -> list[int]:
+    """Process groups of processes started for this task: they carry ZY_UUID and ZY_TASKID in
+    their environment (found even when the agent died before it could note their pid)."""
+    marks = (f"ZY_UUID={uuid}".encode(), f"ZY_TASKID={taskid}".encode())
+    groups = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+            if all(mark in env for mark in marks):
+                groups.append(os.getpgid(int(entry)))
+        except (OSError, ProcessLookupError):
+            continue
+    return groups
 
 
 def _started_after(pid: int, when: float) -> bool:

@@ -74,6 +74,7 @@ class AsyncRun:
         self._complete = False
         self._lock = anyio.Lock()
         self._reconnect_timeout = reconnect_timeout
+        self._last_ok = time.monotonic()
 
     def __repr__(self) -> str:
         return f"<AsyncRun {self.id} {self.cmd} targets={len(self._rows)} {self.counts()}>"
@@ -98,15 +99,16 @@ class AsyncRun:
         """Events as they arrive, resuming after a dropped connection or a master restart."""
         async with self._lock:
             backoff = Backoff(0.2, 5.0)
-            last_ok = time.monotonic()
+            self._last_ok = time.monotonic()
             while not self._complete:
                 try:
                     async for event in self._stream():
-                        last_ok = time.monotonic()
                         backoff.reset()
                         yield event
                 except MasterUnreachable:
-                    if time.monotonic() - last_ok > self._reconnect_timeout:
+                    # counted from the last sign of life, keep-alives included: a quiet command
+                    # outlives a master restart as well as a chatty one
+                    if time.monotonic() - self._last_ok > self._reconnect_timeout:
                         raise
                     await anyio.sleep(backoff.next_delay())
 
@@ -118,7 +120,9 @@ class AsyncRun:
                 if resp.status_code != 200:
                     await resp.aread()
                     self._client._check(resp)
+                self._last_ok = time.monotonic()
                 async for line in resp.aiter_lines():
+                    self._last_ok = time.monotonic()
                     if not line.strip():
                         continue
                     rec = loads(line)
@@ -149,12 +153,12 @@ class AsyncRun:
             return Event(kind=stream, uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq,
                          data=data.get("data", ""))
         if kind == "done":
-            row.status = data.get("status", "error")
             row.exit_code = data.get("exit_code")
             row.started_at = row.started_at or data.get("started_at")
             row.finished_at = data.get("finished_at") or time.time()
             row.error = data.get("error")
             row.truncated = data.get("truncated") or {}
+            row.status = data.get("status", "error")  # last: readers in other threads key on it
             return Event(kind="done", uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq,
                          status=row.status, exit_code=row.exit_code, error=row.error)
         return None

@@ -166,7 +166,12 @@ class LocalFleet:
 
     def wait_online(self, *names: str, timeout: float = 30) -> None:
         wanted = set(names or self.agents)
-        wait_for(lambda: wanted <= self.online(), timeout, f"agents {sorted(wanted)} online")
+        try:
+            wait_for(lambda: wanted <= self.online(), timeout, f"agents {sorted(wanted)} online")
+        except AssertionError as exc:
+            dead = [n for n in sorted(wanted) if n in self.agents and not self.agents[n].alive]
+            tails = "".join(f"\n--- {n} exited:\n{self.agents[n].output()[-1500:]}" for n in dead)
+            raise AssertionError(f"{exc}{tails}") from None
 
     def wait_offline(self, name: str, timeout: float = 30) -> None:
         wait_for(lambda: name not in self.online(), timeout, f"agent {name} offline")

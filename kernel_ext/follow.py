@@ -59,7 +59,9 @@ class BackgroundRun:
 
     def __repr__(self) -> str:
         counts = self.run.counts()
-        return f"<zyrun {self.run.id} {'done' if self.done else 'running'} {counts}>"
+        error = self._follower.error
+        state = f"failed: {error}" if error is not None else ("done" if self.done else "running")
+        return f"<zyrun {self.run.id} {state} {counts}>"
 
     @property
     def id(self) -> str:

@@ -8,6 +8,8 @@ Errors a person can act on (unknown target, master unreachable, auth) are one-li
 from __future__ import annotations
 
 import argparse
+import keyword
+import re
 import shlex
 from typing import Any
 
@@ -141,28 +143,34 @@ class ZyRun(Magics):
     @no_var_expand  # IPython would expand $VAR in the line; those belong to the shell
     @line_cell_magic
     def zyrun(self, line: str, cell: str | None = None) -> Any:
+        options, command = split_line(line)
         try:
-            line = interpolate(line, self._ns)
-        except InterpolationError as exc:
-            raise UsageError(str(exc)) from None
-        # on the line, everything after " -- " is the command, verbatim (quotes and all)
-        options, sep, verbatim = line.partition(" -- ") if not line.startswith("-- ") else ("", "--", line[3:])
-        try:
-            args = _parser().parse_args(shlex.split(options))
-        except _HelpShown:  # argparse has printed the help
-            return None
+            # split first, then expand each word: a value with spaces stays one option
+            words = [self._expand(w) for w in shlex.split(options)]
         except ValueError as exc:  # shlex: unbalanced quotes
             raise UsageError(f"cannot parse the options: {exc}") from None
-        if cell is None:  # the line was expanded already
-            body = verbatim if sep else shlex.join(args.command)
-        else:
-            try:
-                body = interpolate(cell, self._ns)
-            except InterpolationError as exc:
-                raise UsageError(str(exc)) from None
+        try:
+            args = _parser().parse_args(words)
+        except _HelpShown:  # argparse has printed the help
+            return None
+        if args.command:
+            raise UsageError(f"unexpected words on the line: {' '.join(args.command)!r} "
+                             "(the command goes after --, or in the cell)")
+        if cell is not None and command.strip():
+            raise UsageError(f"unexpected words on the %%zyrun line: {command.strip()!r} (the command goes in "
+                             "the cell)")
+        body = self._expand(command if cell is None else cell)
         if not body.strip() and args.cmd in ("shell", "exec"):
             raise UsageError("nothing to run: give a cell body, or a command after -- on the line")
+        if args.out and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
+            raise UsageError(f"-o wants a variable name, got {args.out!r}")
         return self._run(args, body)
+
+    def _expand(self, text: str) -> str:
+        try:
+            return interpolate(text, self._ns)
+        except InterpolationError as exc:
+            raise UsageError(str(exc)) from None
 
     def _targets(self, spec: str | None) -> Any:
         spec = spec or self.targets
@@ -180,7 +188,10 @@ class ZyRun(Magics):
 
     def _payload(self, cmd: str, body: str) -> Any:
         if cmd == "exec":
-            return shlex.split(body)
+            try:
+                return shlex.split(body)
+            except ValueError as exc:
+                raise UsageError(f"cannot split the exec command into words: {exc}") from None
         if cmd == "shell":
             return body
         return None
@@ -201,7 +212,7 @@ class ZyRun(Magics):
         # From here on the run exists on the master: an interrupt anywhere must cancel it.
         follower: Follower | None = None
         try:
-            view = self._view(run, args.quiet, widgets)
+            view = self._view(run, args.quiet or (args.bg and not widgets), widgets)
             follower = Follower(run, view, self.update_interval, render_in_thread=args.bg)
             if args.bg:
                 handle = BackgroundRun(run, follower)
@@ -212,7 +223,13 @@ class ZyRun(Magics):
             self._interrupted(run, follower)
             raise
         except ZyError as exc:
-            raise UsageError(f"run {run.id}: {exc}") from None
+            self._ns["_zy"] = run.snapshot()  # what arrived before the trouble is kept
+            raise UsageError(f"run {run.id}: {exc} (results so far are in _zy)") from None
+        except Exception:
+            # a bug of ours must not leave commands running on the targets
+            self._ns["_zy"] = run.snapshot()
+            _cancel_quietly(run)
+            raise
         df = run.snapshot()
         self._bind(args, df)
         if args.show_output or self.show_output:
@@ -226,7 +243,7 @@ class ZyRun(Magics):
             view = WidgetView(run, self.table_rows)
             view.show()
             return view
-        return TextView(run)
+        return TextView(run, live=type(self.shell).__name__ == "ZMQInteractiveShell")
 
     def _widgets_wanted(self) -> bool:
         if self.widgets == "off":
@@ -244,6 +261,13 @@ class ZyRun(Magics):
     def _interrupted(self, run: Any, follower: Follower | None) -> None:
         """Ctrl-C / the stop button: cancel on the master, so nothing keeps running on hosts."""
         try:
+            self._cancel_and_wait(run, follower)
+        except KeyboardInterrupt:  # impatient second Ctrl-C: the cancel has been sent already
+            print(f"zyrun: interrupted; cancel of run {run.id} sent to the master")
+        self._ns["_zy"] = run.snapshot()
+
+    def _cancel_and_wait(self, run: Any, follower: Follower | None) -> None:
+        try:
             n = run.cancel()
             if follower is not None:
                 follower.done.wait(15)
@@ -253,14 +277,35 @@ class ZyRun(Magics):
             print(f"zyrun: interrupted; cancelled run {run.id} on the master ({n} targets were still running)")
         except Exception as exc:  # the master may be the reason for the interrupt
             print(f"zyrun: interrupted, but cancelling run {run.id} failed: {exc}")
-        self._ns["_zy"] = run.snapshot()
 
     def _bind(self, args: argparse.Namespace, value: Any) -> None:
         self._ns["_zy"] = value
         if args.out:
-            if not args.out.isidentifier():
-                raise UsageError(f"-o wants a variable name, got {args.out!r}")
             self._ns[args.out] = value
 
 
 ZyRun.zyrun.__doc__ = USAGE
+
+_OPTION = re.compile(r"""\s*(?:(?:-t|--targets|--cmd|--timeout|-o|--out)(?:\s+|=)(?:"[^"]*"|'[^']*'|\S+)"""
+                     r"""|--bg|--quiet|--show-output|-h|--help)(?=\s|$)""")
+
+
+def split_line(line: str) -> tuple[str, str]:
+    """The options at the start of a %zyrun line, and the command after them, verbatim
+    (quotes, pipes and $VARs untouched; a leading ``--`` is dropped)."""
+    pos = 0
+    while match := _OPTION.match(line, pos):
+        pos = match.end()
+    rest = line[pos:].lstrip()
+    if rest == "--" or rest.startswith("-- "):
+        rest = rest[2:].lstrip()
+    elif rest.startswith("-"):  # an unknown option: let argparse say so
+        return line, ""
+    return line[:pos], rest
+
+
+def _cancel_quietly(run: Any) -> None:
+    try:
+        run.cancel()
+    except Exception:  # already failing; the original error matters more
+        pass

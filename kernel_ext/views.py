@@ -52,18 +52,27 @@ class NullView(View):
 
 
 class TextView(View):
-    """One progress line, rewritten in place on a terminal; one line per update elsewhere."""
+    """One progress line: rewritten in place on a terminal, or (``live`` in a kernel) a display
+    updated in place by its display_id; elsewhere just the final line."""
 
-    def __init__(self, run: Any, stream: Any = None):
+    def __init__(self, run: Any, stream: Any = None, live: bool = False):
         super().__init__(run)
         self.stream = stream or sys.stdout
         self._last = ""
+        self._handle: Any = None
+        if live:
+            from IPython.display import display
+
+            self._handle = display({"text/plain": progress_line(run, 0.0)}, raw=True, display_id=True)
 
     def _render(self, final: bool) -> None:
         line = progress_line(self.run, self.elapsed)
         if line == self._last and not final:
             return
         self._last = line
+        if self._handle is not None:
+            self._handle.update({"text/plain": line}, raw=True)
+            return
         tty = getattr(self.stream, "isatty", lambda: False)()
         if tty:
             self.stream.write("\r" + line + ("\n" if final else ""))
@@ -86,6 +95,7 @@ class WidgetView(View):
         self.table = w.HTML()
         self.box = w.VBox([w.HBox([self.bar, self.label]), self.table])
         self._display_id: Any = None
+        self._shown_counts: dict[str, int] | None = None
 
     def show(self) -> None:
         from IPython.display import display
@@ -106,7 +116,9 @@ class WidgetView(View):
             bad = any(k not in ("ok", "pending") for k in counts)
             self.bar.bar_style = "warning" if bad else "success"
         self.label.value = _counts_html(counts, self.run.done, self.elapsed)
-        self.table.value = _table_html(self.run.snapshot(), self.max_rows)
+        if counts != self._shown_counts or final:  # the table only changes when a target ends
+            self._shown_counts = counts
+            self.table.value = _table_html(self.run.snapshot(), self.max_rows)
         if final and self._display_id is not None:
             self._display_id.update(self._bundle(), raw=True)
 

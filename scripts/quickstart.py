@@ -59,10 +59,26 @@ def execute(notebook: Path, out: Path, config: str) -> bool:
         return False
     finally:
         if target.exists():
-            subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(target), "--log-level", "WARN"],
-                           check=False)
+            html_copy(target)
     print(f"{notebook.name}: executed in {time.perf_counter() - t0:.1f}s -> {target} and {target.with_suffix('.html')}")
     return True
+
+
+def html_copy(notebook: Path) -> None:
+    """An HTML copy that reads offline: live widgets need a kernel, so the HTML shows the text
+    progress line each widget display carries instead."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            out.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+    nb.metadata.pop("widgets", None)
+    static = notebook.with_suffix(".static.ipynb")
+    nbformat.write(nb, static)
+    subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(static), "--output",
+                    notebook.with_suffix(".html").name, "--log-level", "WARN"], check=False)
+    static.unlink()
 
 
 if __name__ == "__main__":

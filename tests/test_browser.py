@@ -101,6 +101,7 @@ def test_quickstart_in_jupyterlab_renders_the_widget_and_the_dataframe(lab: str,
             expect(out.locator(".widget-html", has_text="done")).to_be_visible()
             expect(out.locator("table.zyrun-table tr")).to_have_count(4)  # a header and 3 targets
             expect(out.locator("table.dataframe")).to_be_visible()  # the DataFrame, rendered
+            expect(out.locator("table.dataframe tbody tr")).to_have_count(3)
             expect(out.filter(has_text="Loading widget")).to_have_count(0)
             # Run All went through to the last cell without an error anywhere
             last = panel.locator(".jp-CodeCell").last

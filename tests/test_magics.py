@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 from IPython.core.error import UsageError
 
-from fleet import Fleet
+from fleet import Fleet, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +74,36 @@ def test_interpolation_and_escaping(ip: Any) -> None:
     assert df.loc[0, "stdout"] == "spam 6 {literal} home-set web-1\n1\n"
     df = run(ip, "%zyrun -t web-{n} -- echo '{word}' \"$ZY_HOSTNAME; ok\"")
     assert df.loc[0, "stdout"] == "spam web-3; ok\n"
+    df = run(ip, "%zyrun -t web-1 echo $ZY_HOSTNAME | tr a-z A-Z")  # verbatim without -- too
+    assert df.loc[0, "stdout"] == "WEB-1\n"
+    ip.user_ns["sel"] = "label:role=web, idc=hk"  # a value with a space stays one option
+    df = run(ip, "%zyrun -t {sel} --quiet -- true")
+    assert df is None and set(ip.user_ns["_zy"]["hostname"]) == {"web-1", "web-2"}
     with pytest.raises(UsageError, match="cannot expand {nothing_here}"):
         run(ip, "%%zyrun -t web-1\necho {nothing_here}")
 
 
-def test_bg_returns_at_once_and_fills_in(ip: Any) -> None:
-    handle = run(ip, "%%zyrun -t web-* --bg -o job\nsleep 1.5; echo late")
+def test_bg_returns_at_once_and_fills_in(ip: Any, tmp_path: Path) -> None:
+    gate = tmp_path / "go"
+    handle = run(ip, f"%%zyrun -t web-* --bg -o job\n"
+                     f"[ $ZY_HOSTNAME = web-1 ] || while [ ! -e {gate} ]; do sleep 0.1; done; echo late")
     assert not handle.done
-    assert handle.df["status"].isna().all()
     assert ip.user_ns["job"] is handle and ip.user_ns["_zy"] is handle
     run(ip, "x = 1 + 1")  # the user works in other cells meanwhile
+    # web-1 is done while the others wait for the gate: the handle's DataFrame is half full
+    wait_for(lambda: (handle.df["status"] == "ok").sum() == 1, 30, "web-1's row to fill in")
+    assert handle.df["status"].isna().sum() == 2 and not handle.done
+    gate.touch()
     df = handle.wait(30)
     assert handle.done and (df["status"] == "ok").all() and (df["stdout"] == "late\n").all()
-    assert (handle.df["stdout"] == "late\n").all()
+    assert "done" in repr(handle)
+
+
+def test_bg_handle_cancels(ip: Any) -> None:
+    handle = run(ip, "%%zyrun -t db-1 --bg\nsleep 300")
+    wait_for(lambda: handle.run.snapshot()["started_at"].notna().all(), 30, "the command to start")
+    assert handle.cancel() == 1
+    assert list(handle.wait(30)["status"]) == ["cancelled"]
 
 
 def test_text_progress_line_stands_in_without_widgets(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -121,6 +139,12 @@ def test_errors_are_one_line_usage_errors(ip: Any, fleet4: Fleet) -> None:
         run(ip, "%%zyrun -t web-1\n   ")
     with pytest.raises(UsageError, match="unrecognized arguments: --frobnicate"):
         run(ip, "%%zyrun -t web-1 --frobnicate\ntrue")
+    with pytest.raises(UsageError, match="unexpected words on the %%zyrun line: .stray words."):
+        run(ip, "%%zyrun -t web-1 stray words\ntrue")
+    with pytest.raises(UsageError, match="-o wants a variable name, got 'class'"):
+        run(ip, "%%zyrun -t web-1 -o class\ntouch /tmp/zy-should-not-run")
+    with pytest.raises(UsageError, match="cannot split the exec command"):
+        run(ip, "%zyrun -t web-1 --cmd exec -- echo 'unbalanced")
     with pytest.raises(UsageError, match="refused the request \\(401\\)"):
         run(ip, f"%zyconnect {fleet4.url} --token nope --ca {fleet4.root / 'master' / 'ca.pem'}")
     with pytest.raises(UsageError, match="cannot reach the master"):
