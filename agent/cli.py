@@ -56,11 +56,11 @@ def _main(args: argparse.Namespace) -> int:
 
 
 async def _amain(args: argparse.Namespace) -> int:
+    from hcsdk import _facts as facts
     from hcsdk._channel import ChannelSettings, Rejected
     from hcsdk._enroll import EnrollError, enroll
     from hcsdk._identity import StateDir
 
-    from . import facts
     from .core import Agent
 
     state = StateDir(args.state_dir)

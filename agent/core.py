@@ -10,11 +10,11 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from hcsdk import _facts as facts_mod
 from hcsdk._channel import Channel, ChannelSettings, Rejected
 from hcsdk._e2e import sign, verify
 from hcsdk._identity import Identity, StateDir
 
-from . import facts as facts_mod
 from .executor import Executor
 from .spool import Spool
 
@@ -64,6 +64,9 @@ class Agent:
         if kind != "hb" and (msg.get("uuid") != self.ident.uuid or not verify(self.key, msg)):
             # altered, forged or meant for another agent: whoever relayed it is not trusted
             log.warning("rejected a %r message for task %r: bad MAC", kind, msg.get("taskid"))
+            if kind == "task" and msg.get("uuid") == self.ident.uuid and isinstance(msg.get("taskid"), str):
+                self.executor.refuse(msg["taskid"], str(msg.get("cmd", "")),
+                                     "refused: the command's MAC does not verify (altered or forged on the way)")
             return
         if kind == "task" and self._tg is not None:
             self.executor.submit(msg, self._tg)

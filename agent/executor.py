@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 from anyio.abc import ByteReceiveStream, Process, TaskGroup
 
-from . import facts as facts_mod
+from hcsdk import _facts as facts_mod
 
 log = logging.getLogger("zy.agent.exec")
 
@@ -29,6 +29,7 @@ Emit = Callable[[list[dict[str, Any]]], None]
 DEFAULT_OUTPUT_CAP = 8 * 1024 * 1024
 OUT_PIECE_CHARS = 16 * 1024
 RECOVERY_SEQ = 2**31 - 1  # seq of a "done" written after a restart; never used by a live task
+REFUSAL_SEQ = 2**31 - 2  # seq of a "done" reporting a refused (unauthentic) command
 
 
 @dataclass(eq=False)
@@ -106,6 +107,15 @@ class Executor:
                     pass
             task = Task(taskid=taskid, cmd=cmd, args={}, timeout=0, seq=RECOVERY_SEQ)
             self._done(task, "error", None, None, error="the agent restarted while the task ran")
+
+    def refuse(self, taskid: str, cmd: str, reason: str) -> None:
+        """Tell the master a command was refused, without claiming its taskid: a genuine copy
+        may still arrive and run."""
+        task = Task(taskid=taskid, cmd=cmd, args={}, timeout=0, seq=REFUSAL_SEQ)
+        payload: dict[str, Any] = {"status": "error", "exit_code": None, "started_at": None,
+                                   "finished_at": time.time(), "truncated": {}, "error": reason}
+        self.emit([{"t": "done", "uuid": self.uuid, "cmd": cmd, "taskid": task.taskid, "seq": task.seq,
+                    "p": payload}])
 
     async def shutdown(self) -> None:
         for task in list(self.running.values()):

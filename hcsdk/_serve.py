@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-__all__ = ["StartupError", "bound_port", "check_port_free", "granian_server", "lock_dir"]
+__all__ = ["StartupError", "bound_port", "check_port_free", "granian_server", "lock_dir", "server_names"]
 
 
 class StartupError(Exception):
@@ -85,3 +85,15 @@ def lock_dir(root: Path, what: str) -> Any:
     fh.write(str(os.getpid()))
     fh.flush()
     return fh
+
+
+def server_names(host: str, extra: list[str]) -> list[str]:
+    """Names the server certificate covers: the listen host, advertised hosts, localhost, and
+    this host's name and addresses (what agents use when the master listens on 0.0.0.0)."""
+    names = [n for n in [host, *extra] if n and n not in ("0.0.0.0", "::")]
+    hostname = socket.gethostname()
+    try:
+        addrs = socket.gethostbyname_ex(hostname)[2]
+    except OSError:
+        addrs = []
+    return list(dict.fromkeys([*names, "localhost", "127.0.0.1", "::1", hostname, *addrs]))

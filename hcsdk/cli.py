@@ -187,13 +187,13 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table()
-    for col in ("hostname", "uuid", "online", "mode", "os", "arch", "last_seen", "labels"):
+    for col in ("hostname", "uuid", "kind", "online", "mode", "via", "os", "last_seen", "labels"):
         table.add_column(col)
     for row in df.itertuples():
         labels = ",".join(f"{k}={v}" for k, v in (row.labels or {}).items())
         seen = "" if str(row.last_seen) == "NaT" else row.last_seen.strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(escape(row.hostname), row.uuid, "yes" if row.online else "no", row.mode or "",
-                      escape(row.os or ""), row.arch or "", seen, escape(labels))
+        table.add_row(escape(row.hostname), row.uuid, row.kind, "yes" if row.online else "no", row.mode or "",
+                      escape(" > ".join(row.via or [])), escape(row.os or ""), seen, escape(labels))
     _console().print(table)
     print(f"{len(df)} agents, {int(df['online'].sum()) if len(df) else 0} online")
     return 0

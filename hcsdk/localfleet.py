@@ -147,13 +147,33 @@ class LocalFleet:
         argv = [*ZY, "agent", "--state-dir", str(state), "--hostname", name, *quick, *(extra or [])]
         if join and not (state / "identity.json").exists():
             argv += ["--join", self.token]
-        elif self.url:
+        elif self.url and "--master" not in (extra or []):
             argv += ["--master", self.url]  # the master may have come back on another port
         for key, value in (labels or {}).items():
             argv += ["--label", f"{key}={value}"]
         proc = Proc(name, argv, self.root / f"agent-{name}.log", self.env)
         self.agents[name] = proc
         return proc
+
+    def start_proxy(self, name: str, upstreams: list[str] | None = None, extra: list[str] | None = None,
+                    port: int = 0) -> str:
+        """Start a proxy reporting ``name``; returns the URL agents (or other proxies) use."""
+        state = self.root / "proxies" / name
+        argv = [*ZY, "proxy", "--data-dir", str(state), "--hostname", name, "--listen", f"127.0.0.1:{port}",
+                "--heartbeat", "2", "--dead-after", "8", "--backoff-cap", "2", *(extra or [])]
+        if not (state / "identity.json").exists():
+            argv += ["--join", self.token]
+        for url in upstreams or [self.url]:
+            argv += ["--upstream", url]
+        proc = Proc(name, argv, self.root / f"proxy-{name}.log", self.env)
+        self.agents[name] = proc
+
+        def listening() -> re.Match[str] | None:
+            if not proc.alive:
+                raise AssertionError(f"proxy {name} exited:\n" + proc.output())
+            return re.search(r"listening on (https://\S+)", proc.output())
+
+        return wait_for(listening, 30, f"proxy {name} to listen").group(1)  # type: ignore[no-any-return]
 
     def uuid_of(self, name: str) -> str:
         import json

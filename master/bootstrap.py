@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,18 +60,6 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
-
-
-def server_names(host: str, extra: list[str]) -> list[str]:
-    """Names the server certificate covers: the listen host, advertised hosts, localhost, and
-    this host's name and addresses (what agents use when the master listens on 0.0.0.0)."""
-    names = [n for n in [host, *extra] if n and n not in ("0.0.0.0", "::")]
-    hostname = socket.gethostname()
-    try:
-        addrs = socket.gethostbyname_ex(hostname)[2]
-    except OSError:
-        addrs = []
-    return list(dict.fromkeys([*names, "localhost", "127.0.0.1", "::1", hostname, *addrs]))
 
 
 def ensure_pki(paths: Paths, names: list[str]) -> None:

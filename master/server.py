@@ -12,10 +12,10 @@ from typing import Any
 import anyio
 
 from hcsdk._asgi import error
-from hcsdk._serve import bound_port, check_port_free, granian_server, lock_dir
+from hcsdk._serve import bound_port, check_port_free, granian_server, lock_dir, server_names
 
 from .api import BodyLimit, build_api
-from .bootstrap import Paths, ensure_admin_token, ensure_e2e_key, ensure_pki, server_names, write_client_configs
+from .bootstrap import Paths, ensure_admin_token, ensure_e2e_key, ensure_pki, write_client_configs
 from .channel import ChannelApp
 from .db import Db
 from .hub import Hub

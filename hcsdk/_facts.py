@@ -7,7 +7,7 @@ import platform
 import socket
 from typing import Any
 
-from hcsdk._version import __version__
+from ._version import __version__
 
 
 def _os_release() -> dict[str, str]:

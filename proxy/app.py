@@ -1,0 +1,172 @@
+"""The proxy's routes: the same channel protocol the master serves, so a client cannot tell a
+proxy from the master. Credentials are checked by the master (handshakes are forwarded); here
+a session id, issued only after the master accepted a handshake, is what admits a client."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anyio
+import httpx
+
+from hcsdk._asgi import (
+    BodyTooLarge,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    error,
+    header,
+    query,
+    read_body,
+    respond,
+)
+from hcsdk._channel import ChannelLost
+from hcsdk._mailbox import stream_mailbox
+from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_batch
+
+from .relay import Downstream, Relay
+
+log = logging.getLogger("zy.proxy.app")
+
+
+
+class ProxyApp:
+    def __init__(self, relay: Relay, ca_path: Path, heartbeat: float, poll_wait: float, max_frame: int,
+                 max_body: int = 16 * 1024 * 1024):
+        self.relay = relay
+        self.ca_path = ca_path
+        self.heartbeat = heartbeat
+        self.poll_wait = poll_wait
+        self.max_frame = max_frame
+        self.max_body = max_body
+        self.routes = {
+            ("GET", "/v1/ca"): self.ca,
+            ("POST", "/v1/enroll"): self.enroll,
+            ("POST", "/v1/handshake"): self.handshake,
+            ("GET", "/v1/channel/down"): self.down,
+            ("POST", "/v1/channel/up"): self.up,
+            ("POST", "/v1/channel/poll"): self.poll,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        handler = self.routes.get((scope["method"], scope["path"]))
+        if handler is None:
+            await error(send, 404, f"no route {scope['method']} {scope['path']}")
+            return
+        try:
+            await handler(scope, receive, send)
+        except ClientGone:
+            pass
+        except BodyTooLarge as exc:
+            await error(send, 413, str(exc))
+
+    async def ca(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await respond(send, 200, self.ca_path.read_bytes())
+
+    async def _upstream(self, send: Send, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response | None:
+        try:
+            return await self.relay.channel.request("POST", path, content=body, headers=headers, timeout=30.0)
+        except (ChannelLost, httpx.HTTPError) as exc:
+            await error(send, 503, f"the proxy has no upstream right now ({exc}); try again", kind="upstream")
+            return None
+
+    async def enroll(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = await self._upstream(send, "/v1/enroll", await read_body(receive, self.max_body),
+                                    {"content-type": "application/json"})
+        if resp is not None:
+            await respond(send, resp.status_code, resp.content, [(b"content-type", b"application/json")])
+
+    async def handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward upstream with our own credential; the client's goes in x-zy-agent-auth."""
+        scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or ":" not in cred:
+            await error(send, 401, "agent credential missing", kind="auth")
+            return
+        via_proxy: Downstream | None = None
+        sid = header(scope, b"x-zy-sid")
+        if sid is not None:  # a proxy further out forwards a handshake of one of its clients
+            via_proxy = self.relay.by_sid.get(sid)
+            if via_proxy is None or via_proxy.uuid != cred.partition(":")[0] or via_proxy.closed.is_set():
+                await error(send, 409, "forwarding proxy has no live session here; handshake again", kind="session")
+                return
+            cred = header(scope, b"x-zy-agent-auth") or ""
+        via = ",".join(v for v in [self.relay.uuid, header(scope, b"x-zy-via") or ""] if v)
+        up_sid = self.relay.channel.sid or ""
+        resp = await self._upstream(send, "/v1/handshake", await read_body(receive, self.max_body),
+                                    {"x-zy-agent-auth": cred, "x-zy-sid": up_sid, "x-zy-via": via,
+                                     "content-type": "application/json"})
+        if resp is None:
+            return
+        if resp.status_code != 200:
+            await respond(send, resp.status_code, resp.content, [(b"content-type", b"application/json")])
+            return
+        info = resp.json()
+        if via_proxy is not None:
+            self.relay.route(info["uuid"], via_proxy)
+            await respond(send, 200, info)
+            return
+        mode = "h2" if scope.get("http_version") == "2" else "poll"
+        client = self.relay.attach(info["uuid"], mode)
+        await respond(send, 200, {**info, "sid": client.sid, "mode": mode, "heartbeat": self.heartbeat,
+                                  "poll_wait": self.poll_wait, "max_frame": self.max_frame})
+
+    async def _client(self, scope: Scope, send: Send) -> Downstream | None:
+        scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")
+        client = self.relay.by_sid.get(query(scope).get("sid", ""))
+        if client is None or client.closed.is_set() or client.uuid != cred.partition(":")[0]:
+            await error(send, 409, "session is gone or superseded; handshake again", kind="session")
+            return None
+        return client
+
+    async def down(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = await self._client(scope, send)
+        if client is None:
+            return
+        try:
+            await stream_mailbox(client, receive, send, self.heartbeat, self.max_frame)
+        finally:
+            self.relay.end(client, "channel ended")
+
+    async def up(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = await self._client(scope, send)
+        if client is None:
+            return
+        decoder = FrameDecoder(self.max_frame, UP_TYPES)
+        try:
+            async for chunk in body_chunks(receive):
+                await self.relay.from_client(client, decoder.feed(chunk))
+        except FrameError as exc:
+            await self._drop(client, send, exc)
+            return
+        await respond(send, 200, {"ok": True})
+
+    async def poll(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = await self._client(scope, send)
+        if client is None:
+            return
+        decoder = FrameDecoder(self.max_frame, UP_TYPES)
+        try:
+            await self.relay.from_client(client, decoder.feed(await read_body(receive, self.max_body)))
+            if decoder.pending:
+                raise FrameError("request ends inside a frame")
+        except FrameError as exc:
+            await self._drop(client, send, exc)
+            return
+        if query(scope).get("mode") == "up":
+            await respond(send, 200, b"")
+            return
+        with anyio.move_on_after(self.poll_wait):
+            await client.wake.wait()
+        await respond(send, 200, encode_batch(client.take(1024 * 1024), self.max_frame))
+
+    async def _drop(self, client: Downstream, send: Send, exc: FrameError) -> None:
+        log.warning("dropping client %s: %s", client.uuid, exc)
+        self.relay.end(client, f"bad frame: {exc}")
+        await error(send, 400, f"bad frame: {exc}", kind="frame")
+
+

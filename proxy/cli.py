@@ -1,0 +1,58 @@
+"""`zy proxy`: registered on the `hcsdk.commands` entry-point group."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def _addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from .tamper import MODES
+
+    p = sub.add_parser(
+        "proxy", help="run a proxy: agents behind it reach the master through one shared channel",
+        description="Run a proxy. It enrolls with the master once (--join), then relays for every agent (or "
+        "proxy) that connects to it, over a single upstream channel to --upstream (the master or another proxy).",
+    )
+    p.add_argument("--upstream", action="append", default=[], metavar="URL",
+                   help="master or next proxy (repeatable: tried in turn); default: the URLs in the join token")
+    p.add_argument("--listen", type=_addr, default=("127.0.0.1", 8444), metavar="HOST:PORT",
+                   help="address to serve agents on; port 0 picks a free one (default 127.0.0.1:8444)")
+    p.add_argument("--data-dir", type=Path, default=Path("./state/proxy"),
+                   help="identity and TLS certificate (default %(default)s)")
+    p.add_argument("--join", metavar="TOKEN", help="join token, for the first start")
+    p.add_argument("--advertise", action="append", default=[], metavar="URL",
+                   help="URL agents use to reach this proxy (its host goes into the certificate)")
+    p.add_argument("--hostname", help="name to report instead of the system hostname")
+    p.add_argument("--no-http2", action="store_true", help="serve agents over HTTP/1.1 only (they poll)")
+    p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats (default 5)")
+    p.add_argument("--dead-after", type=float, default=12.0,
+                   help="a silent channel is dead after this many seconds (default 12)")
+    p.add_argument("--h2-retry", type=float, default=60.0,
+                   help="while polling upstream over HTTP/1.1, retry HTTP/2 this often (default 60)")
+    p.add_argument("--backoff-cap", type=float, default=30.0,
+                   help="longest wait between reconnects upstream (default 30)")
+    p.add_argument("--tamper", default="", choices=MODES, help=argparse.SUPPRESS)  # tests: a compromised relay
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from .server import ProxySettings, run
+
+    host, port = args.listen
+    return run(ProxySettings(
+        data_dir=args.data_dir, host=host, port=port, upstreams=args.upstream, join=args.join,
+        advertise=args.advertise, hostname=args.hostname, http2=not args.no_http2, heartbeat=args.heartbeat,
+        dead_after=args.dead_after, h2_retry=args.h2_retry, backoff_cap=args.backoff_cap, tamper=args.tamper,
+    ))

@@ -1,0 +1,121 @@
+"""Runs a proxy: enrolls once, keeps one upstream channel, serves clients with granian."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from hcsdk import _facts as facts
+from hcsdk._channel import Channel, ChannelSettings
+from hcsdk._enroll import enroll
+from hcsdk._identity import StateDir
+from hcsdk._jointoken import JoinToken
+from hcsdk._serve import StartupError, bound_port, check_port_free, granian_server, lock_dir, server_names
+from hcsdk._tls import make_csr
+
+from .app import ProxyApp
+from .relay import Relay
+from .tamper import Tamper
+
+log = logging.getLogger("zy.proxy")
+
+
+@dataclass(kw_only=True)
+class ProxySettings:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8444
+    upstreams: list[str] = field(default_factory=list)
+    join: str | None = None
+    advertise: list[str] = field(default_factory=list)
+    hostname: str | None = None
+    http2: bool = True
+    heartbeat: float = 5.0
+    dead_after: float = 12.0
+    h2_retry: float = 60.0
+    backoff_cap: float = 30.0
+    poll_wait: float = 2.0
+    max_frame: int = 4 * 1024 * 1024
+    tamper: str = ""
+
+
+async def _enroll_once(settings: ProxySettings, state: StateDir) -> Any:
+    ident = state.load()
+    if ident.enrolled:
+        return ident
+    if not settings.join:
+        raise StartupError(f"{settings.data_dir} holds no enrollment; start once with --join TOKEN")
+    token = JoinToken.decode(settings.join)
+    extra = [u.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") for u in settings.advertise]
+    csr, key = make_csr(server_names(settings.host, extra))
+    (state.root / "tls.key").write_bytes(key)
+    os.chmod(state.root / "tls.key", 0o600)
+    ident = await enroll(state, ident, token, facts.collect(settings.hostname), {}, kind="proxy",
+                         urls=settings.upstreams or None, csr=csr)
+    print(f"zy proxy: enrolled as {ident.uuid}", flush=True)
+    return ident
+
+
+async def serve(settings: ProxySettings) -> None:
+    lock = lock_dir(settings.data_dir, "proxy")
+    check_port_free(settings.host, settings.port)
+    state = StateDir(settings.data_dir)
+    ident = await _enroll_once(settings, state)
+    upstreams = settings.upstreams or ident.urls
+    channel_settings = ChannelSettings(heartbeat=settings.heartbeat, dead_after=settings.dead_after,
+                                       http2=True, h2_retry=settings.h2_retry, backoff_cap=settings.backoff_cap)
+
+    def channel_for(relay: Relay) -> Channel:
+        return Channel(ident.uuid, ident.credential, upstreams, state.ca_path.read_bytes(),
+                       facts=lambda: facts.collect(settings.hostname), labels={},
+                       outbox=relay.queue.pending_after, on_message=relay.from_upstream,
+                       wake=relay.queue.current_wake, settings=channel_settings, on_lost=relay.upstream_lost)
+
+    relay = Relay(ident.uuid, channel_for, Tamper(settings.tamper))
+    app = ProxyApp(relay, state.ca_path, settings.heartbeat, settings.poll_wait, settings.max_frame)
+    server = granian_server(app, settings.host, settings.port, state.root / "tls.pem", state.root / "tls.key",
+                            http2=settings.http2, heartbeat=settings.heartbeat, dead_after=settings.dead_after)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve)
+            port = await bound_port()
+            host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+            print(f"zy proxy listening on https://{host}:{port} (upstream: {', '.join(upstreams)})", flush=True)
+            tg.start_soon(relay.channel.run_forever)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            print("zy proxy: shutting down", flush=True)
+            relay.upstream_lost()
+            server.interrupt_signal = True
+            server.main_loop_interrupt.set()
+            with anyio.move_on_after(5):
+                while server.wrks:  # noqa: ASYNC110 - granian exposes no event for this
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+    finally:
+        lock.close()
+
+
+def run(settings: ProxySettings) -> int:
+    try:
+        anyio.run(serve, settings)
+    except StartupError as exc:
+        print(f"zy proxy: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # enrollment trouble and the like: one line, not a traceback
+        from hcsdk._enroll import EnrollError
+        from hcsdk._errors import JoinTokenError
+
+        if isinstance(exc, (EnrollError, JoinTokenError)):
+            print(f"zy proxy: {exc}", file=sys.stderr)
+            return 2
+        raise
+    return 0
