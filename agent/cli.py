@@ -35,10 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--master", action="append", default=[], metavar="URL",
                    help="master or proxy URL to use instead of the ones in the join token (repeatable)")
     p.add_argument("--no-http2", action="store_true", help="never try HTTP/2; poll over HTTP/1.1")
-    p.add_argument("--heartbeat", type=float, default=10.0,
-                   help="most seconds between heartbeats; the master may ask for more often (default 10)")
-    p.add_argument("--dead-after", type=float, default=25.0,
-                   help="reconnect after this many seconds without traffic (default 25)")
+    p.add_argument("--heartbeat", type=float, default=5.0,
+                   help="most seconds between heartbeats; the master may ask for more often (default 5)")
+    p.add_argument("--dead-after", type=float, default=12.0,
+                   help="reconnect (or fail over to another proxy) after this many silent seconds (default 12)")
     p.add_argument("--h2-retry", type=float, default=60.0,
                    help="while polling over HTTP/1.1, retry HTTP/2 this often, in seconds (default 60)")
     p.add_argument("--backoff-cap", type=float, default=30.0,

@@ -45,8 +45,8 @@ class Rejected(Exception):
 
 @dataclass
 class ChannelSettings:
-    heartbeat: float = 10.0
-    dead_after: float = 25.0
+    heartbeat: float = 5.0
+    dead_after: float = 12.0
     http2: bool = True
     h2_retry: float = 60.0
     backoff_base: float = 0.5

@@ -21,7 +21,7 @@ class StartupError(Exception):
 
 def granian_server(app: Any, host: str, port: int, cert: Path, key: Path, *, http2: bool, heartbeat: float,
                    dead_after: float) -> Any:
-    from granian.constants import HTTPModes, Interfaces
+    from granian.constants import HTTPModes, Interfaces, SSLProtocols
     from granian.http import HTTP1Settings, HTTP2Settings
     from granian.server.embed import Server
 
@@ -40,6 +40,8 @@ def granian_server(app: Any, host: str, port: int, cert: Path, key: Path, *, htt
         http=HTTPModes.auto if http2 else HTTPModes.http1,
         http1_settings=h1, http2_settings=h2, backlog=4096,
         ssl_cert=cert.resolve(), ssl_key=key.resolve(),
+        # TLS 1.2 too: corporate middleboxes between hops often speak nothing newer
+        ssl_protocol_min=SSLProtocols.tls12,
         log_enabled=False, websockets=False,
     )
 

@@ -35,11 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-http2", action="store_true", help="refuse HTTP/2 (agents fall back to HTTP/1.1 polling)")
     p.add_argument("--no-user-config", action="store_true",
                    help="do not write client.toml into the user's config dir ($XDG_CONFIG_HOME/zy or ~/.config/zy)")
-    p.add_argument("--heartbeat", type=float, default=10.0,
+    p.add_argument("--heartbeat", type=float, default=5.0,
                    help="seconds between heartbeats on an idle channel; agents beat at least twice as often "
-                   "(default 10)")
-    p.add_argument("--dead-after", type=float, default=25.0,
-                   help="drop an agent's channel after this many silent seconds (default 25)")
+                   "(default 5)")
+    p.add_argument("--dead-after", type=float, default=15.0,
+                   help="drop an agent's channel after this many silent seconds (default 15)")
     p.add_argument("--offline-grace", type=float, default=15.0,
                    help="seconds an agent may be gone before its open tasks end (default 15)")
     p.add_argument("--startup-grace", type=float, default=40.0,

@@ -16,9 +16,9 @@ class MasterSettings:
     http2: bool = True
     advertise: list[str] = field(default_factory=list)
     #: seconds between heartbeats each way on an idle channel
-    heartbeat: float = 10.0
+    heartbeat: float = 5.0
     #: a channel silent this long is dead (under 30 s by default)
-    dead_after: float = 25.0
+    dead_after: float = 15.0
     #: how long an agent may be gone before its open tasks end offline/error
     offline_grace: float = 15.0
     #: after a master restart, how long agents with open tasks have to come back (their
