@@ -82,6 +82,7 @@ class LocalFleet:
 
     def __init__(self, root: Path, master_args: list[str] | None = None):
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.master_args = master_args or []
         self.env = {**os.environ, "XDG_CONFIG_HOME": str(root / "xdg"), "PYTHONUNBUFFERED": "1"}
         for key in ("ZY_CONFIG", "ZY_MASTER", "ZY_TOKEN", "ZY_CA"):

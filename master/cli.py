@@ -46,6 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="after a restart, seconds agents with open tasks have to reconnect (default 40)")
     p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024,
                    help="largest channel message in bytes (default %(default)s)")
+    p.add_argument("--ssh-proxy", action="append", default=[], metavar="USER@HOST[:PORT]",
+                   help="reach a proxy's host over SSH and forward a port there back to this master "
+                   "(for sites that accept only inbound SSH; repeatable)")
+    p.add_argument("--ssh-key", type=Path, help="private key for --ssh-proxy")
+    p.add_argument("--ssh-known-hosts", type=Path,
+                   help="known_hosts file with the proxy hosts' keys (required: no trust on first use)")
+    p.add_argument("--ssh-remote-port", type=int, default=8443,
+                   help="port opened on the proxy's host (127.0.0.1) that leads to this master (default 8443)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
 
@@ -58,7 +66,13 @@ def _main(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat, dead_after=args.dead_after, offline_grace=args.offline_grace,
         startup_grace=args.startup_grace,
         max_frame=args.max_frame, write_user_config=not args.no_user_config,
+        ssh_proxies=args.ssh_proxy, ssh_key=args.ssh_key, ssh_known_hosts=args.ssh_known_hosts,
+        ssh_remote_port=args.ssh_remote_port,
     )
+    if settings.ssh_proxies and not (settings.ssh_key and settings.ssh_known_hosts):
+        print("zy master: --ssh-proxy needs --ssh-key and --ssh-known-hosts (the host key to expect)",
+              file=sys.stderr)
+        return 2
     from hcsdk._serve import StartupError
 
     from .server import serve

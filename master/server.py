@@ -20,6 +20,7 @@ from .channel import ChannelApp
 from .db import Db
 from .hub import Hub
 from .settings import MasterSettings
+from .ssh_downlink import SshTarget, keep_tunnel
 from .store import Store
 
 log = logging.getLogger("zy.master")
@@ -72,6 +73,11 @@ async def serve(settings: MasterSettings) -> None:
             port = await bound_port()
             urls.extend(_urls(settings, port))
             written = write_client_configs(paths, urls[0], admin_token, settings.write_user_config)
+            for spec in settings.ssh_proxies:
+                target = SshTarget.parse(spec, settings.ssh_remote_port)
+                assert settings.ssh_key is not None and settings.ssh_known_hosts is not None
+                tg.start_soon(keep_tunnel, target, settings.ssh_key, settings.ssh_known_hosts,
+                              "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host, port)
             _announce(urls, paths, written, first_start, settings.http2)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:

@@ -31,3 +31,8 @@ class MasterSettings:
     max_frame: int = DEFAULT_MAX_FRAME
     max_body: int = 16 * 1024 * 1024
     write_user_config: bool = True
+    #: SSH downlinks: (user@host[:port], remote port) pairs, with one key and known_hosts file
+    ssh_proxies: list[str] = field(default_factory=list)
+    ssh_key: Path | None = None
+    ssh_known_hosts: Path | None = None
+    ssh_remote_port: int = 8443
