@@ -72,7 +72,8 @@ async def _amain(args: argparse.Namespace) -> int:
             return 2
         try:
             token = JoinToken.decode(args.join)
-            ident = await enroll(state, ident, token, facts.collect(args.hostname), labels)
+            # behind proxies, enrollment goes through them too (--master), not to the token's URLs
+            ident = await enroll(state, ident, token, facts.collect(args.hostname), labels, urls=args.master or None)
         except (JoinTokenError, EnrollError) as exc:
             print(f"zy agent: {exc}", file=sys.stderr)
             return 2

@@ -95,8 +95,8 @@ class LocalFleet:
         self._token: str | None = None
 
     # -- master ------------------------------------------------------------------------------
-    def start_master(self, port: int = 0, extra: list[str] | None = None) -> None:
-        argv = [*ZY, "master", "--data-dir", str(self.root / "master"), "--listen", f"127.0.0.1:{port}",
+    def start_master(self, port: int = 0, extra: list[str] | None = None, host: str = "127.0.0.1") -> None:
+        argv = [*ZY, "master", "--data-dir", str(self.root / "master"), "--listen", f"{host}:{port}",
                 "--no-user-config", *self.master_args, *(extra or [])]
         master = self.master = Proc("master", argv, self.root / "master.log", self.env)
 
@@ -106,8 +106,8 @@ class LocalFleet:
             return re.search(r"listening on (https://\S+)", master.output())
 
         match = wait_for(listening, 30, "master to listen")
-        self.url = match.group(1)
-        self.port = int(self.url.rsplit(":", 1)[1])
+        self.port = int(match.group(1).rsplit(":", 1)[1])
+        self.url = f"https://127.0.0.1:{self.port}"  # the SDK talks over loopback
 
     def restart_master(self, kill: bool = True) -> None:
         assert self.master is not None
@@ -140,7 +140,7 @@ class LocalFleet:
 
     # -- agents ------------------------------------------------------------------------------
     def start_agent(self, name: str, labels: dict[str, str] | None = None, extra: list[str] | None = None,
-                    join: bool = True, fast: bool = True) -> Proc:
+                    join: bool = True, fast: bool = True, wrap: list[str] | None = None) -> Proc:
         """Start an agent reporting ``name`` as its hostname. ``fast`` shortens heartbeats and
         reconnect waits so failures show within seconds (what tests want)."""
         state = self.root / "agents" / name
@@ -152,15 +152,17 @@ class LocalFleet:
             argv += ["--master", self.url]  # the master may have come back on another port
         for key, value in (labels or {}).items():
             argv += ["--label", f"{key}={value}"]
-        proc = Proc(name, argv, self.root / f"agent-{name}.log", self.env)
+        proc = Proc(name, [*(wrap or []), *argv], self.root / f"agent-{name}.log", self.env)
         self.agents[name] = proc
         return proc
 
     def start_proxy(self, name: str, upstreams: list[str] | None = None, extra: list[str] | None = None,
-                    port: int = 0) -> str:
-        """Start a proxy reporting ``name``; returns the URL agents (or other proxies) use."""
+                    port: int = 0, host: str = "127.0.0.1", wrap: list[str] | None = None) -> str:
+        """Start a proxy reporting ``name``; returns the URL agents (or other proxies) use.
+        ``wrap`` prefixes the command (``ip netns exec NS`` puts it on a test host)."""
         state = self.root / "proxies" / name
-        argv = [*ZY, "proxy", "--data-dir", str(state), "--hostname", name, "--listen", f"127.0.0.1:{port}",
+        argv = [*(wrap or []), *ZY, "proxy", "--data-dir", str(state), "--hostname", name,
+                "--listen", f"{host}:{port}",
                 "--heartbeat", "2", "--dead-after", "8", "--backoff-cap", "2", *(extra or [])]
         if not (state / "identity.json").exists():
             argv += ["--join", self.token]
@@ -174,7 +176,8 @@ class LocalFleet:
                 raise AssertionError(f"proxy {name} exited:\n" + proc.output())
             return re.search(r"listening on (https://\S+)", proc.output())
 
-        return wait_for(listening, 30, f"proxy {name} to listen").group(1)  # type: ignore[no-any-return]
+        url = wait_for(listening, 30, f"proxy {name} to listen").group(1)
+        return str(url).replace("127.0.0.1", host) if host not in ("127.0.0.1", "0.0.0.0") else str(url)
 
     def uuid_of(self, name: str) -> str:
         import json

@@ -1,0 +1,73 @@
+"""Test hosts as network namespaces: veth links, no routing between links unless asked, so a
+host only reaches its direct neighbours. Everything is removed on close, even after a failure."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+
+_ids = itertools.count(1)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def available() -> bool:
+    if os.geteuid() != 0:
+        return False
+    probe = f"zyprobe{os.getpid()}"
+    try:
+        _ip("netns", "add", probe)
+        _ip("netns", "del", probe)
+        return True
+    except (OSError, subprocess.CalledProcessError):
+        return False
+
+
+class Topology:
+    def __init__(self) -> None:
+        self.tag = f"zy{os.getpid() % 10000}x{next(_ids)}"
+        self.hosts: list[str] = []
+        self.links: list[str] = []
+        self._subnet = itertools.count(1)
+
+    def host(self, name: str) -> str:
+        ns = f"{self.tag}-{name}"
+        _ip("netns", "add", ns)
+        self.hosts.append(ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+        return ns
+
+    def link(self, a: str | None, b: str) -> tuple[str, str]:
+        """A veth pair between ``a`` (None: this machine's own namespace) and ``b``; returns
+        their addresses on a /24 of their own."""
+        n = next(self._subnet)
+        left, right = f"{self.tag}a{n}", f"{self.tag}b{n}"
+        _ip("link", "add", left, "type", "veth", "peer", "name", right)
+        self.links.append(left)
+        addr_a, addr_b = f"10.231.{n}.1", f"10.231.{n}.2"
+        if a is not None:
+            _ip("link", "set", left, "netns", a)
+        _ip("link", "set", right, "netns", b)
+        pre_a = ["-n", a] if a is not None else []
+        _ip(*pre_a, "addr", "add", f"{addr_a}/24", "dev", left)
+        _ip(*pre_a, "link", "set", left, "up")
+        _ip("-n", b, "addr", "add", f"{addr_b}/24", "dev", right)
+        _ip("-n", b, "link", "set", right, "up")
+        return addr_a, addr_b
+
+    @staticmethod
+    def wrap(ns: str) -> list[str]:
+        return ["ip", "netns", "exec", ns]
+
+    def close(self) -> None:
+        for ns in self.hosts:
+            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                subprocess.run(["kill", "-9", pid], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for link in self.links:  # a link in this namespace outlives the other end's namespace
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
