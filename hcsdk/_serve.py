@@ -12,7 +12,8 @@ from typing import Any
 
 import anyio
 
-__all__ = ["StartupError", "bound_port", "check_port_free", "granian_server", "lock_dir", "server_names"]
+__all__ = ["StartupError", "bound_port", "check_port_free", "granian_server", "lock_dir", "parse_listen",
+           "server_names", "stop_server"]
 
 
 class StartupError(Exception):
@@ -44,6 +45,25 @@ def granian_server(app: Any, host: str, port: int, cert: Path, key: Path, *, htt
         ssl_protocol_min=SSLProtocols.tls12,
         log_enabled=False, websockets=False,
     )
+
+
+async def stop_server(server: Any, grace: float = 5.0) -> None:
+    """Stop an embedded granian server (it closes connections with GOAWAY) and wait for it."""
+    server.interrupt_signal = True
+    server.main_loop_interrupt.set()
+    with anyio.move_on_after(grace):
+        while server.wrks:  # noqa: ASYNC110 - granian exposes no event for this
+            await anyio.sleep(0.05)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` for --listen (an empty host means all addresses)."""
+    import argparse
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 async def bound_port(timeout: float = 10.0) -> int:

@@ -80,12 +80,7 @@ def _issue(ca_cert_pem: bytes, ca_key_pem: bytes, names: list[str], public_key: 
 
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    sans: list[x509.GeneralName] = []
-    for name in dict.fromkeys(names):
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            sans.append(x509.DNSName(name))
+    sans = _sans(names)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
@@ -122,6 +117,19 @@ def single_cert_pem(pem: bytes | str) -> bytes:
     return ssl.DER_cert_to_PEM_cert(der).encode()
 
 
+def _sans(names: list[str]) -> list[Any]:
+    """subjectAltName entries: IP addresses as such, everything else as DNS names."""
+    from cryptography import x509
+
+    out: list[x509.GeneralName] = []
+    for name in dict.fromkeys(names):
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            out.append(x509.DNSName(name))
+    return out
+
+
 def make_csr(names: list[str]) -> tuple[bytes, bytes]:
     """A new key and a certificate signing request for ``names`` (a proxy asks the master's CA)."""
     from cryptography import x509
@@ -130,12 +138,7 @@ def make_csr(names: list[str]) -> tuple[bytes, bytes]:
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = []
-    for name in dict.fromkeys(names):
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            sans.append(x509.DNSName(name))
+    sans = _sans(names)
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
            .add_extension(x509.SubjectAlternativeName(sans), critical=False)

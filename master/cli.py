@@ -9,14 +9,9 @@ from pathlib import Path
 
 import anyio
 
+from hcsdk._serve import parse_listen
+
 from .settings import MasterSettings
-
-
-def _addr(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--data-dir", type=Path, default=Path("./state/master"),
                    help="state directory (default %(default)s)")
-    p.add_argument("--listen", type=_addr, default=("127.0.0.1", 8443), metavar="HOST:PORT",
+    p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8443), metavar="HOST:PORT",
                    help="address to listen on; port 0 picks a free one (default 127.0.0.1:8443)")
     p.add_argument("--advertise", action="append", default=[], metavar="URL",
                    help="URL agents should use (repeatable); default: from --listen, or this host's name "

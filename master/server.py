@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 
 from hcsdk._asgi import error
-from hcsdk._serve import bound_port, check_port_free, granian_server, lock_dir, server_names
+from hcsdk._serve import bound_port, check_port_free, granian_server, lock_dir, server_names, stop_server
 
 from .api import BodyLimit, build_api
 from .bootstrap import Paths, ensure_admin_token, ensure_e2e_key, ensure_pki, write_client_configs
@@ -85,11 +85,7 @@ async def serve(settings: MasterSettings) -> None:
             print("zy master: shutting down", flush=True)
             hub.begin_shutdown()
             await anyio.sleep(0.1)  # let the channel handlers end their streams
-            server.interrupt_signal = True
-            server.main_loop_interrupt.set()
-            with anyio.move_on_after(5):
-                while server.wrks:  # noqa: ASYNC110 - granian exposes no event for this
-                    await anyio.sleep(0.05)
+            await stop_server(server)
             tg.cancel_scope.cancel()
     finally:
         store.close()

@@ -6,12 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-
-def _addr(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+from hcsdk._serve import parse_listen
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--upstream", action="append", default=[], metavar="URL",
                    help="master or next proxy (repeatable: tried in turn); default: the URLs in the join token")
-    p.add_argument("--listen", type=_addr, default=("127.0.0.1", 8444), metavar="HOST:PORT",
+    p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8444), metavar="HOST:PORT",
                    help="address to serve agents on; port 0 picks a free one (default 127.0.0.1:8444)")
     p.add_argument("--data-dir", type=Path, default=Path("./state/proxy"),
                    help="identity and TLS certificate (default %(default)s)")

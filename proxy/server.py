@@ -17,7 +17,15 @@ from hcsdk._channel import Channel, ChannelSettings
 from hcsdk._enroll import enroll
 from hcsdk._identity import StateDir
 from hcsdk._jointoken import JoinToken
-from hcsdk._serve import StartupError, bound_port, check_port_free, granian_server, lock_dir, server_names
+from hcsdk._serve import (
+    StartupError,
+    bound_port,
+    check_port_free,
+    granian_server,
+    lock_dir,
+    server_names,
+    stop_server,
+)
 from hcsdk._tls import make_csr
 
 from .app import ProxyApp
@@ -94,11 +102,7 @@ async def serve(settings: ProxySettings) -> None:
                     break
             print("zy proxy: shutting down", flush=True)
             relay.upstream_lost()
-            server.interrupt_signal = True
-            server.main_loop_interrupt.set()
-            with anyio.move_on_after(5):
-                while server.wrks:  # noqa: ASYNC110 - granian exposes no event for this
-                    await anyio.sleep(0.05)
+            await stop_server(server)
             tg.cancel_scope.cancel()
     finally:
         lock.close()

@@ -5,11 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the test suite needs: nginx (an HTTP/1.1-only middlebox between hops),
-# openssh-server (the SSH downlink is tested against a real sshd) and
+# openssh-server (the SSH downlink is tested against a real sshd), iproute2 and iptables
+# (test hosts are network namespaces, some reachable only inbound) and
 # Chromium for the JupyterLab browser test (Playwright
 # drives /usr/bin/chromium; it never downloads a browser of its own). Installed only when
 # missing and when we can.
-APT_PACKAGES=(chromium nginx openssh-server)
+APT_PACKAGES=(chromium nginx openssh-server iproute2 iptables)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -13,7 +13,7 @@ SSHD = "/usr/sbin/sshd"
 
 CONFIG = """
 Port {port}
-ListenAddress 127.0.0.1
+ListenAddress {address}
 HostKey {root}/host_key
 PidFile {root}/sshd.pid
 AuthorizedKeysFile {root}/authorized_keys
@@ -42,7 +42,9 @@ def keygen(path: Path) -> str:
 
 
 class Sshd:
-    def __init__(self, root: Path):
+    """sshd on ``address`` (in the namespace ``wrap`` enters, if any)."""
+
+    def __init__(self, root: Path, address: str = "127.0.0.1", wrap: list[str] | None = None):
         root.mkdir(parents=True)
         os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory
         self.root = root
@@ -52,20 +54,17 @@ class Sshd:
         (root / "authorized_keys").write_text(client_pub + "\n")
         self.client_key = root / "client_key"
         self.known_hosts = root / "known_hosts"
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {' '.join(host_pub.split()[:2])}\n")
-        (root / "sshd_config").write_text(CONFIG.format(port=self.port, root=root))
+        self.address = address
+        self.known_hosts.write_text(f"[{address}]:{self.port} {' '.join(host_pub.split()[:2])}\n")
+        (root / "sshd_config").write_text(CONFIG.format(port=self.port, root=root, address=address))
         self.log = open(root / "sshd.log", "wb")  # closed in close()
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*(wrap or []), SSHD, "-D", "-e", "-f", str(root / "sshd_config")],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("sshd did not start: " + (root / "sshd.log").read_text()) from None
-                time.sleep(0.1)
+        while b"Server listening" not in (root / "sshd.log").read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("sshd did not start: " + (root / "sshd.log").read_text())
+            time.sleep(0.1)
 
     def drop_sessions(self) -> None:
         """Cut every SSH connection (what a flaky link does); sshd itself keeps listening."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from topology import Topology, available
 
-from fleet import Fleet
+from fleet import Fleet, wait_for
 
 if not available():
     pytest.skip("network namespaces need root and iproute2", allow_module_level=True)
@@ -59,3 +59,33 @@ def test_agent_with_no_route_to_the_master_works_through_a_proxy(topo: Topology,
         assert df.loc[0, "status"] == "ok" and df.loc[0, "stdout"].endswith("from the island\n")
     finally:
         fleet.close()
+
+
+def test_ssh_downlink_into_a_site_that_accepts_only_inbound(topo: Topology, tmp_path: Path) -> None:
+    """The proxy's host opens no connection out; the master logs in over SSH and forwards a port."""
+    from sshd import Sshd, free_port
+
+    proxy_ns, agent_ns = topo.host("inbound"), topo.host("agent")
+    master_addr, proxy_addr = topo.link(None, proxy_ns)
+    proxy_down_addr, _ = topo.link(proxy_ns, agent_ns)
+    topo.inbound_only(proxy_ns)
+    sshd = Sshd(tmp_path / "sshd", address=proxy_addr, wrap=topo.wrap(proxy_ns))
+    port, remote_port = _free_port(), free_port()
+    fleet = Fleet(tmp_path / "fleet", [
+        "--advertise", f"https://{master_addr}:{port}", "--ssh-proxy", f"root@{proxy_addr}:{sshd.port}",
+        "--ssh-key", str(sshd.client_key), "--ssh-known-hosts", str(sshd.known_hosts),
+        "--ssh-remote-port", str(remote_port)])
+    try:
+        fleet.start_master(port, host="0.0.0.0")
+        assert not _reachable(proxy_ns, master_addr, port), "the proxy's host must not open connections out"
+        assert fleet.master is not None
+        wait_for(lambda: "ssh downlink up" in fleet.master.output(), 30, "the ssh downlink")  # type: ignore[union-attr]
+        edge = fleet.start_proxy("inbound", upstreams=[f"https://127.0.0.1:{remote_port}"], host=proxy_down_addr,
+                                 wrap=topo.wrap(proxy_ns))
+        fleet.start_agent("behind-1", extra=["--master", edge], wrap=topo.wrap(agent_ns))
+        fleet.wait_online("behind-1", "inbound", timeout=60)
+        df = fleet.client.run("echo reached over ssh", targets="behind-1", timeout=30).to_dataframe()
+        assert df.loc[0, "status"] == "ok" and df.loc[0, "stdout"] == "reached over ssh\n"
+    finally:
+        fleet.close()
+        sshd.close()

@@ -59,6 +59,15 @@ class Topology:
         return addr_a, addr_b
 
     @staticmethod
+    def inbound_only(ns: str) -> None:
+        """The host may answer connections made to it, but open none itself (besides loopback)."""
+        for rule in (["-o", "lo", "-j", "ACCEPT"],
+                     ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                     ["-j", "REJECT"]):
+            subprocess.run(["ip", "netns", "exec", ns, "iptables", "-A", "OUTPUT", *rule], check=True,
+                           capture_output=True)
+
+    @staticmethod
     def wrap(ns: str) -> list[str]:
         return ["ip", "netns", "exec", ns]
 
