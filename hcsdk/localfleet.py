@@ -93,9 +93,11 @@ class LocalFleet:
         self.port = 0
         self._client: Client | None = None
         self._token: str | None = None
+        self._master_host = "127.0.0.1"
 
     # -- master ------------------------------------------------------------------------------
     def start_master(self, port: int = 0, extra: list[str] | None = None, host: str = "127.0.0.1") -> None:
+        self._master_host = host
         argv = [*ZY, "master", "--data-dir", str(self.root / "master"), "--listen", f"{host}:{port}",
                 "--no-user-config", *self.master_args, *(extra or [])]
         master = self.master = Proc("master", argv, self.root / "master.log", self.env)
@@ -114,7 +116,7 @@ class LocalFleet:
         if kill:
             self.master.kill()
         self.master.stop()
-        self.start_master(self.port)
+        self.start_master(self.port, host=self._master_host)
 
     @property
     def config_path(self) -> Path:

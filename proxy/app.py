@@ -96,22 +96,32 @@ class ProxyApp:
                 return
             cred = header(scope, b"x-zy-agent-auth") or ""
         via = ",".join(v for v in [self.relay.uuid, header(scope, b"x-zy-via") or ""] if v)
+        # Route the claimed uuid *before* forwarding: the master redelivers open tasks while it
+        # handles the handshake, and those must find their way here, not be dropped.
+        claimed = cred.partition(":")[0]
+        mode = "h2" if scope.get("http_version") == "2" else "poll"
+        client: Downstream | None = None
+        if via_proxy is not None:
+            self.relay.route(claimed, via_proxy)
+        else:
+            client = self.relay.attach(claimed, mode)
         up_sid = self.relay.channel.sid or ""
         resp = await self._upstream(send, "/v1/handshake", await read_body(receive, self.max_body),
                                     {"x-zy-agent-auth": cred, "x-zy-sid": up_sid, "x-zy-via": via,
                                      "content-type": "application/json"})
-        if resp is None:
-            return
-        if resp.status_code != 200:
-            await respond(send, resp.status_code, resp.content, [(b"content-type", b"application/json")])
+        if resp is None or resp.status_code != 200 or resp.json().get("uuid") != claimed:
+            if client is not None:
+                self.relay.end(client, "handshake refused upstream", notify=False)
+            elif via_proxy is not None and self.relay.routes.get(claimed) is via_proxy:
+                del self.relay.routes[claimed]
+                via_proxy.routes.discard(claimed)
+            if resp is not None:
+                await respond(send, resp.status_code, resp.content, [(b"content-type", b"application/json")])
             return
         info = resp.json()
-        if via_proxy is not None:
-            self.relay.route(info["uuid"], via_proxy)
+        if client is None:
             await respond(send, 200, info)
             return
-        mode = "h2" if scope.get("http_version") == "2" else "poll"
-        client = self.relay.attach(info["uuid"], mode)
         await respond(send, 200, {**info, "sid": client.sid, "mode": mode, "heartbeat": self.heartbeat,
                                   "poll_wait": self.poll_wait, "max_frame": self.max_frame})
 

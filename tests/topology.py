@@ -32,6 +32,7 @@ class Topology:
         self.hosts: list[str] = []
         self.links: list[str] = []
         self._subnet = itertools.count(1)
+        self._devs: dict[tuple[str | None, str], tuple[str, str]] = {}
 
     def host(self, name: str) -> str:
         ns = f"{self.tag}-{name}"
@@ -47,6 +48,7 @@ class Topology:
         left, right = f"{self.tag}a{n}", f"{self.tag}b{n}"
         _ip("link", "add", left, "type", "veth", "peer", "name", right)
         self.links.append(left)
+        self._devs[(a, b)] = (left, right)
         addr_a, addr_b = f"10.231.{n}.1", f"10.231.{n}.2"
         if a is not None:
             _ip("link", "set", left, "netns", a)
@@ -57,6 +59,15 @@ class Topology:
         _ip("-n", b, "addr", "add", f"{addr_b}/24", "dev", right)
         _ip("-n", b, "link", "set", right, "up")
         return addr_a, addr_b
+
+    def thin(self, a: str | None, b: str, rate: str = "1mbit") -> None:
+        """Make the link between ``a`` and ``b`` thin both ways (a token bucket, as a small
+        overseas line is)."""
+        left, right = self._devs[(a, b)]
+        for ns, dev in ((a, left), (b, right)):
+            pre = ["ip", "netns", "exec", ns] if ns is not None else []
+            subprocess.run([*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "32kbit",
+                            "latency", "400ms"], check=True, capture_output=True)
 
     @staticmethod
     def inbound_only(ns: str) -> None:
