@@ -51,6 +51,9 @@ class ChannelSettings:
     h2_retry: float = 60.0
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
+    #: start at a random URL (agents spread over proxies) or at the first (a proxy prefers its
+    #: direct uplink and keeps an SSH tunnel as the fallback)
+    spread: bool = True
 
 
 class Channel:
@@ -69,17 +72,17 @@ class Channel:
                  on_lost: Callable[[], None] | None = None):
         self.uuid = uuid
         self.urls = urls
+        self.settings = settings or ChannelSettings()
         self.ca_pem = ca_pem
         self.facts = facts
         self.labels = labels
         self.outbox = outbox
         self.on_message = on_message
         self.wake = wake
-        self.settings = settings or ChannelSettings()
         self.headers = {"authorization": f"Bearer {uuid}:{credential}"}
         self.mode: str | None = None
         self.connects = 0
-        self._url_index = random.randrange(len(urls)) if urls else 0
+        self._url_index = random.randrange(len(urls)) if urls and self.settings.spread else 0
         self.on_lost = on_lost or (lambda: None)
         #: while connected: the client, URL and session id, for requests on the same connection
         self.client: httpx.AsyncClient | None = None

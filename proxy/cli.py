@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "proxy) that connects to it, over a single upstream channel to --upstream (the master or another proxy).",
     )
     p.add_argument("--upstream", action="append", default=[], metavar="URL",
-                   help="master or next proxy (repeatable: tried in turn); default: the URLs in the join token")
+                   help="master or next proxy (repeatable: tried in this order, the first preferred, e.g. a direct "
+                   "uplink before an SSH tunnel); default: the URLs in the join token")
     p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8444), metavar="HOST:PORT",
                    help="address to serve agents on; port 0 picks a free one (default 127.0.0.1:8444)")
     p.add_argument("--data-dir", type=Path, default=Path("./state/proxy"),

@@ -78,7 +78,8 @@ async def serve(settings: ProxySettings) -> None:
     ident = await _enroll_once(settings, state)
     upstreams = settings.upstreams or ident.urls
     channel_settings = ChannelSettings(heartbeat=settings.heartbeat, dead_after=settings.dead_after,
-                                       http2=True, h2_retry=settings.h2_retry, backoff_cap=settings.backoff_cap)
+                                       http2=True, h2_retry=settings.h2_retry, backoff_cap=settings.backoff_cap,
+                                       spread=False)
 
     def channel_for(relay: Relay) -> Channel:
         return Channel(ident.uuid, ident.credential, upstreams, state.ca_path.read_bytes(),

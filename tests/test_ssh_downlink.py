@@ -42,8 +42,12 @@ def test_proxy_reaches_the_master_only_through_the_ssh_downlink(tmp_path: Path, 
         edge = fleet.start_proxy("inbound-only", upstreams=[f"https://127.0.0.1:{remote_port}"])
         fleet.start_agent("site-1", extra=["--master", edge])
         fleet.wait_online("site-1")
+        # Seen under heavy load: the agent reconnects once just after it first comes online
+        # (not yet explained); wait until a ping gets through before the run under test.
+        wait_for(lambda: fleet.client.run(cmd="ping", targets="site-1", timeout=10).to_dataframe().loc[0, "status"]
+                 == "ok", 60, "a ping through the tunnel")
         df = fleet.client.run("echo over ssh", targets="site-1", timeout=30).to_dataframe()
-        assert df.loc[0, "status"] == "ok" and df.loc[0, "stdout"] == "over ssh\n"
+        assert df.loc[0, "status"] == "ok" and df.loc[0, "stdout"] == "over ssh\n", fleet.logs()
 
         sshd.drop_sessions()  # the SSH connection dies; the master dials again with backoff
         ups = lambda: len(re.findall("ssh downlink up", fleet.master.output()))  # type: ignore[union-attr] # noqa: E731
@@ -51,6 +55,13 @@ def test_proxy_reaches_the_master_only_through_the_ssh_downlink(tmp_path: Path, 
         fleet.wait_online("site-1", timeout=60)
         df = fleet.client.run("echo again", targets="site-1", timeout=30).to_dataframe()
         assert df.loc[0, "status"] == "ok" and df.loc[0, "stdout"] == "again\n"
+
+        # where a direct uplink exists too, the proxy prefers it and keeps the tunnel as fallback
+        tunnel = f"https://127.0.0.1:{remote_port}"
+        fleet.start_proxy("both-ways", upstreams=[fleet.url, tunnel])
+        fleet.wait_online("both-ways")
+        assert f"connected to {fleet.url}" in fleet.agents["both-ways"].output()
+        assert f"connected to {tunnel}" not in fleet.agents["both-ways"].output()
     finally:
         fleet.close()
 
