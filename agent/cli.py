@@ -32,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE",
                    help="label reported to the master (repeatable); replaces the saved labels when given")
     p.add_argument("--hostname", help="name to report instead of the system hostname")
-    p.add_argument("--master", action="append", default=[], metavar="URL",
-                   help="master or proxy URL to use instead of the ones in the join token (repeatable)")
+    p.add_argument("--master", "--proxy", dest="master", action="append", default=[], metavar="URL",
+                   help="master or proxy URL to use instead of the ones in the join token (repeatable: the "
+                   "agent starts at a random one, so agents spread, and fails over to the next)")
     p.add_argument("--no-http2", action="store_true", help="never try HTTP/2; poll over HTTP/1.1")
     p.add_argument("--heartbeat", type=float, default=5.0,
                    help="most seconds between heartbeats; the master may ask for more often (default 5)")

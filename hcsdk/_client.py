@@ -120,8 +120,11 @@ class AsyncClient:
         body = {"cmd": cmd, "args": merged, "targets": target_spec(targets), "timeout": timeout}
         return AsyncRun(self, await self._request("POST", "/api/v1/runs", json=body))
 
-    async def create_join_token(self, ttl: float = 86400, description: str = "") -> dict[str, Any]:
-        return dict(await self._request("POST", "/api/v1/tokens", json={"ttl": ttl, "description": description}))
+    async def create_join_token(self, ttl: float = 86400, description: str = "",
+                                proxies: list[str] | None = None) -> dict[str, Any]:
+        """A join token; with ``proxies``, agents joining with it connect (and enroll) through them."""
+        body = {"ttl": ttl, "description": description, "urls": list(proxies or [])}
+        return dict(await self._request("POST", "/api/v1/tokens", json=body))
 
     async def join_tokens(self) -> list[dict[str, Any]]:
         return list(await self._request("GET", "/api/v1/tokens"))
@@ -255,8 +258,9 @@ class Client:
             portal().call(created.cancel)
             raise
 
-    def create_join_token(self, ttl: float = 86400, description: str = "") -> dict[str, Any]:
-        return portal().call(self._async.create_join_token, ttl, description)
+    def create_join_token(self, ttl: float = 86400, description: str = "",
+                          proxies: list[str] | None = None) -> dict[str, Any]:
+        return portal().call(self._async.create_join_token, ttl, description, proxies)
 
     def join_tokens(self) -> list[dict[str, Any]]:
         return portal().call(self._async.join_tokens)

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     c = tsub.add_parser("create", help="print a new join token")
     c.add_argument("--ttl", default="24h", help="lifetime: seconds or 30m, 24h, 7d (default 24h)")
     c.add_argument("--description", default="")
+    c.add_argument("--proxy", action="append", default=[], metavar="URL",
+                   help="agents joining with this token connect through these proxies (repeatable)")
     c.set_defaults(func=_cmd_token_create)
     tsub.add_parser("list", help="list join tokens").set_defaults(func=_cmd_token_list)
     r = tsub.add_parser("revoke", help="revoke a join token by id")
@@ -200,7 +202,7 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def _cmd_token_create(args: argparse.Namespace) -> int:
-    token = _client().create_join_token(parse_duration(args.ttl), args.description)
+    token = _client().create_join_token(parse_duration(args.ttl), args.description, args.proxy)
     print(token["token"])
     expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(token["expires_at"]))
     print(f"# id {token['id']}, expires {expires}; CA {token['ca']}", file=sys.stderr)

@@ -36,6 +36,8 @@ class RunRequest(BaseModel):
 class TokenRequest(BaseModel):
     ttl: float = Field(default=86400.0, gt=0, le=365 * 86400)
     description: str = ""
+    #: where agents joining with this token connect (proxies); default: this master
+    urls: list[str] = Field(default_factory=list, max_length=32)
 
 
 class AuthFailed(Exception):
@@ -143,8 +145,11 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
         token_id, secret = secrets.token_hex(4), secrets.token_urlsafe(24)
         row = await hub.db(store.add_join_token, token_id, secret_hash(secret), req.ttl, req.description)
         fingerprint = ca_fingerprint(paths.ca_cert.read_bytes())
-        jt = JoinToken(urls=tuple(master_urls), ca_fingerprint=fingerprint, e2e_public=b64(public_key(e2e_private)),
-                       token_id=token_id, secret=secret)
+        for url in req.urls:
+            if not url.startswith("https://"):
+                raise RequestRejected(f"token URLs must be https:// URLs, got {url!r}")
+        jt = JoinToken(urls=tuple(req.urls or master_urls), ca_fingerprint=fingerprint,
+                       e2e_public=b64(public_key(e2e_private)), token_id=token_id, secret=secret)
         return {"id": token_id, "token": jt.encode(), "expires_at": row["expires_at"], "ca": fingerprint}
 
     @app.get("/api/v1/tokens", dependencies=deps)

@@ -59,11 +59,14 @@ def test_failover_to_another_proxy_mid_run_loses_nothing(fleet: Fleet, tmp_path:
     wait_for(lambda: _via(fleet, "fo-1") == [other], 30, "the agent to show its new path")
 
 
-def test_agents_spread_over_proxies(fleet: Fleet) -> None:
+def test_agents_spread_over_proxies_given_by_flag_or_by_join_token(fleet: Fleet) -> None:
     urls = [fleet.start_proxy("s1"), fleet.start_proxy("s2")]
     names = [f"sp-{i}" for i in range(8)]
-    for name in names:
-        fleet.start_agent(name, extra=[arg for url in urls for arg in ("--master", url)])
+    for name in names[:4]:
+        fleet.start_agent(name, extra=[arg for url in urls for arg in ("--proxy", url)])
+    fleet._token = fleet.client.create_join_token(ttl=600, proxies=urls)["token"]  # proxies in the token
+    for name in names[4:]:
+        fleet.start_agent(name)
     fleet.wait_online(*names)
     used = {_via(fleet, n)[0] for n in names}
     assert used == {"s1", "s2"}, "agents should not all pick the first proxy"
