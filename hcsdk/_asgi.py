@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from hcsdk._wire import dumps
@@ -65,3 +65,20 @@ async def respond(send: Send, status: int, body: Any, headers: list[tuple[bytes,
 async def error(send: Send, status: int, message: str, kind: str = "request") -> None:
     extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
     await respond(send, status, {"error": message, "kind": kind}, extra)
+
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def dispatch(routes: Mapping[tuple[str, str], Handler], scope: Scope, receive: Receive, send: Send) -> None:
+    """Route by (method, path) from an explicit table: anything not in it is a 404."""
+    handler = routes.get((scope["method"], scope["path"]))
+    if handler is None:
+        await error(send, 404, f"no route {scope['method']} {scope['path']}")
+        return
+    try:
+        await handler(scope, receive, send)
+    except ClientGone:
+        pass
+    except BodyTooLarge as exc:
+        await error(send, 413, str(exc))

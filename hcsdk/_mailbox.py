@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 
 from ._asgi import Receive, Send
-from ._wire import dumps, encode_batch
+from ._wire import encode_frame
 
 __all__ = ["Mailbox", "stream_mailbox"]
 
@@ -35,17 +35,18 @@ class Mailbox:
             self.closed.set()
             self.wake.set()
 
-    def take(self, max_bytes: int = 256 * 1024) -> list[dict[str, Any]]:
-        """What is waiting, up to about ``max_bytes``: one write on the wire."""
-        out: list[dict[str, Any]] = []
+    def take_frames(self, max_frame: int, max_bytes: int = 256 * 1024) -> bytes:
+        """What is waiting, encoded, up to about ``max_bytes``: one write on the wire. Each
+        message is serialised once, here."""
+        frames: list[bytes] = []
         size = 0
         while self.outbox and size < max_bytes:
-            msg = self.outbox.popleft()
-            out.append(msg)
-            size += 64 + len(dumps(msg.get("p") or {}))
+            frame = encode_frame(self.outbox.popleft(), max_frame)
+            frames.append(frame)
+            size += len(frame)
         if not self.outbox:
             self.wake = anyio.Event()
-        return out
+        return b"".join(frames)
 
 
 async def stream_mailbox(box: Mailbox, receive: Receive, send: Send, heartbeat: float, max_frame: int) -> None:
@@ -69,15 +70,15 @@ async def _watch_disconnect(receive: Receive, box: Mailbox) -> None:
 
 
 async def _write(box: Mailbox, send: Send, heartbeat: float, max_frame: int) -> None:
-    hb = {"t": "hb", "uuid": box.uuid, "cmd": "", "taskid": "", "seq": 0}
+    hb = encode_frame({"t": "hb", "uuid": box.uuid, "cmd": "", "taskid": "", "seq": 0})
     while not box.closed.is_set():
         with anyio.move_on_after(heartbeat):
             await box.wake.wait()
         if box.closed.is_set():
             return
-        msgs = box.take() or [hb]
+        body = box.take_frames(max_frame) or hb
         try:
-            await send({"type": "http.response.body", "body": encode_batch(msgs, max_frame), "more_body": True})
+            await send({"type": "http.response.body", "body": body, "more_body": True})
         except Exception:
             box.close("write to client failed")
             return

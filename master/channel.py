@@ -22,12 +22,11 @@ from typing import Any
 import anyio
 
 from hcsdk._asgi import (
-    BodyTooLarge,
-    ClientGone,
     Receive,
     Scope,
     Send,
     body_chunks,
+    dispatch,
     error,
     header,
     query,
@@ -37,7 +36,7 @@ from hcsdk._asgi import (
 from hcsdk._e2e import derive_key, unb64
 from hcsdk._mailbox import stream_mailbox
 from hcsdk._tls import sign_csr
-from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_batch, loads
+from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, loads
 
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, Session
@@ -62,16 +61,7 @@ class ChannelApp:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.routes.get((scope["method"], scope["path"]))
-        if handler is None:
-            await error(send, 404, f"no route {scope['method']} {scope['path']}")
-            return
-        try:
-            await handler(scope, receive, send)
-        except ClientGone:
-            pass
-        except BodyTooLarge as exc:
-            await error(send, 413, str(exc))
+        await dispatch(self.routes, scope, receive, send)
 
     # -- public ------------------------------------------------------------------------------
     async def ca(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -244,7 +234,7 @@ class ChannelApp:
             return
         with anyio.move_on_after(self.settings.poll_wait):
             await session.wake.wait()
-        await respond(send, 200, encode_batch(session.take(1024 * 1024), self.settings.max_frame))
+        await respond(send, 200, session.take_frames(self.settings.max_frame, 1024 * 1024))
 
     async def _ingest(self, session: Session, msgs: list[dict[str, Any]]) -> None:
         self.hub.touch(session)

@@ -11,12 +11,11 @@ import anyio
 import httpx
 
 from hcsdk._asgi import (
-    BodyTooLarge,
-    ClientGone,
     Receive,
     Scope,
     Send,
     body_chunks,
+    dispatch,
     error,
     header,
     query,
@@ -25,7 +24,7 @@ from hcsdk._asgi import (
 )
 from hcsdk._channel import ChannelLost
 from hcsdk._mailbox import stream_mailbox
-from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_batch
+from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError
 
 from .relay import Downstream, Relay
 
@@ -52,18 +51,8 @@ class ProxyApp:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        handler = self.routes.get((scope["method"], scope["path"]))
-        if handler is None:
-            await error(send, 404, f"no route {scope['method']} {scope['path']}")
-            return
-        try:
-            await handler(scope, receive, send)
-        except ClientGone:
-            pass
-        except BodyTooLarge as exc:
-            await error(send, 413, str(exc))
+        if scope["type"] == "http":
+            await dispatch(self.routes, scope, receive, send)
 
     async def ca(self, scope: Scope, receive: Receive, send: Send) -> None:
         await respond(send, 200, self.ca_path.read_bytes())
@@ -172,7 +161,7 @@ class ProxyApp:
             return
         with anyio.move_on_after(self.poll_wait):
             await client.wake.wait()
-        await respond(send, 200, encode_batch(client.take(1024 * 1024), self.max_frame))
+        await respond(send, 200, client.take_frames(self.max_frame, 1024 * 1024))
 
     async def _drop(self, client: Downstream, send: Send, exc: FrameError) -> None:
         log.warning("dropping client %s: %s", client.uuid, exc)
