@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -50,19 +51,37 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=_main)
 
 
+#: what _amain returns after a first start has enrolled: start over as an enrolled agent
+_RESTART = -1
+
+
 def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
-    return anyio.run(_amain, args)
+    code = anyio.run(_amain, args, _can_restart())
+    if code == _RESTART:
+        _restart()
+    return code
 
 
-async def _amain(args: argparse.Namespace) -> int:
-    from hcsdk import _facts as facts
-    from hcsdk._channel import ChannelSettings, Rejected
-    from hcsdk._enroll import EnrollError, enroll
+def _can_restart() -> bool:
+    """Whether this process is the `zy agent` command line itself (and not, say, a test calling
+    the CLI in-process), so replacing it with a fresh copy of itself runs the same agent."""
+    return (bool(sys.executable) and len(sys.argv) > 1 and sys.argv[1] == "agent"
+            and sys.orig_argv[len(sys.orig_argv) - len(sys.argv) + 1:] == sys.argv[1:])
+
+
+def _restart() -> None:
+    """Replace this process with the same command line (same pid). The identity is saved, so the
+    new process skips enrollment, and it never loads what only enrollment needs (cryptography for
+    X25519, ~12 MiB resident) and would otherwise keep for the agent's whole life."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
     from hcsdk._identity import StateDir
-
-    from .core import Agent
 
     state = StateDir(args.state_dir)
     ident = state.load()
@@ -71,6 +90,9 @@ async def _amain(args: argparse.Namespace) -> int:
         if not args.join:
             print(f"zy agent: {args.state_dir} holds no enrollment; start once with --join TOKEN", file=sys.stderr)
             return 2
+        from hcsdk import _facts as facts
+        from hcsdk._enroll import EnrollError, enroll
+
         try:
             token = JoinToken.decode(args.join)
             # behind proxies, enrollment goes through them too (--master), not to the token's URLs
@@ -79,9 +101,15 @@ async def _amain(args: argparse.Namespace) -> int:
             print(f"zy agent: {exc}", file=sys.stderr)
             return 2
         print(f"zy agent: enrolled as {ident.uuid}", flush=True)
+        if restart:
+            return _RESTART
     elif labels and labels != ident.labels:
         ident.labels = labels
         state.save(ident)
+    from hcsdk._channel import ChannelSettings, Rejected
+
+    from .core import Agent
+
     if args.master:
         ident.urls = list(args.master)
     settings = ChannelSettings(heartbeat=args.heartbeat, dead_after=args.dead_after, http2=not args.no_http2,

@@ -5,6 +5,23 @@
 >>> client.run("uname -a", targets="label:role=web", timeout=30).to_dataframe()
 """
 
+# ruff: noqa: E402  (the guard below must run before httpx is first imported)
+
+import os as _os
+import sys as _sys
+
+# `zy agent|proxy|swarm` (or `python -m hcsdk.cli agent`), recognised before anything is parsed: this package
+# is imported before hcsdk.cli runs. While it is imported, ``python -m`` sets ``sys.argv[0]`` to
+# "-m"; the `zy` script leaves its own path there.
+if (len(_sys.argv) > 1 and _sys.argv[1] in ("agent", "proxy", "swarm") and "httpx" not in _sys.modules
+        and (_sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]).removesuffix(".exe") == "zy")):
+    # httpx/__init__ imports its command-line client (httpx._main), which drags in click, rich and
+    # pygments (~6 MiB resident) when they are installed. httpx guards that import with
+    # ``except ImportError``; a None entry in sys.modules makes it raise one, so only `httpx.main`
+    # (the `httpx` command, which an agent never runs) falls back to httpx's stub.
+    _sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+del _os, _sys
+
 from ._client import AsyncClient, Client, Run
 from ._config import ClientConfig, load_client_config
 from ._errors import (
