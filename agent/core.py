@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -15,19 +16,23 @@ from hcsdk._channel import Channel, ChannelSettings, Rejected
 from hcsdk._e2e import sign, verify
 from hcsdk._identity import Identity, StateDir
 
-from .executor import Executor
+from .executor import Executor, Task
+from .memspool import MemorySpool
 from .spool import Spool
 
 log = logging.getLogger("zy.agent")
+#: a plugin runs one task and returns (status, exit code)
+Plugin = Callable[[Task], Awaitable[tuple[str, int | None]]]
 
 
 class Agent:
     def __init__(self, state: StateDir, ident: Identity, hostname: str | None = None,
-                 settings: ChannelSettings | None = None, output_cap: int | None = None):
+                 settings: ChannelSettings | None = None, output_cap: int | None = None,
+                 spool: Spool | MemorySpool | None = None, plugins: dict[str, Plugin] | None = None):
         self.state = state
         self.ident = ident
         self.hostname = hostname
-        self.spool = Spool(state.spool_path)
+        self.spool: Spool | MemorySpool = spool if spool is not None else Spool(state.spool_path)
         if not ident.e2e_key:
             raise ValueError(f"{state.identity_path} has no end-to-end key: enroll this agent again")
         self.key = bytes.fromhex(ident.e2e_key)
@@ -36,6 +41,7 @@ class Agent:
         kwargs: dict[str, Any] = {"output_cap": output_cap} if output_cap else {}
         self.executor = Executor(ident.uuid, self._emit, self.spool.claim, self._finish, hostname,
                                  started=self.spool.set_pgid, **kwargs)
+        self.executor.plugins.update(plugins or {})
         self.channel = Channel(
             ident.uuid, ident.credential, ident.urls, state.ca_path.read_bytes(),
             facts=lambda: facts_mod.collect(self.hostname), labels=ident.labels,
@@ -75,13 +81,16 @@ class Agent:
         elif kind == "ack":
             self.spool.ack((msg.get("p") or {}).get("ids") or [])
 
-    async def run(self) -> None:
+    async def run(self, handle_signals: bool = True) -> None:
+        """Serve until stopped. ``handle_signals=False`` leaves SIGINT/SIGTERM to the caller
+        (a swarm runs many agents in one process)."""
         self.executor.recover(self.spool.interrupted())
         self.spool.forget_before(time.time() - 30 * 86400)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(self._signals, tg)
+                if handle_signals:
+                    tg.start_soon(self._signals, tg)
                 await self.channel.run_forever()
         except BaseExceptionGroup as group:
             rejected = group.subgroup(Rejected)

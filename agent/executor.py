@@ -64,6 +64,7 @@ class Executor:
         self.running: dict[str, Task] = {}
         self.plugins: dict[str, Callable[[Task], Awaitable[tuple[str, int | None]]]] = {
             "shell": self._shell, "exec": self._exec, "ping": self._ping, "facts": self._facts,
+            "echo": self._echo,
         }
 
     # -- entry points from the channel -------------------------------------------------------
@@ -194,6 +195,14 @@ class Executor:
 
     async def _ping(self, task: Task) -> tuple[str, int | None]:
         self._emit(task, "out", {"stream": "stdout", "data": "pong\n"})
+        return "ok", 0
+
+    async def _echo(self, task: Task) -> tuple[str, int | None]:
+        """Answers in-process: measures the channel, not fork and exec."""
+        text = task.args.get("text", "")
+        if not isinstance(text, str):
+            raise TaskFailed("echo needs args.text (a string)")
+        self._emit(task, "out", {"stream": "stdout", "data": text + "\n"})
         return "ok", 0
 
     async def _facts(self, task: Task) -> tuple[str, int | None]:

@@ -25,7 +25,7 @@ import httpx
 
 from ._backoff import Backoff
 from ._http import error_message
-from ._tls import client_context
+from ._tls import shared_client_context
 from ._wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder, encode_frame
 
 log = logging.getLogger("zy.channel")
@@ -54,6 +54,8 @@ class ChannelSettings:
     #: start at a random URL (agents spread over proxies) or at the first (a proxy prefers its
     #: direct uplink and keeps an SSH tunnel as the fallback)
     spread: bool = True
+    #: bind outgoing connections to this source address (a swarm spreads over 127.0.0.0/8)
+    local_address: str | None = None
 
 
 class Channel:
@@ -116,10 +118,13 @@ class Channel:
             await anyio.sleep(delay)
 
     def _client(self, http2: bool) -> httpx.AsyncClient:
+        verify = shared_client_context(self.ca_pem, http2)
+        limits = httpx.Limits(max_connections=4, max_keepalive_connections=2)
+        transport = httpx.AsyncHTTPTransport(verify=verify, http2=http2, http1=True, limits=limits,
+                                             local_address=self.settings.local_address)
         return httpx.AsyncClient(
-            http2=http2, http1=True, verify=client_context(self.ca_pem, http2=http2), headers=self.headers,
+            transport=transport, headers=self.headers,
             timeout=httpx.Timeout(connect=10.0, read=None, write=30.0, pool=10.0),
-            limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
         )
 
     async def _connect(self, url: str, backoff: Backoff) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import binascii
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import re
@@ -168,6 +169,13 @@ def ca_fingerprint(ca_pem: bytes | str) -> str:
     """``sha256:<hex>`` of the one certificate's DER bytes: what a join token pins."""
     der = ssl.PEM_cert_to_DER_cert(single_cert_pem(ca_pem).decode())  # strict, see above
     return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def shared_client_context(ca_pem: bytes, http2: bool = True) -> ssl.SSLContext:
+    """One context per pinned CA, reused by every reconnect (and by every agent of a swarm):
+    building one parses the CA and costs far more than the connection it serves."""
+    return client_context(ca_pem, http2=http2)
 
 
 def client_context(ca: Path | str | bytes | None, http2: bool = True) -> ssl.SSLContext:

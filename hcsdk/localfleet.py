@@ -181,6 +181,21 @@ class LocalFleet:
         url = wait_for(listening, 30, f"proxy {name} to listen").group(1)
         return str(url).replace("127.0.0.1", host) if host not in ("127.0.0.1", "0.0.0.0") else str(url)
 
+    def start_swarm(self, count: int, name: str = "swarm", urls: list[str] | None = None,
+                    extra: list[str] | None = None, wrap: list[str] | None = None) -> Proc:
+        """Start ``zy swarm``: ``count`` agents in one process, reporting NAME-00000, ...
+        Its identities stay under the fleet root, so a restarted swarm reconnects the same agents."""
+        argv = [*(wrap or []), *ZY, "swarm", "--join", self.token, "--agents", str(count),
+                "--state-dir", str(self.root / "swarms" / name), "--name", name, "--status-every", "2",
+                *[arg for url in urls or [] for arg in ("--proxy", url)], *(extra or [])]
+        proc = Proc(name, argv, self.root / f"swarm-{name}.log", self.env)
+        self.agents[name] = proc
+        return proc
+
+    def online_count(self, prefix: str = "") -> int:
+        inv = self.client.inventory()
+        return int((inv["online"] & inv["hostname"].str.startswith(prefix)).sum())
+
     def uuid_of(self, name: str) -> str:
         import json
 

@@ -24,7 +24,7 @@ from .settings import MasterSettings
 from .store import FINAL
 from .targets import resolve
 
-KNOWN_CMDS = ("shell", "exec", "ping", "facts")
+KNOWN_CMDS = ("shell", "exec", "ping", "facts", "echo")
 log = logging.getLogger("zy.master.hub")
 
 
