@@ -24,6 +24,7 @@ import anyio
 import httpx
 
 from ._backoff import Backoff
+from ._h2conn import H2Connection, H2Error, NotH2, Response
 from ._http import error_message
 from ._tls import shared_client_context
 from ._wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder, encode_frame
@@ -88,10 +89,13 @@ class Channel:
         self.on_lost = on_lost or (lambda: None)
         #: while connected: the client, URL and session id, for requests on the same connection
         self.client: httpx.AsyncClient | None = None
+        self.conn: H2Connection | None = None
         self.url: str | None = None
         self.sid: str | None = None
         self.max_frame = DEFAULT_MAX_FRAME
         self.heartbeat = self.settings.heartbeat
+        #: seconds between application heartbeats on a quiet HTTP/2 channel (PINGs keep it alive)
+        self.idle_beat = self.settings.heartbeat
         self.dead_after = self.settings.dead_after
         self.poll_timeout = 30.0
         self._last_rx = time.monotonic()
@@ -128,68 +132,123 @@ class Channel:
         )
 
     async def _connect(self, url: str, backoff: Backoff) -> None:
-        async with self._client(self.settings.http2) as client:
-            resp = await client.post(f"{url}/v1/handshake", json={"facts": self.facts(), "labels": self.labels},
-                                     timeout=30.0)
-            if resp.status_code in (401, 403):
-                raise Rejected(error_message(resp))
-            if resp.status_code != 200:
-                raise ChannelLost(f"handshake answered {resp.status_code}: {error_message(resp)}")
-            info = resp.json()
-            self.max_frame = int(info.get("max_frame") or DEFAULT_MAX_FRAME)
-            # the master's expectations win: beat at least as often as it wants, and allow
-            # its heartbeats to be late before calling the channel dead
-            master_hb = float(info.get("heartbeat") or self.settings.heartbeat)
-            self.heartbeat = min(self.settings.heartbeat, master_hb / 2)
-            self.dead_after = max(self.settings.dead_after, 2 * master_hb + 1)
-            self.poll_timeout = float(info.get("poll_wait") or 2) + self.dead_after
-            backoff.reset()
-            self.connects += 1
-            self._last_rx = time.monotonic()
-            self.client, self.url, self.sid = client, url, info["sid"]
+        if self.settings.http2:
             try:
-                if resp.http_version == "HTTP/2":
-                    self.mode = "h2"
-                    log.info("connected to %s over HTTP/2", url)
-                    await self._h2(client, url, info["sid"])
-                else:
-                    self.mode = "poll"
-                    log.info("connected to %s by HTTP/1.1 polling", url)
-                    await self._poll(client, url, info["sid"])
+                conn = await H2Connection.open(url, shared_client_context(self.ca_pem, True), self.headers,
+                                               self.settings.local_address)
+            except NotH2:
+                pass  # an HTTP/1.1-only server or middlebox: poll
+            except H2Error as exc:
+                raise ChannelLost(str(exc)) from None
+            else:
+                try:
+                    await self._h2_session(conn, url, backoff)
+                finally:
+                    conn.close()
+                return
+        async with self._client(False) as client:
+            resp = await client.post(f"{url}/v1/handshake", json=self._hello(), timeout=30.0)
+            info = self._accept(resp, backoff)
+            self.client, self.url, self.sid, self.mode = client, url, info["sid"], "poll"
+            log.info("connected to %s by HTTP/1.1 polling", url)
+            try:
+                await self._poll(client, url, info["sid"])
             finally:
-                self.client = self.url = self.sid = None
+                self.client = self.url = self.sid = self.mode = None
                 self.on_lost()
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _hello(self) -> dict[str, Any]:
+        return {"facts": self.facts(), "labels": self.labels}
+
+    def _accept(self, resp: httpx.Response | Response, backoff: Backoff) -> dict[str, Any]:
+        """Check a handshake's answer and adopt the master's timing."""
+        if resp.status_code in (401, 403):
+            raise Rejected(error_message(resp))
+        if resp.status_code != 200:
+            raise ChannelLost(f"handshake answered {resp.status_code}: {error_message(resp)}")
+        info: dict[str, Any] = resp.json()
+        self.max_frame = int(info.get("max_frame") or DEFAULT_MAX_FRAME)
+        # the master's expectations win: beat at least as often as it wants, and allow its
+        # heartbeats to be late before calling the channel dead
+        master_hb = float(info.get("heartbeat") or self.settings.heartbeat)
+        self.heartbeat = min(self.settings.heartbeat, master_hb / 2)
+        self.dead_after = max(self.settings.dead_after, 2 * master_hb + 1)
+        self.idle_beat = float(info.get("idle_beat") or self.heartbeat)
+        self.poll_timeout = float(info.get("poll_wait") or 2) + self.dead_after
+        backoff.reset()
+        self.connects += 1
+        self._last_rx = time.monotonic()
+        return info
+
+    async def request(self, method: str, path: str, content: bytes = b"", headers: dict[str, str] | None = None,
+                      timeout: float = 30.0) -> httpx.Response | Response:
         """A request on the live connection (a proxy forwards handshakes this way)."""
-        if self.client is None or self.url is None:
-            raise ChannelLost("not connected upstream")
-        return await self.client.request(method, f"{self.url}{path}", **kwargs)
+        try:
+            if self.conn is not None:
+                return await self.conn.request(method, path, content=content, headers=headers, timeout=timeout)
+            if self.client is not None and self.url is not None:
+                return await self.client.request(method, f"{self.url}{path}", content=content, headers=headers,
+                                                 timeout=timeout)
+        except H2Error as exc:
+            raise ChannelLost(str(exc)) from None
+        raise ChannelLost("not connected upstream")
 
     # -- HTTP/2 -------------------------------------------------------------------------------
-    async def _h2(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._downlink, client, url, sid)
-            tg.start_soon(self._uplink, client, url, sid)
-            tg.start_soon(self._watchdog)
+    async def _h2_session(self, conn: H2Connection, url: str, backoff: Backoff) -> None:
+        try:
+            resp = await conn.request("POST", "/v1/handshake", json_body=self._hello(), timeout=30.0)
+        except H2Error as exc:
+            raise ChannelLost(f"handshake failed: {exc}") from None
+        info = self._accept(resp, backoff)
+        self.conn, self.url, self.sid, self.mode = conn, url, info["sid"], "h2"
+        log.info("connected to %s over HTTP/2", url)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._h2_down, conn, info["sid"])
+                tg.start_soon(self._h2_up, conn, info["sid"])
+                tg.start_soon(self._h2_liveness, conn)
+        finally:
+            self.conn = None
+            self.url = self.sid = self.mode = None
+            self.on_lost()
 
-    async def _downlink(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
+    async def _h2_down(self, conn: H2Connection, sid: str) -> None:
         decoder = FrameDecoder(self.max_frame, allowed=DOWN_TYPES)
-        async with client.stream("GET", f"{url}/v1/channel/down", params={"sid": sid}) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                raise ChannelLost(f"downlink answered {resp.status_code}: {error_message(resp)}")
-            async for chunk in resp.aiter_raw():
-                self._last_rx = time.monotonic()
+
+        def on_data(chunk: bytes) -> None:
+            try:
                 for msg in decoder.feed(chunk):
                     self.on_message(msg)
+            except Exception as exc:  # a bad frame, or a handler bug: start the connection over
+                log.exception("downlink message could not be handled")
+                conn.fail(f"downlink: {type(exc).__name__}: {exc}")
+
+        stream = conn.start("GET", f"/v1/channel/down?sid={sid}", end_stream=True, on_data=on_data)
+        try:
+            status = await conn.answered(stream)
+            if status != 200:
+                raise ChannelLost(f"downlink answered {status}: {error_message(await conn.response(stream))}")
+            await conn.ended(stream)
+        except H2Error as exc:
+            raise ChannelLost(f"downlink: {exc}") from None
         raise ChannelLost("master closed the downlink")
 
-    async def _uplink(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
-        resp = await client.post(f"{url}/v1/channel/up", params={"sid": sid}, content=self._frames())
-        raise ChannelLost(f"uplink ended with {resp.status_code}: {error_message(resp)}")
+    async def _h2_up(self, conn: H2Connection, sid: str) -> None:
+        stream = conn.start("POST", f"/v1/channel/up?sid={sid}", headers={"content-type": "application/x-zy-frames"})
 
-    async def _frames(self) -> AsyncIterator[bytes]:
+        async def answered() -> None:
+            resp = await conn.response(stream)
+            raise ChannelLost(f"uplink ended with {resp.status_code}: {error_message(resp)}")
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(answered)
+                async for data in self._frames(self.idle_beat):
+                    await conn.send(stream, data)
+        except H2Error as exc:
+            raise ChannelLost(f"uplink: {exc}") from None
+
+    async def _frames(self, beat: float) -> AsyncIterator[bytes]:
         last_id = 0
         hb = encode_frame({"t": "hb", "uuid": self.uuid, "cmd": "", "taskid": "", "seq": 0})
         while True:
@@ -199,17 +258,26 @@ class Channel:
                 last_id = rows[-1][0]
                 yield b"".join(frame for _, frame in rows)
                 continue
-            with anyio.move_on_after(self.heartbeat) as idle:
+            with anyio.move_on_after(beat) as idle:
                 await wake.wait()
             if idle.cancelled_caught:
                 yield hb
 
-    async def _watchdog(self) -> None:
-        while True:
-            await anyio.sleep(1.0)
-            silent = time.monotonic() - self._last_rx
+    async def _h2_liveness(self, conn: H2Connection) -> None:
+        """HTTP/2 PING when the connection is quiet: the server answers it below the
+        application, so liveness costs the master no Python work."""
+        last_ping = 0.0
+        while not conn.closed.is_set():
+            with anyio.move_on_after(1.0):
+                await conn.closed.wait()
+            now = time.monotonic()
+            silent = now - conn.last_rx
             if silent > self.dead_after:
                 raise ChannelLost(f"nothing from the master for {silent:.0f}s")
+            if silent >= self.heartbeat and now - last_ping >= self.heartbeat:
+                conn.ping()
+                last_ping = now
+        raise ChannelLost(conn.close_reason)
 
     # -- HTTP/1.1 polling ---------------------------------------------------------------------
     async def _poll(self, client: httpx.AsyncClient, url: str, sid: str) -> None:

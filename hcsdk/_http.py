@@ -21,7 +21,7 @@ def map_exceptions(url: str) -> Iterator[None]:
         raise MasterUnreachable(f"cannot reach the master at {url}: {exc or type(exc).__name__}") from None
 
 
-def error_message(resp: httpx.Response) -> str:
+def error_message(resp: Any) -> str:
     """The ``error`` a master put in a failed response, or the HTTP status."""
     try:
         return str(resp.json().get("error"))

@@ -26,11 +26,13 @@ def granian_server(app: Any, host: str, port: int, cert: Path, key: Path, *, htt
     from granian.http import HTTP1Settings, HTTP2Settings
     from granian.server.embed import Server
 
-    # Long-lived channels: pings keep NATs and middleboxes from silently dropping idle
-    # connections, and the stream limit leaves room for the two channel streams plus API use.
+    # Long-lived channels: HTTP/2 PINGs (sent and answered by granian, without Python) keep NATs
+    # from dropping idle connections and find dead peers: a peer silent for `heartbeat` is
+    # pinged, and dropped if the answer is not back in time, so within `dead_after` in all.
+    # The stream limit leaves room for the two channel streams plus API use.
     h2 = HTTP2Settings(
         keep_alive_interval=int(heartbeat * 1000),
-        keep_alive_timeout=int(dead_after),
+        keep_alive_timeout=max(1, int(dead_after - heartbeat - 1)),
         max_concurrent_streams=256,
         initial_connection_window_size=4 * 1024 * 1024,
         initial_stream_window_size=1024 * 1024,

@@ -51,6 +51,8 @@ class ChannelApp:
         self.paths = paths
         self.e2e_private = e2e_private
         self.settings = hub.settings
+        self._handshake_slots = anyio.CapacityLimiter(self.settings.handshake_concurrency)
+        self._handshakes_waiting = 0
         self.routes = {
             ("GET", "/v1/ca"): self.ca,
             ("POST", "/v1/enroll"): self.enroll,
@@ -151,6 +153,21 @@ class ChannelApp:
         return session
 
     async def handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Admission first: a reconnect storm (a master restart under 10,000 agents) must not
+        queue without bound. Beyond the queue the answer is 503 at once, and the agent retries
+        after its jittered backoff, which spreads the storm over time."""
+        if self._handshakes_waiting >= self.settings.handshake_queue:
+            self.hub.stats["busy"] += 1
+            await error(send, 503, "the master is busy with reconnecting agents; retry after a backoff", kind="busy")
+            return
+        self._handshakes_waiting += 1
+        try:
+            async with self._handshake_slots:
+                await self._handshake(scope, receive, send)
+        finally:
+            self._handshakes_waiting -= 1
+
+    async def _handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A client's handshake, direct or forwarded by a proxy.
 
         A proxy forwards a handshake with its own credential in Authorization, its session id
@@ -184,14 +201,16 @@ class ChannelApp:
                                            kind=row.get("kind") or "agent", carrier=carrier, via=via)
         s = self.settings
         await respond(send, 200, {"uuid": session.uuid, "sid": session.sid, "mode": mode, "heartbeat": s.heartbeat,
-                                  "dead_after": s.dead_after, "poll_wait": s.poll_wait, "max_frame": s.max_frame})
+                                  "idle_beat": s.idle_beat, "dead_after": s.dead_after, "poll_wait": s.poll_wait,
+                                  "max_frame": s.max_frame})
 
     async def down(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = await self._session(scope, send)
         if session is None:
             return
         try:
-            await stream_mailbox(session, receive, send, self.settings.heartbeat, self.settings.max_frame)
+            beat = self.settings.idle_beat if session.mode == "h2" else self.settings.heartbeat
+            await stream_mailbox(session, receive, send, beat, self.settings.max_frame)
         finally:
             self.hub.session_ended(session)
 

@@ -73,7 +73,7 @@ class Hub:
         self._run_events: dict[str, anyio.Event] = {}
         self._ingest_tx, self._ingest_rx = anyio.create_memory_object_stream[tuple[str, dict[str, Any]]](20_000)
         self._seen: dict[str, float] = {}
-        self.stats = {"ingested": 0, "dispatched": 0, "rejected": 0}
+        self.stats = {"ingested": 0, "dispatched": 0, "rejected": 0, "busy": 0}
         self.keys: dict[str, bytes] = {}
         self.stopping = False
 
@@ -278,8 +278,13 @@ class Hub:
             return
         now = time.monotonic()
         for session in list(self.sessions.values()):
-            if session.carrier is None and now - session.last_rx > self.settings.dead_after:
-                session.close(f"no traffic for {self.settings.dead_after:.0f}s")
+            # an HTTP/2 channel's liveness is the connection's PINGs (granian closes it when
+            # they go unanswered); its application heartbeats only show it is not wedged
+            limit = self.settings.dead_after
+            if session.mode == "h2":
+                limit = max(limit, 2.5 * self.settings.idle_beat)
+            if session.carrier is None and now - session.last_rx > limit:
+                session.close(f"no traffic for {limit:.0f}s")
                 self.session_ended(session)
         if self._seen:
             seen, self._seen = self._seen, {}

@@ -19,6 +19,12 @@ class MasterSettings:
     heartbeat: float = 5.0
     #: a channel silent this long is dead (under 30 s by default)
     dead_after: float = 15.0
+    #: seconds between application heartbeats on a quiet HTTP/2 channel: HTTP/2 PINGs, answered
+    #: below Python, keep it alive, so 10,000 idle agents cost the master almost nothing
+    idle_beat: float = 60.0
+    #: handshakes processed at once, and how many may wait before the rest get 503 (retry later)
+    handshake_concurrency: int = 32
+    handshake_queue: int = 512
     #: how long an agent may be gone before its open tasks end offline/error
     offline_grace: float = 15.0
     #: after a master restart, how long agents with open tasks have to come back (their

@@ -23,6 +23,7 @@ from hcsdk._asgi import (
     respond,
 )
 from hcsdk._channel import ChannelLost
+from hcsdk._h2conn import Response
 from hcsdk._mailbox import stream_mailbox
 from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError
 
@@ -34,10 +35,11 @@ log = logging.getLogger("zy.proxy.app")
 
 class ProxyApp:
     def __init__(self, relay: Relay, ca_path: Path, heartbeat: float, poll_wait: float, max_frame: int,
-                 max_body: int = 16 * 1024 * 1024):
+                 max_body: int = 16 * 1024 * 1024, idle_beat: float = 60.0):
         self.relay = relay
         self.ca_path = ca_path
         self.heartbeat = heartbeat
+        self.idle_beat = idle_beat
         self.poll_wait = poll_wait
         self.max_frame = max_frame
         self.max_body = max_body
@@ -57,7 +59,8 @@ class ProxyApp:
     async def ca(self, scope: Scope, receive: Receive, send: Send) -> None:
         await respond(send, 200, self.ca_path.read_bytes())
 
-    async def _upstream(self, send: Send, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response | None:
+    async def _upstream(self, send: Send, path: str, body: bytes,
+                        headers: dict[str, str]) -> httpx.Response | Response | None:
         try:
             return await self.relay.channel.request("POST", path, content=body, headers=headers, timeout=30.0)
         except (ChannelLost, httpx.HTTPError) as exc:
@@ -112,6 +115,7 @@ class ProxyApp:
             await respond(send, 200, info)
             return
         await respond(send, 200, {**info, "sid": client.sid, "mode": mode, "heartbeat": self.heartbeat,
+                                  "idle_beat": self.idle_beat,
                                   "poll_wait": self.poll_wait, "max_frame": self.max_frame})
 
     async def _client(self, scope: Scope, send: Send) -> Downstream | None:
@@ -127,7 +131,8 @@ class ProxyApp:
         if client is None:
             return
         try:
-            await stream_mailbox(client, receive, send, self.heartbeat, self.max_frame)
+            beat = self.idle_beat if client.mode == "h2" else self.heartbeat
+            await stream_mailbox(client, receive, send, beat, self.max_frame)
         finally:
             self.relay.end(client, "channel ended")
 

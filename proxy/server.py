@@ -46,6 +46,7 @@ class ProxySettings:
     hostname: str | None = None
     http2: bool = True
     heartbeat: float = 5.0
+    idle_beat: float = 60.0
     dead_after: float = 12.0
     h2_retry: float = 60.0
     backoff_cap: float = 30.0
@@ -88,7 +89,8 @@ async def serve(settings: ProxySettings) -> None:
                        wake=relay.queue.current_wake, settings=channel_settings, on_lost=relay.upstream_lost)
 
     relay = Relay(ident.uuid, channel_for, Tamper(settings.tamper))
-    app = ProxyApp(relay, state.ca_path, settings.heartbeat, settings.poll_wait, settings.max_frame)
+    app = ProxyApp(relay, state.ca_path, settings.heartbeat, settings.poll_wait, settings.max_frame,
+                   idle_beat=settings.idle_beat)
     server = granian_server(app, settings.host, settings.port, state.root / "tls.pem", state.root / "tls.key",
                             http2=settings.http2, heartbeat=settings.heartbeat, dead_after=settings.dead_after)
     try:
