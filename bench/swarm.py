@@ -162,7 +162,7 @@ def main() -> None:
                 figures[f"{name}_rss_mib"] = rss_kib(pid) / 1024
             figures["swarm_idle_cpu_pct"] = cpu["swarm"]
             figures["swarm_rss_mib"] = rss_kib(swarm.popen.pid) / 1024
-            print("idle over {:.0f}s: ".format(args.idle) + ", ".join(
+            print(f"idle over {args.idle:.0f}s: " + ", ".join(
                 f"{name} {cpu[name]:.1f}% CPU, {figures[f'{name}_kib_per_agent']:.1f} KiB/agent "
                 f"({figures[f'{name}_rss_mib']:.0f} MiB)" for name in servers) +
                 f"; swarm {cpu['swarm']:.1f}% CPU, {figures['swarm_rss_mib']:.0f} MiB", flush=True)
