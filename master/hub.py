@@ -264,7 +264,10 @@ class Hub:
     async def _sweep_loop(self) -> None:
         while True:
             await anyio.sleep(1.0)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except Exception:  # housekeeping must never take the master down
+                log.exception("sweep failed; trying again in a second")
 
     def begin_shutdown(self) -> None:
         """Close every channel (agents reconnect to the next master) and stop judging tasks:
@@ -291,7 +294,8 @@ class Hub:
             await self.db(self.db.store.touch_agents, seen)
         verdicts: list[tuple[str, str, str]] = []
         for uuid, since in list(self.offline_since.items()):
-            if now - since < self.settings.offline_grace:
+            # the awaits below let handshakes run: an agent may have come back meanwhile
+            if now - since < self.settings.offline_grace or self.offline_since.get(uuid) != since:
                 continue
             del self.offline_since[uuid]
             for t in await self.db(self.db.store.open_tasks_for, uuid):

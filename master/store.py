@@ -17,6 +17,11 @@ from hcsdk._wire import dumps, loads
 
 FINAL = ("ok", "failed", "timeout", "offline", "cancelled", "error")
 _FINAL_SQL = "('ok','failed','timeout','offline','cancelled','error')"
+_START_SQL = "UPDATE tasks SET status='running', started_at=? WHERE taskid=? AND status IN ('pending','dispatched')"
+# An agent's own verdict overrides one the master presumed (e.g. "went offline").
+_DONE_SQL = ("UPDATE tasks SET status=?, exit_code=?, started_at=COALESCE(started_at, ?), finished_at=?, error=?, "
+             f"truncated=?, final_source='agent' WHERE taskid=? AND (status NOT IN {_FINAL_SQL} "
+             "OR final_source='master')")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -191,51 +196,57 @@ class Store:
         return out
 
     def ingest(self, batch: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, list[list[Any]]], set[str]]:
-        """Persist messages from agents in one transaction.
+        """Persist messages from agents in one transaction, with one statement per kind of row
+        (executemany): per-message statements were the ceiling of the fan-out at 1,000 agents.
 
         Returns the acknowledgements to send back per agent and the runs that changed.
         Messages about unknown tasks, or from an agent that is not the task's target, are
-        acknowledged (so the agent stops resending) but not stored.
+        acknowledged (so the agent stops resending) but not stored; resends already held are
+        acknowledged and skipped.
         """
         owners = self.task_runs(m["taskid"] for _, m in batch if isinstance(m.get("taskid"), str))
+        held = self._held_events(owners)
         acks: dict[str, list[list[Any]]] = {}
         changed: set[str] = set()
+        events, starts, dones = [], [], []
+        for uuid, msg in batch:
+            taskid, seq = msg.get("taskid"), msg.get("seq")
+            acks.setdefault(uuid, []).append([taskid, seq])
+            if not isinstance(taskid, str) or not isinstance(seq, int):
+                continue
+            owner = owners.get(taskid)
+            if owner is None or owner[1] != uuid or (taskid, seq) in held:
+                continue
+            held.add((taskid, seq))
+            changed.add(owner[0])
+            kind, p = msg["t"], msg.get("p") or {}
+            events.append((owner[0], taskid, uuid, seq, kind, dumps(p).decode()))
+            if kind == "start":
+                starts.append((p.get("started_at"), taskid))
+            elif kind == "done":
+                dones.append((p.get("status", "error"), p.get("exit_code"), p.get("started_at"), p.get("finished_at"),
+                              p.get("error"), dumps(p.get("truncated") or {}).decode(), taskid))
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            for uuid, msg in batch:
-                taskid, seq = msg.get("taskid"), msg.get("seq")
-                acks.setdefault(uuid, []).append([taskid, seq])
-                owner = owners.get(taskid) if isinstance(taskid, str) else None
-                if owner is None or owner[1] != uuid or not isinstance(seq, int) or not isinstance(taskid, str):
-                    continue
-                run_id = owner[0]
-                payload = msg.get("p") or {}
-                if self._apply(run_id, taskid, uuid, seq, msg["t"], payload):
-                    changed.add(run_id)
+            self.db.executemany(
+                "INSERT OR IGNORE INTO events(run_id, taskid, uuid, seq, kind, data) VALUES(?,?,?,?,?,?)", events)
+            self.db.executemany(_START_SQL, starts)
+            self.db.executemany(_DONE_SQL, dones)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         return acks, changed
 
-    def _apply(self, run_id: str, taskid: str, uuid: str, seq: int, kind: str, p: dict[str, Any]) -> bool:
-        if not self._insert_event(run_id, taskid, uuid, seq, kind, p):
-            return False  # a resend we already hold
-        if kind == "start":
-            self.db.execute(
-                "UPDATE tasks SET status='running', started_at=? WHERE taskid=? AND status IN ('pending','dispatched')",
-                (p.get("started_at"), taskid),
-            )
-        elif kind == "done":
-            # An agent's own verdict overrides one the master presumed (e.g. "went offline").
-            self.db.execute(
-                "UPDATE tasks SET status=?, exit_code=?, started_at=COALESCE(started_at, ?), finished_at=?, "
-                "error=?, truncated=?, final_source='agent' WHERE taskid=? AND "
-                f"(status NOT IN {_FINAL_SQL} OR final_source='master')",
-                (p.get("status", "error"), p.get("exit_code"), p.get("started_at"), p.get("finished_at"),
-                 p.get("error"), dumps(p.get("truncated") or {}).decode(), taskid),
-            )
-        return True
+    def _held_events(self, owners: dict[str, tuple[str, str]]) -> set[tuple[str, int]]:
+        """(taskid, seq) already stored for these tasks: resends to skip."""
+        ids = list(owners)
+        held: set[tuple[str, int]] = set()
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            q = f"SELECT taskid, seq FROM events WHERE taskid IN ({','.join('?' * len(part))})"
+            held.update((r[0], r[1]) for r in self.db.execute(q, part))
+        return held
 
     def open_tasks_for(self, uuid: str) -> list[dict[str, Any]]:
         rows = self.db.execute(
