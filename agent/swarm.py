@@ -96,21 +96,27 @@ class Swarm:
         limiter = anyio.CapacityLimiter(concurrency)
         failures: list[str] = []
         done = 0
+        ca_pem: bytes | None = None  # fetched and checked by the first enrollment, then shared
 
         async def one(index: int) -> None:
             nonlocal done
             async with limiter:
                 state = self.state(index)
                 try:
-                    await enroll(state, state.load(), token, self.facts(index), self.labels, urls=self.urls or None)
+                    await enroll(state, state.load(), token, self.facts(index), self.labels, urls=self.urls or None,
+                                 ca_pem=ca_pem)
                 except EnrollError as exc:
                     failures.append(f"{self.hostname(index)}: {exc}")
                 done += 1
                 if done % 500 == 0 or done == len(missing):
                     print(f"zy swarm: enrolled {done - len(failures)}/{len(missing)}", flush=True)
 
+        await one(missing[0])
+        if failures:
+            raise SwarmError(f"enrollment failed: {failures[0]}")
+        ca_pem = self.state(missing[0]).ca_path.read_bytes()
         async with anyio.create_task_group() as tg:
-            for index in missing:
+            for index in missing[1:]:
                 tg.start_soon(one, index)
         if failures:
             raise SwarmError(f"{len(failures)} enrollments failed, the first: {failures[0]}")

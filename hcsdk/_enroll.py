@@ -10,7 +10,7 @@ from ._e2e import b64, derive_key, new_keypair, unb64
 from ._http import error_message
 from ._identity import Identity, StateDir
 from ._jointoken import JoinToken
-from ._tls import ca_fingerprint, client_context, single_cert_pem
+from ._tls import ca_fingerprint, shared_client_context, single_cert_pem
 
 
 class EnrollError(Exception):
@@ -26,28 +26,35 @@ def _unverified() -> ssl.SSLContext:
     return ctx
 
 
+async def _fetch_ca(url: str) -> bytes:
+    async with httpx.AsyncClient(verify=_unverified(), timeout=15) as probe:
+        resp = await probe.get(f"{url}/v1/ca")
+        resp.raise_for_status()
+    try:
+        return single_cert_pem(resp.content)
+    except ValueError as exc:
+        raise EnrollError(f"{url}/v1/ca did not return a CA certificate ({exc})") from None
+
+
 async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict[str, object],
                  labels: dict[str, str], kind: str = "agent", urls: list[str] | None = None,
-                 csr: bytes | None = None) -> Identity:
+                 csr: bytes | None = None, ca_pem: bytes | None = None) -> Identity:
     """Enroll once with the master (directly or through proxies at ``urls``).
 
-    A proxy sends ``csr`` and gets a server certificate from the master's CA (``tls.pem``)."""
+    A proxy sends ``csr`` and gets a server certificate from the master's CA (``tls.pem``).
+    ``ca_pem`` skips fetching the CA (a swarm enrolling thousands fetches it once); it is
+    checked against the token's fingerprint all the same."""
     errors = []
     for url in urls or token.urls:
         try:
-            async with httpx.AsyncClient(verify=_unverified(), timeout=15) as probe:
-                resp = await probe.get(f"{url}/v1/ca")
-                resp.raise_for_status()
-            try:
-                ca_pem = single_cert_pem(resp.content)
-            except ValueError as exc:
-                raise EnrollError(f"{url}/v1/ca did not return a CA certificate ({exc})") from None
+            if ca_pem is None:
+                ca_pem = await _fetch_ca(url)
             if ca_fingerprint(ca_pem) != token.ca_fingerprint:
                 raise EnrollError(
                     f"the CA served by {url} does not match the join token's fingerprint: "
                     "refusing to enroll (wrong master, or someone in between)")
             private, public = new_keypair()
-            async with httpx.AsyncClient(verify=client_context(ca_pem), timeout=15) as client:
+            async with httpx.AsyncClient(verify=shared_client_context(ca_pem), timeout=15) as client:
                 resp = await client.post(f"{url}/v1/enroll", json={
                     "token": token.credential, "uuid": ident.uuid, "facts": facts, "labels": labels,
                     "kind": kind, "e2e_pub": b64(public), **({"csr": csr.decode()} if csr else {})})
