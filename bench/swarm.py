@@ -59,8 +59,8 @@ def idle_cost(procs: dict[str, int], seconds: float) -> dict[str, float]:
     return {name: 100 * (cpu_seconds(pid) - before[name]) / wall for name, pid in procs.items()}
 
 
-def fanout(fleet: LocalFleet, n: int, rounds: int) -> list[float]:
-    echo = {"cmd": "echo", "args": {"text": "hi"}, "targets": "swarm-*", "timeout": 60}
+def fanout(fleet: LocalFleet, n: int, rounds: int, targets: str = "swarm-*") -> list[float]:
+    echo: dict[str, Any] = {"cmd": "echo", "args": {"text": "hi"}, "targets": targets, "timeout": 60}
     fleet.client.run(**echo).to_dataframe()  # warm-up
     latencies = []
     for _ in range(rounds):
@@ -70,6 +70,41 @@ def fanout(fleet: LocalFleet, n: int, rounds: int) -> list[float]:
         bad = df[df["status"] != "ok"]
         assert len(df) == n and bad.empty, bad[["hostname", "status", "error"]].head()
     return latencies
+
+
+def curve(fleet: LocalFleet, n: int, rounds: int) -> dict[int, dict[str, float]]:
+    """Fan-out latency against N: subsets of the swarm picked by glob (swarm-0000? is 10)."""
+    points = {}
+    for digits in range(1, 6):
+        size = 10**digits
+        if size > n:
+            break
+        lat = fanout(fleet, size, rounds, "swarm-" + "0" * (5 - digits) + "?" * digits)
+        points[size] = {"p50_s": statistics.median(lat), "p99_s": pct(lat, 0.99)}
+        print(f"  N={size:>6}: median {points[size]['p50_s'] * 1000:.0f} ms, p99 {points[size]['p99_s'] * 1000:.0f} ms",
+              flush=True)
+    return points
+
+
+def plot(points: dict[int, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(points)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    ax.plot(sizes, [points[s]["p50_s"] for s in sizes], "o-", label="median")
+    ax.plot(sizes, [points[s]["p99_s"] for s in sizes], "s--", label="p99")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("agents (zy swarm, one process)")
+    ax.set_ylabel("SDK call to complete DataFrame (s)")
+    ax.set_title("fan-out of echo, master and swarm on one 2-core machine")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def throughput(fleet: LocalFleet, n: int, runs: int) -> dict[str, float]:
@@ -132,6 +167,10 @@ def main() -> None:
     ap.add_argument("--storm", action="store_true", help="also kill and restart the master (or the proxy)")
     ap.add_argument("--online-timeout", type=float, default=900.0)
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--curve", action="store_true", help="also fan out to 10, 100, 1000... of the agents")
+    ap.add_argument("--plot", type=Path, help="with --curve: draw latency against N into this PNG")
+    ap.add_argument("--root", type=Path, help="keep the master's data and the swarm's identities here, so a "
+                    "second run skips enrollment (default: a temporary folder)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the master and proxy inherit it
@@ -139,10 +178,10 @@ def main() -> None:
     figures: dict[str, Any] = {"agents": n, "via_proxy": args.via_proxy}
 
     with tempfile.TemporaryDirectory(prefix="zy-swarm-") as tmp:
-        fleet = LocalFleet(Path(tmp))
+        fleet = LocalFleet(args.root or Path(tmp))
         try:
             fleet.start_master()
-            urls = [fleet.start_proxy("proxy-1")] if args.via_proxy else None
+            urls = [fleet.start_proxy("proxy-1")] if args.via_proxy else [fleet.url]
             time.sleep(2)
             servers = {"master": fleet.master.popen.pid}  # type: ignore[union-attr]
             if args.via_proxy:
@@ -150,7 +189,7 @@ def main() -> None:
             base = {name: rss_kib(pid) for name, pid in servers.items()}
             t0 = time.monotonic()
             swarm: Proc = fleet.start_swarm(n, urls=urls)
-            wait_for(lambda: online(fleet) >= n + len(urls or []), args.online_timeout, f"{n} agents online")
+            wait_for(lambda: online(fleet) >= n + args.via_proxy, args.online_timeout, f"{n} agents online")
             figures["online_s"] = time.monotonic() - t0
             print(f"{n} swarm agents online in {figures['online_s']:.1f}s (enrollment included)", flush=True)
 
@@ -173,6 +212,12 @@ def main() -> None:
                   f"p99 {figures['fanout_p99_s'] * 1000:.0f} ms, max {figures['fanout_max_s'] * 1000:.0f} ms",
                   flush=True)
 
+            if args.curve:
+                print("fan-out against N:", flush=True)
+                figures["curve"] = points = curve(fleet, n, args.rounds)
+                if args.plot:
+                    plot(points, args.plot)
+
             if args.runs:
                 tp = throughput(fleet, n, args.runs)
                 figures["throughput"] = tp
@@ -186,11 +231,11 @@ def main() -> None:
                         proc = fleet.agents.pop("proxy-1")
                         proc.kill()
                         proc.stop()
-                        port = int((urls or [""])[0].rsplit(":", 1)[1])
+                        port = int(urls[0].rsplit(":", 1)[1])
                         fleet.start_proxy("proxy-1", port=port)
                     else:
                         fleet.restart_master(kill=True)
-                figures["storm"] = st = storm(fleet, n, restart, args.online_timeout)
+                figures["storm"] = st = storm(fleet, n + args.via_proxy, restart, args.online_timeout)
                 print(f"storm ({'proxy' if args.via_proxy else 'master'} killed and restarted): all {n} back in "
                       f"{st['all_back_s']:.1f}s; SDK status p50 {st['api_p50_ms']:.0f} ms, "
                       f"p99 {st['api_p99_ms']:.0f} ms over {st['api_probes']} calls", flush=True)
