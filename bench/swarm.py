@@ -206,11 +206,16 @@ def main() -> None:
                 f"({figures[f'{name}_rss_mib']:.0f} MiB)" for name in servers) +
                 f"; swarm {cpu['swarm']:.1f}% CPU, {figures['swarm_rss_mib']:.0f} MiB", flush=True)
 
+            procs = {**servers, "swarm": swarm.popen.pid}
+            cpu0 = {name: cpu_seconds(pid) for name, pid in procs.items()}
             lat = fanout(fleet, n, args.rounds)
-            figures.update(fanout_p50_s=statistics.median(lat), fanout_p99_s=pct(lat, 0.99), fanout_max_s=max(lat))
+            tasks = n * (args.rounds + 1)  # with the warm-up
+            per_task = {name: 1e6 * (cpu_seconds(pid) - cpu0[name]) / tasks for name, pid in procs.items()}
+            figures.update(fanout_p50_s=statistics.median(lat), fanout_p99_s=pct(lat, 0.99), fanout_max_s=max(lat),
+                           cpu_us_per_task=per_task)
             print(f"fan-out echo to {n}, {args.rounds} rounds: median {figures['fanout_p50_s'] * 1000:.0f} ms, "
-                  f"p99 {figures['fanout_p99_s'] * 1000:.0f} ms, max {figures['fanout_max_s'] * 1000:.0f} ms",
-                  flush=True)
+                  f"p99 {figures['fanout_p99_s'] * 1000:.0f} ms, max {figures['fanout_max_s'] * 1000:.0f} ms; CPU per "
+                  "task: " + ", ".join(f"{name} {us:.0f} us" for name, us in per_task.items()), flush=True)
 
             if args.curve:
                 print("fan-out against N:", flush=True)

@@ -20,6 +20,9 @@ class StartupError(Exception):
     """A service cannot start; the message says why and what to do."""
 
 
+MAX_CONNECTIONS = 65_536
+
+
 def granian_server(app: Any, host: str, port: int, cert: Path, key: Path, *, http2: bool, heartbeat: float,
                    dead_after: float) -> Any:
     from granian.constants import HTTPModes, Interfaces, SSLProtocols
@@ -42,6 +45,9 @@ def granian_server(app: Any, host: str, port: int, cert: Path, key: Path, *, htt
         app, address=host, port=port, interface=Interfaces.ASGINL,
         http=HTTPModes.auto if http2 else HTTPModes.http1,
         http1_settings=h1, http2_settings=h2, backlog=4096,
+        # granian's default caps concurrent connections at the backlog (4,096): a channel is a
+        # connection held for days, so the cap must be the fleet size, not a burst size
+        backpressure=MAX_CONNECTIONS,
         ssl_cert=cert.resolve(), ssl_key=key.resolve(),
         # TLS 1.2 too: corporate middleboxes between hops often speak nothing newer
         ssl_protocol_min=SSLProtocols.tls12,

@@ -170,7 +170,7 @@ class Hub:
         if size > self.settings.max_frame - 1024:
             raise RequestRejected(f"the command's arguments take {size} bytes; at most "
                                   f"{self.settings.max_frame - 1024} fit in one message", status=413)
-        agents = [a for a in await self.db(self.db.store.agents) if a.get("kind", "agent") == "agent"]
+        agents = await self.db(self.db.store.target_rows)
         try:
             chosen = resolve(targets, agents)
         except ValueError as exc:

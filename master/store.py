@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     deadline REAL NOT NULL, cancel_requested INTEGER NOT NULL DEFAULT 0, truncated TEXT);
 CREATE INDEX IF NOT EXISTS tasks_run ON tasks(run_id);
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks(uuid, status);
+CREATE INDEX IF NOT EXISTS tasks_open_deadline ON tasks(deadline)
+    WHERE status NOT IN ('ok','failed','timeout','offline','cancelled','error');
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, taskid TEXT NOT NULL,
     uuid TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL,
@@ -142,6 +144,13 @@ class Store:
             rec["labels"] = loads(rec["labels"])
             out.append(rec)
         return out
+
+    def target_rows(self) -> list[dict[str, Any]]:
+        """What targeting needs of every live agent (not proxies), without the facts: at
+        10,000 agents, decoding every agent's facts for each run cost more than the run."""
+        sql = ("SELECT uuid, hostname, labels FROM agents WHERE revoked=0 AND COALESCE(kind, 'agent')='agent' "
+               "ORDER BY hostname, uuid")
+        return [{"uuid": r[0], "hostname": r[1], "labels": loads(r[2])} for r in self.db.execute(sql)]
 
     # -- runs and tasks ---------------------------------------------------------------------
     def create_run(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float,
