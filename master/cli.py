@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="seconds an agent may be gone before its open tasks end (default 15)")
     p.add_argument("--startup-grace", type=float, default=40.0,
                    help="after a restart, seconds agents with open tasks have to reconnect (default 40)")
+    p.add_argument("--handshake-concurrency", type=int, default=32, metavar="N",
+                   help="handshakes processed at once (default 32)")
+    p.add_argument("--handshake-queue", type=int, default=512, metavar="N",
+                   help="handshakes that may wait; beyond, agents get 503 and retry after a backoff, so a "
+                   "reconnect storm cannot swamp the master (default 512)")
     p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024,
                    help="largest channel message in bytes (default %(default)s)")
     p.add_argument("--ssh-proxy", action="append", default=[], metavar="USER@HOST[:PORT]",
@@ -59,7 +64,8 @@ def _main(args: argparse.Namespace) -> int:
     settings = MasterSettings(
         data_dir=args.data_dir, host=host, port=port, http2=not args.no_http2, advertise=args.advertise,
         heartbeat=args.heartbeat, dead_after=args.dead_after, offline_grace=args.offline_grace,
-        startup_grace=args.startup_grace,
+        startup_grace=args.startup_grace, handshake_concurrency=max(1, args.handshake_concurrency),
+        handshake_queue=max(0, args.handshake_queue),
         max_frame=args.max_frame, write_user_config=not args.no_user_config,
         ssh_proxies=args.ssh_proxy, ssh_key=args.ssh_key, ssh_known_hosts=args.ssh_known_hosts,
         ssh_remote_port=args.ssh_remote_port,

@@ -78,3 +78,17 @@ def test_memory_spool_keeps_the_spool_contract() -> None:
     spool.ack([["t1", 0]])
     assert [r[0] for r in spool.pending_after(0)] == [2]
     assert spool.claim("t2", "echo") and not spool.claim("t2", "echo")
+
+
+def test_beyond_the_handshake_queue_agents_get_busy_and_retry(tmp_path: Path) -> None:
+    """Admission: a master whose queue is full answers 503 `busy`; the agent keeps retrying
+    (backing off) instead of giving up, and the refusals are counted."""
+    fleet = Fleet(tmp_path, ["--handshake-queue", "0"])
+    fleet.start_master()
+    try:
+        agent = fleet.start_agent("patient")
+        wait_for(lambda: "503" in agent.output() and "busy" in agent.output(), 60, "a 503 busy answer")
+        assert agent.alive and "patient" not in fleet.online()
+        assert fleet.client.status()["busy"] >= 1
+    finally:
+        fleet.close()
