@@ -85,6 +85,7 @@ class H2Connection(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._conn_window = asyncio.Event()
+        self._slot = asyncio.Event()  # set when a stream closes: room under the peer's stream limit
 
     @classmethod
     async def open(cls, url: str, ctx: ssl.SSLContext, headers: dict[str, str], local_address: str | None = None,
@@ -152,11 +153,15 @@ class H2Connection(asyncio.Protocol):
             stream.headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
             stream.status = int(stream.headers.get(":status", "0"))
             stream.answered.set()
-        elif isinstance(event, h2.events.StreamEnded) and stream is not None:
-            stream.answered.set()
-            stream.ended.set()
-        elif isinstance(event, h2.events.StreamReset) and stream is not None:
-            stream.fail(f"stream reset by the server (error {event.error_code})")
+        elif isinstance(event, h2.events.StreamEnded):
+            self._slot.set()
+            if stream is not None:
+                stream.answered.set()
+                stream.ended.set()
+        elif isinstance(event, h2.events.StreamReset):
+            self._slot.set()
+            if stream is not None:
+                stream.fail(f"stream reset by the server (error {event.error_code})")
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id == 0:
                 self._conn_window.set()
@@ -174,6 +179,7 @@ class H2Connection(asyncio.Protocol):
             return
         self.close_reason = reason
         self.closed.set()
+        self._slot.set()
         self._writable.set()
         self._conn_window.set()
         for stream in self.streams.values():
@@ -269,15 +275,35 @@ class H2Connection(asyncio.Protocol):
         if json_body is not None:
             content = json.dumps(json_body).encode()
             headers = {"content-type": "application/json", **(headers or {})}
-        stream_id = self.start(method, path, headers, end_stream=not content)
+        stream_id = 0
         try:
             async with asyncio.timeout(timeout):
+                await self._stream_slot()
+                stream_id = self.start(method, path, headers, end_stream=not content)
                 if content:
                     await self.send(stream_id, content, end_stream=True)
                 return await self.response(stream_id)
         except TimeoutError:
-            self.streams.pop(stream_id, None)
+            if stream_id:
+                self._abandon(stream_id)
             raise H2Error(f"{method} {path}: no answer within {timeout:g}s") from None
+
+    def _abandon(self, stream_id: int) -> None:
+        """Reset a stream we stopped waiting for, so it frees its slot on both sides."""
+        self.streams.pop(stream_id, None)
+        try:
+            self.h2.reset_stream(stream_id)
+            self._flush()
+        except h2.exceptions.H2Error:
+            pass  # already closed
+
+    async def _stream_slot(self) -> None:
+        """Wait for room under the server's concurrent-stream limit (a proxy forwarding a
+        reconnect storm's handshakes has hundreds in flight on its one connection)."""
+        while self.h2.open_outbound_streams >= self.h2.remote_settings.max_concurrent_streams:
+            self._check()
+            self._slot.clear()
+            await self._slot.wait()
 
     def ping(self) -> None:
         if not self.closed.is_set():

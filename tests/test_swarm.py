@@ -92,3 +92,24 @@ def test_beyond_the_handshake_queue_agents_get_busy_and_retry(tmp_path: Path) ->
         assert fleet.client.status()["busy"] >= 1
     finally:
         fleet.close()
+
+
+def test_one_h2_connection_carries_more_requests_than_the_server_stream_limit(fleet: Fleet) -> None:
+    """A proxy forwards a reconnect storm's handshakes over its one upstream connection: more
+    at once than the master's 256-stream limit must wait for a slot, not fail."""
+    import asyncio
+
+    from hcsdk._h2conn import H2Connection
+    from hcsdk._tls import shared_client_context
+
+    async def burst() -> tuple[int, set[int]]:
+        ca = (fleet.root / "master" / "ca.pem").read_bytes()
+        conn = await H2Connection.open(fleet.url, shared_client_context(ca), {})
+        try:
+            answers = await asyncio.gather(*[conn.request("GET", "/v1/ca") for _ in range(600)])
+            return conn.h2.remote_settings.max_concurrent_streams, {a.status_code for a in answers}
+        finally:
+            conn.close()
+
+    limit, statuses = asyncio.run(burst())
+    assert limit < 600 and statuses == {200}
