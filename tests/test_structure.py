@@ -34,8 +34,11 @@ def test_services_do_not_import_each_other() -> None:
 
 
 def test_agent_loads_without_pandas_or_server_libraries() -> None:
-    code = ("import sys, agent.cli, agent.core; "
-            "bad = {'pandas', 'numpy', 'fastapi', 'granian', 'starlette', 'IPython'} & set(sys.modules); "
+    """What `zy agent` imports once enrolled: no SDK, server or enrollment-only libraries (the
+    idle agent's 35 MiB depend on it: docs/performance.md)."""
+    code = ("import sys; sys.argv = ['zy', 'agent']; import hcsdk.cli, agent.cli, agent.core, hcsdk._channel; "
+            "bad = {'pandas', 'numpy', 'fastapi', 'granian', 'starlette', 'IPython', 'rich', 'pygments', 'click', "
+            "'cryptography'} & {m.split('.')[0] for m in sys.modules}; "
             "print(', '.join(sorted(bad))); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"agent imports {result.stdout or result.stderr}"
