@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import fcntl
@@ -22,6 +23,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -424,3 +426,41 @@ def write_json(path: str | None, data: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(data, indent=1))
         log(f"figures written to {path}")
+
+
+def compare_main(doc: str, peer: str, requirements: Sequence[str], dist: str, default_n: list[int],
+                 run_peer: Callable[[Path, Path, int, Reaper], dict[str, Any]],
+                 report: Callable[[dict[int, dict[str, Any]], str], None], leftover_pattern: str) -> None:
+    """The command line every peer script shares: for each N, the peer then hcsdk, in the same
+    run; then the report, cleanup checks and the optional JSON."""
+    sizes = " ".join(map(str, default_n))
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--n", type=int, nargs="+", default=default_n, help=f"fleet sizes (default {sizes})")
+    ap.add_argument("--json", metavar="PATH", help="write every figure to PATH")
+    ap.add_argument("--quiet-wait", type=float, default=0, metavar="S",
+                    help="before each N, wait up to S seconds until other processes leave the CPU alone")
+    args = ap.parse_args()
+
+    t0 = time.monotonic()
+    reaper = Reaper()
+    python, version = peer_venv(peer, requirements, dist)
+    tmp = Path(tempfile.mkdtemp(prefix=f"hcsdk-peer-{peer}-"))
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        for n in args.n:
+            log(f"--- N = {n}")
+            wait_quiet(args.quiet_wait)
+            results[n] = {peer: run_peer(python, tmp / f"{peer}-{n}", n, reaper)}
+            wait_quiet(args.quiet_wait)
+            results[n]["hcsdk"] = run_hcsdk(tmp / f"hcsdk-{n}", n, reaper)
+    finally:
+        reaper.reap()
+        shutil.rmtree(tmp, ignore_errors=True)
+        reaper.check_gone()
+        warn_leftovers(leftover_pattern)
+    report(results, version)
+    elapsed = time.monotonic() - t0
+    print(f"\ntotal time {elapsed:.0f}s")
+    write_json(args.json, {"peer": peer, "version": version, "python": sys.version.split()[0],
+                           "cores": os.cpu_count(), "elapsed_s": round(elapsed, 1),
+                           "results": {str(n): r for n, r in results.items()}})

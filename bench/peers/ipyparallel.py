@@ -16,15 +16,10 @@ task and result (SQLite, on the master and in each agent's spool) and streams th
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +27,15 @@ from _common import (
     OtherLoad,
     Reaper,
     Timing,
+    compare_main,
     fmt_busy,
     fmt_mem,
     fmt_samples,
     log,
     other_load_note,
-    peer_venv,
     ratio,
-    run_hcsdk,
     tree_memory,
-    wait_quiet,
     wait_until,
-    warn_leftovers,
-    write_json,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -131,36 +122,8 @@ def report(results: dict[int, dict[str, Any]], version: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, nargs="+", default=[10, 50], help="fleet sizes (default 10 50)")
-    ap.add_argument("--json", metavar="PATH", help="write every figure to PATH")
-    ap.add_argument("--quiet-wait", type=float, default=0, metavar="S",
-                    help="before each N, wait up to S seconds until other processes leave the CPU alone")
-    args = ap.parse_args()
-
-    t0 = time.monotonic()
-    reaper = Reaper()
-    python, version = peer_venv("ipyparallel", REQUIREMENTS, "ipyparallel")
-    tmp = Path(tempfile.mkdtemp(prefix="hcsdk-peer-ipp-"))
-    results: dict[int, dict[str, Any]] = {}
-    try:
-        for n in args.n:
-            log(f"--- N = {n}")
-            wait_quiet(args.quiet_wait)
-            results[n] = {"ipyparallel": run_ipp(python, tmp / f"ipp-{n}", n, reaper)}
-            wait_quiet(args.quiet_wait)
-            results[n]["hcsdk"] = run_hcsdk(tmp / f"hcsdk-{n}", n, reaper)
-    finally:
-        reaper.reap()
-        shutil.rmtree(tmp, ignore_errors=True)
-        reaper.check_gone()
-        warn_leftovers("ipengine|ipcontroller")
-    report(results, version)
-    elapsed = time.monotonic() - t0
-    print(f"\ntotal time {elapsed:.0f}s")
-    write_json(args.json, {"peer": "ipyparallel", "version": version, "python": sys.version.split()[0],
-                           "cores": os.cpu_count(), "elapsed_s": round(elapsed, 1),
-                           "results": {str(n): r for n, r in results.items()}})
+    compare_main(__doc__ or "", "ipyparallel", REQUIREMENTS, "ipyparallel", [10, 50], run_ipp, report,
+                 "ipengine|ipcontroller")
 
 
 if __name__ == "__main__":

@@ -12,16 +12,12 @@ starts an hcsdk master and N agent processes and times `client.run("echo hi", ta
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +27,7 @@ from _common import (
     OtherLoad,
     Reaper,
     Timing,
+    compare_main,
     cpu_seconds,
     fmt_busy,
     fmt_mem,
@@ -39,14 +36,9 @@ from _common import (
     log,
     median_of,
     other_load_note,
-    peer_venv,
     ratio,
-    run_hcsdk,
     tree_memory,
-    wait_quiet,
     wait_until,
-    warn_leftovers,
-    write_json,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -256,36 +248,7 @@ def report(results: dict[int, dict[str, Any]], version: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, nargs="+", default=[10, 50, 100], help="fleet sizes (default 10 50 100)")
-    ap.add_argument("--json", metavar="PATH", help="write every figure to PATH")
-    ap.add_argument("--quiet-wait", type=float, default=0, metavar="S",
-                    help="before each N, wait up to S seconds until other processes leave the CPU alone")
-    args = ap.parse_args()
-
-    t0 = time.monotonic()
-    reaper = Reaper()
-    python, version = peer_venv("salt", REQUIREMENTS, "salt")
-    tmp = Path(tempfile.mkdtemp(prefix="hcsdk-peer-salt-"))
-    results: dict[int, dict[str, Any]] = {}
-    try:
-        for n in args.n:
-            log(f"--- N = {n}")
-            wait_quiet(args.quiet_wait)
-            results[n] = {"salt": run_salt(python, tmp / f"salt-{n}", n, reaper)}
-            wait_quiet(args.quiet_wait)
-            results[n]["hcsdk"] = run_hcsdk(tmp / f"hcsdk-{n}", n, reaper)
-    finally:
-        reaper.reap()
-        shutil.rmtree(tmp, ignore_errors=True)
-        reaper.check_gone()
-        warn_leftovers("salt-")
-    report(results, version)
-    elapsed = time.monotonic() - t0
-    print(f"\ntotal time {elapsed:.0f}s")
-    write_json(args.json, {"peer": "salt", "version": version, "python": sys.version.split()[0],
-                           "cores": os.cpu_count(), "elapsed_s": round(elapsed, 1),
-                           "results": {str(n): r for n, r in results.items()}})
+    compare_main(__doc__ or "", "salt", REQUIREMENTS, "salt", [10, 50, 100], run_salt, report, "salt-")
 
 
 if __name__ == "__main__":
