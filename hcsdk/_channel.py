@@ -98,7 +98,6 @@ class Channel:
         self.idle_beat = self.settings.heartbeat
         self.dead_after = self.settings.dead_after
         self.poll_timeout = 30.0
-        self._last_rx = time.monotonic()
 
     async def run_forever(self) -> None:
         backoff = Backoff(self.settings.backoff_base, self.settings.backoff_cap)
@@ -177,7 +176,6 @@ class Channel:
         self.poll_timeout = float(info.get("poll_wait") or 2) + self.dead_after
         backoff.reset()
         self.connects += 1
-        self._last_rx = time.monotonic()
         return info
 
     async def request(self, method: str, path: str, content: bytes = b"", headers: dict[str, str] | None = None,
@@ -305,7 +303,6 @@ class Channel:
                                  headers={"content-type": "application/x-zy-frames"}, timeout=self.poll_timeout)
         if resp.status_code != 200:
             raise ChannelLost(f"poll answered {resp.status_code}: {error_message(resp)}")
-        self._last_rx = time.monotonic()
         return resp
 
     async def _poll_down(self, client: httpx.AsyncClient, url: str, sid: str) -> None:

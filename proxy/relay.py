@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections import deque
 from typing import Any
 
@@ -35,7 +34,6 @@ class Downstream(Mailbox):
         self.sid = sid
         self.mode = mode
         self.routes = {uuid}
-        self.last_rx = time.monotonic()
 
 
 class UpstreamQueue:
@@ -143,7 +141,6 @@ class Relay:
         self.stats["clients"] = len(self.by_uuid)
 
     async def from_client(self, client: Downstream, msgs: list[dict[str, Any]]) -> None:
-        client.last_rx = time.monotonic()
         for msg in msgs:
             uuid, kind = str(msg.get("uuid")), msg["t"]
             if uuid not in client.routes or (kind == "hb" and uuid == client.uuid):
