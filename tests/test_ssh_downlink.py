@@ -53,6 +53,10 @@ def test_proxy_reaches_the_master_only_through_the_ssh_downlink(tmp_path: Path, 
         ups = lambda: len(re.findall("ssh downlink up", fleet.master.output()))  # type: ignore[union-attr] # noqa: E731
         wait_for(lambda: ups() >= 2, 60, "the ssh downlink to come back")
         fleet.wait_online("site-1", timeout=60)
+        # the proxy's upstream came back, so its clients reconnect through it: "online" may still
+        # be the session that is about to end; wait until a ping gets through, as above
+        wait_for(lambda: fleet.client.run(cmd="ping", targets="site-1", timeout=10).to_dataframe().loc[0, "status"]
+                 == "ok", 60, "a ping through the new tunnel")
         df = fleet.client.run("echo again", targets="site-1", timeout=30).to_dataframe()
         assert df.loc[0, "status"] == "ok" and df.loc[0, "stdout"] == "again\n"
 
