@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="longest wait between reconnect attempts, in seconds (default 30)")
     p.add_argument("--output-cap", type=int, default=8 * 1024 * 1024, metavar="BYTES",
                    help="keep at most this much of each task's stdout and of its stderr (default 8 MiB)")
+    p.add_argument("--worker-memory", type=int, default=512, metavar="MIB",
+                   help="restart the plugin worker when it grows past this resident size (default 512)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
 
@@ -66,8 +68,14 @@ def _main(args: argparse.Namespace) -> int:
 
 def _can_restart() -> bool:
     """Whether this process is the `zy agent` command line itself (and not, say, a test calling
-    the CLI in-process), so replacing it with a fresh copy of itself runs the same agent."""
-    return (bool(sys.executable) and len(sys.argv) > 1 and sys.argv[1] == "agent"
+    the CLI in-process), so replacing it with a fresh copy of itself runs the same agent: `zy agent`,
+    `python -m agent`, the zipapp (`python3 zy-agent.pyz`) or the one-file build (`zy-agent`)."""
+    if getattr(sys, "frozen", False):
+        return bool(sys.executable)
+    main = sys.modules.get("__main__")
+    own = (getattr(getattr(main, "__loader__", None), "archive", None) is not None  # the zipapp
+           or getattr(getattr(main, "__spec__", None), "name", None) == "agent.__main__")
+    return (bool(sys.executable) and len(sys.argv) > 1 and (sys.argv[1] == "agent" or own)
             and sys.orig_argv[len(sys.orig_argv) - len(sys.argv) + 1:] == sys.argv[1:])
 
 
@@ -77,6 +85,8 @@ def _restart() -> None:
     X25519, ~12 MiB resident) and would otherwise keep for the agent's whole life."""
     sys.stdout.flush()
     sys.stderr.flush()
+    if getattr(sys, "frozen", False):  # the one-file build is its own interpreter
+        os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
@@ -116,7 +126,8 @@ async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
                                h2_retry=args.h2_retry, backoff_cap=args.backoff_cap)
     print(f"zy agent: {ident.uuid} connecting to {', '.join(ident.urls)}", flush=True)
     try:
-        await Agent(state, ident, hostname=args.hostname, settings=settings, output_cap=args.output_cap).run()
+        await Agent(state, ident, hostname=args.hostname, settings=settings, output_cap=args.output_cap,
+                    worker_memory_mib=args.worker_memory).run()
     except ValueError as exc:  # a state dir from an older version
         print(f"zy agent: {exc}", file=sys.stderr)
         return 2

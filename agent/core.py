@@ -16,9 +16,11 @@ from hcsdk._channel import Channel, ChannelSettings, Rejected
 from hcsdk._e2e import sign, verify
 from hcsdk._identity import Identity, StateDir
 
-from .executor import Executor, Task
+from .executor import Executor, Task, TaskFailed
 from .memspool import MemorySpool
+from .plugin_host import InstallError, PluginHost
 from .spool import Spool
+from .worker_process import WorkerProcess
 
 log = logging.getLogger("zy.agent")
 #: a plugin runs one task and returns (status, exit code)
@@ -28,7 +30,8 @@ Plugin = Callable[[Task], Awaitable[tuple[str, int | None]]]
 class Agent:
     def __init__(self, state: StateDir, ident: Identity, hostname: str | None = None,
                  settings: ChannelSettings | None = None, output_cap: int | None = None,
-                 spool: Spool | MemorySpool | None = None, plugins: dict[str, Plugin] | None = None):
+                 spool: Spool | MemorySpool | None = None, plugins: dict[str, Plugin] | None = None,
+                 worker_memory_mib: int = 512):
         self.state = state
         self.ident = ident
         self.hostname = hostname
@@ -42,12 +45,38 @@ class Agent:
         self.executor = Executor(ident.uuid, self._emit, self.spool.claim, self._finish, hostname,
                                  started=self.spool.set_pgid, **kwargs)
         self.executor.plugins.update(plugins or {})
+        self.worker = WorkerProcess(ident.uuid, memory_limit_mib=worker_memory_mib)
+        self.executor.worker = self.worker
+        self.executor.host = self.plugins = PluginHost(state.root / "plugins", self.worker,
+                                                        builtin=lambda: set(self.executor.plugins))
+        self.executor.plugins.update({"zy.plugin.install": self._install_plugin,
+                                      "zy.plugin.remove": self._remove_plugin, "zy.plugins": self._list_plugins})
         self.channel = Channel(
             ident.uuid, ident.credential, ident.urls, state.ca_path.read_bytes(),
             facts=lambda: facts_mod.collect(self.hostname), labels=ident.labels,
             outbox=self._outbox, on_message=self._on_message, wake=self._current_wake,
             settings=settings,
         )
+
+    # -- plugin management (system commands, signed by the master like any task) --------------
+    async def _install_plugin(self, task: Task) -> tuple[str, int | None]:
+        try:
+            task.result = await self.plugins.install(task.args)
+        except InstallError as exc:
+            raise TaskFailed(str(exc)) from None
+        return "ok", 0
+
+    async def _remove_plugin(self, task: Task) -> tuple[str, int | None]:
+        try:
+            task.result = self.plugins.remove(str(task.args.get("name")))
+        except InstallError as exc:
+            raise TaskFailed(str(exc)) from None
+        return "ok", 0
+
+    async def _list_plugins(self, task: Task) -> tuple[str, int | None]:
+        builtin = sorted(c for c in self.executor.plugins if not c.startswith("zy."))
+        task.result = {"plugins": self.plugins.listing(builtin)}
+        return "ok", 0
 
     def _emit(self, msgs: list[dict[str, Any]]) -> None:
         self.spool.append([sign(self.key, m) for m in msgs])
@@ -89,6 +118,7 @@ class Agent:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                self.worker.tg = tg
                 if handle_signals:
                     tg.start_soon(self._signals, tg)
                 await self.channel.run_forever()
@@ -98,6 +128,7 @@ class Agent:
                 raise rejected.exceptions[0] from None
             raise
         finally:
+            self.worker.kill("the agent is stopping")
             self.spool.close()
 
     async def _signals(self, tg: TaskGroup) -> None:

@@ -16,12 +16,20 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process, TaskGroup
 
 from hcsdk import _facts as facts_mod
+from hcsdk._version import __version__
+
+from .plugins.api import Arg, ArgError, validate
+from .worker_process import WorkerGone
+
+if TYPE_CHECKING:
+    from .plugin_host import PluginHost
+    from .worker_process import WorkerProcess
 
 log = logging.getLogger("zy.agent.exec")
 
@@ -30,6 +38,15 @@ DEFAULT_OUTPUT_CAP = 8 * 1024 * 1024
 OUT_PIECE_CHARS = 16 * 1024
 RECOVERY_SEQ = 2**31 - 1  # seq of a "done" written after a restart; never used by a live task
 REFUSAL_SEQ = 2**31 - 2  # seq of a "done" reporting a refused (unauthentic) command
+#: the built-in commands' argument schemas, checked like any plugin's before they run
+BUILTIN_ARGS: dict[str, dict[str, Arg]] = {
+    "shell": {"script": Arg(str, help="the script, run by `shell -c`"),
+              "shell": Arg(str, default="/bin/sh", help="the shell that runs it")},
+    "exec": {"argv": Arg(list, items=str, min=1, help="program and arguments, no shell")},
+    "ping": {},
+    "facts": {},
+    "echo": {"text": Arg(str, default="", help="printed back, in-process (measures the channel)")},
+}
 
 
 @dataclass(eq=False)
@@ -43,6 +60,8 @@ class Task:
     proc: Process | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     truncated: dict[str, bool] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    sent: dict[str, int] = field(default_factory=dict)
 
 
 class TaskFailed(Exception):
@@ -62,6 +81,8 @@ class Executor:
         self.output_cap = output_cap
         self.started = started or (lambda taskid, pgid: None)
         self.running: dict[str, Task] = {}
+        self.host: PluginHost | None = None
+        self.worker: WorkerProcess | None = None
         self.plugins: dict[str, Callable[[Task], Awaitable[tuple[str, int | None]]]] = {
             "shell": self._shell, "exec": self._exec, "ping": self._ping, "facts": self._facts,
             "echo": self._echo,
@@ -129,10 +150,13 @@ class Executor:
         exp = p.get("exp")
         if not isinstance(exp, (int, float)) or exp < time.time():
             return "task has expired"
-        if task_cmd := msg.get("cmd"):
-            if task_cmd not in self.plugins:
-                return f"unknown cmd {task_cmd!r} on this agent (known: {', '.join(sorted(self.plugins))})"
+        if (task_cmd := msg.get("cmd")) and not self.knows(task_cmd):
+            known = sorted(set(self.plugins) | (self.host.commands() if self.host else set()))
+            return f"unknown cmd {task_cmd!r} on this agent (known: {', '.join(known)})"
         return None
+
+    def knows(self, cmd: str) -> bool:
+        return cmd in self.plugins or (self.host is not None and self.host.plugin_for(cmd) is not None)
 
     async def _run(self, task: Task) -> None:
         started = time.time()
@@ -141,11 +165,13 @@ class Executor:
         try:
             with task.scope:
                 with anyio.move_on_after(task.timeout) as deadline:
-                    status, code = await self.plugins[task.cmd](task)
+                    if task.cmd in BUILTIN_ARGS:
+                        task.args = validate(BUILTIN_ARGS[task.cmd], task.args)
+                    status, code = await self.plugins.get(task.cmd, self._in_worker)(task)
                 if deadline.cancelled_caught:
                     status = "timeout"
                     error = f"killed after the {task.timeout:g}s timeout"
-        except TaskFailed as exc:
+        except (TaskFailed, ArgError) as exc:
             error = str(exc)
         except Exception as exc:  # a plugin bug must not take the agent down
             log.exception("task %s failed", task.taskid)
@@ -167,6 +193,8 @@ class Executor:
                                    "finished_at": time.time(), "truncated": task.truncated}
         if error:
             payload["error"] = error
+        if task.result is not None:
+            payload["result"] = task.result
         msg = {"t": "done", "uuid": self.uuid, "cmd": task.cmd, "taskid": task.taskid, "seq": task.seq, "p": payload}
         task.seq += 1
         self.finish(task.taskid, [msg])
@@ -181,17 +209,43 @@ class Executor:
 
     # -- built-in plugins -------------------------------------------------------------------
     async def _shell(self, task: Task) -> tuple[str, int | None]:
-        script = task.args.get("script")
-        if not isinstance(script, str):
-            raise TaskFailed("shell needs args.script (a string)")
-        shell = task.args.get("shell") or "/bin/sh"
-        return await self._process(task, [shell, "-c", script])
+        return await self._process(task, [task.args["shell"], "-c", task.args["script"]])
 
     async def _exec(self, task: Task) -> tuple[str, int | None]:
-        argv = task.args.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise TaskFailed("exec needs args.argv (a non-empty list of strings)")
-        return await self._process(task, argv)
+        return await self._process(task, task.args["argv"])
+
+    async def _in_worker(self, task: Task) -> tuple[str, int | None]:
+        """A plugin command, run in the worker process (see ``worker_process``)."""
+        ref = self.host.plugin_for(task.cmd) if self.host else None
+        if ref is None or self.worker is None:
+            raise TaskFailed(f"cmd {task.cmd!r} is no longer installed on this agent")
+        final: dict[str, Any] = {}
+
+        def on_reply(reply: dict[str, Any]) -> bool:
+            if reply.get("k") == "out":
+                self._capped_text(task, str(reply.get("stream")), str(reply.get("data", "")))
+                return False
+            final.update(reply)
+            return reply.get("k") == "done"
+
+        req = {"op": "run", "id": task.taskid, "cmd": task.cmd, "args": task.args, "uuid": self.uuid,
+               **ref.request()}
+        try:
+            await self.worker.request(req, on_reply)
+        except WorkerGone as exc:
+            raise TaskFailed(f"{exc}; the task was lost with it (the worker restarts for the next task)") from None
+        if final.get("status") != "ok":
+            raise TaskFailed(str(final.get("error") or "the plugin failed"))
+        task.result = final.get("result")
+        return "ok", 0
+
+    def _capped_text(self, task: Task, stream: str, text: str) -> None:
+        stream = "stderr" if stream == "stderr" else "stdout"
+        sent = task.sent.get(stream, 0)
+        if sent + len(text) > self.output_cap:
+            text, task.truncated[stream] = text[: max(0, self.output_cap - sent)], True
+        task.sent[stream] = sent + len(text)
+        self._emit_text(task, stream, text)
 
     async def _ping(self, task: Task) -> tuple[str, int | None]:
         self._emit(task, "out", {"stream": "stdout", "data": "pong\n"})
@@ -199,10 +253,7 @@ class Executor:
 
     async def _echo(self, task: Task) -> tuple[str, int | None]:
         """Answers in-process: measures the channel, not fork and exec."""
-        text = task.args.get("text", "")
-        if not isinstance(text, str):
-            raise TaskFailed("echo needs args.text (a string)")
-        self._emit(task, "out", {"stream": "stdout", "data": text + "\n"})
+        self._emit(task, "out", {"stream": "stdout", "data": task.args["text"] + "\n"})
         return "ok", 0
 
     async def _facts(self, task: Task) -> tuple[str, int | None]:
@@ -214,7 +265,8 @@ class Executor:
     async def _process(self, task: Task, argv: list[str]) -> tuple[str, int | None]:
         try:
             env = {**os.environ, "ZY_UUID": self.uuid, "ZY_TASKID": task.taskid,
-                   "ZY_HOSTNAME": self.hostname or socket.gethostname()}
+                   "ZY_HOSTNAME": self.hostname or socket.gethostname(), "ZY_AGENT_PID": str(os.getpid()),
+                   "ZY_AGENT_VERSION": __version__}
             proc = await anyio.open_process(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         except OSError as exc:
             raise TaskFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None

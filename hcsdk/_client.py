@@ -12,6 +12,7 @@ import httpx
 from ._config import load_client_config
 from ._errors import RequestError
 from ._http import check, map_exceptions
+from ._plugins import AsyncPlugins, Plugins
 from ._portal import portal
 from ._run import AsyncRun, Event
 from ._targets import TargetsLike, target_spec
@@ -66,6 +67,8 @@ class AsyncClient:
             base_url=self.url, http2=http2, verify=client_context(ca, http2=http2),
             headers={"authorization": f"Bearer {token}"}, timeout=timeout,
         )
+        #: install, list and remove plugins on agents
+        self.plugins = AsyncPlugins(self)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -220,6 +223,8 @@ class Client:
     def __init__(self, url: str | None = None, *, token: str | None = None, ca: str | None = None,
                  timeout: float = 30.0, http2: bool = True):
         self._async = portal().call(lambda: _make_async(url, token, ca, timeout, http2))
+        #: install, list and remove plugins on agents
+        self.plugins = Plugins(self._async.plugins)
 
     @property
     def url(self) -> str:

@@ -22,7 +22,7 @@ __all__ = ["COLUMNS", "STATUSES", "AsyncRun", "Event"]
 
 STATUSES = ("ok", "failed", "timeout", "offline", "cancelled", "error")
 COLUMNS = ["uuid", "hostname", "status", "exit_code", "stdout", "stderr", "started_at", "finished_at",
-           "duration_s", "error", "truncated", "taskid"]
+           "duration_s", "error", "truncated", "taskid", "result"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +42,8 @@ class Event:
     status: str | None = None
     exit_code: int | None = None
     error: str | None = None
+    #: what a plugin returned (on ``done``), e.g. ``{"size": 12, "sha256": "..."}``
+    result: dict[str, Any] | None = None
 
 
 @dataclass
@@ -55,6 +57,7 @@ class _Row:
     finished_at: float | None = None
     error: str | None = None
     truncated: dict[str, bool] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
     chunks: dict[str, list[tuple[int, str]]] = field(default_factory=lambda: {"stdout": [], "stderr": []})
 
     def text(self, stream: str) -> str:
@@ -158,9 +161,10 @@ class AsyncRun:
             row.finished_at = data.get("finished_at") or time.time()
             row.error = data.get("error")
             row.truncated = data.get("truncated") or {}
+            row.result = data.get("result")
             row.status = data.get("status", "error")  # last: readers in other threads key on it
             return Event(kind="done", uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq,
-                         status=row.status, exit_code=row.exit_code, error=row.error)
+                         status=row.status, exit_code=row.exit_code, error=row.error, result=row.result)
         return None
 
     async def wait(self, timeout: float | None = None) -> AsyncRun:
@@ -193,6 +197,7 @@ class AsyncRun:
                 "stdout": row.text("stdout"), "stderr": row.text("stderr"), "started_at": started,
                 "finished_at": finished, "duration_s": duration, "error": row.error,
                 "truncated": bool(row.truncated and any(row.truncated.values())), "taskid": row.taskid,
+                "result": row.result,
             })
         df = pd.DataFrame.from_records(recs, columns=COLUMNS)
         df["exit_code"] = df["exit_code"].astype("Int64")

@@ -8,6 +8,7 @@ SDK streams of the runs that changed. Batching is what keeps SQLite and Python o
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from typing import Any
@@ -24,7 +25,21 @@ from .settings import MasterSettings
 from .store import FINAL
 from .targets import resolve
 
+#: built into every agent; any other cmd word names a plugin, which the agent may or may not have
 KNOWN_CMDS = ("shell", "exec", "ping", "facts", "echo")
+#: what the agent itself does, on the master's signed word (plugins, updates, schedules)
+SYSTEM_CMDS = ("zy.plugin.install", "zy.plugin.remove", "zy.plugins", "zy.update", "zy.schedule.set",
+               "zy.schedule.cancel", "zy.schedules")
+_CMD_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+
+
+def check_cmd(cmd: str) -> None:
+    if cmd.startswith("zy."):
+        if cmd not in SYSTEM_CMDS:
+            raise RequestRejected(f"unknown system cmd {cmd!r} (known: {', '.join(SYSTEM_CMDS)})", kind="cmd")
+    elif len(cmd) > 64 or not _CMD_RE.match(cmd):
+        raise RequestRejected(f"cmd {cmd!r} is not a cmd word: lowercase letters, digits and _ in dot-separated "
+                              f"parts (built in: {', '.join(KNOWN_CMDS)}; others name plugins)", kind="cmd")
 log = logging.getLogger("zy.master.hub")
 
 
@@ -161,8 +176,7 @@ class Hub:
 
     # -- runs -------------------------------------------------------------------------------
     async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float) -> dict[str, Any]:
-        if cmd not in KNOWN_CMDS:
-            raise RequestRejected(f"unknown cmd {cmd!r} (known: {', '.join(KNOWN_CMDS)})", kind="cmd")
+        check_cmd(cmd)
         try:
             size = len(dumps(args))
         except (TypeError, ValueError) as exc:
@@ -315,4 +329,4 @@ def _loads(text: str) -> Any:
     return loads(text)
 
 
-__all__ = ["FINAL", "KNOWN_CMDS", "Hub", "RequestRejected", "Session"]
+__all__ = ["FINAL", "KNOWN_CMDS", "SYSTEM_CMDS", "Hub", "RequestRejected", "Session", "check_cmd"]

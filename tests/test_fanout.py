@@ -118,8 +118,13 @@ def test_ping_and_facts_plugins(fleet5: Fleet) -> None:
 
 
 def test_unknown_cmd_word_is_refused(fleet5: Fleet) -> None:
-    with pytest.raises(RequestError, match="unknown cmd 'frobnicate'"):
-        fleet5.client.run("x", cmd="frobnicate", targets="web-1")
+    # any cmd word may name a plugin: the agent that has none by that name says so
+    df = fleet5.client.run(cmd="frobnicate", args={}, targets="web-1", timeout=30).to_dataframe()
+    assert df.loc[0, "status"] == "error" and "unknown cmd 'frobnicate' on this agent" in df.loc[0, "error"]
+    with pytest.raises(RequestError, match="is not a cmd word"):
+        fleet5.client.run("x", cmd="Frob Nicate", targets="web-1")
+    with pytest.raises(RequestError, match="unknown system cmd 'zy.frob'"):
+        fleet5.client.run("x", cmd="zy.frob", targets="web-1")
 
 
 @pytest.mark.anyio
