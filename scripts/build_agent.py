@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Build the agent so that a host needs nothing installed (docs/agent-builds.md).
+
+    python scripts/build_agent.py [--out dist] [--only pyz|onefile] [--version V]
+
+- ``DIR/zy-agent.pyz``: a zipapp of the agent's pure-Python code and dependencies, copied from the
+  running interpreter's packages (no network, a second or two). Runs on any stdlib Python 3.11+:
+  ``python3 zy-agent.pyz --join TOKEN --state-dir D``. Enrollment uses the pure-Python X25519 in
+  ``hcsdk/_x25519.py`` there, since the compiled ``cryptography`` cannot load from a zip.
+- ``DIR/zy-agent``: a PyInstaller one-file executable bundling the interpreter (and ``orjson``,
+  but not ``cryptography``: it enrolls as the zipapp does); needs only a glibc at least as new as
+  the build host's.
+
+Both take ``zy agent``'s options, and ``--zy-worker`` (the plugin worker the agent starts).
+``--version V`` stamps V into the built copy of ``hcsdk/_version.py`` only (self-update tests
+need an agent whose version differs from the running one's). Run it with the interpreter whose
+packages are to be shipped (``make agent`` uses .venv/bin/python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipapp
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: what the agent imports at run time: packages (directories) and single-module distributions.
+#: Everything here is pure Python (checked when copying).
+PACKAGES = ["agent", "hcsdk", "anyio", "idna", "h2", "hpack", "hyperframe", "httpx", "httpcore", "h11", "certifi"]
+#: shipped when installed: anyio uses sniffio if present; typing_extensions serves anyio.itertools below 3.15
+OPTIONAL = ["sniffio", "typing_extensions"]
+
+#: never bundled into the one-file build: what only the SDK, the services, the notebooks or the
+#: httpx command line use (imports the agent never reaches at run time). `cryptography` (~5 MiB of
+#: the executable) served only the one X25519 exchange at enrollment, which hcsdk/_x25519.py does.
+EXCLUDES = [
+    "cryptography", "_cffi_backend", "cffi", "_pytest", "packaging",
+    "master", "proxy", "kernel_ext", "hcsdk.localfleet", "hcsdk.cli", "hcsdk._serve",
+    "pandas", "numpy", "pyarrow", "IPython", "ipykernel", "ipywidgets", "jupyter_client", "jupyter_core",
+    "jupyterlab", "notebook", "nbformat", "nbclient", "nbconvert", "papermill", "matplotlib", "traitlets",
+    "fastapi", "starlette", "pydantic", "pydantic_core", "granian", "psutil", "asyncssh", "uvloop",
+    "rich", "pygments", "click", "httpx._main", "brotli", "brotlicffi", "zstandard", "socksio", "trio",
+    "tkinter", "_tkinter", "pytest", "hypothesis", "playwright", "setuptools", "pip", "PyInstaller",
+]
+
+#: the entry point of both builds. httpx/__init__ imports its command-line client (click, rich,
+#: pygments) when those are installed; a None entry makes that an ImportError httpx handles.
+ENTRY = '''\
+"""zy-agent: `zy agent` on its own (scripts/build_agent.py)."""
+import sys
+
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+from agent.__main__ import main  # noqa: E402
+
+sys.exit(main())
+'''
+
+
+class BuildError(Exception):
+    pass
+
+
+def _source(name: str) -> Path:
+    """Where the running interpreter imports ``name`` from: a package directory or a module file."""
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise BuildError(f"{name} is not importable by {sys.executable}; run this with the project's "
+                         "virtualenv (.venv/bin/python scripts/build_agent.py, or `make agent`)")
+    if spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    if spec.origin and spec.origin.endswith(".py"):
+        return Path(spec.origin)
+    raise BuildError(f"{name} is not a pure-Python package ({spec.origin}); it cannot go into the zipapp")
+
+
+def stage(dest: Path, version: str | None = None) -> Path:
+    """Copy the agent's packages into ``dest`` (a directory that becomes the zipapp's root and the
+    one-file build's import path), stamp ``version``, and write ``__main__.py``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", "*.egg-info", "*.dist-info")
+    for name in PACKAGES + OPTIONAL:
+        if name in OPTIONAL and importlib.util.find_spec(name) is None:
+            continue
+        src = _source(name)
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=skip)
+            compiled = [p for p in (dest / name).rglob("*") if p.suffix in (".so", ".pyd", ".dylib", ".dll")]
+            if compiled:
+                raise BuildError(f"{name} contains compiled code ({compiled[0].name}); a zipapp cannot load it")
+        else:
+            shutil.copy2(src, dest / src.name)
+    if version:
+        if not re.fullmatch(r"[0-9A-Za-z.+!_-]+", version):
+            raise BuildError(f"--version {version!r}: use letters, digits and . + ! _ - only")
+        (dest / "hcsdk" / "_version.py").write_text(f'__version__ = "{version}"\n')
+    (dest / "__main__.py").write_text(ENTRY)
+    return dest
+
+
+def build_pyz(out: Path, version: str | None = None) -> Path:
+    target = out / "zy-agent.pyz"
+    with tempfile.TemporaryDirectory(prefix="zy-agent-pyz-") as tmp:
+        root = stage(Path(tmp) / "root", version)
+        # zipapp.create_archive walks the tree sorted; fixed timestamps make the archive reproducible
+        epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "315964800"))  # 1980-01-06, the zip format's floor
+        for path in [root, *root.rglob("*")]:
+            os.utime(path, (epoch, epoch))
+        tmp_target = out / "zy-agent.pyz.tmp"
+        zipapp.create_archive(root, tmp_target, interpreter="/usr/bin/env python3", compressed=True)
+        tmp_target.replace(target)
+    return target
+
+
+def build_onefile(out: Path, version: str | None = None, work: Path | None = None) -> tuple[Path, str]:
+    if importlib.util.find_spec("PyInstaller") is None:
+        raise BuildError(f"PyInstaller is not installed for {sys.executable}: "
+                         f"{sys.executable} -m pip install 'pyinstaller>=6.10' (the project's test extra has it: "
+                         "pip install -e '.[test]'); or build only the zipapp with --only pyz")
+    if sys.platform.startswith("linux") and shutil.which("objdump") is None:
+        raise BuildError("PyInstaller needs objdump on Linux: apt-get install binutils")
+    target = out / ("zy-agent.exe" if os.name == "nt" else "zy-agent")
+    with tempfile.TemporaryDirectory(prefix="zy-agent-onefile-") as tmp:
+        base = work or Path(tmp)
+        src = stage(base / "src", version)
+        entry = base / "zy_agent.py"
+        entry.write_text(ENTRY)
+        argv = [
+            sys.executable, "-m", "PyInstaller", "--onefile", "--name", "zy-agent", "--noconfirm", "--clean",
+            "--log-level", "WARN", "--distpath", str(base / "dist"), "--workpath", str(base / "build"),
+            "--specpath", str(base), "--paths", str(src),
+            # symbol tables are half of the executable (pyenv's libpython alone carries 12 MiB); not on
+            # Windows, where PyInstaller advises against it
+            *(["--strip"] if os.name != "nt" else []),
+            # plugins are imported by name in the worker process, so the analysis cannot see them
+            "--collect-submodules", "agent",
+            "--collect-data", "certifi",
+            *[arg for mod in EXCLUDES for arg in ("--exclude-module", mod)],
+            str(entry),
+        ]
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        result = subprocess.run(argv, cwd=base, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = result.stdout[-4000:] + result.stderr[-4000:]
+            raise BuildError(f"PyInstaller failed ({result.returncode}):\n{tail}")
+        built = base / "dist" / target.name
+        floor = glibc_floor(base / "build" / "zy-agent" / "PKG-00.toc")
+        shutil.copy2(built, out / (target.name + ".tmp"))
+        (out / (target.name + ".tmp")).replace(target)
+    return target, floor
+
+
+def glibc_floor(toc: Path) -> str:
+    """The oldest glibc the one-file build runs on: the highest GLIBC_x.y symbol version that any
+    bundled binary (the bootloader, libpython, extension modules, libssl ...) asks for."""
+    if not sys.platform.startswith("linux") or not toc.exists():
+        return ""
+    paths = re.findall(r"\('[^']*',\s*'([^']*)',\s*'(?:BINARY|EXTENSION)'\)", toc.read_text())
+    versions = set()
+    for path in paths:
+        dump = subprocess.run(["objdump", "-T", path], capture_output=True, text=True).stdout
+        versions.update(re.findall(r"GLIBC_([0-9]+(?:\.[0-9]+)+)", dump))
+    if not versions:
+        return ""
+    return max(versions, key=lambda v: tuple(int(n) for n in v.split(".")))
+
+
+def describe(path: Path, seconds: float) -> str:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"{path}  {path.stat().st_size / 2**20:.1f} MiB  sha256 {digest}  ({seconds:.1f}s)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the zero-dependency agent: zy-agent (PyInstaller one-file) "
+                                     "and zy-agent.pyz (zipapp for a stdlib Python 3.11+).")
+    parser.add_argument("--out", type=Path, default=ROOT / "dist", help="output directory (default dist/)")
+    parser.add_argument("--only", choices=["pyz", "onefile"], help="build just one form")
+    parser.add_argument("--version", help="stamp this version into the built copy of hcsdk/_version.py")
+    parser.add_argument("--work", type=Path, help="keep PyInstaller's work files here (default: a temporary dir)")
+    args = parser.parse_args(argv)
+    if sys.version_info < (3, 11):  # noqa: UP036  (someone's system python3 may be older)
+        print("build_agent: needs Python 3.11+", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.only in (None, "pyz"):
+            start = time.monotonic()
+            path = build_pyz(args.out, args.version)
+            print(describe(path, time.monotonic() - start), flush=True)
+        if args.only in (None, "onefile"):
+            start = time.monotonic()
+            if args.work:
+                args.work.mkdir(parents=True, exist_ok=True)
+            path, floor = build_onefile(args.out, args.version, args.work)
+            print(describe(path, time.monotonic() - start), flush=True)
+            if floor:
+                print(f"{path}: needs glibc >= {floor} (built against {platform.libc_ver()[1] or '?'}); "
+                      "see docs/agent-builds.md for older systems", flush=True)
+    except BuildError as exc:
+        print(f"build_agent: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
