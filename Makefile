@@ -1,7 +1,7 @@
 # Shortcuts; each target is one documented command.
 PY := .venv/bin/python
 
-.PHONY: setup main test lab fleet-up fleet-down bench notebooks
+.PHONY: setup main test lab fleet-up fleet-down bench notebooks agent
 
 setup:            ## a virtualenv with everything, and the system packages the tests need
 	bash scripts/setup.sh
@@ -23,6 +23,9 @@ lab: fleet-up     ## JupyterLab on notebooks/, connected to the local fleet
 
 notebooks:        ## rewrite notebooks/*.ipynb from notebooks/build.py
 	$(PY) notebooks/build.py
+
+agent: setup      ## the zero-dependency agent: dist/zy-agent (one-file) and dist/zy-agent.pyz (zipapp)
+	$(PY) scripts/build_agent.py --out dist
 
 bench:            ## fan-out benchmark
 	$(PY) bench/fanout.py

@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 # openssh-server (the SSH downlink is tested against a real sshd), iproute2 and iptables
 # (test hosts are network namespaces, some reachable only inbound) and
 # Chromium for the JupyterLab browser test (Playwright
-# drives /usr/bin/chromium; it never downloads a browser of its own). Installed only when
+# drives /usr/bin/chromium; it never downloads a browser of its own), binutils (PyInstaller reads
+# shared libraries with objdump for the one-file agent build). Installed only when
 # missing and when we can.
-APT_PACKAGES=(chromium nginx openssh-server iproute2 iptables)
+APT_PACKAGES=(chromium nginx openssh-server iproute2 iptables binutils)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
