@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import py_compile
 import re
 import shutil
 import subprocess
@@ -60,6 +61,8 @@ ENTRY = '''\
 """zy-agent: `zy agent` on its own (scripts/build_agent.py)."""
 import sys
 
+if sys.version_info < (3, 11):
+    sys.exit("zy-agent.pyz needs Python 3.11 or newer (this is %s); use the one-file zy-agent" % sys.version.split()[0])
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 from agent.__main__ import main  # noqa: E402
@@ -109,10 +112,12 @@ def stage(dest: Path, version: str | None = None) -> Path:
     return dest
 
 
-def build_pyz(out: Path, version: str | None = None) -> Path:
+def build_pyz(out: Path, version: str | None = None, pyc: bool = True) -> Path:
     target = out / "zy-agent.pyz"
     with tempfile.TemporaryDirectory(prefix="zy-agent-pyz-") as tmp:
         root = stage(Path(tmp) / "root", version)
+        if pyc:
+            compile_beside(root, target.name)
         # zipapp.create_archive walks the tree sorted; fixed timestamps make the archive reproducible
         epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "315964800"))  # 1980-01-06, the zip format's floor
         for path in [root, *root.rglob("*")]:
@@ -121,6 +126,18 @@ def build_pyz(out: Path, version: str | None = None) -> Path:
         zipapp.create_archive(root, tmp_target, interpreter="/usr/bin/env python3", compressed=True)
         tmp_target.replace(target)
     return target
+
+
+def compile_beside(root: Path, archive: str) -> None:
+    """Put ``module.pyc`` beside each ``module.py``, where zipimport looks for it: a Python of the
+    building one's minor version then starts the agent in about 0.3 s and 31 MiB instead of
+    0.7 s and 44 MiB (it cannot write a cache of its own into the archive). Any other version sees
+    the wrong magic number and compiles the source, as it would without them. Unchecked hashes:
+    the archive cannot change under them, and timestamps would tie the bytes to the build's clock."""
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        py_compile.compile(str(path), cfile=str(path) + "c", dfile=f"{archive}/{rel}", doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
 
 
 def build_onefile(out: Path, version: str | None = None, work: Path | None = None) -> tuple[Path, str]:
@@ -187,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "dist", help="output directory (default dist/)")
     parser.add_argument("--only", choices=["pyz", "onefile"], help="build just one form")
     parser.add_argument("--version", help="stamp this version into the built copy of hcsdk/_version.py")
+    parser.add_argument("--no-pyc", action="store_true",
+                        help="leave compiled bytecode out of the zipapp (smaller; slower start on every Python)")
     parser.add_argument("--work", type=Path, help="keep PyInstaller's work files here (default: a temporary dir)")
     args = parser.parse_args(argv)
     if sys.version_info < (3, 11):  # noqa: UP036  (someone's system python3 may be older)
@@ -196,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.only in (None, "pyz"):
             start = time.monotonic()
-            path = build_pyz(args.out, args.version)
+            path = build_pyz(args.out, args.version, pyc=not args.no_pyc)
             print(describe(path, time.monotonic() - start), flush=True)
         if args.only in (None, "onefile"):
             start = time.monotonic()
