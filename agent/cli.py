@@ -21,6 +21,13 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _handover(text: str) -> tuple[str, int]:
+    taskid, sep, pid = text.rpartition(":")
+    if not sep or not taskid or not pid.isdigit():
+        raise argparse.ArgumentTypeError(f"--handover wants TASKID:PID, got {text!r}")
+    return taskid, int(pid)
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "agent", help="run an agent (enrolls once with --join, then reconnects as the same uuid)",
@@ -49,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="keep at most this much of each task's stdout and of its stderr (default 8 MiB)")
     p.add_argument("--worker-memory", type=int, default=512, metavar="MIB",
                    help="restart the plugin worker when it grows past this resident size (default 512)")
+    p.add_argument("--handover", metavar="TASKID:PID", type=_handover, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
 
@@ -127,7 +135,7 @@ async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
     print(f"zy agent: {ident.uuid} connecting to {', '.join(ident.urls)}", flush=True)
     try:
         await Agent(state, ident, hostname=args.hostname, settings=settings, output_cap=args.output_cap,
-                    worker_memory_mib=args.worker_memory).run()
+                    worker_memory_mib=args.worker_memory, handover=args.handover).run()
     except ValueError as exc:  # a state dir from an older version
         print(f"zy agent: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from .executor import Executor, Task, TaskFailed
 from .memspool import MemorySpool
 from .plugin_host import InstallError, PluginHost
 from .spool import Spool
+from .update import Updater
 from .worker_process import WorkerProcess
 
 log = logging.getLogger("zy.agent")
@@ -31,7 +33,7 @@ class Agent:
     def __init__(self, state: StateDir, ident: Identity, hostname: str | None = None,
                  settings: ChannelSettings | None = None, output_cap: int | None = None,
                  spool: Spool | MemorySpool | None = None, plugins: dict[str, Plugin] | None = None,
-                 worker_memory_mib: int = 512):
+                 worker_memory_mib: int = 512, handover: tuple[str, int] | None = None):
         self.state = state
         self.ident = ident
         self.hostname = hostname
@@ -49,14 +51,32 @@ class Agent:
         self.executor.worker = self.worker
         self.executor.host = self.plugins = PluginHost(state.root / "plugins", self.worker,
                                                         builtin=lambda: set(self.executor.plugins))
+        self.updater = Updater(self)
         self.executor.plugins.update({"zy.plugin.install": self._install_plugin,
-                                      "zy.plugin.remove": self._remove_plugin, "zy.plugins": self._list_plugins})
+                                      "zy.plugin.remove": self._remove_plugin, "zy.plugins": self._list_plugins,
+                                      "zy.update": self.updater.update})
         self.channel = Channel(
             ident.uuid, ident.credential, ident.urls, state.ca_path.read_bytes(),
             facts=lambda: facts_mod.collect(self.hostname), labels=ident.labels,
             outbox=self._outbox, on_message=self._on_message, wake=self._current_wake,
             settings=settings,
         )
+        self.handover = handover
+        if handover is not None:
+            # a new build taking over: name the update in the handshake, then tell the old agent
+            self.channel.hello_once = {"handover": handover[0]}
+            self.channel.on_connected = self._took_over
+
+    def _took_over(self) -> None:
+        """Step 5 of an update, on the new agent: the master accepted the handshake, so the
+        old agent may stop taking work. Only once: later handshakes are plain reconnects."""
+        self.channel.on_connected = lambda: None
+        if self.handover is not None:
+            try:
+                os.kill(self.handover[1], signal.SIGTERM)
+                log.info("took over from the old agent (pid %d)", self.handover[1])
+            except ProcessLookupError:
+                pass
 
     # -- plugin management (system commands, signed by the master like any task) --------------
     async def _install_plugin(self, task: Task) -> tuple[str, int | None]:
@@ -113,7 +133,8 @@ class Agent:
     async def run(self, handle_signals: bool = True) -> None:
         """Serve until stopped. ``handle_signals=False`` leaves SIGINT/SIGTERM to the caller
         (a swarm runs many agents in one process)."""
-        self.executor.recover(self.spool.interrupted())
+        if self.handover is None:  # a new build must not touch the tasks the old one still runs
+            self.executor.recover(self.spool.interrupted())
         self.spool.forget_before(time.time() - 30 * 86400)
         try:
             async with anyio.create_task_group() as tg:
@@ -131,9 +152,32 @@ class Agent:
             self.worker.kill("the agent is stopping")
             self.spool.close()
 
+    async def _hand_over(self, tg: TaskGroup) -> None:
+        """Steps 5 and 6 of an update: the new build has the downlink; take no more work,
+        let running tasks finish, report them over the still-open uplink, end it, exit."""
+        assert self.updater.confirmed is not None
+        log.info("handing over to the new build: finishing %d running task(s)", len(self.executor.running))
+        self.channel.retiring = True
+        self.executor.accepting = False
+        self.executor.hold = None
+        self.updater.confirmed.set()
+        mine = set(self.executor.running)
+        while self.executor.running:  # noqa: ASYNC110 - tasks end in many places
+            await anyio.sleep(0.1)
+        with anyio.move_on_after(30):  # past that the new agent sends them: the spool is shared
+            while self.spool.pending_for(mine):  # noqa: ASYNC110 - acks arrive on the channel
+                await anyio.sleep(0.1)
+        self.channel.finish()
+        await anyio.sleep(0.5)  # the end of the uplink reaches the master
+        log.info("handed over; exiting")
+        tg.cancel_scope.cancel()
+
     async def _signals(self, tg: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
+            async for signum in signals:
+                if signum == signal.SIGTERM and self.updater.pending:
+                    await self._hand_over(tg)
+                    return
                 log.info("stopping: cancelling running tasks")
                 await self.executor.shutdown()
                 with anyio.move_on_after(5):

@@ -65,7 +65,12 @@ class Task:
 
 
 class TaskFailed(Exception):
-    """A plugin's clear, expected failure: reported as status ``error`` with this message."""
+    """A plugin's clear, expected failure: reported as status ``error`` (or ``status``) with
+    this message."""
+
+    def __init__(self, message: str, status: str = "error") -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Executor:
@@ -82,6 +87,10 @@ class Executor:
         self.started = started or (lambda taskid, pgid: None)
         self.running: dict[str, Task] = {}
         self.host: PluginHost | None = None
+        #: while an update waits for the new build: task messages wait here, unclaimed
+        self.hold: list[dict[str, Any]] | None = None
+        #: False once this agent hands over: the master sends new work to the new build
+        self.accepting = True
         self.worker: WorkerProcess | None = None
         self.plugins: dict[str, Callable[[Task], Awaitable[tuple[str, int | None]]]] = {
             "shell": self._shell, "exec": self._exec, "ping": self._ping, "facts": self._facts,
@@ -90,6 +99,11 @@ class Executor:
 
     # -- entry points from the channel -------------------------------------------------------
     def submit(self, msg: dict[str, Any], tg: TaskGroup) -> None:
+        if not self.accepting:
+            return  # handing over: the master redelivers anything open to the new build
+        if self.hold is not None:
+            self.hold.append(msg)
+            return
         taskid, cmd, p = msg.get("taskid"), msg.get("cmd"), msg.get("p")
         if not isinstance(taskid, str) or not isinstance(cmd, str) or not taskid or not isinstance(p, dict):
             log.warning("ignoring a malformed task message")
@@ -171,7 +185,9 @@ class Executor:
                 if deadline.cancelled_caught:
                     status = "timeout"
                     error = f"killed after the {task.timeout:g}s timeout"
-        except (TaskFailed, ArgError) as exc:
+        except TaskFailed as exc:
+            status, error = exc.status, str(exc)
+        except ArgError as exc:
             error = str(exc)
         except Exception as exc:  # a plugin bug must not take the agent down
             log.exception("task %s failed", task.taskid)

@@ -49,6 +49,9 @@ class MemorySpool:
                 if row_id is not None:
                     self._outbox.pop(row_id, None)
 
+    def pending_for(self, taskids: set[str]) -> int:
+        return sum(1 for taskid, _ in self._ids if taskid in taskids)
+
     def claim(self, taskid: str, cmd: str) -> bool:
         if taskid in self._claimed:
             return False

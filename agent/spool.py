@@ -64,6 +64,14 @@ class Spool:
     def unacked(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
+    def pending_for(self, taskids: set[str]) -> int:
+        """Unacknowledged messages of these tasks."""
+        if not taskids:
+            return 0
+        ids = list(taskids)
+        q = f"SELECT COUNT(*) FROM outbox WHERE taskid IN ({','.join('?' * len(ids))})"
+        return int(self.db.execute(q, ids).fetchone()[0])
+
     def claim(self, taskid: str, cmd: str) -> bool:
         """Record a task as accepted; False when this taskid was seen before."""
         cur = self.db.execute("INSERT OR IGNORE INTO tasks(taskid, state, cmd, received_at) VALUES(?,?,?,?)",

@@ -87,6 +87,14 @@ class Channel:
         self.connects = 0
         self._url_index = random.randrange(len(urls)) if urls and self.settings.spread else 0
         self.on_lost = on_lost or (lambda: None)
+        #: called after each accepted handshake
+        self.on_connected: Callable[[], None] = lambda: None
+        #: sent with the next handshake only (a new build taking over names its update task)
+        self.hello_once: dict[str, Any] = {}
+        #: an agent handing over to its new build: when this connection ends, do not reconnect
+        self.retiring = False
+        self._finish = anyio.Event()
+        self._drop: str | None = None
         #: while connected: the client, URL and session id, for requests on the same connection
         self.client: httpx.AsyncClient | None = None
         self.conn: H2Connection | None = None
@@ -110,6 +118,9 @@ class Channel:
                 exc = _leaf(caught)
             if isinstance(exc, Rejected):
                 raise exc
+            if self.retiring:
+                log.info("channel to %s ended (%s); handing over, so not reconnecting", url, _describe(exc))
+                await anyio.sleep_forever()
             if isinstance(exc, SwitchToH2):
                 log.info("HTTP/2 reachable again; switching from polling")
                 continue
@@ -157,7 +168,19 @@ class Channel:
                 self.on_lost()
 
     def _hello(self) -> dict[str, Any]:
-        return {"facts": self.facts(), "labels": self.labels}
+        return {"facts": self.facts(), "labels": self.labels, **self.hello_once}
+
+    def finish(self) -> None:
+        """End the uplink stream once the outbox is sent (an agent that hands over, last)."""
+        self._finish.set()
+        self.wake().set()
+
+    def reconnect(self, reason: str) -> None:
+        """Drop the current connection; the channel handshakes again after its backoff."""
+        if self.conn is not None:
+            self.conn.fail(reason)
+        elif self.client is not None:
+            self._drop = reason  # the poll loop notices within one poll
 
     def _accept(self, resp: httpx.Response | Response, backoff: Backoff) -> dict[str, Any]:
         """Check a handshake's answer and adopt the master's timing."""
@@ -176,6 +199,8 @@ class Channel:
         self.poll_timeout = float(info.get("poll_wait") or 2) + self.dead_after
         backoff.reset()
         self.connects += 1
+        self.hello_once = {}
+        self.on_connected()
         return info
 
     async def request(self, method: str, path: str, content: bytes = b"", headers: dict[str, str] | None = None,
@@ -243,6 +268,7 @@ class Channel:
                 tg.start_soon(answered)
                 async for data in self._frames(self.idle_beat):
                     await conn.send(stream, data)
+                await conn.send(stream, b"", end_stream=True)
         except H2Error as exc:
             raise ChannelLost(f"uplink: {exc}") from None
 
@@ -256,6 +282,8 @@ class Channel:
                 last_id = rows[-1][0]
                 yield b"".join(frame for _, frame in rows)
                 continue
+            if self._finish.is_set():
+                return
             with anyio.move_on_after(beat) as idle:
                 await wake.wait()
             if idle.cancelled_caught:
@@ -309,6 +337,9 @@ class Channel:
         decoder = FrameDecoder(self.max_frame, allowed=DOWN_TYPES)
         hb = encode_frame({"t": "hb", "uuid": self.uuid, "cmd": "", "taskid": "", "seq": 0})
         while True:
+            if self._drop:
+                reason, self._drop = self._drop, None
+                raise ChannelLost(reason)
             resp = await self._post_poll(client, url, {"sid": sid}, hb)
             for msg in decoder.feed(resp.content):
                 self.on_message(msg)

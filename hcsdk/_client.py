@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from ._agents import Agents, AsyncAgents
 from ._config import load_client_config
 from ._errors import RequestError
 from ._http import check, map_exceptions
@@ -69,6 +70,8 @@ class AsyncClient:
         )
         #: install, list and remove plugins on agents
         self.plugins = AsyncPlugins(self)
+        #: update agents online, in batches
+        self.agents = AsyncAgents(self)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -225,6 +228,8 @@ class Client:
         self._async = portal().call(lambda: _make_async(url, token, ca, timeout, http2))
         #: install, list and remove plugins on agents
         self.plugins = Plugins(self._async.plugins)
+        #: update agents online, in batches
+        self.agents = Agents(self._async.agents)
 
     @property
     def url(self) -> str:

@@ -121,6 +121,9 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
     @app.post("/api/v1/runs", dependencies=deps)
     async def create_run(req: RunRequest) -> dict[str, Any]:
         _validate_args(req.cmd, req.args)
+        if req.cmd == "zy.update" and not (paths.root / "blobs" / str(req.args.get("sha256"))).is_file():
+            raise RequestRejected(f"no build with SHA-256 {req.args.get('sha256')!r} was uploaded to this master "
+                                  "(client.agents.update uploads it first)", status=404)
         return await hub.create_run(req.cmd, req.args, req.targets, req.timeout)
 
     @app.get("/api/v1/runs/{run_id}", dependencies=deps)

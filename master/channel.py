@@ -38,6 +38,7 @@ from hcsdk._mailbox import stream_mailbox
 from hcsdk._tls import sign_csr
 from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, loads
 
+from .blobs import BlobStore
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, Session
 from .messages import problem
@@ -46,8 +47,9 @@ log = logging.getLogger("zy.master.channel")
 
 
 class ChannelApp:
-    def __init__(self, hub: Hub, paths: Paths, e2e_private: bytes):
+    def __init__(self, hub: Hub, paths: Paths, e2e_private: bytes, blobs: BlobStore | None = None):
         self.hub = hub
+        self.blobs = blobs
         self.paths = paths
         self.e2e_private = e2e_private
         self.settings = hub.settings
@@ -60,6 +62,7 @@ class ChannelApp:
             ("GET", "/v1/channel/down"): self.down,
             ("POST", "/v1/channel/up"): self.up,
             ("POST", "/v1/channel/poll"): self.poll,
+            ("GET", "/v1/blob"): self.blob,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -141,12 +144,23 @@ class ChannelApp:
             return None
         return row
 
+    async def blob(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A file an agent was told to fetch (by its hash, in a signed command); any enrolled
+        agent or proxy may fetch one."""
+        if self.blobs is None:
+            await error(send, 404, "this master serves no files")
+            return
+        await self.blobs.download(scope, receive, send, await self._agent(scope, send))
+
     async def _session(self, scope: Scope, send: Send) -> Session | None:
         row = await self._agent(scope, send)
         if row is None:
             return None
+        sid = query(scope).get("sid")
         session = self.hub.sessions.get(row["uuid"])
-        if (session is None or session.carrier is not None or session.sid != query(scope).get("sid")
+        if session is None or session.sid != sid:
+            session = self.hub.retiring.get(row["uuid"])  # handing over to its new build: still reports
+        if (session is None or session.carrier is not None or session.sid != sid
                 or session.closed.is_set()):
             await error(send, 409, "session is gone or superseded; handshake again", kind="session")
             return None
@@ -197,8 +211,10 @@ class ChannelApp:
             await error(send, 400, "'facts' must be an object and 'labels' a map of strings")
             return
         mode = carrier.mode if carrier else ("h2" if scope.get("http_version") == "2" else "poll")
+        handover = body.get("handover")
         session = await self.hub.handshake(row["uuid"], facts, labels, mode, bytes.fromhex(row["e2e_key"]),
-                                           kind=row.get("kind") or "agent", carrier=carrier, via=via)
+                                           kind=row.get("kind") or "agent", carrier=carrier, via=via,
+                                           handover=handover if isinstance(handover, str) else None)
         s = self.settings
         await respond(send, 200, {"uuid": session.uuid, "sid": session.sid, "mode": mode, "heartbeat": s.heartbeat,
                                   "idle_beat": s.idle_beat, "dead_after": s.dead_after, "poll_wait": s.poll_wait,

@@ -84,6 +84,8 @@ class Hub:
         self.db = db
         self.settings = settings
         self.sessions: dict[str, Session] = {}
+        #: old builds of agents that are handing over to a new one: their uplink stays open
+        self.retiring: dict[str, Session] = {}
         self.offline_since: dict[str, float] = {}
         self._run_events: dict[str, anyio.Event] = {}
         self._ingest_tx, self._ingest_rx = anyio.create_memory_object_stream[tuple[str, dict[str, Any]]](20_000)
@@ -111,10 +113,15 @@ class Hub:
 
     async def handshake(self, uuid: str, facts: dict[str, Any], labels: dict[str, str], mode: str,
                         key: bytes, kind: str = "agent", carrier: Session | None = None,
-                        via: list[str] | None = None) -> Session:
+                        via: list[str] | None = None, handover: str | None = None) -> Session:
         self.keys[uuid] = key
         old = self.sessions.get(uuid)
-        if old:
+        if old and handover and await self._updating(uuid, handover):
+            # step 4 of an online update: new commands go to the new agent from now on, while the
+            # old one keeps its channel to report what it still runs
+            self.retiring[uuid] = old
+            log.info("agent %s hands over to its new build (update task %s)", uuid, handover)
+        elif old:
             self.session_ended(old, reason="superseded by a new handshake", offline=False)
         session = Session(uuid=uuid, sid=secrets.token_hex(8), hostname=str(facts.get("hostname", "")), mode=mode,
                           kind=kind, carrier=carrier, via=list(via or []))
@@ -126,8 +133,19 @@ class Hub:
         await self._redeliver(session)
         return session
 
+    async def _updating(self, uuid: str, taskid: str) -> bool:
+        """Whether ``taskid`` is an open update of agent ``uuid`` (so a handshake naming it is the
+        new build taking over, not a restart)."""
+        task = await self.db(self.db.store.task, taskid)
+        return bool(task and task["uuid"] == uuid and task["cmd"] == "zy.update" and task["status"] not in FINAL)
+
     def session_ended(self, session: Session, reason: str = "channel ended", offline: bool = True) -> None:
         """A session is over; so is every session a proxy session was carrying."""
+        if self.retiring.get(session.uuid) is session:
+            del self.retiring[session.uuid]
+            session.close(reason)
+            log.info("agent %s: the old build's channel closed (%s)", session.uuid, reason)
+            return
         session.close(reason)
         if session.carrier is not None:
             session.carrier.children.discard(session.uuid)
@@ -144,9 +162,10 @@ class Hub:
     def carried(self, carrier: Session, uuid: str) -> Session | None:
         """The session of ``uuid`` if ``carrier`` is the connection that relays for it."""
         session = self.sessions.get(uuid)
-        if session is None:
-            return None
-        return session if session is carrier or session.carrier is carrier else None
+        if session is not None and (session is carrier or session.carrier is carrier):
+            return session
+        retiring = self.retiring.get(uuid)
+        return retiring if retiring is not None and retiring is carrier else None
 
     def touch(self, session: Session) -> None:
         session.last_rx = time.monotonic()

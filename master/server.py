@@ -15,6 +15,7 @@ from hcsdk._asgi import error
 from hcsdk._serve import bound_port, check_port_free, granian_server, lock_dir, server_names, stop_server
 
 from .api import BodyLimit, build_api
+from .blobs import BlobStore
 from .bootstrap import Paths, ensure_admin_token, ensure_e2e_key, ensure_pki, write_client_configs
 from .channel import ChannelApp
 from .db import Db
@@ -27,7 +28,8 @@ log = logging.getLogger("zy.master")
 
 
 def build_app(hub: Hub, paths: Paths, urls: list[str], e2e_private: bytes) -> Any:
-    channel = ChannelApp(hub, paths, e2e_private)
+    blobs = BlobStore(paths.root / "blobs", hub)
+    channel = ChannelApp(hub, paths, e2e_private, blobs)
     api = BodyLimit(build_api(hub, paths, urls, e2e_private), hub.settings.max_body)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -36,6 +38,8 @@ def build_app(hub: Hub, paths: Paths, urls: list[str], e2e_private: bytes) -> An
         path = scope["path"]
         if path.startswith("/v1/"):
             await channel(scope, receive, send)
+        elif path == "/api/v1/blobs" and scope["method"] == "POST":
+            await blobs.upload(scope, receive, send)  # streamed: past the API's body limit
         elif path.startswith("/api/"):
             await api(scope, receive, send)
         else:

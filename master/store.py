@@ -194,6 +194,11 @@ class Store:
             return None
         return {"id": cur.lastrowid, "run_id": run_id, "taskid": taskid, "uuid": uuid, "seq": seq, "kind": kind}
 
+    def task(self, taskid: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT t.taskid, t.uuid, t.status, r.cmd FROM tasks t JOIN runs r ON r.id = t.run_id "
+                              "WHERE t.taskid=?", (taskid,)).fetchone()
+        return dict(row) if row else None
+
     def task_runs(self, taskids: Iterable[str]) -> dict[str, tuple[str, str]]:
         """taskid -> (run_id, uuid) for the given task ids."""
         ids = list(set(taskids))

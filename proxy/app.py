@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -50,6 +51,7 @@ class ProxyApp:
             ("GET", "/v1/channel/down"): self.down,
             ("POST", "/v1/channel/up"): self.up,
             ("POST", "/v1/channel/poll"): self.poll,
+            ("GET", "/v1/blob"): self.blob,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -92,18 +94,19 @@ class ProxyApp:
         # handles the handshake, and those must find their way here, not be dropped.
         claimed = cred.partition(":")[0]
         mode = "h2" if scope.get("http_version") == "2" else "poll"
+        body = await read_body(receive, self.max_body)
         client: Downstream | None = None
         if via_proxy is not None:
             self.relay.route(claimed, via_proxy)
         else:
-            client = self.relay.attach(claimed, mode)
+            client = self.relay.attach(claimed, mode, handover=b'"handover"' in body)
         up_sid = self.relay.channel.sid or ""
-        resp = await self._upstream(send, "/v1/handshake", await read_body(receive, self.max_body),
+        resp = await self._upstream(send, "/v1/handshake", body,
                                     {"x-zy-agent-auth": cred, "x-zy-sid": up_sid, "x-zy-via": via,
                                      "content-type": "application/json"})
         if resp is None or resp.status_code != 200 or resp.json().get("uuid") != claimed:
             if client is not None:
-                self.relay.end(client, "handshake refused upstream", notify=False)
+                self.relay.refused(client)
             elif via_proxy is not None and self.relay.routes.get(claimed) is via_proxy:
                 del self.relay.routes[claimed]
                 via_proxy.routes.discard(claimed)
@@ -117,6 +120,20 @@ class ProxyApp:
         await respond(send, 200, {**info, "sid": client.sid, "mode": mode, "heartbeat": self.heartbeat,
                                   "idle_beat": self.idle_beat,
                                   "poll_wait": self.poll_wait, "max_frame": self.max_frame})
+
+    async def blob(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A file for a client with a live session, fetched upstream on our channel (the hash in
+        the client's signed command is what makes it trustworthy, not this path)."""
+        if await self._client(scope, send) is None:
+            return
+        sha = query(scope).get("sha256", "")
+        try:
+            resp = await self.relay.channel.request(
+                "GET", f"/v1/blob?sha256={quote(sha)}&sid={self.relay.channel.sid or ''}", timeout=300.0)
+        except (ChannelLost, httpx.HTTPError) as exc:
+            await error(send, 503, f"the proxy has no upstream right now ({exc}); try again", kind="upstream")
+            return
+        await respond(send, resp.status_code, resp.content)
 
     async def _client(self, scope: Scope, send: Send) -> Downstream | None:
         scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")

@@ -34,6 +34,8 @@ class Downstream(Mailbox):
         self.sid = sid
         self.mode = mode
         self.routes = {uuid}
+        #: the connection this one took over from in an online update
+        self.retired: Downstream | None = None
 
 
 class UpstreamQueue:
@@ -112,16 +114,29 @@ class Relay:
         self.queue.clear()
 
     # -- clients ------------------------------------------------------------------------------
-    def attach(self, uuid: str, mode: str) -> Downstream:
+    def attach(self, uuid: str, mode: str, handover: bool = False) -> Downstream:
+        """A client handshook. With ``handover`` (a new build of an agent taking over) the old
+        connection keeps its session, so its uplink still reports what it runs; what comes down
+        goes to the new one."""
         old = self.by_uuid.get(uuid)
-        if old is not None:
-            self.end(old, "superseded by a new handshake", notify=False)
         client = Downstream(uuid, secrets.token_hex(8), mode)
+        if old is not None and handover:
+            client.retired = old
+        elif old is not None:
+            self.end(old, "superseded by a new handshake", notify=False)
         self.by_sid[client.sid] = client
         self.by_uuid[uuid] = client
         self.routes[uuid] = client
         self.stats["clients"] = len(self.by_uuid)
         return client
+
+    def refused(self, client: Downstream) -> None:
+        """The master refused ``client``'s handshake: forget it, and give back what it was to
+        take over from."""
+        self.end(client, "handshake refused upstream", notify=False)
+        old = client.retired
+        if old is not None and not old.closed.is_set() and old.uuid not in self.by_uuid:
+            self.by_uuid[old.uuid] = self.routes[old.uuid] = old
 
     def route(self, uuid: str, via: Downstream) -> None:
         """A client behind the proxy ``via`` handshook through us."""

@@ -1,0 +1,89 @@
+"""Content-addressed files the master hands to agents (agent builds for online updates).
+
+``POST /api/v1/blobs`` (admin token) streams a file in; it is stored under its SHA-256, which is
+the answer. Agents fetch it with ``GET /v1/blob?sha256=...`` on the channel's connection (direct
+or through their proxies) and check it against the hash in the signed command that named it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from hcsdk._asgi import Receive, Scope, Send, error, header, query, respond
+
+from .bootstrap import secret_hash
+from .hub import Hub
+
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_BLOB = 2 * 1024**3
+
+
+class BlobStore:
+    def __init__(self, root: Path, hub: Hub) -> None:
+        self.root = root
+        self.hub = hub
+
+    def path(self, sha: str) -> Path | None:
+        if not SHA_RE.match(sha):
+            return None
+        path = self.root / sha
+        return path if path.is_file() else None
+
+    async def upload(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Stream the body to disk while hashing it: a build never sits whole in memory."""
+        if not await self._admin(scope, send):
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".upload-{secrets.token_hex(8)}"
+        digest, size = hashlib.sha256(), 0
+        try:
+            async with await anyio.open_file(tmp, "wb") as fh:
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    chunk = msg.get("body", b"")
+                    size += len(chunk)
+                    if size > MAX_BLOB:
+                        await error(send, 413, f"the file exceeds {MAX_BLOB} bytes")
+                        return
+                    digest.update(chunk)
+                    await fh.write(chunk)
+                    if not msg.get("more_body"):
+                        break
+                await fh.flush()
+                await anyio.to_thread.run_sync(os.fsync, fh.wrapped.fileno())
+            if size == 0:
+                await error(send, 400, "the upload is empty")
+                return
+            sha = digest.hexdigest()
+            os.replace(tmp, self.root / sha)
+        finally:
+            tmp.unlink(missing_ok=True)
+        await respond(send, 200, {"sha256": sha, "size": size})
+
+    async def download(self, scope: Scope, receive: Receive, send: Send, row: dict[str, Any] | None) -> None:
+        if row is None:
+            return  # the caller answered 401/403 already
+        sha = query(scope).get("sha256", "")
+        path = self.path(sha)
+        if path is None:
+            await error(send, 404, f"no file with SHA-256 {sha!r} on the master", kind="blob")
+            return
+        await respond(send, 200, path.read_bytes())
+
+    async def _admin(self, scope: Scope, send: Send) -> bool:
+        scheme, _, token = (header(scope, b"authorization") or "").partition(" ")
+        expected = await self.hub.db(self.hub.db.store.get_meta, "admin_token_hash") or ""
+        if scheme.lower() != "bearer" or not token or not hmac.compare_digest(expected, secret_hash(token)):
+            await error(send, 401, "API token missing or not valid", kind="auth")
+            return False
+        return True

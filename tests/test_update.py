@@ -1,0 +1,212 @@
+"""Online self-update with a graceful handover, on real agents running real builds (zipapps
+made by scripts/build_agent.py, stamped with another version)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet import Fleet, wait_for
+from hcsdk import Client
+from hcsdk._version import __version__
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW = "9.9.9+update-test"
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("builds")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_agent.py"), "--only", "pyz", "--version", NEW,
+                    "--out", str(out)], check=True, capture_output=True)
+    crash = out / "crash" / "zy-agent.pyz"
+    crash.parent.mkdir()
+    with zipfile.ZipFile(crash, "w") as zf:
+        zf.writestr("__main__.py", "import sys\nprint('this build is broken', file=sys.stderr)\nsys.exit(3)\n")
+    return {"good": out / "zy-agent.pyz", "crash": crash}
+
+
+@pytest.fixture(scope="module")
+def fl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path_factory.mktemp("update"), ["--offline-grace", "5", "--heartbeat", "2"])
+    fleet.start_master()
+    for name in ("u-1", "u-2", "u-3", "u-4", "u-5"):
+        fleet.start_agent(name, {"role": "upd"})
+    fleet.start_agent("u-poll", extra=["--no-http2"])
+    fleet.start_agent("u-proxied", extra=["--master", fleet.start_proxy("hk")])
+    try:
+        fleet.wait_online()
+        yield fleet
+    finally:
+        fleet.close()
+        _kill_under(fleet.root)  # new builds run in sessions of their own
+
+
+def _kill_under(root: Path) -> None:
+    """Processes started from this fleet's directories that the fleet does not know of."""
+    mark = str(root).encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if mark in fh.read():
+                        os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                continue
+
+
+def _whoami(client: Client, name: str) -> tuple[str, int]:
+    df = client.run("echo $ZY_AGENT_VERSION $ZY_AGENT_PID", targets=name, timeout=30).to_dataframe()
+    assert df.loc[0, "status"] == "ok", df.loc[0, "error"]
+    version, pid = str(df.loc[0, "stdout"]).split()
+    return version, int(pid)
+
+
+def _events(fl: Fleet, run_id: str) -> list[dict[str, Any]]:
+    """Every event the master stored for a run, as its event stream gives them."""
+    import httpx
+
+    from hcsdk._wire import loads
+
+    resp = httpx.get(f"{fl.url}/api/v1/runs/{run_id}/events", headers={"authorization": f"Bearer {fl.admin_token}"},
+                     verify=ssl.create_default_context(cafile=str(fl.root / "master" / "ca.pem")), timeout=30)
+    return [loads(line) for line in resp.text.splitlines() if line.strip()]
+
+
+def test_a_long_task_outlives_the_update_and_reports_once(fl: Fleet, builds: dict[str, Path]) -> None:
+    client = fl.client
+    before_version, old_pid = _whoami(client, "u-1")
+    assert before_version == __version__
+    long = client.run("sleep 3; echo finished on $ZY_AGENT_VERSION", targets="u-1", timeout=120)
+    for event in long.events():
+        if event.kind == "start":
+            break
+    df = client.agents.update("u-1", build=builds["good"])
+    row = df.iloc[0]
+    assert row["status"] == "ok", row["error"]
+    assert row["version_before"] == __version__ and row["version_after"] == NEW
+    out = long.to_dataframe()
+    assert out.loc[0, "status"] == "ok" and out.loc[0, "stdout"] == f"finished on {__version__}\n"
+    dones = [e for e in _events(fl, long.id) if e.get("kind") == "done"]
+    assert len(dones) == 1
+    wait_for(lambda: not _alive(old_pid), what="the old agent to exit")
+    version, pid = _whoami(client, "u-1")
+    assert version == NEW and pid != old_pid
+    inv = client.inventory("u-1")
+    assert inv.loc[0, "agent_version"] == NEW and bool(inv.loc[0, "online"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().split(")")[1].split()[0] != "Z"
+
+
+def test_commands_sent_during_the_switch_run_once_on_the_new_agent(fl: Fleet, builds: dict[str, Path]) -> None:
+    client = fl.client
+    _, old_pid = _whoami(client, "u-2")
+    blob = client.agents.upload_build(builds["good"])
+    sent: list[tuple[float, Any]] = []
+    stop = threading.Event()
+
+    def fire() -> None:
+        while not stop.is_set():
+            created = time.time()
+            sent.append((created, client.run("echo $ZY_AGENT_VERSION $ZY_AGENT_PID", targets="u-2", timeout=60)))
+            time.sleep(0.05)
+
+    firing = threading.Thread(target=fire, daemon=True)
+    firing.start()
+    time.sleep(0.5)
+    update = client.run(cmd="zy.update", args={"sha256": blob["sha256"], "size": blob["size"],
+                                               "filename": "zy-agent.pyz"}, targets="u-2", timeout=120)
+    result = update.to_dataframe()
+    time.sleep(1.0)
+    stop.set()
+    firing.join()
+    assert result.loc[0, "status"] == "ok", result.loc[0, "error"]
+    switch_began = result.loc[0, "started_at"].timestamp()
+    during = 0
+    for created, run in sent:
+        df = run.to_dataframe()
+        assert df.loc[0, "status"] == "ok", df.loc[0, "error"]
+        assert len(str(df.loc[0, "stdout"]).splitlines()) == 1
+        assert len([e for e in _events(fl, run.id) if e.get("kind") == "done"]) == 1
+        version, pid = str(df.loc[0, "stdout"]).split()
+        if created > switch_began:
+            during += 1
+            assert (version, int(pid)) != (__version__, old_pid), f"{run.id} was sent during the switch"
+            assert version == NEW
+    assert during >= 3
+
+
+def test_a_build_that_crashes_at_start_is_rolled_back(fl: Fleet, builds: dict[str, Path]) -> None:
+    client = fl.client
+    _, old_pid = _whoami(client, "u-3")
+    df = client.agents.update("u-3", build=builds["crash"], handover_timeout=30)
+    assert df.loc[0, "status"] == "failed"
+    assert "the new agent exited with code 3 before taking over" in df.loc[0, "error"]
+    assert df.loc[0, "version_after"] == __version__
+    assert _whoami(client, "u-3") == (__version__, old_pid)  # the old agent serves on
+    assert not list((fl.root / "agents" / "u-3" / "builds").iterdir())
+
+
+def test_a_build_whose_bytes_do_not_match_the_hash_is_refused(fl: Fleet, builds: dict[str, Path]) -> None:
+    client = fl.client
+    _, old_pid = _whoami(client, "u-4")
+    blob = client.agents.upload_build(builds["good"])
+    stored = fl.root / "master" / "blobs" / blob["sha256"]
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # swapped or corrupted after the hash was taken
+    stored.write_bytes(bytes(data))
+    try:
+        df = client.run(cmd="zy.update", args={"sha256": blob["sha256"], "size": blob["size"]}, targets="u-4",
+                        timeout=60).to_dataframe()
+    finally:
+        stored.unlink()
+    assert df.loc[0, "status"] == "failed" and "the signed command says" in df.loc[0, "error"]
+    assert _whoami(client, "u-4") == (__version__, old_pid)
+
+
+def test_batches_stop_after_max_failures(fl: Fleet, builds: dict[str, Path]) -> None:
+    client = fl.client
+    df = client.agents.update(["u-4", "u-5"], build=builds["crash"], batch_size=1, max_failures=0,
+                              handover_timeout=30)
+    assert list(df["batch"]) == [1, 2]
+    assert list(df["status"]) == ["failed", "skipped"]
+    assert "stopped after 1 failures (max_failures=0)" in df.loc[1, "error"]
+    df = client.agents.update(["u-4", "u-5"], build=builds["good"], batch_size=2)
+    assert list(df["status"]) == ["ok", "ok"] and list(df["version_after"]) == [NEW, NEW]
+
+
+@pytest.mark.parametrize("name", ["u-proxied", "u-poll"])
+def test_update_behind_a_proxy_and_over_polling(fl: Fleet, builds: dict[str, Path], name: str) -> None:
+    """The build comes through the proxy; the proxy keeps the old connection's uplink while the
+    new one takes the downlink. Polling agents hand over the same way."""
+    client = fl.client
+    _, old_pid = _whoami(client, name)
+    long = client.run("sleep 2; echo finished", targets=name, timeout=120)
+    for event in long.events():
+        if event.kind == "start":
+            break
+    df = client.agents.update(name, build=builds["good"])
+    assert df.loc[0, "status"] == "ok", df.loc[0, "error"]
+    assert df.loc[0, "version_after"] == NEW
+    assert long.to_dataframe().loc[0, "stdout"] == "finished\n"
+    assert len([e for e in _events(fl, long.id) if e.get("kind") == "done"]) == 1
+    version, pid = _whoami(client, name)
+    assert version == NEW and pid != old_pid
