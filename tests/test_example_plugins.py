@@ -220,6 +220,16 @@ def test_write_replaces_atomically_and_keeps_the_mode(roots: Path) -> None:
     assert sorted(p.name for p in roots.iterdir()) == ["config.ini"]
 
 
+def test_write_through_a_symlink_inside_the_roots_updates_its_target(roots: Path) -> None:
+    target = roots / "releases" / "v2.conf"
+    target.parent.mkdir()
+    target.write_text("v2\n")
+    link = roots / "current.conf"
+    link.symlink_to(target)
+    assert call(file_plugin.write, path=str(link), content="v2 patched\n").error is None
+    assert link.is_symlink() and target.read_text() == "v2 patched\n"
+
+
 def test_write_new_file_mode_base64_append_and_dirs(roots: Path) -> None:
     path = roots / "sub" / "dir" / "data.bin"
     assert "make_dirs=true" in fails(file_plugin.write, path=str(path), content="x")
@@ -356,6 +366,7 @@ def test_tail_refuses_a_rotated_in_symlink_outside_the_roots(tmp_path: Path, roo
 FAKE_JSTAT = r"""#!/bin/sh
 # jstat -gcutil PID [INTERVAL COUNT], as JDK $FAKE_JDK prints it
 echo "$@" >> "$FAKE_JSTAT_LOG"
+echo "$$" > "$FAKE_JSTAT_LOG.pid"
 if [ -n "$FAKE_JSTAT_FAIL" ]; then
     echo "sun.jvmstat.monitor.MonitorException: $2 not found" >&2
     echo "	at jdk.internal.jvmstat/sun.jvmstat.perfdata.monitor.protocol.local.PerfDataBuffer.<init>" >&2
@@ -376,6 +387,7 @@ while [ $i -lt $count ]; do
         echo "$heap     $((5 + i))     0.041     0     0.000     2     0.003     0.044"
     fi
     i=$((i + 1))
+    if [ -n "$FAKE_JSTAT_SLOW" ]; then sleep 0.05; fi
 done
 """
 
@@ -445,6 +457,21 @@ def test_gc_jdk8_columns(fake_jstat: Path, fake_jvms: Callable[[str], int], monk
     assert fake_jstat.read_text().split() == ["-gcutil", str(pid)]
 
 
+def test_gc_stops_jstat_on_cancel(fake_jstat: Path, fake_jvms: Callable[[str], int],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_JSTAT_SLOW", "1")
+    pid = fake_jvms(unique_class())
+    run, thread = in_thread(java_plugin.gc, pid=pid, samples=100000, interval=0.05)
+    wait_for(lambda: len(run.text().splitlines()) >= 3, "two samples")
+    run.cancelled.set()
+    thread.join(10)
+    assert not thread.is_alive() and run.error is None
+    assert run.result["pid"] == pid and run.result["E"] >= 41.0  # the last sample before the cancel
+    jstat = int(Path(f"{fake_jstat}.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(jstat, 0)
+
+
 def test_gc_errors(fake_jstat: Path, fake_jvms: Callable[[str], int], monkeypatch: pytest.MonkeyPatch) -> None:
     main = unique_class()
     first, second = fake_jvms(main), fake_jvms(main)
@@ -481,7 +508,7 @@ def test_gc_real_jvm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         wait_for(perfdata.exists, "the JVM's perfdata", timeout=30)
         monkeypatch.setenv("PATH", str(tmp_path))
         monkeypatch.delenv("JAVA_HOME", raising=False)
-        run = call(java_plugin.gc, main_class="Idle.java", samples=2, interval=0.1)
+        run = call(java_plugin.gc, main_class=str(source), samples=2, interval=0.1)  # unique to this test run
         assert run.error is None, run.error
         assert run.result["pid"] == proc.pid
         assert {"S0", "S1", "E", "O", "YGC", "GCT"} <= set(run.result)

@@ -33,7 +33,7 @@ import tempfile
 
 from agent.plugins.api import Arg, Context, PluginError, command
 
-__all__ = ["check_path", "human_size", "open_regular", "read", "write"]
+__all__ = ["allowed_roots", "check_path", "human_size", "open_regular", "os_error", "read", "write"]
 
 VERSION = "1.0"
 
