@@ -76,7 +76,11 @@ class BuildError(Exception):
 
 
 def _source(name: str) -> Path:
-    """Where the running interpreter imports ``name`` from: a package directory or a module file."""
+    """Where ``name`` comes from: this checkout for the project's own packages (so a build never
+    ships an older installed copy, and needs no install of the project), else where the running
+    interpreter imports it from (a package directory or a module file)."""
+    if (ROOT / name / "__init__.py").is_file():
+        return ROOT / name
     spec = importlib.util.find_spec(name)
     if spec is None:
         raise BuildError(f"{name} is not importable by {sys.executable}; run this with the project's "
