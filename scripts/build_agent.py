@@ -65,6 +65,27 @@ if sys.version_info < (3, 11):
     sys.exit("zy-agent.pyz needs Python 3.11 or newer (this is %s); use the one-file zy-agent" % sys.version.split()[0])
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
+#: the one-file build: what PyInstaller's bootloader added to the environment (LD_LIBRARY_PATH
+#: pointing at the unpacked bundle, _PYI_* markers). This process needs none of it any more (the
+#: dynamic loader read it at start), but every command the agent runs would inherit it, and the
+#: host's own programs would load the bundle's libssl, libz, libffi... So the host's environment
+#: goes back into os.environ and this is kept for starting this same program again (the restart
+#: after enrollment, the plugin worker), which then reuses the unpacked files instead of
+#: unpacking its own copy.
+BUNDLE_ENVIRON = {}
+if getattr(sys, "frozen", False):
+    import os
+
+    for _key in list(os.environ):
+        if _key.startswith("_PYI_"):
+            BUNDLE_ENVIRON[_key] = os.environ.pop(_key)
+    for _var in ("LD_LIBRARY_PATH", "LIBPATH"):
+        if _var in os.environ and BUNDLE_ENVIRON:
+            BUNDLE_ENVIRON[_var] = os.environ.pop(_var)
+            if _var + "_ORIG" in os.environ:
+                BUNDLE_ENVIRON[_var + "_ORIG"] = os.environ[_var + "_ORIG"]
+                os.environ[_var] = os.environ.pop(_var + "_ORIG")
+
 from agent.__main__ import main  # noqa: E402
 
 sys.exit(main())

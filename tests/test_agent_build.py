@@ -73,13 +73,15 @@ def _enroll_and_run(fleet: Fleet, name: str, command: list[str], home: Path) -> 
     # now connecting as the enrolled agent
     assert proc.alive and out.count("connecting to") >= 1, out
 
-    df = fleet.client.run("echo hello from $ZY_HOSTNAME; echo HOME=$HOME; env | wc -l", targets=name,
-                          timeout=30).to_dataframe()
+    script = "echo hello from $ZY_HOSTNAME; echo HOME=$HOME; env | wc -l; env | grep -c -e _PYI_ -e _MEI || true"
+    df = fleet.client.run(script, targets=name, timeout=30).to_dataframe()
     row = df.iloc[0]
     assert row["status"] == "ok", df.to_dict("records")
     lines = row["stdout"].splitlines()
     assert lines[0] == f"hello from {name}" and lines[1] == f"HOME={home}", lines
     assert int(lines[2]) < 15, "the agent should pass on its own (empty) environment"
+    # and none of the one-file bootloader's: a command must not load the bundle's libraries
+    assert lines[3] == "0", fleet.client.run("env", targets=name, timeout=30).to_dataframe().iloc[0]["stdout"]
     inv = fleet.client.inventory(name)
     assert inv.iloc[0]["agent_version"] == VERSION  # the stamped build, not the running SDK's
     # a plugin command: the agent starts its plugin worker from the same build (`--zy-worker`),
@@ -142,6 +144,12 @@ print(json.dumps({
 def test_onefile_with_an_empty_environment_enrolls_and_runs(master: Fleet, onefile: Path, tmp_path: Path) -> None:
     assert os.access(onefile, os.X_OK)
     _enroll_and_run(master, "onefile-1", ["env", "-i", f"HOME={tmp_path / 'home'}", str(onefile)], tmp_path / "home")
+    # the restart after enrollment re-executed the agent within the same unpacked bundle: the
+    # bootloader's one child is the Python agent itself, not a second bootloader unpacking a copy
+    bootloader = master.agents["onefile-1"].popen.pid
+    children = Path(f"/proc/{bootloader}/task/{bootloader}/children").read_text().split()
+    assert len(children) == 1
+    assert "libpython" in Path(f"/proc/{children[0]}/maps").read_text()
 
 
 def test_onefile_bundles_no_heavy_packages(onefile: Path) -> None:
