@@ -20,6 +20,7 @@ from hcsdk._identity import Identity, StateDir
 from .executor import Executor, Task, TaskFailed
 from .memspool import MemorySpool
 from .plugin_host import InstallError, PluginHost
+from .scheduler import Scheduler
 from .spool import Spool
 from .update import Updater
 from .worker_process import WorkerProcess
@@ -52,9 +53,12 @@ class Agent:
         self.executor.host = self.plugins = PluginHost(state.root / "plugins", self.worker,
                                                         builtin=lambda: set(self.executor.plugins))
         self.updater = Updater(self)
+        self.scheduler = Scheduler(self, state.root / "schedules.json")
         self.executor.plugins.update({"zy.plugin.install": self._install_plugin,
                                       "zy.plugin.remove": self._remove_plugin, "zy.plugins": self._list_plugins,
-                                      "zy.update": self.updater.update})
+                                      "zy.update": self.updater.update, "zy.schedule.set": self.scheduler.set,
+                                      "zy.schedule.cancel": self.scheduler.cancel,
+                                      "zy.schedules": self.scheduler.listing})
         self.channel = Channel(
             ident.uuid, ident.credential, ident.urls, state.ca_path.read_bytes(),
             facts=lambda: facts_mod.collect(self.hostname), labels=ident.labels,
@@ -140,6 +144,7 @@ class Agent:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self.worker.tg = tg
+                await self.scheduler.run(tg)
                 if handle_signals:
                     tg.start_soon(self._signals, tg)
                 await self.channel.run_forever()
@@ -158,6 +163,7 @@ class Agent:
         assert self.updater.confirmed is not None
         log.info("handing over to the new build: finishing %d running task(s)", len(self.executor.running))
         self.channel.retiring = True
+        self.scheduler.stop()
         self.executor.accepting = False
         self.executor.hold = None
         self.updater.confirmed.set()

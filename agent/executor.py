@@ -62,6 +62,8 @@ class Task:
     truncated: dict[str, bool] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     sent: dict[str, int] = field(default_factory=dict)
+    #: a scheduled collection's output, kept here instead of being sent
+    sink: list[tuple[str, dict[str, Any]]] | None = None
 
 
 class TaskFailed(Exception):
@@ -177,6 +179,17 @@ class Executor:
         self._emit(task, "start", {"started_at": started})
         status, code, error = "error", None, None
         try:
+            status, code, error = await self._execute(task)
+        finally:
+            if task.status == "cancelled":
+                status, error = "cancelled", "cancelled on request"
+            self.running.pop(task.taskid, None)
+            self._done(task, status, code, started, error=error)
+
+    async def _execute(self, task: Task) -> tuple[str, int | None, str | None]:
+        """Run the task's plugin within its timeout: (status, exit code, error)."""
+        status, code, error = "error", None, None
+        try:
             with task.scope:
                 with anyio.move_on_after(task.timeout) as deadline:
                     if task.cmd in BUILTIN_ARGS:
@@ -194,14 +207,28 @@ class Executor:
             error = f"{type(exc).__name__}: {exc}"
         finally:
             self._kill(task)
-            if task.status == "cancelled":
-                status, error = "cancelled", "cancelled on request"
-            self.running.pop(task.taskid, None)
-            self._done(task, status, code, started, error=error)
+        return status, code, error
+
+    async def collect(self, taskid: str, cmd: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Run a command for a scheduled collection: what it prints and returns comes back here
+        (to become one sample) instead of going to the master as task events."""
+        task = Task(taskid=taskid, cmd=cmd, args=dict(args), timeout=timeout, sink=[])
+        if not self.knows(cmd):
+            return {"status": "error", "exit_code": None, "error": f"unknown cmd {cmd!r} on this agent",
+                    "stdout": "", "stderr": "", "result": None}
+        status, code, error = await self._execute(task)
+        text = {"stdout": "", "stderr": ""}
+        for kind, payload in task.sink or []:
+            if kind == "out" and payload.get("stream") in text:
+                text[payload["stream"]] += payload["data"]
+        return {"status": status, "exit_code": code, "error": error, "result": task.result, **text}
 
     def _emit(self, task: Task, kind: str, payload: dict[str, Any]) -> None:
-        self.emit([{"t": kind, "uuid": self.uuid, "cmd": task.cmd, "taskid": task.taskid, "seq": task.seq,
-                    "p": payload}])
+        if task.sink is not None:
+            task.sink.append((kind, payload))
+        else:
+            self.emit([{"t": kind, "uuid": self.uuid, "cmd": task.cmd, "taskid": task.taskid, "seq": task.seq,
+                        "p": payload}])
         task.seq += 1
 
     def _done(self, task: Task, status: str, code: int | None, started: float | None, error: str | None) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from . import _schedules
 from ._agents import Agents, AsyncAgents
 from ._config import load_client_config
 from ._errors import RequestError
@@ -125,6 +126,27 @@ class AsyncClient:
         cmd, merged = _script_args(script, cmd, args)
         body = {"cmd": cmd, "args": merged, "targets": target_spec(targets), "timeout": timeout}
         return AsyncRun(self, await self._request("POST", "/api/v1/runs", json=body))
+
+    async def schedule(self, cmd: str, every: str | float, *, targets: TargetsLike,
+                       args: dict[str, Any] | None = None, name: str | None = None,
+                       timeout: float | None = None) -> _schedules.AsyncSchedule:
+        """Run ``cmd`` on ``targets`` every ``every`` ("10s", "5m", "1h" or seconds); the agents
+        keep the schedule and send one sample per run. ``name`` defaults to ``CMD-EVERY``;
+        setting a schedule again under its name replaces it."""
+        info = await _schedules.create(self, cmd, every, targets, args, name, timeout)
+        return _schedules.AsyncSchedule(self, info)
+
+    async def series(self, name: str, since: Any = None, until: Any = None) -> pd.DataFrame:
+        """A schedule's samples: indexed by time, with uuid, hostname, status, error and one
+        column per field the command returned."""
+        return await _schedules.series(self, name, since, until)
+
+    async def schedules(self) -> pd.DataFrame:
+        return await _schedules.listing(self)
+
+    async def cancel_schedule(self, name: str) -> dict[str, Any]:
+        """Stop a schedule on its agents (the samples collected so far stay)."""
+        return await _schedules.cancel(self, name)
 
     async def create_join_token(self, ttl: float = 86400, description: str = "",
                                 proxies: list[str] | None = None) -> dict[str, Any]:
@@ -267,6 +289,22 @@ class Client:
                 raise KeyboardInterrupt from None
             portal().call(created.cancel)
             raise
+
+    def schedule(self, cmd: str, every: str | float, *, targets: TargetsLike, args: dict[str, Any] | None = None,
+                 name: str | None = None, timeout: float | None = None) -> _schedules.Schedule:
+        async def start() -> _schedules.AsyncSchedule:
+            return await self._async.schedule(cmd, every, targets=targets, args=args, name=name, timeout=timeout)
+
+        return _schedules.Schedule(portal().call(start))
+
+    def series(self, name: str, since: Any = None, until: Any = None) -> pd.DataFrame:
+        return portal().call(self._async.series, name, since, until)
+
+    def schedules(self) -> pd.DataFrame:
+        return portal().call(self._async.schedules)
+
+    def cancel_schedule(self, name: str) -> dict[str, Any]:
+        return portal().call(self._async.cancel_schedule, name)
 
     def create_join_token(self, ttl: float = 86400, description: str = "",
                           proxies: list[str] | None = None) -> dict[str, Any]:

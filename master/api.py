@@ -23,6 +23,7 @@ from hcsdk._wire import dumps, loads
 
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, RequestRejected
+from .schedules_api import schedule_routes
 from .targets import resolve
 
 
@@ -95,6 +96,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
         return _problem(422, "invalid request: " + "; ".join(parts), "request")
 
     deps = [Depends(admin)]
+    app.include_router(schedule_routes(hub, admin))
 
     @app.get("/api/v1/status", dependencies=deps)
     async def status() -> dict[str, Any]:

@@ -29,6 +29,8 @@ def problem(msg: dict[str, Any]) -> str | None:
         return "payload must be an object"
     if kind == "start":
         return None if _num(p.get("started_at")) else "start needs a numeric started_at"
+    if kind == "sample":
+        return _sample_problem(p)
     if kind == "out":
         if p.get("stream") not in ("stdout", "stderr") or not isinstance(p.get("data"), str):
             return "out needs stream stdout|stderr and string data"
@@ -49,4 +51,18 @@ def _done_problem(p: dict[str, Any]) -> str | None:
     truncated = p.get("truncated", {})
     if not isinstance(truncated, dict) or not all(isinstance(v, bool) for v in truncated.values()):
         return "truncated must map stream names to booleans"
+    return None
+
+
+def _sample_problem(p: dict[str, Any]) -> str | None:
+    if not isinstance(p.get("series"), str) or not 0 < len(p["series"]) <= 64:
+        return "sample needs a series name of 1-64 characters"
+    if not (_num(p.get("time")) and p.get("time") is not None):
+        return "sample needs a numeric time"
+    if p.get("status") not in FINAL:
+        return f"sample needs a status among {', '.join(FINAL)}"
+    if not isinstance(p.get("fields"), dict):
+        return "sample fields must be an object"
+    if p.get("error") is not None and not isinstance(p.get("error"), str):
+        return "error must be a string or null"
     return None

@@ -50,6 +50,14 @@ CREATE TABLE IF NOT EXISTS events (
     uuid TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL,
     UNIQUE(taskid, seq));
 CREATE INDEX IF NOT EXISTS events_run ON events(run_id, id);
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY, cmd TEXT NOT NULL, args TEXT NOT NULL, every REAL NOT NULL, timeout REAL NOT NULL,
+    targets TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, series TEXT NOT NULL, uuid TEXT NOT NULL, taskid TEXT NOT NULL,
+    seq INTEGER NOT NULL, time REAL NOT NULL, status TEXT NOT NULL, fields TEXT NOT NULL, error TEXT,
+    UNIQUE(uuid, taskid, seq));
+CREATE INDEX IF NOT EXISTS samples_series ON samples(series, time);
 """
 
 
@@ -199,6 +207,33 @@ class Store:
                               "WHERE t.taskid=?", (taskid,)).fetchone()
         return dict(row) if row else None
 
+    # -- schedules and their samples -------------------------------------------------------
+    def put_schedule(self, name: str, cmd: str, args: dict[str, Any], every: float, timeout: float,
+                     targets: dict[str, Any]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO schedules(name, cmd, args, every, timeout, targets, created_at) "
+                        "VALUES(?,?,?,?,?,?,?)", (name, cmd, dumps(args).decode(), every, timeout,
+                                                  dumps(targets).decode(), time.time()))
+
+    def schedule(self, name: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM schedules WHERE name=?", (name,)).fetchone()
+        return _schedule(row) if row else None
+
+    def schedules(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM samples m WHERE m.series=s.name) AS samples, "
+            "(SELECT MAX(time) FROM samples m WHERE m.series=s.name) AS last_sample FROM schedules s ORDER BY name")
+        return [_schedule(r) for r in rows]
+
+    def delete_schedule(self, name: str) -> None:
+        self.db.execute("DELETE FROM schedules WHERE name=?", (name,))
+
+    def series(self, name: str, since: float | None, until: float | None, limit: int) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT m.uuid, a.hostname, m.time, m.status, m.fields, m.error FROM samples m "
+            "LEFT JOIN agents a ON a.uuid=m.uuid WHERE m.series=? AND m.time>=? AND m.time<=? "
+            "ORDER BY m.time, m.uuid LIMIT ?", (name, since or 0.0, until or 1e13, limit))
+        return [{**dict(r), "fields": loads(r["fields"])} for r in rows]
+
     def task_runs(self, taskids: Iterable[str]) -> dict[str, tuple[str, str]]:
         """taskid -> (run_id, uuid) for the given task ids."""
         ids = list(set(taskids))
@@ -222,11 +257,16 @@ class Store:
         held = self._held_events(owners)
         acks: dict[str, list[list[Any]]] = {}
         changed: set[str] = set()
-        events, starts, dones = [], [], []
+        events, starts, dones, samples = [], [], [], []
         for uuid, msg in batch:
             taskid, seq = msg.get("taskid"), msg.get("seq")
             acks.setdefault(uuid, []).append([taskid, seq])
             if not isinstance(taskid, str) or not isinstance(seq, int):
+                continue
+            if msg["t"] == "sample":
+                p = msg["p"]
+                samples.append((p["series"], uuid, taskid, seq, p["time"], p["status"], dumps(p["fields"]).decode(),
+                                p.get("error")))
                 continue
             owner = owners.get(taskid)
             if owner is None or owner[1] != uuid or (taskid, seq) in held:
@@ -246,6 +286,8 @@ class Store:
                 "INSERT OR IGNORE INTO events(run_id, taskid, uuid, seq, kind, data) VALUES(?,?,?,?,?,?)", events)
             self.db.executemany(_START_SQL, starts)
             self.db.executemany(_DONE_SQL, dones)
+            self.db.executemany("INSERT OR IGNORE INTO samples(series, uuid, taskid, seq, time, status, fields, error) "
+                                "VALUES(?,?,?,?,?,?,?,?)", samples)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -342,3 +384,9 @@ class Store:
             (run_id, cursor, limit),
         )
         return [dict(r) for r in rows]
+
+
+def _schedule(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    out["args"], out["targets"] = loads(out["args"]), loads(out["targets"])
+    return out

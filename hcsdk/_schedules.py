@@ -1,0 +1,147 @@
+"""Scheduled collection: agents run a command every N seconds by themselves, and the samples
+come back as a time-indexed DataFrame.
+
+>>> gc = client.schedule("java.gc", every="10s", targets="label:app=billing", args={"main_class": "Main"})
+>>> df = client.series(gc.name)              # index: time; columns: uuid, hostname, status, S0, E, O, ...
+>>> df.pivot_table(index=df.index, columns="hostname", values="O").plot()
+>>> client.schedules()                        # what is scheduled, with sample counts
+>>> gc.cancel()
+
+The agent keeps the schedule (it survives restarts) and spools the samples, so a brief
+disconnect loses none.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from ._errors import RequestError
+from ._targets import TargetsLike, target_spec
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ._client import AsyncClient
+
+__all__ = ["SCHEDULE_COLUMNS", "SERIES_COLUMNS", "every_seconds"]
+
+SERIES_COLUMNS = ["uuid", "hostname", "status", "error"]
+SCHEDULE_COLUMNS = ["name", "cmd", "every", "timeout", "args", "targets", "created_at", "samples", "last_sample"]
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_EVERY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def every_seconds(every: str | float) -> float:
+    """``"10s"``, ``"5m"``, ``"1h"``, ``"1d"`` or a number of seconds; at least one second."""
+    if isinstance(every, (int, float)) and not isinstance(every, bool):
+        seconds = float(every)
+    else:
+        match = _EVERY_RE.match(str(every))
+        if not match:
+            raise RequestError(f"every={every!r}: give a period like '10s', '5m', '1h' or a number of seconds", 0)
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds < 1:
+        raise RequestError(f"every={every!r} is under a second; schedules run at most once a second", 0)
+    return seconds
+
+
+async def create(client: AsyncClient, cmd: str, every: str | float, targets: TargetsLike,
+                 args: dict[str, Any] | None, name: str | None, timeout: float | None) -> dict[str, Any]:
+    seconds = every_seconds(every)
+    name = name or f"{cmd}-{every if isinstance(every, str) else f'{seconds:g}s'}".replace(" ", "")
+    body = {"name": name, "cmd": cmd, "args": dict(args or {}), "every": seconds, "timeout": timeout or 0,
+            "targets": target_spec(targets)}
+    return dict(await client._request("POST", "/api/v1/schedules", json=body))
+
+
+async def series(client: AsyncClient, name: str, since: Any = None, until: Any = None) -> pd.DataFrame:
+    import pandas as pd
+
+    params = {k: _epoch(v) for k, v in (("since", since), ("until", until)) if v is not None}
+    rows = await client._request("GET", f"/api/v1/series/{name}", params=params)
+    if not rows:
+        df = pd.DataFrame(columns=SERIES_COLUMNS, index=pd.DatetimeIndex([], tz="UTC", name="time"))
+        return df
+    base = pd.DataFrame.from_records([{k: r[k] for k in ("uuid", "hostname", "time", "status", "error")}
+                                      for r in rows])
+    fields = pd.json_normalize([r["fields"] for r in rows])
+    df = pd.concat([base, fields.drop(columns=[c for c in fields.columns if c in base.columns])], axis=1)
+    df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
+    return df.set_index("time")
+
+
+async def listing(client: AsyncClient) -> pd.DataFrame:
+    import pandas as pd
+
+    rows = await client._request("GET", "/api/v1/schedules")
+    df = pd.DataFrame.from_records(rows, columns=SCHEDULE_COLUMNS)
+    for col in ("created_at", "last_sample"):
+        df[col] = pd.to_datetime(df[col], unit="s", utc=True)
+    return df
+
+
+async def cancel(client: AsyncClient, name: str) -> dict[str, Any]:
+    return dict(await client._request("DELETE", f"/api/v1/schedules/{name}"))
+
+
+def _epoch(value: Any) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    import pandas as pd
+
+    return float(pd.Timestamp(value).timestamp())
+
+
+class AsyncSchedule:
+    """What :meth:`AsyncClient.schedule` returns: the schedule's name, and ways to its data."""
+
+    def __init__(self, client: AsyncClient, info: dict[str, Any]) -> None:
+        from ._run import AsyncRun
+
+        self._client = client
+        self.name: str = info["schedule"]["name"]
+        self.cmd: str = info["schedule"]["cmd"]
+        self.every: float = info["schedule"]["every"]
+        #: the run that set the schedule on each agent
+        self.run = AsyncRun(client, info["run"])
+
+    def __repr__(self) -> str:
+        return f"<Schedule {self.name!r}: {self.cmd} every {self.every:g}s on {self.run.total} agents>"
+
+    async def agents(self) -> pd.DataFrame:
+        """Whether each agent took the schedule (status ok, or error with the reason)."""
+        df = await self.run.to_dataframe()
+        return df[["uuid", "hostname", "status", "error"]]
+
+    async def series(self, since: Any = None, until: Any = None) -> pd.DataFrame:
+        return await series(self._client, self.name, since, until)
+
+    async def cancel(self) -> dict[str, Any]:
+        return await cancel(self._client, self.name)
+
+
+class Schedule:
+    """The synchronous face of :class:`AsyncSchedule`."""
+
+    def __init__(self, aschedule: AsyncSchedule) -> None:
+        self._a = aschedule
+        self.name, self.cmd, self.every = aschedule.name, aschedule.cmd, aschedule.every
+
+    def __repr__(self) -> str:
+        return repr(self._a)
+
+    def agents(self) -> pd.DataFrame:
+        from ._portal import portal
+
+        return portal().call(self._a.agents)
+
+    def series(self, since: Any = None, until: Any = None) -> pd.DataFrame:
+        from ._portal import portal
+
+        return portal().call(self._a.series, since, until)
+
+    def cancel(self) -> dict[str, Any]:
+        from ._portal import portal
+
+        return portal().call(self._a.cancel)

@@ -1,0 +1,63 @@
+"""REST routes for scheduled collection: schedules (kept here and on the agents) and the series
+of samples they produce."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, Field
+
+from .hub import Hub, RequestRejected, check_cmd
+
+NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class ScheduleRequest(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    cmd: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    every: float = Field(ge=1, le=7 * 86400)
+    #: per run; 0 means the period (at most 300 s)
+    timeout: float = Field(default=0, ge=0, le=86400)
+    targets: dict[str, Any]
+
+
+def schedule_routes(hub: Hub, admin: Any) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(admin)])
+    store = hub.db.store
+
+    @router.post("/api/v1/schedules")
+    async def create_schedule(req: ScheduleRequest) -> dict[str, Any]:
+        check_cmd(req.cmd)
+        if req.cmd.startswith("zy."):
+            raise RequestRejected(f"cmd {req.cmd!r} cannot be scheduled", kind="cmd")
+        args = {"name": req.name, "cmd": req.cmd, "args": req.args, "every": req.every, "timeout": req.timeout}
+        run = await hub.create_run("zy.schedule.set", args, req.targets, 60.0)
+        await hub.db(store.put_schedule, req.name, req.cmd, req.args, req.every, req.timeout, req.targets)
+        return {"schedule": await hub.db(store.schedule, req.name), "run": run}
+
+    @router.get("/api/v1/schedules")
+    async def list_schedules() -> list[dict[str, Any]]:
+        return await hub.db(store.schedules)
+
+    @router.delete("/api/v1/schedules/{name}")
+    async def cancel_schedule(name: str) -> dict[str, Any]:
+        schedule = await hub.db(store.schedule, name)
+        if schedule is None:
+            raise RequestRejected(f"no schedule {name!r}", kind="schedule", status=404)
+        try:
+            run = await hub.create_run("zy.schedule.cancel", {"name": name}, schedule["targets"], 60.0)
+        except RequestRejected as exc:
+            if exc.kind != "target":
+                raise
+            run = None  # its agents are gone: nothing to tell
+        await hub.db(store.delete_schedule, name)
+        return {"name": name, "run": run}
+
+    @router.get("/api/v1/series/{name}")
+    async def series(name: str, since: float | None = None, until: float | None = None,
+                     limit: int = Query(default=200_000, ge=1, le=2_000_000)) -> list[dict[str, Any]]:
+        return await hub.db(store.series, name, since, until, limit)
+
+    return router
