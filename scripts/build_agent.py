@@ -149,6 +149,7 @@ def build_pyz(out: Path, version: str | None = None, pyc: bool = True) -> Path:
             os.utime(path, (epoch, epoch))
         tmp_target = out / "zy-agent.pyz.tmp"
         zipapp.create_archive(root, tmp_target, interpreter="/usr/bin/env python3", compressed=True)
+        tmp_target.chmod(0o755)  # create_archive makes it executable for its owner only
         tmp_target.replace(target)
     return target
 
