@@ -94,9 +94,7 @@ def _restart() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if getattr(sys, "frozen", False):  # the one-file build is its own interpreter
-        # with the bootloader's variables, which its entry took out of os.environ (scripts/build_agent.py)
-        bundle = getattr(sys.modules.get("__main__"), "BUNDLE_ENVIRON", {})
-        os.execve(sys.executable, [sys.executable, *sys.argv[1:]], {**os.environ, **bundle})
+        os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 

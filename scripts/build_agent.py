@@ -65,26 +65,28 @@ if sys.version_info < (3, 11):
     sys.exit("zy-agent.pyz needs Python 3.11 or newer (this is %s); use the one-file zy-agent" % sys.version.split()[0])
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
-#: the one-file build: what PyInstaller's bootloader added to the environment (LD_LIBRARY_PATH
-#: pointing at the unpacked bundle, _PYI_* markers). This process needs none of it any more (the
-#: dynamic loader read it at start), but every command the agent runs would inherit it, and the
-#: host's own programs would load the bundle's libssl, libz, libffi... So the host's environment
-#: goes back into os.environ and this is kept for starting this same program again (the restart
-#: after enrollment, the plugin worker), which then reuses the unpacked files instead of
-#: unpacking its own copy.
-BUNDLE_ENVIRON = {}
-if getattr(sys, "frozen", False):
+# The one-file build on Linux: the bootloader unpacks the bundle, points LD_LIBRARY_PATH at it
+# (the loader reads that once, at start) and marks the environment (_PYI_*) so that this program,
+# started again from here (the plugin worker, the restart after enrollment), reuses the unpacked
+# files. Commands the agent runs inherit the environment, and with that LD_LIBRARY_PATH the host's
+# programs would load the bundle's libssl, libz, libffi..., so it goes back to the host's value;
+# a process of this program that finds it so (started by this one) starts itself once more with
+# the bundle's path first.
+_BUNDLE = getattr(sys, "_MEIPASS", None) if getattr(sys, "frozen", False) else None
+if _BUNDLE and sys.platform.startswith("linux"):
     import os
 
-    for _key in list(os.environ):
-        if _key.startswith("_PYI_"):
-            BUNDLE_ENVIRON[_key] = os.environ.pop(_key)
-    for _var in ("LD_LIBRARY_PATH", "LIBPATH"):
-        if _var in os.environ and BUNDLE_ENVIRON:
-            BUNDLE_ENVIRON[_var] = os.environ.pop(_var)
-            if _var + "_ORIG" in os.environ:
-                BUNDLE_ENVIRON[_var + "_ORIG"] = os.environ[_var + "_ORIG"]
-                os.environ[_var] = os.environ.pop(_var + "_ORIG")
+    _path = os.environ.get("LD_LIBRARY_PATH", "")
+    if _path.split(os.pathsep)[0] != _BUNDLE:
+        _env = dict(os.environ, LD_LIBRARY_PATH=_BUNDLE + (os.pathsep + _path if _path else ""))
+        if _path:
+            _env["LD_LIBRARY_PATH_ORIG"] = _path
+        os.execve(sys.executable, [sys.executable, *sys.argv[1:]], _env)
+    _orig = os.environ.pop("LD_LIBRARY_PATH_ORIG", None)
+    if _orig is None:
+        del os.environ["LD_LIBRARY_PATH"]
+    else:
+        os.environ["LD_LIBRARY_PATH"] = _orig
 
 from agent.__main__ import main  # noqa: E402
 

@@ -58,7 +58,7 @@ def master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         fleet.close()
 
 
-def _enroll_and_run(fleet: Fleet, name: str, command: list[str], home: Path) -> None:
+def _enroll_and_run(fleet: Fleet, name: str, command: list[str], home: Path, ld_library_path: str = "") -> None:
     """Start ``command`` as an agent with an empty environment (a PATH and a fresh HOME only, as
     `env -i` would leave), have it enroll, run a command through the SDK, and check the facts."""
     home.mkdir(parents=True)
@@ -73,15 +73,15 @@ def _enroll_and_run(fleet: Fleet, name: str, command: list[str], home: Path) -> 
     # now connecting as the enrolled agent
     assert proc.alive and out.count("connecting to") >= 1, out
 
-    script = "echo hello from $ZY_HOSTNAME; echo HOME=$HOME; env | wc -l; env | grep -c -e _PYI_ -e _MEI || true"
+    script = "echo hello from $ZY_HOSTNAME; echo HOME=$HOME; env | wc -l; echo LD=$LD_LIBRARY_PATH"
     df = fleet.client.run(script, targets=name, timeout=30).to_dataframe()
     row = df.iloc[0]
     assert row["status"] == "ok", df.to_dict("records")
     lines = row["stdout"].splitlines()
     assert lines[0] == f"hello from {name}" and lines[1] == f"HOME={home}", lines
     assert int(lines[2]) < 15, "the agent should pass on its own (empty) environment"
-    # and none of the one-file bootloader's: a command must not load the bundle's libraries
-    assert lines[3] == "0", fleet.client.run("env", targets=name, timeout=30).to_dataframe().iloc[0]["stdout"]
+    # the host's library path, not the one-file bootloader's: a command must not load the bundle's libraries
+    assert lines[3] == f"LD={ld_library_path}", lines
     inv = fleet.client.inventory(name)
     assert inv.iloc[0]["agent_version"] == VERSION  # the stamped build, not the running SDK's
     # a plugin command: the agent starts its plugin worker from the same build (`--zy-worker`),
@@ -143,13 +143,26 @@ print(json.dumps({
 @pytest.mark.timeout(600)
 def test_onefile_with_an_empty_environment_enrolls_and_runs(master: Fleet, onefile: Path, tmp_path: Path) -> None:
     assert os.access(onefile, os.X_OK)
-    _enroll_and_run(master, "onefile-1", ["env", "-i", f"HOME={tmp_path / 'home'}", str(onefile)], tmp_path / "home")
-    # the restart after enrollment re-executed the agent within the same unpacked bundle: the
-    # bootloader's one child is the Python agent itself, not a second bootloader unpacking a copy
+    home = tmp_path / "home"
+    host_libs = "/opt/zy-test/lib"  # the host's own LD_LIBRARY_PATH: commands get it back unchanged
+    _enroll_and_run(master, "onefile-1", ["env", "-i", f"HOME={home}", f"LD_LIBRARY_PATH={host_libs}", str(onefile)],
+                    home, ld_library_path=host_libs)
+    # the restart after enrollment and the plugin worker run from the one unpacked bundle, with
+    # its libraries: the bootloader's one child is the agent, whose child is the worker, both
+    # Python itself (not a second bootloader unpacking a copy of its own)
     bootloader = master.agents["onefile-1"].popen.pid
-    children = Path(f"/proc/{bootloader}/task/{bootloader}/children").read_text().split()
-    assert len(children) == 1
-    assert "libpython" in Path(f"/proc/{children[0]}/maps").read_text()
+
+    def children(pid: int) -> list[str]:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+    def libs(pid: int | str) -> set[str]:
+        return {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                if "/_MEI" in line and ".so" in line}
+
+    (agent,) = children(bootloader)
+    (worker,) = children(int(agent))
+    bundle = {lib for lib in libs(agent) if "libpython" in lib}
+    assert bundle and bundle <= libs(worker), (libs(agent), libs(worker))
 
 
 def test_onefile_bundles_no_heavy_packages(onefile: Path) -> None:
