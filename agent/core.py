@@ -22,6 +22,7 @@ from .memspool import MemorySpool
 from .plugin_host import InstallError, PluginHost
 from .scheduler import Scheduler
 from .spool import Spool
+from .systemd import notify
 from .update import Updater
 from .worker_process import WorkerProcess
 
@@ -66,21 +67,24 @@ class Agent:
             settings=settings,
         )
         self.handover = handover
+        self.channel.on_connected = self._connected
         if handover is not None:
             # a new build taking over: name the update in the handshake, then tell the old agent
             self.channel.hello_once = {"handover": handover[0]}
-            self.channel.on_connected = self._took_over
 
-    def _took_over(self) -> None:
-        """Step 5 of an update, on the new agent: the master accepted the handshake, so the
-        old agent may stop taking work. Only once: later handshakes are plain reconnects."""
+    def _connected(self) -> None:
+        """After the first accepted handshake: tell systemd, and in an update (step 5), tell
+        the old agent to stop taking work. Later handshakes are plain reconnects."""
         self.channel.on_connected = lambda: None
-        if self.handover is not None:
-            try:
-                os.kill(self.handover[1], signal.SIGTERM)
-                log.info("took over from the old agent (pid %d)", self.handover[1])
-            except ProcessLookupError:
-                pass
+        if self.handover is None:
+            notify("READY=1")
+            return
+        notify(f"MAINPID={os.getpid()}\nREADY=1")
+        try:
+            os.kill(self.handover[1], signal.SIGTERM)
+            log.info("took over from the old agent (pid %d)", self.handover[1])
+        except ProcessLookupError:
+            pass
 
     # -- plugin management (system commands, signed by the master like any task) --------------
     async def _install_plugin(self, task: Task) -> tuple[str, int | None]:

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,7 @@ class Updater:
         build = await self._fetch(args["sha256"], args["size"], args["filename"])
         executor = self.agent.executor
         executor.hold = []
+        held_from = time.time()
         self.confirmed = confirmed = anyio.Event()
         proc = None
         try:
@@ -78,7 +80,8 @@ class Updater:
         if reason is not None:
             self._abort(proc, build, reason)
             raise TaskFailed(f"update failed: {reason}; the old agent carries on", status="failed")
-        task.result = {"version_before": __version__, "sha256": args["sha256"], "new_pid": proc.pid}
+        task.result = {"version_before": __version__, "sha256": args["sha256"], "new_pid": proc.pid,
+                       "switch_began": held_from}
         return "ok", 0
 
     async def _fetch(self, sha: str, size: int, filename: str) -> Path:

@@ -2,11 +2,13 @@
 
 Starts a master and one agent (real processes, default agent settings), waits until it is
 online, then measures the agent's RSS, PSS and USS and its CPU (as % of one core) over an idle
-window, and again while the agent runs `echo hi` at a steady rate (20 tasks/s by default).
+window, again while the agent runs `echo hi` at a steady rate (20 tasks/s by default), and
+then while it runs a plugin (`file.read` of a small file) at that rate, which brings up its
+plugin worker process: the agent and the worker are measured apart and together.
 The goal is an idle agent of at most 40 MiB RSS using at most 0.1% of a core. A benchmark,
 not a test: run it by hand.
 
-    python bench/agent_footprint.py [--idle-seconds 60] [--busy-seconds 30] [--rate 20] [--json PATH]
+    python bench/agent_footprint.py [--idle-seconds 60] [--busy-seconds 30] [--plugin-seconds 30] [--rate 20]
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def idle_phase(proc: psutil.Process, seconds: float) -> dict[str, Any]:
             "children_cpu_pct": 100 * (kids1 - kids0) / wall, "rss_peak_mib": peak, **memory(proc)}
 
 
-def busy_phase(fleet: Fleet, name: str, proc: psutil.Process, seconds: float, rate: float) -> dict[str, Any]:
+def busy_phase(fleet: Fleet, name: str, proc: psutil.Process, seconds: float, rate: float,
+               task: dict[str, Any] | None = None) -> dict[str, Any]:
     client = fleet.client
     runs = []
     own0, kids0 = cpu_seconds(proc)
@@ -63,7 +66,7 @@ def busy_phase(fleet: Fleet, name: str, proc: psutil.Process, seconds: float, ra
             break
         if (wait := due - time.monotonic()) > 0:
             time.sleep(wait)
-        runs.append(client.run("echo hi", targets=name, timeout=60))
+        runs.append(client.run(targets=name, timeout=60, **(task or {"script": "echo hi"})))
         n += 1
         if time.monotonic() >= next_sample:
             peak = max(peak, proc.memory_info().rss / MiB)
@@ -89,10 +92,30 @@ def busy_phase(fleet: Fleet, name: str, proc: psutil.Process, seconds: float, ra
             "children_cpu_pct": 100 * (kids1 - kids0) / wall, "rss_peak_mib": max(peak, mem["rss_mib"]), **mem}
 
 
+def plugin_phase(fleet: Fleet, proc: psutil.Process, seconds: float, rate: float, tmp: Path) -> dict[str, Any]:
+    sample = tmp / "sample.txt"
+    sample.write_text("a line to read\n" * 64)
+    task: dict[str, Any] = {"cmd": "file.read", "args": {"path": str(sample)}}
+    fleet.client.run(targets="footprint-1", timeout=60, **task).wait()  # the worker starts here
+    worker = next(c for c in proc.children() if "--zy-worker" in c.cmdline())
+    w_cpu0 = sum(worker.cpu_times()[:2])
+    busy = busy_phase(fleet, "footprint-1", proc, seconds, rate, task)
+    wall = busy["seconds"]
+    busy["worker_cpu_pct"] = 100 * (sum(worker.cpu_times()[:2]) - w_cpu0) / wall
+    busy["worker"] = memory(worker)
+    print(f"plugin {wall:.0f}s, {busy['tasks']} file.read tasks ({busy['completed_per_s']:.1f}/s completed, "
+          f"{busy['statuses']}): agent RSS {busy['rss_mib']:.1f} MiB, CPU {busy['cpu_pct']:.1f}%; "
+          f"worker RSS {busy['worker']['rss_mib']:.1f} MiB (USS {busy['worker']['uss_mib']:.1f}), "
+          f"CPU {busy['worker_cpu_pct']:.1f}%; together USS {busy['uss_mib'] + busy['worker']['uss_mib']:.1f} MiB")
+    return busy
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--idle-seconds", type=float, default=60)
     ap.add_argument("--busy-seconds", type=float, default=30)
+    ap.add_argument("--plugin-seconds", type=float, default=30,
+                    help="seconds of plugin tasks (file.read, in the worker process) at --rate; 0 skips")
     ap.add_argument("--rate", type=float, default=20, help="tasks per second in the busy phase (default 20)")
     ap.add_argument("--settle", type=float, default=5, help="seconds to wait after the agent is online")
     ap.add_argument("--fast", action="store_true", help="the tests' short heartbeats instead of the defaults")
@@ -126,6 +149,8 @@ def main() -> None:
                       f"CPU {busy['cpu_pct']:.1f}% of a core (+{busy['children_cpu_pct']:.1f}% in the commands)")
                 if busy["submit_lag_s"] > 1:
                     print(f"  note: submission fell {busy['submit_lag_s']:.1f}s behind the pace")
+            if args.plugin_seconds > 0:
+                result["plugin"] = plugin_phase(fleet, proc, args.plugin_seconds, args.rate, Path(tmp))
         except BaseException:
             print(fleet.logs())
             raise

@@ -13,8 +13,11 @@ import sys as _sys
 # `zy agent|proxy|swarm` (or `python -m hcsdk.cli agent`), recognised before anything is parsed: this package
 # is imported before hcsdk.cli runs. While it is imported, ``python -m`` sets ``sys.argv[0]`` to
 # "-m"; the `zy` script leaves its own path there.
-if (len(_sys.argv) > 1 and _sys.argv[1] in ("agent", "proxy", "swarm") and "httpx" not in _sys.modules
-        and (_sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]).removesuffix(".exe") == "zy")):
+# `python -m agent` (the agent program alone) sets argv[0] to agent/__main__.py.
+if "httpx" not in _sys.modules and (
+        (len(_sys.argv) > 1 and _sys.argv[1] in ("agent", "proxy", "swarm")
+         and (_sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]).removesuffix(".exe") == "zy"))
+        or _sys.argv[0].replace("\\", "/").endswith("agent/__main__.py")):
     # httpx/__init__ imports its command-line client (httpx._main), which drags in click, rich and
     # pygments (~6 MiB resident) when they are installed. httpx guards that import with
     # ``except ImportError``; a None entry in sys.modules makes it raise one, so only `httpx.main`

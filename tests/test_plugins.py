@@ -223,3 +223,32 @@ def test_installed_plugins_survive_an_agent_restart(fl: Fleet, tmp_path: Path) -
         return str(df.loc[0, "stdout"]) if df.loc[0, "status"] == "ok" else None
 
     assert wait_for(greeting, what="the restarted agent serving hello.greet") == "hello world from 5.0\n"
+
+
+def test_the_readme_plugin_example_installs_and_runs(fl: Fleet, tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    source = readme.split("```python\n# diskfree.py\n", 1)[1].split("```", 1)[0]
+    df = fl.client.plugins.install(_plugin(tmp_path, "diskfree", source), targets="p-1")
+    assert df.loc[0, "status"] == "ok" and df.loc[0, "cmds"] == ["disk.free"]
+    out = fl.client.run(cmd="disk.free", args={"path": str(tmp_path)}, targets="p-1", timeout=30).to_dataframe()
+    assert out.loc[0, "status"] == "ok" and out.loc[0, "stdout"].startswith(f"{tmp_path}: ")
+    assert set(out.loc[0, "result"]) == {"free_gib", "used_pct"}
+    bad = fl.client.run(cmd="disk.free", args={"min_gib": -1}, targets="p-1", timeout=30).to_dataframe()
+    assert bad.loc[0, "error"] == "args.min_gib must be at least 0 (got -1)"
+    huge = fl.client.run(cmd="disk.free", args={"min_gib": 1e9}, targets="p-1", timeout=30).to_dataframe()
+    assert huge.loc[0, "status"] == "error" and "GiB free on /" in huge.loc[0, "error"]
+
+
+def test_bundled_plugins_run_in_the_worker(fl: Fleet, tmp_path: Path) -> None:
+    path = tmp_path / "motd"
+    path.write_text("welcome\n")
+    client = fl.client
+    out = client.run(cmd="file.read", args={"path": str(path)}, targets="p-2", timeout=30).to_dataframe()
+    assert out.loc[0, "status"] == "ok" and out.loc[0, "stdout"] == "welcome\n"
+    assert out.loc[0, "result"]["size"] == 8
+    target = tmp_path / "written"
+    out = client.run(cmd="file.write", args={"path": str(target), "content": "x=1\n"}, targets="p-2",
+                     timeout=30).to_dataframe()
+    assert out.loc[0, "status"] == "ok" and target.read_text() == "x=1\n"
+    out = client.run(cmd="file.read", args={"path": "/proc/self/environ"}, targets="p-2", timeout=30).to_dataframe()
+    assert out.loc[0, "status"] == "error" and "is not allowed" in out.loc[0, "error"]

@@ -139,7 +139,8 @@ def test_commands_sent_during_the_switch_run_once_on_the_new_agent(fl: Fleet, bu
     stop.set()
     firing.join()
     assert result.loc[0, "status"] == "ok", result.loc[0, "error"]
-    switch_began = result.loc[0, "started_at"].timestamp()
+    # from here the old agent holds new work (before, it fetched and checked the build)
+    switch_began = result.loc[0, "result"]["switch_began"]
     during = 0
     for created, run in sent:
         df = run.to_dataframe()
@@ -210,3 +211,21 @@ def test_update_behind_a_proxy_and_over_polling(fl: Fleet, builds: dict[str, Pat
     assert len([e for e in _events(fl, long.id) if e.get("kind") == "done"]) == 1
     version, pid = _whoami(client, name)
     assert version == NEW and pid != old_pid
+
+
+def test_systemd_follows_the_new_agent(fl: Fleet, builds: dict[str, Path], tmp_path: Path) -> None:
+    """Under systemd (Type=notify, NotifyAccess=all) the old agent says READY once connected,
+    and the new one names itself the main process when it takes over."""
+    import socket
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(30)
+        fl.start_agent("u-sd", wrap=["env", f"NOTIFY_SOCKET={path}"])
+        fl.wait_online("u-sd")
+        assert sock.recv(1024) == b"READY=1"
+        df = fl.client.agents.update("u-sd", build=builds["good"])
+        assert df.loc[0, "status"] == "ok", df.loc[0, "error"]
+        _, new_pid = _whoami(fl.client, "u-sd")
+        assert sock.recv(1024) == f"MAINPID={new_pid}\nREADY=1".encode()

@@ -90,7 +90,7 @@ class Arg:
         return out
 
     def check(self, name: str, value: Any) -> Any:
-        want = self.type
+        want, original = self.type, value
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
@@ -98,7 +98,7 @@ class Arg:
             raise ArgError(f"args.{name} must be {_TYPE_NAMES[want]} (got {value!r})")
         if self.choices is not None and value not in self.choices:
             raise ArgError(f"args.{name} must be one of {', '.join(map(repr, self.choices))} (got {value!r})")
-        size = value if want in (int, float) else len(value) if want in (str, list) else None
+        size = original if want in (int, float) else len(value) if want in (str, list) else None
         what = "" if want in (int, float) else "the length of "
         if size is not None and self.min is not None and size < self.min:
             raise ArgError(f"{what}args.{name} must be at least {self.min:g} (got {size!r})")
