@@ -34,7 +34,9 @@ def launcher() -> list[str]:
     main = sys.modules.get("__main__")
     archive = getattr(getattr(main, "__loader__", None), "archive", None)
     if archive:
-        return [sys.executable, archive]
+        # the interpreter's own flags too (`python3 -I zy-agent.pyz`): the worker sees what we see
+        head = sys.orig_argv[1:sys.orig_argv.index(archive)] if archive in sys.orig_argv else []
+        return [sys.executable, *[flag for flag in head if flag.startswith("-")], archive]
     return [sys.executable, "-m", "agent"]
 
 
