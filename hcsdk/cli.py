@@ -26,7 +26,10 @@ def _parser() -> argparse.ArgumentParser:
                    "or a comma-separated list of uuids and hostnames")
     p.add_argument("--timeout", type=float, default=600, help="seconds before the command is killed (default 600)")
     p.add_argument("--cmd", default="shell",
-                   help="plugin word: shell (default: the script through /bin/sh), exec (argv, no shell), ping, facts")
+                   help="cmd word: shell (default: the script through /bin/sh), exec (argv, no shell), ping, facts, "
+                   "echo, or a plugin's (file.read, log.tail, ...)")
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE",
+                   help="a command argument: KEY=TEXT, or KEY:=JSON for numbers, booleans and lists (repeatable)")
     p.add_argument("--output", choices=["table", "full", "json"], default="table",
                    help="table: first line of output; full: all output; json: one JSON record per target")
     p.add_argument("script", nargs=argparse.REMAINDER, help="after --: the script (shell) or argv (exec)")
@@ -61,13 +64,16 @@ def _parser() -> argparse.ArgumentParser:
         fp.add_argument("--root", type=Path, default=Path("state/fleet"), help="where it lives (default %(default)s)")
     p.set_defaults(func=_cmd_fleet)
 
-    p = sub.add_parser("agents", help="revoke or disconnect agents")
+    p = sub.add_parser("agents", help="update, revoke or disconnect agents")
     asub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, text in (("revoke", "drop an agent and refuse it for good"),
                          ("disconnect", "close an agent's channel; it reconnects by itself")):
         a = asub.add_parser(action, help=text)
         a.add_argument("uuid")
         a.set_defaults(func=_cmd_agent_action, agent_action=action)
+    from . import cli_lifecycle
+
+    cli_lifecycle.register(sub, asub)
 
     for ep in sorted(entry_points(group="hcsdk.commands"), key=lambda e: e.name):
         try:
@@ -118,6 +124,8 @@ def _console() -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from ._cliargs import arg_pairs
+
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
     cmd = args.cmd
     if not script and cmd in ("shell", "exec"):
@@ -127,7 +135,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     payload: Any = (" ".join(script) if cmd == "shell" else script) or None
     client = _client()
-    run = client.run(payload, targets=targets, cmd=cmd, timeout=args.timeout)
+    run = client.run(payload, targets=targets, cmd=cmd, args=arg_pairs(args.arg), timeout=args.timeout)
     try:
         _follow(run)
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ from .interpolate import InterpolationError, interpolate
 from .views import NullView, TextView, View, WidgetView, grouped_output
 
 USAGE = """\
-%%zyrun [-t TARGETS] [--cmd WORD] [--timeout S] [-o VAR] [--bg] [--quiet] [--show-output]
+%%zyrun [-t TARGETS] [--cmd WORD] [--arg KEY=VALUE ...] [--timeout S] [-o VAR] [--bg] [--quiet] [--show-output]
 %zyrun  [options] -- COMMAND
 
 Run the cell body (or COMMAND) on TARGETS and collect the results into a DataFrame.
@@ -54,7 +54,10 @@ def _parser() -> _Parser:
     p = _Parser(prog="%%zyrun", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
                 add_help=True)
     p.add_argument("-t", "--targets", help="where to run (default: ZyRun.targets)")
-    p.add_argument("--cmd", default="shell", help="plugin word: shell (default), exec, ping, facts")
+    p.add_argument("--cmd", default="shell",
+                   help="cmd word: shell (default), exec, ping, facts, echo, or a plugin's (file.read, log.tail, ...)")
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE",
+                   help="a command argument: KEY=TEXT, or KEY:=JSON for numbers, booleans and lists (repeatable)")
     p.add_argument("--timeout", type=float, help="seconds before the command is killed (default: ZyRun.timeout)")
     p.add_argument("-o", "--out", metavar="VAR", help="also bind the result (or, with --bg, the handle) to VAR")
     p.add_argument("--bg", action="store_true", help="return at once; the handle fills in while you work")
@@ -198,12 +201,13 @@ class ZyRun(Magics):
 
     def _run(self, args: argparse.Namespace, body: str) -> Any:
         from hcsdk import ZyError
+        from hcsdk._cliargs import arg_pairs
 
         targets = self._targets(args.targets)
         widgets = not args.quiet and self._widgets_wanted()  # imports ipywidgets before the run exists
         try:
             run = self.client.run(self._payload(args.cmd, body), targets=targets, cmd=args.cmd,
-                                  timeout=args.timeout or self.timeout)
+                                  args=arg_pairs(args.arg), timeout=args.timeout or self.timeout)
         except ZyError as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:  # the SDK has cancelled a run that was already created
@@ -286,7 +290,7 @@ class ZyRun(Magics):
 
 ZyRun.zyrun.__doc__ = USAGE
 
-_OPTION = re.compile(r"""\s*(?:(?:-t|--targets|--cmd|--timeout|-o|--out)(?:\s+|=)(?:"[^"]*"|'[^']*'|\S+)"""
+_OPTION = re.compile(r"""\s*(?:(?:-t|--targets|--cmd|--arg|--timeout|-o|--out)(?:\s+|=)(?:"[^"]*"|'[^']*'|\S+)"""
                      r"""|--bg|--quiet|--show-output|-h|--help)(?=\s|$)""")
 
 

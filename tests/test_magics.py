@@ -153,6 +153,18 @@ def test_errors_are_one_line_usage_errors(ip: Any, fleet4: Fleet) -> None:
     assert run(ip, "%zyrun -t web-1 --quiet -- true") is None
 
 
+def test_plugin_commands_take_arguments(ip: Any, tmp_path: Path) -> None:
+    motd = tmp_path / "motd"
+    motd.write_text("hello\n")
+    df = run(ip, f"%zyrun -t web-1 --cmd file.read --arg path={motd} --arg max_bytes:=3")
+    assert df.loc[0, "status"] == "ok" and df.loc[0, "stdout"] == "hel" and df.loc[0, "result"]["truncated"]
+    df = run(ip, "%zyrun -t web-1 --cmd echo --arg text:=42")
+    assert df.loc[0, "status"] == "error" and df.loc[0, "error"] == "args.text must be a string (got 42)"
+    assert run(ip, "%zyrun -t web-1 --cmd echo --arg text=42").loc[0, "stdout"] == "42\n"
+    with pytest.raises(UsageError, match="--arg wants KEY=TEXT or KEY:=JSON, got 'path'"):
+        run(ip, "%zyrun -t web-1 --cmd file.read --arg path")
+
+
 def test_help(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
     run(ip, "%zyrun --help")
     out = capsys.readouterr().out
