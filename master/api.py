@@ -21,6 +21,7 @@ from hcsdk._tls import ca_fingerprint
 from hcsdk._version import __version__
 from hcsdk._wire import dumps, loads
 
+from .blobs import SHA_RE
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, RequestRejected
 from .schedules_api import schedule_routes
@@ -123,7 +124,8 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
     @app.post("/api/v1/runs", dependencies=deps)
     async def create_run(req: RunRequest) -> dict[str, Any]:
         _validate_args(req.cmd, req.args)
-        if req.cmd == "zy.update" and not (paths.root / "blobs" / str(req.args.get("sha256"))).is_file():
+        if req.cmd == "zy.update" and not (SHA_RE.match(str(req.args.get("sha256")))
+                                           and (paths.root / "blobs" / str(req.args["sha256"])).is_file()):
             raise RequestRejected(f"no build with SHA-256 {req.args.get('sha256')!r} was uploaded to this master "
                                   "(client.agents.update uploads it first)", status=404)
         return await hub.create_run(req.cmd, req.args, req.targets, req.timeout)

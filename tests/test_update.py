@@ -229,3 +229,11 @@ def test_systemd_follows_the_new_agent(fl: Fleet, builds: dict[str, Path], tmp_p
         assert df.loc[0, "status"] == "ok", df.loc[0, "error"]
         _, new_pid = _whoami(fl.client, "u-sd")
         assert sock.recv(1024) == f"MAINPID={new_pid}\nREADY=1".encode()
+
+
+def test_an_update_names_an_uploaded_build(fl: Fleet) -> None:
+    from hcsdk import RequestError
+
+    for sha in ("../master.db", "0" * 64):
+        with pytest.raises(RequestError, match="no build with SHA-256"):
+            fl.client.run(cmd="zy.update", args={"sha256": sha, "size": 1}, targets="u-1")
