@@ -146,6 +146,66 @@ assert len(health) + len(unreachable) == len(raw)
 """),
 ]
 
+SAMPLING = [
+    md("""
+# Sampling: scheduled collection into a time series
+
+The agents run a small probe every few seconds by themselves (they keep the schedule and spool
+the samples, so nothing is lost while a link is down); the samples come back as a time-indexed
+DataFrame, ready to plot. The same works for any plugin: `java.gc` on a JVM, `tomcat.status`.
+"""),
+    code("""
+# parameters (papermill can override these)
+zy_config = ""
+targets = "*"
+every = "2s"
+samples_per_host = 4
+"""  , tags=["parameters"]),
+    code(CONNECT + """
+from hcsdk import Client
+
+client = Client()
+"""),
+    md("## What each agent can run\nBuilt-in commands, the bundled plugins and any installed online, per host."),
+    code("""
+plugins = client.plugins.list(targets)
+plugins.pivot_table(index="plugin", columns="hostname", values="version", aggfunc="first")
+"""),
+    md("""
+## Schedule a probe
+The script prints one JSON object; its keys become the sample's columns.
+"""),
+    code("""
+PROBE = r'''
+load=$(cut -d' ' -f1 /proc/loadavg)
+mem=$(awk '/MemTotal/ {t=$2} /MemAvailable/ {a=$2} END {printf "%.1f", (t-a)*100/t}' /proc/meminfo)
+echo "{\\"load1\\": $load, \\"mem_pct\\": $mem}"
+'''
+probe = client.schedule("shell", every=every, targets=targets, args={"script": PROBE}, name="runbook-load")
+probe.agents()
+"""),
+    code("""
+import time
+
+hosts = int((probe.agents()["status"] == "ok").sum())
+deadline = time.monotonic() + 120
+while len(series := client.series(probe.name)) < samples_per_host * hosts and time.monotonic() < deadline:
+    time.sleep(1)
+print(f"{len(series)} samples from {series['hostname'].nunique()} hosts")
+series.tail()
+"""),
+    code("""
+ax = series.pivot_table(index=series.index, columns="hostname", values="mem_pct").plot(
+    title="memory in use (%)", figsize=(7, 3), marker="o")
+assert len(series) >= samples_per_host * hosts, "every host sampled"
+"""),
+    md("## Stop it\nCancelling stops the agents; the samples stay on the master."),
+    code("""
+probe.cancel()
+client.schedules()
+"""),
+]
+
 
 def write(name: str, cells: list[nbf.NotebookNode]) -> None:
     nb = nbf.v4.new_notebook(cells=cells)
@@ -157,3 +217,4 @@ def write(name: str, cells: list[nbf.NotebookNode]) -> None:
 if __name__ == "__main__":
     write("quickstart.ipynb", QUICKSTART)
     write("fleet-health.ipynb", FLEET_HEALTH)
+    write("sampling.ipynb", SAMPLING)
