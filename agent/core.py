@@ -68,6 +68,7 @@ class Agent:
         )
         self.handover = handover
         self.channel.on_connected = self._connected
+        self.channel.hello_extra = lambda: {"schedules": self.scheduler.digests()}
         if handover is not None:
             # a new build taking over: name the update in the handshake, then tell the old agent
             self.channel.hello_once = {"handover": handover[0]}

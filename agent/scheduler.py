@@ -39,6 +39,8 @@ SCHEDULE_ARGS = {
     "args": Arg(dict, default={}),
     "every": Arg(float, min=1, max=7 * 86400),
     "timeout": Arg(float, default=0.0, min=0, max=86400),
+    #: the master's digest of the schedule, reported back at each handshake
+    "digest": Arg(str, default="", max=64),
 }
 MAX_TEXT = 64 * 1024
 
@@ -73,6 +75,10 @@ class Scheduler:
         self._tg = tg
         for name in self.schedules:
             self._start(name)
+
+    def digests(self) -> dict[str, str]:
+        """name -> the master's digest, for the handshake (the master reconciles from it)."""
+        return {name: str(spec.get("digest", "")) for name, spec in self.schedules.items()}
 
     def stop(self) -> None:
         """Stop collecting (an agent that hands over: the new build collects from now on)."""

@@ -89,6 +89,8 @@ class Channel:
         self.on_lost = on_lost or (lambda: None)
         #: called after each accepted handshake
         self.on_connected: Callable[[], None] = lambda: None
+        #: more for every handshake (an agent reports its schedules)
+        self.hello_extra: Callable[[], dict[str, Any]] = dict
         #: sent with the next handshake only (a new build taking over names its update task)
         self.hello_once: dict[str, Any] = {}
         #: an agent handing over to its new build: when this connection ends, do not reconnect
@@ -168,7 +170,7 @@ class Channel:
                 self.on_lost()
 
     def _hello(self) -> dict[str, Any]:
-        return {"facts": self.facts(), "labels": self.labels, **self.hello_once}
+        return {"facts": self.facts(), "labels": self.labels, **self.hello_extra(), **self.hello_once}
 
     def finish(self) -> None:
         """End the uplink stream once the outbox is sent (an agent that hands over, last)."""

@@ -103,14 +103,20 @@ class AsyncSchedule:
         self.name: str = info["schedule"]["name"]
         self.cmd: str = info["schedule"]["cmd"]
         self.every: float = info["schedule"]["every"]
-        #: the run that set the schedule on each agent
-        self.run = AsyncRun(client, info["run"])
+        #: the run that set the schedule on each agent (None when its targets match no agent yet:
+        #: agents that join later with matching labels get it at their handshake)
+        self.run = AsyncRun(client, info["run"]) if info.get("run") else None
 
     def __repr__(self) -> str:
-        return f"<Schedule {self.name!r}: {self.cmd} every {self.every:g}s on {self.run.total} agents>"
+        return (f"<Schedule {self.name!r}: {self.cmd} every {self.every:g}s on "
+                f"{self.run.total if self.run else 0} agents>")
 
     async def agents(self) -> pd.DataFrame:
         """Whether each agent took the schedule (status ok, or error with the reason)."""
+        import pandas as pd
+
+        if self.run is None:
+            return pd.DataFrame(columns=["uuid", "hostname", "status", "error"])
         df = await self.run.to_dataframe()
         return df[["uuid", "hostname", "status", "error"]]
 

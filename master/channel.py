@@ -211,10 +211,11 @@ class ChannelApp:
             await error(send, 400, "'facts' must be an object and 'labels' a map of strings")
             return
         mode = carrier.mode if carrier else ("h2" if scope.get("http_version") == "2" else "poll")
-        handover = body.get("handover")
+        handover, schedules = body.get("handover"), body.get("schedules")
         session = await self.hub.handshake(row["uuid"], facts, labels, mode, bytes.fromhex(row["e2e_key"]),
                                            kind=row.get("kind") or "agent", carrier=carrier, via=via,
-                                           handover=handover if isinstance(handover, str) else None)
+                                           handover=handover if isinstance(handover, str) else None,
+                                           schedules=schedules if _str_map(schedules) else None)
         s = self.settings
         await respond(send, 200, {"uuid": session.uuid, "sid": session.sid, "mode": mode, "heartbeat": s.heartbeat,
                                   "idle_beat": s.idle_beat, "dead_after": s.dead_after, "poll_wait": s.poll_wait,

@@ -21,9 +21,10 @@ from hcsdk._mailbox import Mailbox
 from hcsdk._wire import dumps
 
 from .db import Db
+from .schedule_spec import schedule_args
 from .settings import MasterSettings
 from .store import FINAL
-from .targets import resolve
+from .targets import resolve, selects
 
 #: built into every agent; any other cmd word names a plugin, which the agent may or may not have
 KNOWN_CMDS = ("shell", "exec", "ping", "facts", "echo")
@@ -93,6 +94,7 @@ class Hub:
         self.stats = {"ingested": 0, "dispatched": 0, "rejected": 0, "busy": 0}
         self.keys: dict[str, bytes] = {}
         self.stopping = False
+        self._tg: TaskGroup | None = None
 
     async def run(self, tg: TaskGroup) -> None:
         # After a master restart, agents come back over their reconnect backoff: give them
@@ -100,6 +102,7 @@ class Hub:
         since = time.monotonic() + max(0.0, self.settings.startup_grace - self.settings.offline_grace)
         for uuid in await self.db(self.db.store.open_task_agents):
             self.offline_since.setdefault(uuid, since)
+        self._tg = tg
         tg.start_soon(self._ingest_loop)
         tg.start_soon(self._sweep_loop)
 
@@ -113,7 +116,8 @@ class Hub:
 
     async def handshake(self, uuid: str, facts: dict[str, Any], labels: dict[str, str], mode: str,
                         key: bytes, kind: str = "agent", carrier: Session | None = None,
-                        via: list[str] | None = None, handover: str | None = None) -> Session:
+                        via: list[str] | None = None, handover: str | None = None,
+                        schedules: dict[str, str] | None = None) -> Session:
         self.keys[uuid] = key
         old = self.sessions.get(uuid)
         if old and handover and await self._updating(uuid, handover):
@@ -131,7 +135,28 @@ class Hub:
         self.offline_since.pop(uuid, None)
         await self.db(self.db.store.agent_connected, uuid, facts, labels)
         await self._redeliver(session)
+        if schedules is not None and self._tg is not None:
+            self._tg.start_soon(self.reconcile_schedules, uuid, schedules)
         return session
+
+    async def reconcile_schedules(self, uuid: str, reported: dict[str, str]) -> None:
+        """Bring an agent's schedules (``reported``: name -> digest) in line with the master's:
+        one that was offline when a schedule was set, or that joined later with matching labels,
+        gets it; one whose schedule was cancelled meanwhile loses it."""
+        try:
+            specs = await self.db(self.db.store.schedule_specs)
+            if not specs and not reported:
+                return
+            agent = await self.db(self.db.store.target_row, uuid)
+            wanted = {s["name"]: s for s in specs if agent is not None and selects(s["targets"], agent)}
+            for name, spec in wanted.items():
+                args = schedule_args(name, spec["cmd"], spec["args"], spec["every"], spec["timeout"])
+                if reported.get(name) != args["digest"]:
+                    await self.create_run("zy.schedule.set", args, {"uuids": [uuid]}, 60.0)
+            for name in sorted(set(reported) - set(wanted)):
+                await self.create_run("zy.schedule.cancel", {"name": name}, {"uuids": [uuid]}, 60.0)
+        except Exception:  # the next handshake tries again
+            log.exception("could not reconcile the schedules of %s", uuid)
 
     async def _updating(self, uuid: str, taskid: str) -> bool:
         """Whether ``taskid`` is an open update of agent ``uuid`` (so a handshake naming it is the

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from .hub import Hub, RequestRejected, check_cmd
+from .schedule_spec import schedule_args
 
 NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
@@ -32,8 +33,15 @@ def schedule_routes(hub: Hub, admin: Any) -> APIRouter:
         check_cmd(req.cmd)
         if req.cmd.startswith("zy."):
             raise RequestRejected(f"cmd {req.cmd!r} cannot be scheduled", kind="cmd")
-        args = {"name": req.name, "cmd": req.cmd, "args": req.args, "every": req.every, "timeout": req.timeout}
-        run = await hub.create_run("zy.schedule.set", args, req.targets, 60.0)
+        args = schedule_args(req.name, req.cmd, req.args, req.every, req.timeout)
+        try:
+            run = await hub.create_run("zy.schedule.set", args, req.targets, 60.0)
+        except RequestRejected as exc:
+            # a glob or label selector may match no agent yet: those that join later get the
+            # schedule at their handshake
+            if exc.kind != "target" or "expr" not in req.targets:
+                raise
+            run = None
         await hub.db(store.put_schedule, req.name, req.cmd, req.args, req.every, req.timeout, req.targets)
         return {"schedule": await hub.db(store.schedule, req.name), "run": run}
 

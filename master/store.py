@@ -224,6 +224,13 @@ class Store:
             "(SELECT MAX(time) FROM samples m WHERE m.series=s.name) AS last_sample FROM schedules s ORDER BY name")
         return [_schedule(r) for r in rows]
 
+    def schedule_specs(self) -> list[dict[str, Any]]:
+        return [_schedule(r) for r in self.db.execute("SELECT * FROM schedules")]
+
+    def target_row(self, uuid: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT uuid, hostname, labels FROM agents WHERE uuid=?", (uuid,)).fetchone()
+        return {"uuid": row[0], "hostname": row[1], "labels": loads(row[2])} if row else None
+
     def delete_schedule(self, name: str) -> None:
         self.db.execute("DELETE FROM schedules WHERE name=?", (name,))
 

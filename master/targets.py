@@ -87,3 +87,13 @@ def _by_labels(expr: str, agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not found:
         raise TargetError(f"label selector {expr!r} matched no agent")
     return found
+
+
+def selects(spec: Any, agent: dict[str, Any]) -> bool:
+    """Whether a target spec picks ``agent`` (a uuid, hostname and labels row)."""
+    if isinstance(spec, dict) and isinstance(spec.get("uuids"), list):
+        return agent["uuid"] in spec["uuids"] or agent["hostname"] in spec["uuids"]
+    try:
+        return bool(resolve(spec, [agent]))
+    except TargetError:
+        return False

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fleet import Fleet, wait_for
-from hcsdk import Client, RequestError
+from hcsdk import Client, RequestError, TargetError
 
 COUNTER = 'n=$(cat "$ZY_STATE" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "$ZY_STATE"; echo "{\\"n\\": $n}"'
 
@@ -127,3 +127,33 @@ def test_cancel_stops_the_agents_and_keeps_the_samples(fl: Fleet) -> None:
     listing = client.run(cmd="zy.schedules", args={}, targets="s-1", timeout=30).to_dataframe()
     assert "brief" not in {s["name"] for s in listing.loc[0, "result"]["schedules"]}
     assert settled >= 2 and len(client.series("brief")) <= settled + 2  # in flight at most
+
+
+def _agent_schedules(client: Client, name: str) -> set[str]:
+    df = client.run(cmd="zy.schedules", args={}, targets=name, timeout=30).to_dataframe()
+    return {s["name"] for s in (df.loc[0, "result"] or {}).get("schedules", [])}
+
+
+def test_agents_catch_up_with_schedules_at_their_handshake(fl: Fleet) -> None:
+    """An agent that joins later with matching labels gets the schedule; one that was away
+    while a schedule was cancelled loses it when it comes back."""
+    client = fl.client
+    late = client.schedule("echo", every="1s", targets="label:tier=late", args={"text": "5"}, name="latecomer")
+    assert late.agents().empty  # nothing matches yet: kept for agents that join
+    fl.start_agent("s-3", {"role": "sched"})
+    fl.wait_online("s-3")
+    client.schedule("echo", every="1s", targets="label:role=sched", args={"text": "5"}, name="fleetwide")
+    fl.start_agent("s-4", {"role": "sched", "tier": "late"})  # joins after both were set
+    fl.wait_online("s-4")
+    wait_for(lambda: "latecomer" in _agent_schedules(client, "s-4"), what="s-4 to get the label's schedule")
+    with pytest.raises(TargetError, match="unknown target 'nope'"):
+        client.schedule("echo", every="1s", targets=["nope"], name="nowhere")
+    wait_for(lambda: "fleetwide" in _agent_schedules(client, "s-4"), what="s-4 to get the schedule")
+    _series_when(client, "fleetwide", lambda d: "s-4" in set(d["hostname"]), "samples from s-4")
+
+    fl.agents["s-3"].stop()
+    client.cancel_schedule("fleetwide")
+    fl.start_agent("s-3", {"role": "sched"})
+    fl.wait_online("s-3")
+    wait_for(lambda: "fleetwide" not in _agent_schedules(client, "s-3"), what="s-3 to drop the schedule")
+    assert "fleetwide" not in _agent_schedules(client, "s-4")
