@@ -95,6 +95,8 @@ class Hub:
         self.keys: dict[str, bytes] = {}
         self.stopping = False
         self._tg: TaskGroup | None = None
+        #: the schedules, cached for handshakes; None when they must be read again
+        self.schedule_specs: list[dict[str, Any]] | None = None
 
     async def run(self, tg: TaskGroup) -> None:
         # After a master restart, agents come back over their reconnect backoff: give them
@@ -135,7 +137,8 @@ class Hub:
         self.offline_since.pop(uuid, None)
         await self.db(self.db.store.agent_connected, uuid, facts, labels)
         await self._redeliver(session)
-        if schedules is not None and self._tg is not None:
+        if schedules is not None and self._tg is not None and (schedules or self.schedule_specs != []):
+            # (a reconnect storm of agents with no schedules, on a master with none, costs nothing)
             self._tg.start_soon(self.reconcile_schedules, uuid, schedules)
         return session
 
@@ -144,7 +147,9 @@ class Hub:
         one that was offline when a schedule was set, or that joined later with matching labels,
         gets it; one whose schedule was cancelled meanwhile loses it."""
         try:
-            specs = await self.db(self.db.store.schedule_specs)
+            if self.schedule_specs is None:
+                self.schedule_specs = await self.db(self.db.store.schedule_specs)
+            specs = self.schedule_specs
             if not specs and not reported:
                 return
             agent = await self.db(self.db.store.target_row, uuid)

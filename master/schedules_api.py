@@ -43,6 +43,7 @@ def schedule_routes(hub: Hub, admin: Any) -> APIRouter:
                 raise
             run = None
         await hub.db(store.put_schedule, req.name, req.cmd, req.args, req.every, req.timeout, req.targets)
+        hub.schedule_specs = None
         return {"schedule": await hub.db(store.schedule, req.name), "run": run}
 
     @router.get("/api/v1/schedules")
@@ -61,6 +62,7 @@ def schedule_routes(hub: Hub, admin: Any) -> APIRouter:
                 raise
             run = None  # its agents are gone: nothing to tell
         await hub.db(store.delete_schedule, name)
+        hub.schedule_specs = None
         return {"name": name, "run": run}
 
     @router.get("/api/v1/series/{name}")
