@@ -240,7 +240,12 @@ class Executor:
             payload["result"] = task.result
         msg = {"t": "done", "uuid": self.uuid, "cmd": task.cmd, "taskid": task.taskid, "seq": task.seq, "p": payload}
         task.seq += 1
-        self.finish(task.taskid, [msg])
+        try:
+            self.finish(task.taskid, [msg])
+        except (ValueError, TypeError) as exc:  # FrameError too: a result too big or not JSON
+            payload.pop("result", None)
+            payload.update(status="error", error=f"the task's result cannot be sent: {exc}")
+            self.finish(task.taskid, [msg])
 
     @staticmethod
     def _kill(task: Task) -> None:

@@ -26,7 +26,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .executor import Task, TaskFailed
-from .plugins.api import Arg, validate
+from .plugins.api import Arg, PluginError, validate
+from .worker import check_result
 
 if TYPE_CHECKING:
     from .core import Agent
@@ -157,7 +158,7 @@ def _fields(outcome: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if text:
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_constant=_no_constants, parse_float=_finite)
         except ValueError:
             value = None
         if isinstance(value, dict):
@@ -166,6 +167,21 @@ def _fields(outcome: dict[str, Any]) -> dict[str, Any]:
             fields = {"value": value}
         else:
             fields = {"stdout": text[:MAX_TEXT]}
+    try:
+        check_result("a sample", fields)
+    except PluginError:
+        fields = {"stdout": text[:MAX_TEXT]}  # e.g. a number beyond 64 bits: keep it as text
     if outcome.get("exit_code") not in (None, 0):
         fields["exit_code"] = outcome["exit_code"]
     return fields
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large for a float")
+    return value
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN or Infinity would not survive the trip

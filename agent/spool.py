@@ -81,9 +81,9 @@ class Spool:
     def finish(self, taskid: str, final: list[dict[str, Any]]) -> None:
         """Spool a task's last messages and mark it done in one commit, so a crash cannot
         leave a finished task looking interrupted."""
+        rows = [(m["taskid"], m["seq"], encode_frame(m)) for m in final]  # may raise: before BEGIN
         self.db.execute("BEGIN")
-        self.db.executemany("INSERT OR IGNORE INTO outbox(taskid, seq, frame) VALUES(?,?,?)",
-                            [(m["taskid"], m["seq"], encode_frame(m)) for m in final])
+        self.db.executemany("INSERT OR IGNORE INTO outbox(taskid, seq, frame) VALUES(?,?,?)", rows)
         self.db.execute("UPDATE tasks SET state='done' WHERE taskid=?", (taskid,))
         self.db.execute("COMMIT")
 

@@ -108,7 +108,7 @@ class Worker:
             value = spec.func(ctx, **args)
             if value is not None and not isinstance(value, dict):
                 raise PluginError(f"{req['cmd']} returned {type(value).__name__}; a plugin returns a dict or None")
-            json.dumps(value)  # a result that cannot travel is the plugin's error, reported here
+            check_result(req["cmd"], value)
             status, result = "ok", value
         except (ArgError, PluginError) as exc:
             error = str(exc)
@@ -120,6 +120,31 @@ class Worker:
 
     def _out_text(self, taskid: str, stream: str, data: str) -> None:
         self.send({"id": taskid, "k": "out", "stream": stream, "data": data})
+
+
+MAX_RESULT = 1024 * 1024
+_INT_LIMIT = 2**63
+
+
+def check_result(cmd: str, value: Any) -> None:
+    """A result that cannot travel is the plugin's error, reported here, not a poison message
+    later: JSON without NaN or infinities, integers within 64 bits, at most 1 MiB."""
+    try:
+        size = len(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise PluginError(f"{cmd} returned a result that is not JSON: {exc}") from None
+    if size > MAX_RESULT:
+        raise PluginError(f"{cmd} returned {size} bytes of result; at most {MAX_RESULT} (stream big output "
+                          "with ctx.out)")
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool) and not -_INT_LIMIT <= item < _INT_LIMIT:
+            raise PluginError(f"{cmd} returned an integer beyond 64 bits ({str(item)[:30]}...): send it as a string")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def commands(module: ModuleType) -> dict[str, CommandSpec]:

@@ -73,6 +73,21 @@ def boom(ctx):
     return {"x": 1 / 0}
 
 
+@command("trouble.nan")
+def nan(ctx):
+    return {"x": float("nan")}
+
+
+@command("trouble.huge")
+def huge(ctx):
+    return {"x": "a" * 2_000_000}
+
+
+@command("trouble.bigint")
+def bigint(ctx):
+    return {"x": 2**70}
+
+
 @command("trouble.pid")
 def pid(ctx):
     return {"worker": os.getpid()}
@@ -161,6 +176,11 @@ def test_crash_hang_and_leak_take_down_only_the_worker(fl: Fleet, tmp_path: Path
     assert hung["status"] == "timeout"
     leaked = one("trouble.leak", timeout=60)
     assert leaked["status"] == "error" and "over its limit of 160 MiB" in str(leaked["error"])
+    for cmd, reason in (("trouble.nan", "is not JSON: Out of range float values"),
+                        ("trouble.huge", "bytes of result; at most 1048576"),
+                        ("trouble.bigint", "an integer beyond 64 bits")):
+        bad = one(cmd)
+        assert bad["status"] == "error" and reason in str(bad["error"]), bad["error"]
     after = one("trouble.pid")
     assert after["status"] == "ok" and after["result"] != first  # a new worker serves on
     assert one("echo")["status"] == "ok"
