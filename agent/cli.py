@@ -68,6 +68,10 @@ _RESTART = -1
 def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
+    if args.handover is None:
+        from .builds import switch_to_current
+
+        switch_to_current(args.state_dir)  # an online update installed another build: run that one
     code = anyio.run(_amain, args, _can_restart())
     if code == _RESTART:
         _restart()

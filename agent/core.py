@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -53,7 +52,8 @@ class Agent:
         self.executor.worker = self.worker
         self.executor.host = self.plugins = PluginHost(state.root / "plugins", self.worker,
                                                         builtin=lambda: set(self.executor.plugins))
-        self.updater = Updater(self)
+        self.handover = handover
+        self.updater = Updater(self, handover)
         self.scheduler = Scheduler(self, state.root / "schedules.json")
         self.executor.plugins.update({"zy.plugin.install": self._install_plugin,
                                       "zy.plugin.remove": self._remove_plugin, "zy.plugins": self._list_plugins,
@@ -66,7 +66,6 @@ class Agent:
             outbox=self._outbox, on_message=self._on_message, wake=self._current_wake,
             settings=settings,
         )
-        self.handover = handover
         self.channel.on_connected = self._connected
         self.channel.hello_extra = lambda: {"schedules": self.scheduler.digests()}
         if handover is not None:
@@ -74,18 +73,11 @@ class Agent:
             self.channel.hello_once = {"handover": handover[0]}
 
     def _connected(self) -> None:
-        """After the first accepted handshake: tell systemd, and in an update (step 5), tell
-        the old agent to stop taking work. Later handshakes are plain reconnects."""
+        """After the first accepted handshake of a new build in an update: take over (step 5).
+        Later handshakes are plain reconnects."""
         self.channel.on_connected = lambda: None
-        if self.handover is None:
-            notify("READY=1")
-            return
-        notify(f"MAINPID={os.getpid()}\nREADY=1")
-        try:
-            os.kill(self.handover[1], signal.SIGTERM)
-            log.info("took over from the old agent (pid %d)", self.handover[1])
-        except ProcessLookupError:
-            pass
+        if self.handover is not None and self._tg is not None:
+            self._tg.start_soon(self.updater.take_over)
 
     # -- plugin management (system commands, signed by the master like any task) --------------
     async def _install_plugin(self, task: Task) -> tuple[str, int | None]:
@@ -97,7 +89,7 @@ class Agent:
 
     async def _remove_plugin(self, task: Task) -> tuple[str, int | None]:
         try:
-            task.result = self.plugins.remove(str(task.args.get("name")))
+            task.result = await self.plugins.remove(str(task.args.get("name")))
         except InstallError as exc:
             raise TaskFailed(str(exc)) from None
         return "ok", 0
@@ -150,6 +142,8 @@ class Agent:
                 self._tg = tg
                 self.worker.tg = tg
                 await self.scheduler.run(tg)
+                if self.handover is None:
+                    notify("READY=1")  # at start, not at first connect: a master outage must not fail the unit
                 if handle_signals:
                     tg.start_soon(self._signals, tg)
                 await self.channel.run_forever()
@@ -162,33 +156,13 @@ class Agent:
             self.worker.kill("the agent is stopping")
             self.spool.close()
 
-    async def _hand_over(self, tg: TaskGroup) -> None:
-        """Steps 5 and 6 of an update: the new build has the downlink; take no more work,
-        let running tasks finish, report them over the still-open uplink, end it, exit."""
-        assert self.updater.confirmed is not None
-        log.info("handing over to the new build: finishing %d running task(s)", len(self.executor.running))
-        self.channel.retiring = True
-        self.scheduler.stop()
-        self.executor.accepting = False
-        self.executor.hold = None
-        self.updater.confirmed.set()
-        mine = set(self.executor.running)
-        while self.executor.running:  # noqa: ASYNC110 - tasks end in many places
-            await anyio.sleep(0.1)
-        with anyio.move_on_after(30):  # past that the new agent sends them: the spool is shared
-            while self.spool.pending_for(mine):  # noqa: ASYNC110 - acks arrive on the channel
-                await anyio.sleep(0.1)
-        self.channel.finish()
-        await anyio.sleep(0.5)  # the end of the uplink reaches the master
-        log.info("handed over; exiting")
-        tg.cancel_scope.cancel()
-
     async def _signals(self, tg: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                if signum == signal.SIGTERM and self.updater.pending:
-                    await self._hand_over(tg)
-                    return
+                if signum == signal.SIGTERM and self.updater.took_over():
+                    # concurrently: another SIGTERM during the drain still stops this agent
+                    tg.start_soon(self.updater.hand_over, tg)
+                    continue
                 log.info("stopping: cancelling running tasks")
                 await self.executor.shutdown()
                 with anyio.move_on_after(5):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from hcsdk._version import __version__
 
 from .plugins import BUNDLED
@@ -34,6 +36,7 @@ from .worker_process import WorkerGone, WorkerProcess
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_BUNDLE = 2 * 1024 * 1024
+MAX_UNPACKED = 16 * 1024 * 1024
 #: cmd words the agent serves itself, which no plugin may take over
 RESERVED_PREFIX = "zy."
 
@@ -65,6 +68,8 @@ class PluginHost:
         self.installed: dict[str, dict[str, Any]] = self._read_index()
         self.routes: dict[str, PluginRef] = {}
         self._reroute()
+        self._changing = anyio.Lock()  # one install or removal at a time: they share the index
+        self._requests = 0
 
     # -- routing ----------------------------------------------------------------------------
     def plugin_for(self, cmd: str) -> PluginRef | None:
@@ -111,6 +116,10 @@ class PluginHost:
 
     # -- install / remove / list ------------------------------------------------------------
     async def install(self, args: dict[str, Any]) -> dict[str, Any]:
+        async with self._changing:
+            return await self._install(args)
+
+    async def _install(self, args: dict[str, Any]) -> dict[str, Any]:
         name, sha, kind = args.get("name"), args.get("sha256"), args.get("kind", "py")
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise InstallError(f"plugin name {name!r} must be lowercase letters, digits and _ (at most 40)")
@@ -154,7 +163,8 @@ class PluginHost:
             return True
 
         try:
-            await self.worker.request({"op": "describe", "id": f"describe-{ref.module}", **ref.request()},
+            self._requests += 1
+            await self.worker.request({"op": "describe", "id": f"describe-{self._requests}", **ref.request()},
                                       on_reply, timeout=30)
         except TimeoutError:
             self.worker.kill(f"loading plugin {ref.name} took over 30 s")
@@ -177,7 +187,11 @@ class PluginHost:
                 raise InstallError(f"cmd {cmd!r} is already served by plugin {owner.name!r}; "
                                    f"install under that name to replace it")
 
-    def remove(self, name: str) -> dict[str, Any]:
+    async def remove(self, name: str) -> dict[str, Any]:
+        async with self._changing:
+            return self._remove(name)
+
+    def _remove(self, name: str) -> dict[str, Any]:
         entry = self.installed.pop(name, None)
         if entry is None:
             hint = " (a bundled plugin: it can be replaced, not removed)" if name in BUNDLED else ""
@@ -219,6 +233,9 @@ def _unpack(home: Path, name: str, kind: str, data: bytes) -> Path:
     pkg = home / name
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            unpacked = sum(info.file_size for info in zf.infolist())
+            if unpacked > MAX_UNPACKED:
+                raise InstallError(f"the bundle unpacks to {unpacked} bytes; at most {MAX_UNPACKED}")
             for info in zf.infolist():
                 dest = _safe_member(pkg, info.filename)
                 if info.is_dir():
@@ -229,6 +246,9 @@ def _unpack(home: Path, name: str, kind: str, data: bytes) -> Path:
     except zipfile.BadZipFile as exc:
         shutil.rmtree(home, ignore_errors=True)
         raise InstallError(f"the bundle is not a valid zip: {exc}") from None
+    except InstallError:
+        shutil.rmtree(home, ignore_errors=True)
+        raise
     if not (pkg / "__init__.py").is_file():
         shutil.rmtree(home, ignore_errors=True)
         raise InstallError("a zipped plugin must hold a package: __init__.py at the top of the zip")

@@ -1,42 +1,48 @@
-"""Online self-update with a graceful handover (``zy.update``), on the old agent's side:
+"""Online self-update with a graceful handover (``zy.update``):
 
 1. the master's signed command names the build by SHA-256;
-2. this agent fetches it (from the master, through its proxies), checks the hash, installs it
-   beside itself and starts it with ``--handover TASKID:PID``;
+2. the old agent fetches it (from the master, through its proxies), checks the hash, installs it
+   beside itself (``<state>/builds/``) and starts it with ``--handover TASKID:PID``; from then
+   on it holds new task messages, unclaimed;
 3. the new agent handshakes as the same uuid, naming the update; if it exits or has not taken
-   over within ``handover_timeout``, this agent kills it, removes the build and carries on, and
-   the update ends ``failed`` with the reason;
-4. the master sends new commands to the new agent from then on; this one keeps its uplink;
-5. the new agent sends this one SIGTERM (see :meth:`Agent._signals`): it takes no more work and
-   waits for its running tasks;
-6. it reports their results, ends its uplink and exits.
+   over within ``handover_timeout``, the old one kills it, removes the build, runs the held
+   tasks and carries on, and the update ends ``failed`` with the reason;
+4. the master sends new commands to the new agent from then on; the old keeps its uplink;
+5. once connected for ``SETTLE`` seconds, the new agent records that it took over
+   (``<state>/handover.json``), makes itself the current build, and sends the old one SIGTERM:
+   the old one takes no more work and waits for its running tasks (a SIGTERM without that
+   record is an ordinary stop, which also abandons the update);
+6. the old agent reports their results over its uplink; if the new agent is still alive it ends
+   the uplink and exits, and the update is ``ok``; if it died meanwhile, the old agent takes
+   the channel back and the update is ``failed``;
+7. the inventory shows the new version.
 
-Task messages that arrive while the new build starts are held unclaimed: on success the master
-redelivers them to the new agent, on failure they run here. Both agents share the state
-directory's spool, which claims each taskid once, so nothing runs twice and nothing is lost.
+Both agents share the spool, which claims each taskid once: nothing runs twice, nothing is lost.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from hcsdk._http import error_message
 from hcsdk._version import __version__
 
+from . import builds
 from .executor import Task, TaskFailed
 from .plugins.api import Arg, validate
+from .systemd import notify
 
 if TYPE_CHECKING:
     from .core import Agent
@@ -49,38 +55,62 @@ UPDATE_ARGS = {
     "filename": Arg(str, default="zy-agent", min=1, max=100),
     "handover_timeout": Arg(float, default=60.0, min=1, max=3600),
 }
+#: how long the new agent stays connected before it tells the old one to go
+SETTLE = 2.0
 
 
 class Updater:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, handover: tuple[str, int] | None = None) -> None:
         self.agent = agent
-        #: set by SIGTERM from the new agent while an update waits for it (step 5)
+        self.root = agent.state.root
+        #: on a new agent: (the update's taskid, the old agent's pid)
+        self.handover = handover
+        self.busy = False
+        #: set when the new agent has taken over (SIGTERM with its record)
         self.confirmed: anyio.Event | None = None
+        self.proc: Any = None
+        self.taskid = ""
+        #: set by the drain with None (the new agent lives on) or why it did not
+        self.outcome: str | None = None
+        self.drained = anyio.Event()
 
     @property
     def pending(self) -> bool:
         return self.confirmed is not None and not self.confirmed.is_set()
 
+    # -- the old agent: steps 2, 3 and 6 -------------------------------------------------------
     async def update(self, task: Task) -> tuple[str, int | None]:
         args = validate(UPDATE_ARGS, task.args)
-        if self.confirmed is not None:
+        if self.busy:
             raise TaskFailed("an update of this agent is already in progress", status="failed")
-        build = await self._fetch(args["sha256"], args["size"], args["filename"])
-        executor = self.agent.executor
-        executor.hold = []
-        held_from = time.time()
-        self.confirmed = confirmed = anyio.Event()
-        proc = None
+        self.busy = True
         try:
-            proc = await self._start(build, task.taskid)
-            reason = await self._wait(proc, confirmed, args["handover_timeout"])
+            return await self._update(task, args)
+        finally:
+            self.busy = False
+
+    async def _update(self, task: Task, args: dict[str, Any]) -> tuple[str, int | None]:
+        build = await self._fetch(args["sha256"], args["size"], args["filename"])
+        self.agent.executor.hold = []
+        held_from = time.time()
+        self.confirmed, self.taskid, self.outcome, self.drained = anyio.Event(), task.taskid, None, anyio.Event()
+        self.proc = None
+        previous = builds.read_current(self.root)
+        try:
+            self.proc = await self._start(build, task.taskid)
+            reason = await self._wait(self.proc, self.confirmed, args["handover_timeout"])
         except BaseException as exc:
-            self._abort(proc, build, str(exc) if isinstance(exc, TaskFailed) else "the update was interrupted")
+            self._abort(build, str(exc) if isinstance(exc, TaskFailed) else "the update was interrupted")
             raise
         if reason is not None:
-            self._abort(proc, build, reason)
+            self._abort(build, reason)
             raise TaskFailed(f"update failed: {reason}; the old agent carries on", status="failed")
-        task.result = {"version_before": __version__, "sha256": args["sha256"], "new_pid": proc.pid,
+        await self.drained.wait()
+        if self.outcome is not None:
+            builds.restore_current(self.root, previous)
+            self._abort(build, self.outcome)
+            raise TaskFailed(f"update failed: {self.outcome}; the old agent took its channel back", status="failed")
+        task.result = {"version_before": __version__, "sha256": args["sha256"], "new_pid": self.proc.pid,
                        "switch_began": held_from}
         return "ok", 0
 
@@ -99,7 +129,7 @@ class Updater:
         if actual != sha or len(data) != size:
             raise TaskFailed(f"the build's SHA-256 is {actual} ({len(data)} bytes), the signed command says {sha} "
                              f"({size} bytes): refused", status="failed")
-        home = self.agent.state.root / "builds" / sha[:16]
+        home = self.root / "builds" / sha[:16]
         home.mkdir(parents=True, exist_ok=True)
         path = home / filename
         tmp = home / f".{filename}.tmp"
@@ -109,8 +139,12 @@ class Updater:
         return path
 
     async def _start(self, build: Path, taskid: str) -> Any:
-        argv = [*build_command(build), *agent_options(), "--handover", f"{taskid}:{os.getpid()}"]
+        try:
+            argv = [*builds.build_command(build), *builds.agent_options(), "--handover", f"{taskid}:{os.getpid()}"]
+        except builds.BuildError as exc:
+            raise TaskFailed(str(exc), status="failed") from None
         log.info("starting the new build: %s", " ".join(argv[:2]))
+        (self.root / "handover.json").unlink(missing_ok=True)
         try:
             # its own session: it must outlive this process, which exits once it hands over
             return await anyio.open_process(argv, stdin=subprocess.DEVNULL, stdout=None, stderr=None,
@@ -135,15 +169,17 @@ class Updater:
                 tg.cancel_scope.cancel()
         return reason
 
-    def _abort(self, proc: Any, build: Path, reason: str) -> None:
-        """Step 3's failure path: kill the new agent, remove its build, serve on."""
+    def _abort(self, build: Path, reason: str) -> None:
+        """Kill the new agent, remove its build (unless this agent runs from it), serve on."""
         log.warning("update aborted: %s", reason)
+        proc = self.proc
         if proc is not None and proc.returncode is None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        shutil.rmtree(build.parent, ignore_errors=True)
+        if builds.own_build(self.root) is None or builds.own_build(self.root) != build.resolve():
+            shutil.rmtree(build.parent, ignore_errors=True)
         self.confirmed = None
         executor = self.agent.executor
         held, executor.hold = executor.hold or [], None
@@ -153,34 +189,87 @@ class Updater:
             for msg in held:
                 executor.submit(msg, self.agent._tg)
 
+    def took_over(self) -> bool:
+        """Whether a SIGTERM now comes from our new agent (its record names this update and
+        its own pid), rather than from an operator stopping the service."""
+        try:
+            record = json.loads((self.root / "handover.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return (self.pending and self.proc is not None and self.proc.returncode is None
+                and record.get("taskid") == self.taskid and record.get("pid") == self.proc.pid)
 
-def build_command(build: Path) -> list[str]:
-    """How to run a build: an executable (the one-file build) or a zipapp (needs a Python)."""
-    with open(build, "rb") as fh:
-        head = fh.read(4)
-    if head == b"\x7fELF":
-        return [str(build)]
-    if zipfile.is_zipfile(build):
-        python = shutil.which("python3") if getattr(sys, "frozen", False) else sys.executable
-        if not python:
-            raise TaskFailed("the build is a zipapp and this host has no python3 to run it", status="failed")
-        return [python, str(build)]
-    raise TaskFailed("the build is neither an executable (ELF) nor a zipapp", status="failed")
+    async def hand_over(self, tg: TaskGroup) -> None:
+        """Steps 5 and 6: take no more work, let running tasks finish and report them; exit if
+        the new agent lives on, else take the channel back."""
+        agent, executor = self.agent, self.agent.executor
+        assert self.confirmed is not None
+        log.info("handing over to the new build: finishing %d running task(s)", len(executor.running) - 1)
+        agent.channel.retire()
+        agent.scheduler.stop()
+        executor.accepting, executor.hold = False, None
+        self.confirmed.set()
+        others = set(executor.running) - {self.taskid}
+        while set(executor.running) - {self.taskid}:  # noqa: ASYNC110 - tasks end in many places
+            await anyio.sleep(0.1)
+        await self._acked(others)
+        code = self.proc.returncode
+        self.outcome = None if code is None else f"the new agent exited with code {code} after taking over"
+        self.drained.set()
+        while self.taskid in executor.running:  # noqa: ASYNC110 - the update task reports now
+            await anyio.sleep(0.05)
+        await self._acked({self.taskid})
+        if self.outcome is None:
+            agent.channel.finish()
+            await anyio.sleep(0.5)  # the end of the uplink reaches the master
+            log.info("handed over; exiting")
+            tg.cancel_scope.cancel()
+            return
+        log.error("%s: serving on", self.outcome)
+        executor.accepting = True
+        agent.channel.resume()
+        await agent.scheduler.run(tg)
+
+    async def _acked(self, taskids: set[str]) -> None:
+        with anyio.move_on_after(30):  # past that the new agent sends them: the spool is shared
+            while self.agent.spool.pending_for(taskids):  # noqa: ASYNC110 - acks arrive on the channel
+                await anyio.sleep(0.1)
+
+    # -- the new agent: step 5 -----------------------------------------------------------------
+    async def take_over(self) -> None:
+        """Once connected for SETTLE seconds (a build that dies at once never takes over), record
+        the takeover, become the current build, and tell the old agent to stop taking work."""
+        assert self.handover is not None
+        taskid, old_pid = self.handover
+        channel = self.agent.channel
+        while True:
+            await anyio.sleep(SETTLE)
+            if channel.sid is not None:
+                break
+        record = self.root / "handover.json"
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"taskid": taskid, "pid": os.getpid()}))
+        tmp.replace(record)
+        own = builds.own_build(self.root)
+        if own is not None:
+            builds.record_current(self.root, own)
+            builds.prune(self.root, {own} | ({Path(p)} if (p := _parent_build(old_pid)) else set()))
+        notify(f"MAINPID={os.getpid()}\nREADY=1")
+        if os.getppid() != old_pid:
+            log.warning("the old agent (pid %d) is gone already", old_pid)
+            return
+        try:
+            os.kill(old_pid, signal.SIGTERM)
+            log.info("took over from the old agent (pid %d)", old_pid)
+        except (ProcessLookupError, PermissionError) as exc:
+            log.warning("could not signal the old agent (pid %d): %s", old_pid, exc)
 
 
-def agent_options() -> list[str]:
-    """This agent's own options, for the new build (``zy agent OPTIONS`` or ``zy-agent OPTIONS``),
-    without a previous ``--handover``."""
-    argv = sys.argv[1:]
-    if argv[:1] == ["agent"]:
-        argv = argv[1:]
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--handover":
-            skip = True
-        elif not arg.startswith("--handover="):
-            out.append(arg)
-    return out
+def _parent_build(pid: int) -> str | None:
+    """The build file the old agent runs from, when it is one (kept as the way back)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            args = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return None
+    return next((a for a in args if "/builds/" in a and Path(a).is_file()), None)

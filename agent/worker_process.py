@@ -55,9 +55,11 @@ class WorkerProcess:
         self.tg: TaskGroup | None = None
         self.restarts = 0
         self._proc: Process | None = None
-        self._waiting: dict[str, MemoryObjectSendStream[dict[str, Any]]] = {}
+        #: request id -> where its replies go, and the worker process it was sent to
+        self._waiting: dict[str, tuple[MemoryObjectSendStream[dict[str, Any]], Process]] = {}
         self._starting = anyio.Lock()
-        self._reason: str | None = None
+        #: why a worker was killed, by pid (it outlives the kill until it is reaped)
+        self._reasons: dict[int, str] = {}
 
     @property
     def pid(self) -> int | None:
@@ -69,9 +71,9 @@ class WorkerProcess:
         one). Raises :class:`WorkerGone` if the worker dies first."""
         send, receive = anyio.create_memory_object_stream[dict[str, Any]](10_000)
         rid = req["id"]
-        self._waiting[rid] = send
         try:
             proc = await self._ensure()
+            self._waiting[rid] = (send, proc)
             await self._write(proc, req)
             try:
                 with anyio.fail_after(timeout):
@@ -86,7 +88,8 @@ class WorkerProcess:
                 raise
             raise WorkerGone("the plugin worker closed its replies")
         finally:
-            self._waiting.pop(rid, None)
+            if self._waiting.get(rid, (None, None))[0] is send:
+                del self._waiting[rid]
             send.close()
             receive.close()
 
@@ -102,16 +105,21 @@ class WorkerProcess:
                 if reply.get("k") in ("done", "gone"):
                     return
         self.kill(f"the plugin worker was restarted: task {rid} did not stop within {self.stop_grace:g}s "
-                  "of being cancelled")
+                  "of being cancelled", proc)
 
-    def kill(self, reason: str) -> None:
-        """Stop the worker now: every request in it ends with ``reason``."""
-        if self._proc is not None and self._proc.returncode is None:
-            self._reason = reason
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    def kill(self, reason: str, proc: Process | None = None) -> None:
+        """Stop the worker (``proc``, by default the current one) now: every request in it ends
+        with ``reason``; the next request starts a new worker."""
+        proc = proc or self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        self._reasons.setdefault(proc.pid, reason)
+        if self._proc is proc:
+            self._proc = None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     async def _write(self, proc: Process, req: dict[str, Any]) -> None:
         assert proc.stdin is not None
@@ -129,7 +137,7 @@ class WorkerProcess:
             env = {**os.environ, "ZY_UUID": self.uuid}
             proc = await anyio.open_process([*self.command(), "--zy-worker"], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=None, env=env, start_new_session=True)
-            self._proc, self._reason = proc, None
+            self._proc = proc
             self.tg.start_soon(self._read, proc)
             self.tg.start_soon(self._watch, proc)
             log.info("plugin worker started (pid %d)", proc.pid)
@@ -143,10 +151,10 @@ class WorkerProcess:
                 line = await stream.receive_until(b"\n", MAX_LINE)
                 try:
                     reply = json.loads(line)
-                    target = self._waiting.get(str(reply.get("id")))
+                    target, owner = self._waiting.get(str(reply.get("id")), (None, None))
                 except (ValueError, AttributeError):
                     continue
-                if target is not None:
+                if target is not None and owner is proc:
                     try:
                         target.send_nowait(reply)
                     except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -158,15 +166,16 @@ class WorkerProcess:
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(2):
                     await proc.wait()  # it closed its output because it is ending: learn how
-                self.kill(self._reason or "the plugin worker stopped answering")
+                self.kill("the plugin worker stopped answering", proc)
                 code = await proc.wait()
-                reason = self._reason or _exit_reason(code)
+                reason = self._reasons.pop(proc.pid, None) or _exit_reason(code)
                 if self._proc is proc:
                     self._proc = None
                 self.restarts += 1
-                if self._waiting:
+                mine = [target for target, owner in list(self._waiting.values()) if owner is proc]
+                if mine:
                     log.warning("plugin worker %d ended: %s", proc.pid, reason)
-                for target in list(self._waiting.values()):
+                for target in mine:
                     try:
                         target.send_nowait({"k": "gone", "reason": reason})
                     except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -180,11 +189,11 @@ class WorkerProcess:
             rss = _rss(proc.pid)
             if rss > self.memory_limit:
                 self.kill(f"the plugin worker used {rss / 2**20:.0f} MiB, over its limit of "
-                          f"{self.memory_limit / 2**20:.0f} MiB (a plugin leaks or loads too much)")
-            if self._waiting:
+                          f"{self.memory_limit / 2**20:.0f} MiB (a plugin leaks or loads too much)", proc)
+            if any(owner is proc for _, owner in self._waiting.values()):
                 idle_since = anyio.current_time()
             elif anyio.current_time() - idle_since > self.idle_exit:
-                self.kill("idle")
+                self.kill("idle", proc)
                 return
 
     async def aclose(self) -> None:

@@ -95,6 +95,7 @@ class Channel:
         self.hello_once: dict[str, Any] = {}
         #: an agent handing over to its new build: when this connection ends, do not reconnect
         self.retiring = False
+        self._resume = anyio.Event()
         self._finish = anyio.Event()
         self._drop: str | None = None
         #: while connected: the client, URL and session id, for requests on the same connection
@@ -112,6 +113,8 @@ class Channel:
     async def run_forever(self) -> None:
         backoff = Backoff(self.settings.backoff_base, self.settings.backoff_cap)
         while True:
+            if self.retiring:
+                await self._resume.wait()
             url = self.urls[self._url_index % len(self.urls)]
             try:
                 await self._connect(url, backoff)
@@ -122,7 +125,7 @@ class Channel:
                 raise exc
             if self.retiring:
                 log.info("channel to %s ended (%s); handing over, so not reconnecting", url, _describe(exc))
-                await anyio.sleep_forever()
+                continue
             if isinstance(exc, SwitchToH2):
                 log.info("HTTP/2 reachable again; switching from polling")
                 continue
@@ -171,6 +174,16 @@ class Channel:
 
     def _hello(self) -> dict[str, Any]:
         return {"facts": self.facts(), "labels": self.labels, **self.hello_extra(), **self.hello_once}
+
+    def retire(self) -> None:
+        """Keep the current connection but make no new one (an agent handing over)."""
+        self.retiring = True
+        self._resume = anyio.Event()
+
+    def resume(self) -> None:
+        """Connect again as usual (a handover that fell through)."""
+        self.retiring = False
+        self._resume.set()
 
     def finish(self) -> None:
         """End the uplink stream once the outbox is sent (an agent that hands over, last)."""

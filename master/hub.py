@@ -177,6 +177,8 @@ class Hub:
             log.info("agent %s: the old build's channel closed (%s)", session.uuid, reason)
             return
         session.close(reason)
+        for old in [r for r in self.retiring.values() if r.carrier is session]:
+            self.session_ended(old, reason=f"its proxy {session.hostname or session.uuid} went away")
         if session.carrier is not None:
             session.carrier.children.discard(session.uuid)
         for child_uuid in list(session.children):
@@ -194,8 +196,12 @@ class Hub:
         session = self.sessions.get(uuid)
         if session is not None and (session is carrier or session.carrier is carrier):
             return session
+        # the old build of an updating agent, direct or behind a proxy (maybe another one than
+        # the new build's)
         retiring = self.retiring.get(uuid)
-        return retiring if retiring is not None and retiring is carrier else None
+        if retiring is not None and (retiring is carrier or retiring.carrier is carrier):
+            return retiring
+        return None
 
     def touch(self, session: Session) -> None:
         session.last_rx = time.monotonic()
@@ -343,7 +349,7 @@ class Hub:
         if self.stopping:
             return
         now = time.monotonic()
-        for session in list(self.sessions.values()):
+        for session in [*self.sessions.values(), *self.retiring.values()]:
             # an HTTP/2 channel's liveness is the connection's PINGs (granian closes it when
             # they go unanswered); its application heartbeats only show it is not wedged
             limit = self.settings.dead_after

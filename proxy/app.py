@@ -26,7 +26,7 @@ from hcsdk._asgi import (
 from hcsdk._channel import ChannelLost
 from hcsdk._h2conn import Response
 from hcsdk._mailbox import stream_mailbox
-from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError
+from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, loads
 
 from .relay import Downstream, Relay
 
@@ -99,7 +99,7 @@ class ProxyApp:
         if via_proxy is not None:
             self.relay.route(claimed, via_proxy)
         else:
-            client = self.relay.attach(claimed, mode, handover=b'"handover"' in body)
+            client = self.relay.attach(claimed, mode, handover=_names_handover(body))
         up_sid = self.relay.channel.sid or ""
         resp = await self._upstream(send, "/v1/handshake", body,
                                     {"x-zy-agent-auth": cred, "x-zy-sid": up_sid, "x-zy-via": via,
@@ -191,3 +191,12 @@ class ProxyApp:
         await error(send, 400, f"bad frame: {exc}", kind="frame")
 
 
+
+
+def _names_handover(body: bytes) -> bool:
+    """Whether a handshake is a new build taking over (a field, not a word anywhere in it)."""
+    try:
+        hello = loads(body)
+    except ValueError:
+        return False
+    return isinstance(hello, dict) and isinstance(hello.get("handover"), str)
