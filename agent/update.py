@@ -108,7 +108,7 @@ class Updater:
         await self.drained.wait()
         if self.outcome is not None:
             builds.restore_current(self.root, previous)
-            self._abort(build, self.outcome)
+            self._abort(build, self.outcome, reconnect=False)
             raise TaskFailed(f"update failed: {self.outcome}; the old agent took its channel back", status="failed")
         task.result = {"version_before": __version__, "sha256": args["sha256"], "new_pid": self.proc.pid,
                        "switch_began": held_from}
@@ -169,7 +169,7 @@ class Updater:
                 tg.cancel_scope.cancel()
         return reason
 
-    def _abort(self, build: Path, reason: str) -> None:
+    def _abort(self, build: Path, reason: str, reconnect: bool = True) -> None:
         """Kill the new agent, remove its build (unless this agent runs from it), serve on."""
         log.warning("update aborted: %s", reason)
         proc = self.proc
@@ -183,8 +183,9 @@ class Updater:
         self.confirmed = None
         executor = self.agent.executor
         held, executor.hold = executor.hold or [], None
-        # the new agent may have handshaken before it died: be this uuid's channel again
-        self.agent.channel.reconnect("an update was aborted")
+        if reconnect:
+            # the new agent may have handshaken before it died: be this uuid's channel again
+            self.agent.channel.reconnect("an update was aborted")
         if self.agent._tg is not None:
             for msg in held:
                 executor.submit(msg, self.agent._tg)
@@ -215,6 +216,12 @@ class Updater:
         await self._acked(others)
         code = self.proc.returncode
         self.outcome = None if code is None else f"the new agent exited with code {code} after taking over"
+        if self.outcome is not None:
+            # the master has given this channel back (the new one's ended): serve on
+            log.error("%s: serving on", self.outcome)
+            executor.accepting = True
+            agent.channel.resume()
+            await agent.scheduler.run(tg)
         self.drained.set()
         while self.taskid in executor.running:  # noqa: ASYNC110 - the update task reports now
             await anyio.sleep(0.05)
@@ -224,11 +231,6 @@ class Updater:
             await anyio.sleep(0.5)  # the end of the uplink reaches the master
             log.info("handed over; exiting")
             tg.cancel_scope.cancel()
-            return
-        log.error("%s: serving on", self.outcome)
-        executor.accepting = True
-        agent.channel.resume()
-        await agent.scheduler.run(tg)
 
     async def _acked(self, taskids: set[str]) -> None:
         with anyio.move_on_after(30):  # past that the new agent sends them: the spool is shared

@@ -188,7 +188,14 @@ class Hub:
         session.children.clear()
         if self.sessions.get(session.uuid) is session:
             del self.sessions[session.uuid]
-            if offline and not self.stopping:
+            back = self.retiring.pop(session.uuid, None)
+            if back is not None and not back.closed.is_set():
+                # a new build that died while the old one was still handing over: the old one
+                # is the agent again (it reconnects as such once it notices)
+                self.sessions[session.uuid] = back
+                log.warning("agent %s: the new build went away during its update; the old one carries on",
+                            session.uuid)
+            elif offline and not self.stopping:
                 self.offline_since[session.uuid] = time.monotonic()
 
     def carried(self, carrier: Session, uuid: str) -> Session | None:

@@ -3,6 +3,7 @@ made by scripts/build_agent.py, stamped with another version)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import ssl
@@ -34,14 +35,18 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     crash.parent.mkdir()
     with zipfile.ZipFile(crash, "w") as zf:
         zf.writestr("__main__.py", "import sys\nprint('this build is broken', file=sys.stderr)\nsys.exit(3)\n")
-    return {"good": out / "zy-agent.pyz", "crash": crash}
+    hang = out / "hang" / "zy-agent.pyz"
+    hang.parent.mkdir()
+    with zipfile.ZipFile(hang, "w") as zf:
+        zf.writestr("__main__.py", "import time\ntime.sleep(600)\n")
+    return {"good": out / "zy-agent.pyz", "crash": crash, "hang": hang}
 
 
 @pytest.fixture(scope="module")
 def fl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     fleet = Fleet(tmp_path_factory.mktemp("update"), ["--offline-grace", "5", "--heartbeat", "2"])
     fleet.start_master()
-    for name in ("u-1", "u-2", "u-3", "u-4", "u-5"):
+    for name in ("u-1", "u-2", "u-3", "u-4", "u-5", "u-6", "u-7"):
         fleet.start_agent(name, {"role": "upd"})
     fleet.start_agent("u-poll", extra=["--no-http2"])
     fleet.start_agent("u-proxied", extra=["--master", fleet.start_proxy("hk")])
@@ -237,3 +242,80 @@ def test_an_update_names_an_uploaded_build(fl: Fleet) -> None:
     for sha in ("../master.db", "0" * 64):
         with pytest.raises(RequestError, match="no build with SHA-256"):
             fl.client.run(cmd="zy.update", args={"sha256": sha, "size": 1}, targets="u-1")
+
+
+def _upload_and_update(fl: Fleet, name: str, build: Path, **extra: Any) -> Any:
+    blob = fl.client.agents.upload_build(build)
+    args = {"sha256": blob["sha256"], "size": blob["size"], "filename": build.name, **extra}
+    return fl.client.run(cmd="zy.update", args=args, targets=name, timeout=120)
+
+
+def test_an_updated_agent_restarted_by_its_service_comes_back_as_the_new_build(fl: Fleet,
+                                                                             builds: dict[str, Path]) -> None:
+    assert fl.client.agents.update("u-5", build=builds["good"]).loc[0, "status"] == "ok"
+    fl.agents["u-5"].popen.wait(timeout=60)  # the old agent exits once its uplink is done
+    fl.agents["u-5"].stop()
+    _, pid = _whoami(fl.client, "u-5")
+    os.kill(pid, signal.SIGKILL)  # a crash, a reboot: the service starts what it always started
+    wait_for(lambda: not _alive(pid), what="the agent to die")
+    fl.start_agent("u-5")
+    fl.wait_online("u-5")
+    version, new_pid = _whoami(fl.client, "u-5")
+    assert version == NEW and new_pid != pid
+    current = fl.root / "agents" / "u-5" / "builds" / "current.json"
+    assert json.loads(current.read_text())["path"].endswith("zy-agent.pyz")
+
+
+def test_a_plain_sigterm_during_an_update_is_a_stop(fl: Fleet, builds: dict[str, Path]) -> None:
+    """Only the new agent's recorded takeover makes SIGTERM a handover: an operator's stop while
+    the new build starts stops the agent and abandons the update."""
+    _, pid = _whoami(fl.client, "u-6")
+    run = _upload_and_update(fl, "u-6", builds["hang"], handover_timeout=120)
+    state = fl.root / "agents" / "u-6"
+    wait_for(lambda: any(state.glob("builds/*/zy-agent.pyz")), what="the build to be installed")
+    time.sleep(1)  # the hanging build has been started
+    hanging = [p for p in _pids_with(str(state / "builds")) if p != pid]
+    os.kill(pid, signal.SIGTERM)
+    fl.agents["u-6"].popen.wait(timeout=60)
+    fl.agents["u-6"].stop()
+    wait_for(lambda: not any(_alive(p) for p in hanging), what="the new build to be killed with the update")
+    fl.start_agent("u-6")
+    fl.wait_online("u-6")
+    assert _whoami(fl.client, "u-6")[0] == __version__
+    assert run.to_dataframe().loc[0, "status"] != "ok"
+
+
+def test_a_new_agent_that_dies_after_taking_over_gives_the_channel_back(fl: Fleet,
+                                                                       builds: dict[str, Path]) -> None:
+    client = fl.client
+    _, old_pid = _whoami(client, "u-7")
+    long = client.run("sleep 6; echo survived", targets="u-7", timeout=120)
+    for event in long.events():
+        if event.kind == "start":
+            break
+    run = _upload_and_update(fl, "u-7", builds["good"])
+    record = fl.root / "agents" / "u-7" / "handover.json"
+    wait_for(record.exists, what="the new agent to take over")
+    new_pid = json.loads(record.read_text())["pid"]
+    os.kill(new_pid, signal.SIGKILL)  # dies while the old agent is still finishing its task
+    df = run.to_dataframe()
+    assert df.loc[0, "status"] == "failed", df.loc[0, "error"]
+    assert "the new agent exited with code -9 after taking over" in df.loc[0, "error"]
+    out = long.to_dataframe()
+    assert out.loc[0, "status"] == "ok" and out.loc[0, "stdout"] == "survived\n"
+    assert len([e for e in _events(fl, long.id) if e.get("kind") == "done"]) == 1
+    assert wait_for(lambda: _whoami(client, "u-7"), what="the old agent serving again") == (__version__, old_pid)
+    assert not (fl.root / "agents" / "u-7" / "builds" / "current.json").exists()
+
+
+def _pids_with(mark: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if mark.encode() in fh.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
