@@ -127,7 +127,11 @@ class Agent:
         if kind == "task" and self._tg is not None:
             self.executor.submit(msg, self._tg)
         elif kind == "cancel":
-            self.executor.cancel(str(msg.get("taskid")))
+            taskid = str(msg.get("taskid"))
+            if taskid in self.executor.running:
+                self.executor.cancel(taskid)
+            else:  # the old build may run it, finishing before it hands over: it looks there
+                self.spool.pass_cancel(taskid)
         elif kind == "ack":
             self.spool.ack((msg.get("p") or {}).get("ids") or [])
 

@@ -49,6 +49,12 @@ class MemorySpool:
                 if row_id is not None:
                     self._outbox.pop(row_id, None)
 
+    def pass_cancel(self, taskid: str) -> None:
+        pass  # one process: nobody else runs this agent's tasks
+
+    def take_cancels(self) -> list[str]:
+        return []
+
     def pending_for(self, taskids: set[str]) -> int:
         return sum(1 for taskid, _ in self._ids if taskid in taskids)
 

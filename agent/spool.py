@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, taskid 
     seq INTEGER NOT NULL, frame BLOB NOT NULL, UNIQUE(taskid, seq));
 CREATE TABLE IF NOT EXISTS tasks (taskid TEXT PRIMARY KEY, state TEXT NOT NULL, cmd TEXT NOT NULL,
     received_at REAL NOT NULL, pgid INTEGER);
+CREATE TABLE IF NOT EXISTS cancels (taskid TEXT PRIMARY KEY);
 """
 
 
@@ -86,6 +87,19 @@ class Spool:
         self.db.executemany("INSERT OR IGNORE INTO outbox(taskid, seq, frame) VALUES(?,?,?)", rows)
         self.db.execute("UPDATE tasks SET state='done' WHERE taskid=?", (taskid,))
         self.db.execute("COMMIT")
+
+    def pass_cancel(self, taskid: str) -> None:
+        """A cancel for a task another process of this agent runs (the old build, handing over):
+        it picks it up from here (``take_cancels``)."""
+        self.db.execute("INSERT OR IGNORE INTO cancels(taskid) SELECT taskid FROM tasks WHERE taskid=? "
+                        "AND state='running'", (taskid,))
+
+    def take_cancels(self) -> list[str]:
+        self.db.execute("BEGIN IMMEDIATE")
+        taskids = [r[0] for r in self.db.execute("SELECT taskid FROM cancels")]
+        self.db.execute("DELETE FROM cancels")
+        self.db.execute("COMMIT")
+        return taskids
 
     def set_pgid(self, taskid: str, pgid: int) -> None:
         self.db.execute("UPDATE tasks SET pgid=? WHERE taskid=?", (pgid, taskid))

@@ -211,7 +211,9 @@ class Updater:
         executor.accepting, executor.hold = False, None
         self.confirmed.set()
         others = set(executor.running) - {self.taskid}
-        while set(executor.running) - {self.taskid}:  # noqa: ASYNC110 - tasks end in many places
+        while set(executor.running) - {self.taskid}:
+            for taskid in agent.spool.take_cancels():  # cancels the master sent the new build
+                executor.cancel(taskid)
             await anyio.sleep(0.1)
         await self._acked(others)
         code = self.proc.returncode

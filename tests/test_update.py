@@ -46,7 +46,7 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def fl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     fleet = Fleet(tmp_path_factory.mktemp("update"), ["--offline-grace", "5", "--heartbeat", "2"])
     fleet.start_master()
-    for name in ("u-1", "u-2", "u-3", "u-4", "u-5", "u-6", "u-7"):
+    for name in ("u-1", "u-2", "u-3", "u-4", "u-5", "u-6", "u-7", "u-8"):
         fleet.start_agent(name, {"role": "upd"})
     fleet.start_agent("u-poll", extra=["--no-http2"])
     fleet.start_agent("u-proxied", extra=["--master", fleet.start_proxy("hk")])
@@ -319,3 +319,19 @@ def _pids_with(mark: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+def test_a_task_the_old_agent_finishes_can_still_be_cancelled(fl: Fleet, builds: dict[str, Path]) -> None:
+    """After the switch the master sends everything to the new agent, cancels too: it passes
+    them to the old one through the spool they share."""
+    client = fl.client
+    long = client.run("sleep 300", targets="u-8", timeout=600)
+    for event in long.events():
+        if event.kind == "start":
+            break
+    run = _upload_and_update(fl, "u-8", builds["good"])
+    wait_for((fl.root / "agents" / "u-8" / "handover.json").exists, what="the new agent to take over")
+    long.cancel()
+    assert long.to_dataframe().loc[0, "status"] == "cancelled"
+    assert run.to_dataframe().loc[0, "status"] == "ok"
+    assert _whoami(client, "u-8")[0] == NEW
