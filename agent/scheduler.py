@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
-from .executor import Task, TaskFailed
-from .plugins.api import Arg, PluginError, validate
+from .executor import BUILTIN_ARGS, Task, TaskFailed
+from .plugins.api import Arg, ArgError, PluginError, validate
 from .worker import check_result
 
 if TYPE_CHECKING:
@@ -92,6 +92,11 @@ class Scheduler:
         spec = validate(SCHEDULE_ARGS, task.args)
         if spec["cmd"].startswith("zy.") or not self.agent.executor.knows(spec["cmd"]):
             raise TaskFailed(f"cannot schedule cmd {spec['cmd']!r}: this agent has no such command")
+        if spec["cmd"] in BUILTIN_ARGS:  # a plugin's arguments are checked by the worker, at each run
+            try:
+                validate(BUILTIN_ARGS[spec["cmd"]], spec["args"])
+            except ArgError as exc:
+                raise TaskFailed(f"cannot schedule {spec['cmd']}: {exc}") from None
         spec["timeout"] = spec["timeout"] or min(spec["every"], 300.0)
         name = spec.pop("name")
         replaced = name in self.schedules

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from .hub import Hub, RequestRejected, check_cmd
 from .schedule_spec import schedule_args
+from .targets import selects
 
 NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
@@ -34,6 +35,7 @@ def schedule_routes(hub: Hub, admin: Any) -> APIRouter:
         if req.cmd.startswith("zy."):
             raise RequestRejected(f"cmd {req.cmd!r} cannot be scheduled", kind="cmd")
         args = schedule_args(req.name, req.cmd, req.args, req.every, req.timeout)
+        before = await hub.db(store.schedule, req.name)
         try:
             run = await hub.create_run("zy.schedule.set", args, req.targets, 60.0)
         except RequestRejected as exc:
@@ -44,6 +46,8 @@ def schedule_routes(hub: Hub, admin: Any) -> APIRouter:
             run = None
         await hub.db(store.put_schedule, req.name, req.cmd, req.args, req.every, req.timeout, req.targets)
         hub.schedule_specs = None
+        if before is not None and before["targets"] != req.targets:
+            await _cancel_where_dropped(hub, req.name, before["targets"], run)
         return {"schedule": await hub.db(store.schedule, req.name), "run": run}
 
     @router.get("/api/v1/schedules")
@@ -71,3 +75,12 @@ def schedule_routes(hub: Hub, admin: Any) -> APIRouter:
         return await hub.db(store.series, name, since, until, limit)
 
     return router
+
+
+async def _cancel_where_dropped(hub: Hub, name: str, old_targets: dict[str, Any], run: dict[str, Any] | None) -> None:
+    """A schedule set again with other targets: the agents it no longer names stop it."""
+    agents = await hub.db(hub.db.store.target_rows)
+    kept = {t["uuid"] for t in (run or {}).get("targets", [])}
+    dropped = [a["uuid"] for a in agents if selects(old_targets, a) and a["uuid"] not in kept]
+    if dropped:
+        await hub.create_run("zy.schedule.cancel", {"name": name}, {"uuids": dropped}, 60.0)

@@ -157,3 +157,15 @@ def test_agents_catch_up_with_schedules_at_their_handshake(fl: Fleet) -> None:
     fl.wait_online("s-3")
     wait_for(lambda: "fleetwide" not in _agent_schedules(client, "s-3"), what="s-3 to drop the schedule")
     assert "fleetwide" not in _agent_schedules(client, "s-4")
+
+
+def test_a_schedule_set_again_elsewhere_stops_where_it_no_longer_applies(fl: Fleet) -> None:
+    client = fl.client
+    bad = client.schedule("shell", every="5s", targets="s-1", args={"scrpt": "true"}, name="typo")
+    assert "unknown argument scrpt" in bad.agents().loc[0, "error"]
+    client.schedule("echo", every="1s", targets="s-1", args={"text": "1"}, name="moving")
+    assert "moving" in _agent_schedules(client, "s-1")
+    client.schedule("echo", every="1s", targets="s-2", args={"text": "2"}, name="moving")
+    wait_for(lambda: "moving" not in _agent_schedules(client, "s-1"), what="s-1 to drop it")
+    assert "moving" in _agent_schedules(client, "s-2")
+    client.cancel_schedule("moving")
