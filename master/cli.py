@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--handshake-queue", type=int, default=512, metavar="N",
                    help="handshakes that may wait; beyond, agents get 503 and retry after a backoff, so a "
                    "reconnect storm cannot swamp the master (default 512)")
+    p.add_argument("--sample-retention", type=float, default=30.0, metavar="DAYS",
+                   help="keep scheduled samples this many days (default 30)")
     p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024,
                    help="largest channel message in bytes (default %(default)s)")
     p.add_argument("--ssh-proxy", action="append", default=[], metavar="USER@HOST[:PORT]",
@@ -68,7 +70,7 @@ def _main(args: argparse.Namespace) -> int:
         handshake_queue=max(0, args.handshake_queue),
         max_frame=args.max_frame, write_user_config=not args.no_user_config,
         ssh_proxies=args.ssh_proxy, ssh_key=args.ssh_key, ssh_known_hosts=args.ssh_known_hosts,
-        ssh_remote_port=args.ssh_remote_port,
+        ssh_remote_port=args.ssh_remote_port, sample_retention_days=args.sample_retention,
     )
     if settings.ssh_proxies and not (settings.ssh_key and settings.ssh_known_hosts):
         print("zy master: --ssh-proxy needs --ssh-key and --ssh-known-hosts (the host key to expect)",

@@ -95,6 +95,7 @@ class Hub:
         self.keys: dict[str, bytes] = {}
         self.stopping = False
         self._tg: TaskGroup | None = None
+        self._next_retention = 0.0
         #: the schedules, cached for handshakes; None when they must be read again
         self.schedule_specs: list[dict[str, Any]] | None = None
 
@@ -365,6 +366,10 @@ class Hub:
             if session.carrier is None and now - session.last_rx > limit:
                 session.close(f"no traffic for {limit:.0f}s")
                 self.session_ended(session)
+        if now >= self._next_retention:
+            self._next_retention = now + 3600
+            cutoff = time.time() - self.settings.sample_retention_days * 86400
+            await self.db(self.db.store.forget_samples, cutoff)
         if self._seen:
             seen, self._seen = self._seen, {}
             await self.db(self.db.store.touch_agents, seen)

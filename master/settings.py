@@ -34,6 +34,8 @@ class MasterSettings:
     result_grace: float = 30.0
     #: how long a poll request waits for something to deliver
     poll_wait: float = 2.0
+    #: scheduled samples older than this are deleted (hourly)
+    sample_retention_days: float = 30.0
     max_frame: int = DEFAULT_MAX_FRAME
     max_body: int = 16 * 1024 * 1024
     write_user_config: bool = True

@@ -231,6 +231,9 @@ class Store:
         row = self.db.execute("SELECT uuid, hostname, labels FROM agents WHERE uuid=?", (uuid,)).fetchone()
         return {"uuid": row[0], "hostname": row[1], "labels": loads(row[2])} if row else None
 
+    def forget_samples(self, before: float) -> int:
+        return self.db.execute("DELETE FROM samples WHERE time<?", (before,)).rowcount
+
     def delete_schedule(self, name: str) -> None:
         self.db.execute("DELETE FROM schedules WHERE name=?", (name,))
 

@@ -164,3 +164,20 @@ def test_e2e_keys_agree_and_macs_catch_alteration() -> None:
         assert not verify(key, {**wire, field: value})
     assert not verify(key, {**wire, "p": {**wire["p"], "args": {"script": "rm -rf /"}}})
     assert not verify(key, {k: v for k, v in wire.items() if k != "m"})
+
+
+def test_samples_are_stored_once_per_tick_and_forgotten_after_retention(tmp_path: Path) -> None:
+    from master.store import Store
+
+    store = Store(tmp_path / "m.db")
+
+    def sample(seq: int, when: float) -> tuple[str, dict[str, object]]:
+        return "u1", {"t": "sample", "uuid": "u1", "taskid": "sample:s:1", "seq": seq,
+                      "p": {"series": "s", "time": when, "status": "ok", "fields": {"v": seq}}}
+
+    acks, _ = store.ingest([sample(1, 100.0), sample(1, 100.0), sample(2, 5_000.0)])
+    assert acks == {"u1": [["sample:s:1", 1], ["sample:s:1", 1], ["sample:s:1", 2]]}  # all acked
+    assert [r["fields"] for r in store.series("s", None, None, 10)] == [{"v": 1}, {"v": 2}]
+    assert store.forget_samples(1_000.0) == 1
+    assert [r["time"] for r in store.series("s", None, None, 10)] == [5_000.0]
+    store.close()
