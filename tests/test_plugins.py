@@ -52,6 +52,7 @@ VERSION = "1"
 @command("trouble.crash")
 def crash(ctx):
     os.kill(os.getpid(), signal.SIGSEGV)
+    time.sleep(30)  # the signal may land on another thread a moment later: do not return first
 
 
 @command("trouble.hang")
