@@ -11,6 +11,7 @@ import httpx
 
 from . import _schedules
 from ._agents import Agents, AsyncAgents
+from ._artifacts import Artifacts, AsyncArtifacts
 from ._config import load_client_config
 from ._errors import RequestError
 from ._http import check, map_exceptions
@@ -73,6 +74,8 @@ class AsyncClient:
         self.plugins = AsyncPlugins(self)
         #: update agents online, in batches
         self.agents = AsyncAgents(self)
+        #: files on the master, to release
+        self.artifacts = AsyncArtifacts(self)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -252,6 +255,8 @@ class Client:
         self.plugins = Plugins(self._async.plugins)
         #: update agents online, in batches
         self.agents = Agents(self._async.agents)
+        #: files on the master, to release
+        self.artifacts = Artifacts(self._async.artifacts)
 
     @property
     def url(self) -> str:

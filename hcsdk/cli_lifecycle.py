@@ -53,6 +53,17 @@ def register(sub: argparse._SubParsersAction, agents: argparse._SubParsersAction
         _output(q)
         q.set_defaults(func=_cmd_schedule)
 
+    ar = sub.add_parser("artifact", help="files on the master to release: upload (resumable) and list")
+    arsub = ar.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = arsub.add_parser("upload", help="store a file as an artifact (only missing chunks travel)")
+    up.add_argument("path", type=Path)
+    up.add_argument("--name", help="default: the file's name")
+    _output(up)
+    al = arsub.add_parser("list", help="artifacts, newest last")
+    _output(al)
+    for q in (up, al):
+        q.set_defaults(func=_cmd_artifact)
+
     v = sub.add_parser("series", help="the samples of a schedule (time, uuid, hostname, fields...)")
     v.add_argument("name")
     v.add_argument("--since", help="ISO time or epoch seconds")
@@ -144,3 +155,27 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 def _cmd_series(args: argparse.Namespace) -> int:
     _show(_client().series(args.name, since=args.since), args.output)
     return 0
+
+
+def _cmd_artifact(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    artifacts = _client().artifacts
+    if args.action == "list":
+        _show(artifacts.list(), args.output)
+        return 0
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  transient=True, console=_stderr()) as bar:
+        task = bar.add_task(f"upload {args.path.name}", total=None)
+        info = artifacts.upload(args.path, name=args.name,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    _show(pd.DataFrame([info]), args.output)
+    return 0
+
+
+def _stderr() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)

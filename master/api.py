@@ -21,6 +21,7 @@ from hcsdk._tls import ca_fingerprint
 from hcsdk._version import __version__
 from hcsdk._wire import dumps, loads
 
+from .artifacts_api import artifact_routes
 from .blobs import SHA_RE
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, RequestRejected
@@ -98,6 +99,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
 
     deps = [Depends(admin)]
     app.include_router(schedule_routes(hub, admin))
+    app.include_router(artifact_routes(hub, paths, admin))
 
     @app.get("/api/v1/status", dependencies=deps)
     async def status() -> dict[str, Any]:

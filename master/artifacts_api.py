@@ -1,0 +1,95 @@
+"""The origin: artifacts stored as content-addressed chunks (blobs) plus a manifest.
+
+The SDK asks which chunks the master lacks (``POST /api/v1/blobs/missing``), uploads those as
+blobs (``POST /api/v1/blobs``, streamed), then registers the manifest (``POST /api/v1/artifacts``),
+which the master accepts only when every chunk is here with the right size. An interrupted
+upload resumes by sending only what is still missing; a chunk shared by two versions is stored
+once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from hcsdk._manifest import Manifest, ManifestError
+from hcsdk._wire import dumps, loads
+
+from .blobs import SHA_RE
+from .bootstrap import Paths
+from .hub import Hub, RequestRejected
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS artifacts (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    manifest TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS artifacts_name ON artifacts(name, created_at);
+"""
+
+
+class MissingRequest(BaseModel):
+    sha256s: list[str] = Field(max_length=100_000)
+
+
+class ArtifactRequest(BaseModel):
+    manifest: dict[str, Any]
+
+
+def artifact_routes(hub: Hub, paths: Paths, admin: Any) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(admin)])
+    blobs = paths.root / "blobs"
+    db = hub.db.store.db
+    db.executescript(SCHEMA)
+
+    def size_of(sha: str) -> int | None:
+        path = blobs / sha
+        return path.stat().st_size if SHA_RE.match(sha) and path.is_file() else None
+
+    @router.post("/api/v1/blobs/missing")
+    async def missing(req: MissingRequest) -> dict[str, Any]:
+        return {"missing": [s for s in dict.fromkeys(req.sha256s) if size_of(s) is None]}
+
+    @router.post("/api/v1/artifacts")
+    async def register(req: ArtifactRequest) -> dict[str, Any]:
+        try:
+            manifest = Manifest.from_dict(req.manifest)
+        except ManifestError as exc:
+            raise RequestRejected(f"bad manifest: {exc}") from None
+        absent = [i for i, sha in enumerate(manifest.chunks) if size_of(sha) != manifest.chunk_length(i)]
+        if absent:
+            raise RequestRejected(f"{len(absent)} of {len(manifest.chunks)} chunks are not on the master (first: "
+                                  f"chunk {absent[0]}); upload them first", kind="chunks", status=409)
+        row = _row(manifest)
+        await hub.db(lambda: db.execute("INSERT OR IGNORE INTO artifacts VALUES(?,?,?,?,?,?)", row))
+        return await get(manifest.digest())
+
+    @router.get("/api/v1/artifacts")
+    async def listing() -> list[dict[str, Any]]:
+        rows = await hub.db(lambda: db.execute(
+            "SELECT id, name, size, sha256, manifest, created_at FROM artifacts ORDER BY created_at").fetchall())
+        return [_info(r) for r in rows]
+
+    @router.get("/api/v1/artifacts/{ref}")
+    async def get(ref: str) -> dict[str, Any]:
+        """An artifact by id (its manifest's digest), or the newest of that name."""
+        row = await hub.db(lambda: db.execute(
+            "SELECT id, name, size, sha256, manifest, created_at FROM artifacts WHERE id=? OR name=? "
+            "ORDER BY created_at DESC LIMIT 1", (ref, ref)).fetchone())
+        if row is None:
+            raise RequestRejected(f"no artifact {ref!r} (give its id or its name)", kind="artifact", status=404)
+        return {**_info(row), "manifest": loads(row[4])}
+
+    return router
+
+
+def _row(manifest: Manifest) -> tuple[Any, ...]:
+    return (manifest.digest(), manifest.name, manifest.size, manifest.sha256, dumps(manifest.to_dict()).decode(),
+            time.time())
+
+
+def _info(row: Any) -> dict[str, Any]:
+    return {"id": row[0], "name": row[1], "size": row[2], "sha256": row[3], "chunks": len(loads(row[4])["chunks"]),
+            "created_at": row[5]}
