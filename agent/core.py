@@ -19,6 +19,7 @@ from hcsdk._identity import Identity, StateDir
 from .executor import Executor, Task, TaskFailed
 from .memspool import MemorySpool
 from .plugin_host import InstallError, PluginHost
+from .release import Releases
 from .scheduler import Scheduler
 from .spool import Spool
 from .systemd import notify
@@ -60,6 +61,9 @@ class Agent:
                                       "zy.update": self.updater.update, "zy.schedule.set": self.scheduler.set,
                                       "zy.schedule.cancel": self.scheduler.cancel,
                                       "zy.schedules": self.scheduler.listing})
+        self.releases = Releases(self)
+        self.executor.plugins.update({"zy.release.fetch": self.releases.fetch, "zy.release.place": self.releases.place,
+                                      "zy.release.rollback": self.releases.rollback})
         self.channel = Channel(
             ident.uuid, ident.credential, ident.urls, state.ca_path.read_bytes(),
             facts=lambda: facts_mod.collect(self.hostname), labels=ident.labels,

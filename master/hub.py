@@ -30,7 +30,7 @@ from .targets import resolve, selects
 KNOWN_CMDS = ("shell", "exec", "ping", "facts", "echo")
 #: what the agent itself does, on the master's signed word (plugins, updates, schedules)
 SYSTEM_CMDS = ("zy.plugin.install", "zy.plugin.remove", "zy.plugins", "zy.update", "zy.schedule.set",
-               "zy.schedule.cancel", "zy.schedules")
+               "zy.schedule.cancel", "zy.schedules", "zy.release.fetch", "zy.release.place", "zy.release.rollback")
 _CMD_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 
 

@@ -1,0 +1,218 @@
+"""Receiving a release (``zy.release.fetch``, ``zy.release.place``, ``zy.release.rollback``).
+
+Fetch: the signed command carries the manifest and its digest; every chunk is fetched by its
+SHA-256 from the agent's upstream (its proxy's cache, or the master) and checked against the
+manifest before it is kept in ``<state>/chunks/``. A chunk that fails the check is fetched
+again (three tries) and the bad source noted; chunks already here are not fetched again, so
+an agent that died mid-download resumes where it was. The file is then assembled under
+``<state>/releases/`` and checked whole.
+
+Place: the file goes to ``dest`` atomically (temp name, fsync, rename); the previous file is kept
+as ``dest.zy-prev`` (hard-linked first, so ``dest`` is never missing). Rollback puts it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from hcsdk._manifest import Manifest, ManifestError
+
+from .executor import Task, TaskFailed
+from .plugins.api import Arg, PluginError, validate
+from .plugins.file import check_path
+
+if TYPE_CHECKING:
+    from .core import Agent
+
+FETCH_ARGS = {"manifest": Arg(dict), "digest": Arg(str, min=64, max=64), "parallel": Arg(int, default=4, min=1, max=16)}
+PLACE_ARGS = {"digest": Arg(str, min=64, max=64), "dest": Arg(str, min=1, max=4096),
+              "mode": Arg(int, default=0o644, min=0, max=0o7777)}
+ROLLBACK_ARGS = {"dest": Arg(str, min=1, max=4096)}
+TRIES = 3
+PREV_SUFFIX = ".zy-prev"
+
+
+class Releases:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.chunks = agent.state.root / "chunks"
+        self.releases = agent.state.root / "releases"
+
+    # -- fetch ----------------------------------------------------------------------------------
+    async def fetch(self, task: Task) -> tuple[str, int | None]:
+        args = validate(FETCH_ARGS, task.args)
+        manifest = _manifest(args["manifest"], args["digest"])
+        started = time.monotonic()
+        stats: dict[str, Any] = {"chunks": len(manifest.chunks), "reused": 0, "bytes_upstream": 0, "corrupt": []}
+        self.chunks.mkdir(parents=True, exist_ok=True)
+        todo = [i for i in range(len(manifest.chunks)) if not self._have(manifest, i)]
+        stats["reused"] = len(manifest.chunks) - len(todo)
+        limiter = anyio.CapacityLimiter(args["parallel"])
+        async with anyio.create_task_group() as tg:
+            for index in todo:
+                tg.start_soon(self._get_chunk, manifest, index, limiter, stats)
+        path = await anyio.to_thread.run_sync(self._assemble, manifest, args["digest"])
+        task.result = {"path": str(path), "size": manifest.size, "sha256": manifest.sha256,
+                       "chunks": stats["chunks"], "reused": stats["reused"], "bytes_upstream": stats["bytes_upstream"],
+                       "corrupt": len(stats["corrupt"]), "seconds": round(time.monotonic() - started, 3)}
+        if stats["corrupt"]:
+            self.agent.executor._emit_text(task, "stderr", "".join(f"{c}\n" for c in stats["corrupt"]))
+        return "ok", 0
+
+    def _have(self, manifest: Manifest, index: int) -> bool:
+        path = self.chunks / manifest.chunks[index]
+        try:
+            manifest.check_chunk(index, path.read_bytes())
+        except (OSError, ManifestError):
+            path.unlink(missing_ok=True)  # damaged on disk: fetch it again
+            return False
+        return True
+
+    async def _get_chunk(self, manifest: Manifest, index: int, limiter: anyio.CapacityLimiter,
+                         stats: dict[str, Any]) -> None:
+        sha = manifest.chunks[index]
+        channel = self.agent.channel
+        async with limiter:
+            for attempt in range(1, TRIES + 1):
+                try:
+                    resp = await channel.request("GET", f"/v1/blob?sha256={sha}&sid={channel.sid or ''}",
+                                                 timeout=300.0)
+                except Exception as exc:
+                    if attempt == TRIES:
+                        raise TaskFailed(f"cannot fetch chunk {index}: {exc}") from None
+                    await anyio.sleep(attempt)
+                    continue
+                if resp.status_code != 200:
+                    if attempt == TRIES:
+                        raise TaskFailed(f"cannot fetch chunk {index}: the upstream answered {resp.status_code}")
+                    await anyio.sleep(attempt)
+                    continue
+                data = resp.content
+                try:
+                    manifest.check_chunk(index, data)
+                except ManifestError as exc:
+                    stats["corrupt"].append(f"corrupt chunk from upstream {channel.url}: {exc}")
+                    continue
+                stats["bytes_upstream"] += len(data)
+                await anyio.to_thread.run_sync(_write_atomic, self.chunks / sha, data)
+                return
+        raise TaskFailed(f"chunk {index} arrived corrupt {TRIES} times; sources noted in stderr")
+
+    def _assemble(self, manifest: Manifest, digest: str) -> Path:
+        home = self.releases / digest[:16]
+        home.mkdir(parents=True, exist_ok=True)
+        final = home / manifest.name
+        if final.is_file() and _sha256_file(final) == manifest.sha256:
+            return final
+        part = home / f".{manifest.name}.part"
+        whole = hashlib.sha256()
+        with open(part, "wb") as out:
+            for sha in manifest.chunks:
+                data = (self.chunks / sha).read_bytes()
+                whole.update(data)
+                out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        if whole.hexdigest() != manifest.sha256:
+            part.unlink(missing_ok=True)
+            raise TaskFailed(f"the assembled file has SHA-256 {whole.hexdigest()}, not {manifest.sha256}")
+        part.replace(final)
+        return final
+
+    # -- place and rollback ---------------------------------------------------------------------
+    async def place(self, task: Task) -> tuple[str, int | None]:
+        args = validate(PLACE_ARGS, task.args)
+        dest = _dest(args["dest"])
+        source = self._fetched(args["digest"])
+        task.result = await anyio.to_thread.run_sync(_place, source, dest, args["mode"])
+        return "ok", 0
+
+    async def rollback(self, task: Task) -> tuple[str, int | None]:
+        args = validate(ROLLBACK_ARGS, task.args)
+        dest = _dest(args["dest"])
+        prev = dest.with_name(dest.name + PREV_SUFFIX)
+        if not prev.is_file():
+            raise TaskFailed(f"no previous version of {dest} was kept ({prev} is missing)")
+        os.replace(prev, dest)
+        _fsync_dir(dest.parent)
+        task.result = {"dest": str(dest), "sha256": _sha256_file(dest), "restored": True}
+        return "ok", 0
+
+    def _fetched(self, digest: str) -> Path:
+        home = self.releases / digest[:16]
+        files = [p for p in home.iterdir() if p.is_file() and not p.name.startswith(".")] if home.is_dir() else []
+        if not files:
+            raise TaskFailed(f"release {digest[:16]} has not been fetched on this agent (run zy.release.fetch first)")
+        return files[0]
+
+
+def _manifest(data: dict[str, Any], digest: str) -> Manifest:
+    try:
+        manifest = Manifest.from_dict(data)
+    except ManifestError as exc:
+        raise TaskFailed(f"bad manifest: {exc}") from None
+    if manifest.digest() != digest:
+        raise TaskFailed(f"the manifest's digest is {manifest.digest()}, the signed command says {digest}: refused")
+    return manifest
+
+
+def _dest(text: str) -> Path:
+    try:
+        check_path(text)
+    except PluginError as exc:
+        raise TaskFailed(str(exc)) from None
+    dest = Path(text)
+    if not dest.parent.is_dir():
+        raise TaskFailed(f"cannot place {dest}: its directory {dest.parent} does not exist")
+    return dest
+
+
+def _place(source: Path, dest: Path, mode: int) -> dict[str, Any]:
+    tmp = dest.with_name(f".{dest.name}.zy-new")
+    shutil.copyfile(source, tmp)
+    os.chmod(tmp, mode)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    kept = False
+    if dest.is_file():
+        prev = dest.with_name(dest.name + PREV_SUFFIX)
+        link = dest.with_name(f".{dest.name}.zy-prevlink")
+        link.unlink(missing_ok=True)
+        os.link(dest, link)  # dest stays in place until the new file replaces it
+        os.replace(link, prev)
+        kept = True
+    os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
+    return {"dest": str(dest), "sha256": _sha256_file(dest), "previous_kept": kept}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,87 @@
+"""An agent receiving a release: chunks fetched by hash through its proxy and checked against
+the signed manifest, resumed from what it has, placed atomically, rolled back byte for byte."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet import Fleet
+from hcsdk._manifest import CHUNK_SIZE
+
+
+@pytest.fixture(scope="module")
+def fl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path_factory.mktemp("rel-agent"), ["--offline-grace", "5", "--heartbeat", "2"])
+    fleet.start_master()
+    fleet.start_agent("r-1", extra=["--master", fleet.start_proxy("edge")])
+    fleet.start_agent("r-2")
+    try:
+        fleet.wait_online()
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def _artifact(fl: Fleet, tmp_path: Path, size: int, name: str = "app.tgz") -> tuple[dict[str, Any], bytes]:
+    data = os.urandom(size)
+    path = tmp_path / name
+    path.write_bytes(data)
+    art = fl.client.artifacts.upload(path)
+    return fl.client.artifacts.get(art["id"]), data
+
+
+def _run(fl: Fleet, cmd: str, target: str, **args: Any) -> dict[str, Any]:
+    df = fl.client.run(cmd=cmd, args=args, targets=target, timeout=120).to_dataframe()
+    return dict(df.iloc[0])
+
+
+def test_fetch_place_and_roll_back(fl: Fleet, tmp_path: Path) -> None:
+    v1, data1 = _artifact(fl, tmp_path, 2 * CHUNK_SIZE + 77, "v1.tgz")
+    got = _run(fl, "zy.release.fetch", "r-1", manifest=v1["manifest"], digest=v1["id"])
+    assert got["status"] == "ok", got["error"]
+    assert got["result"]["bytes_upstream"] == len(data1) and got["result"]["reused"] == 0
+    assert Path(got["result"]["path"]).read_bytes() == data1
+
+    dest = tmp_path / "srv" / "app.tgz"
+    dest.parent.mkdir()
+    dest.write_bytes(b"the version before")
+    placed = _run(fl, "zy.release.place", "r-1", digest=v1["id"], dest=str(dest))
+    assert placed["status"] == "ok" and placed["result"]["previous_kept"]
+    assert dest.read_bytes() == data1 and (dest.parent / "app.tgz.zy-prev").read_bytes() == b"the version before"
+
+    rolled = _run(fl, "zy.release.rollback", "r-1", dest=str(dest))
+    assert rolled["status"] == "ok" and dest.read_bytes() == b"the version before"
+    again = _run(fl, "zy.release.rollback", "r-1", dest=str(dest))
+    assert again["status"] == "error" and "no previous version" in again["error"]
+
+
+def test_a_second_fetch_reuses_chunks_and_heals_damaged_ones(fl: Fleet, tmp_path: Path) -> None:
+    art, data = _artifact(fl, tmp_path, 3 * CHUNK_SIZE)
+    assert _run(fl, "zy.release.fetch", "r-2", manifest=art["manifest"], digest=art["id"])["status"] == "ok"
+    chunks = fl.root / "agents" / "r-2" / "chunks"
+    damaged = chunks / art["manifest"]["chunks"][1]
+    damaged.write_bytes(b"bit rot" + damaged.read_bytes()[7:])
+    (chunks / art["manifest"]["chunks"][2]).unlink()  # as if the agent died before it came
+    for release in (fl.root / "agents" / "r-2" / "releases").iterdir():
+        for f in release.iterdir():
+            f.unlink()
+    got = _run(fl, "zy.release.fetch", "r-2", manifest=art["manifest"], digest=art["id"])
+    assert got["status"] == "ok" and got["result"]["reused"] == 1
+    assert got["result"]["bytes_upstream"] == 2 * CHUNK_SIZE
+    assert Path(got["result"]["path"]).read_bytes() == data
+
+
+def test_a_manifest_that_does_not_match_its_digest_is_refused(fl: Fleet, tmp_path: Path) -> None:
+    art, _ = _artifact(fl, tmp_path, 1000)
+    swapped = {**art["manifest"], "sha256": "0" * 64}
+    got = _run(fl, "zy.release.fetch", "r-2", manifest=swapped, digest=art["id"])
+    assert got["status"] == "error" and "the signed command says" in got["error"]
+    bad_dest = _run(fl, "zy.release.place", "r-2", digest=art["id"], dest="/proc/self/x")
+    assert bad_dest["status"] == "error" and "is not allowed" in bad_dest["error"]
+    unfetched = _run(fl, "zy.release.place", "r-2", digest="f" * 64, dest=str(tmp_path / "x"))
+    assert "has not been fetched on this agent" in unfetched["error"]
