@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,14 +130,14 @@ class Releases:
     # -- place and rollback ---------------------------------------------------------------------
     async def place(self, task: Task) -> tuple[str, int | None]:
         args = validate(PLACE_ARGS, task.args)
-        dest = _dest(args["dest"])
+        dest = self._dest(args["dest"])
         source = self._fetched(args["digest"])
         task.result = await anyio.to_thread.run_sync(_place, source, dest, args["mode"])
         return "ok", 0
 
     async def rollback(self, task: Task) -> tuple[str, int | None]:
         args = validate(ROLLBACK_ARGS, task.args)
-        dest = _dest(args["dest"])
+        dest = self._dest(args["dest"])
         prev = dest.with_name(dest.name + PREV_SUFFIX)
         if not prev.is_file():
             raise TaskFailed(f"no previous version of {dest} was kept ({prev} is missing)")
@@ -144,6 +145,11 @@ class Releases:
         _fsync_dir(dest.parent)
         task.result = {"dest": str(dest), "sha256": _sha256_file(dest), "restored": True}
         return "ok", 0
+
+    def _dest(self, text: str) -> Path:
+        """``{hostname}`` and ``{uuid}`` in a destination are this agent's."""
+        hostname = self.agent.hostname or socket.gethostname()
+        return _dest(text.replace("{hostname}", hostname).replace("{uuid}", self.agent.ident.uuid))
 
     def _fetched(self, digest: str) -> Path:
         home = self.releases / digest[:16]
@@ -175,6 +181,10 @@ def _dest(text: str) -> Path:
 
 
 def _place(source: Path, dest: Path, mode: int) -> dict[str, Any]:
+    prev = dest.with_name(dest.name + PREV_SUFFIX)
+    if dest.is_file() and _sha256_file(dest) == _sha256_file(source):
+        # placed already (a step run again after a restart): the kept previous version stays
+        return {"dest": str(dest), "sha256": _sha256_file(dest), "previous_kept": prev.is_file(), "unchanged": True}
     tmp = dest.with_name(f".{dest.name}.zy-new")
     shutil.copyfile(source, tmp)
     os.chmod(tmp, mode)
@@ -182,7 +192,6 @@ def _place(source: Path, dest: Path, mode: int) -> dict[str, Any]:
         os.fsync(fh.fileno())
     kept = False
     if dest.is_file():
-        prev = dest.with_name(dest.name + PREV_SUFFIX)
         link = dest.with_name(f".{dest.name}.zy-prevlink")
         link.unlink(missing_ok=True)
         os.link(dest, link)  # dest stays in place until the new file replaces it

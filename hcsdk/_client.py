@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from . import _schedules
+from . import _release, _schedules
 from ._agents import Agents, AsyncAgents
 from ._artifacts import Artifacts, AsyncArtifacts
 from ._config import load_client_config
@@ -129,6 +129,22 @@ class AsyncClient:
         cmd, merged = _script_args(script, cmd, args)
         body = {"cmd": cmd, "args": merged, "targets": target_spec(targets), "timeout": timeout}
         return AsyncRun(self, await self._request("POST", "/api/v1/runs", json=body))
+
+    async def release(self, artifact: str, targets: TargetsLike, *, dest: str, batch: int | str = 10,
+                      pre: str | None = None, post: str | None = None, health: str | None = None,
+                      rollback: str | None = None, max_failures: int | str = 0,
+                      pause_between: str | float = 0, mode: int = 0o644, timeout: float = 600) -> _release.AsyncRelease:
+        """Roll ``artifact`` (id or name) out to ``targets`` in shards of ``batch`` (a count or
+        ``"20%"``): fetch (proxy cache), ``pre``, place at ``dest`` atomically (previous kept),
+        ``post``, ``health``; pause once more than ``max_failures`` (count or ``"5%"``) failed."""
+        return await _release.create(self, artifact, targets, dest, batch=batch, pre=pre, post=post, health=health,
+                                     rollback=rollback, max_failures=max_failures, pause_between=pause_between,
+                                     mode=mode, timeout=timeout)
+
+    async def releases(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame.from_records(await self._request("GET", "/api/v1/releases"))
 
     async def schedule(self, cmd: str, every: str | float, *, targets: TargetsLike,
                        args: dict[str, Any] | None = None, name: str | None = None,
@@ -294,6 +310,20 @@ class Client:
                 raise KeyboardInterrupt from None
             portal().call(created.cancel)
             raise
+
+    def release(self, artifact: str, targets: TargetsLike, *, dest: str, batch: int | str = 10,
+                pre: str | None = None, post: str | None = None, health: str | None = None,
+                rollback: str | None = None, max_failures: int | str = 0, pause_between: str | float = 0,
+                mode: int = 0o644, timeout: float = 600) -> _release.Release:
+        async def start() -> _release.AsyncRelease:
+            return await self._async.release(artifact, targets, dest=dest, batch=batch, pre=pre, post=post,
+                                             health=health, rollback=rollback, max_failures=max_failures,
+                                             pause_between=pause_between, mode=mode, timeout=timeout)
+
+        return _release.Release(portal().call(start))
+
+    def releases(self) -> pd.DataFrame:
+        return portal().call(self._async.releases)
 
     def schedule(self, cmd: str, every: str | float, *, targets: TargetsLike, args: dict[str, Any] | None = None,
                  name: str | None = None, timeout: float | None = None) -> _schedules.Schedule:

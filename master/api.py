@@ -25,6 +25,8 @@ from .artifacts_api import artifact_routes
 from .blobs import SHA_RE
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, RequestRejected
+from .releases import Releases
+from .releases_api import release_routes
 from .schedules_api import schedule_routes
 from .targets import resolve
 
@@ -100,6 +102,9 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
     deps = [Depends(admin)]
     app.include_router(schedule_routes(hub, admin))
     app.include_router(artifact_routes(hub, paths, admin))
+    releases = Releases(hub)
+    hub.on_start.append(releases.start)
+    app.include_router(release_routes(hub, releases, admin))
 
     @app.get("/api/v1/status", dependencies=deps)
     async def status() -> dict[str, Any]:

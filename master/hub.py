@@ -11,6 +11,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -96,6 +97,8 @@ class Hub:
         self.stopping = False
         self._tg: TaskGroup | None = None
         self._next_retention = 0.0
+        #: started with the hub (releases pick up where a restart left them)
+        self.on_start: list[Callable[[], Coroutine[Any, Any, None]]] = []
         #: the schedules, cached for handshakes; None when they must be read again
         self.schedule_specs: list[dict[str, Any]] | None = None
 
@@ -106,6 +109,8 @@ class Hub:
         for uuid in await self.db(self.db.store.open_task_agents):
             self.offline_since.setdefault(uuid, since)
         self._tg = tg
+        for hook in self.on_start:
+            tg.start_soon(hook)
         tg.start_soon(self._ingest_loop)
         tg.start_soon(self._sweep_loop)
 

@@ -1,0 +1,344 @@
+"""Sharded rollouts: a release moves one artifact to a set of targets, shard after shard.
+
+For each shard: fetch (agents pull the chunks through their proxies), ``pre``, place (atomic,
+previous kept), ``post``, ``health``; each step is a run over the shard's targets that have not
+failed. Once more targets have failed than ``max_failures`` allows, the release pauses;
+``resume``, ``abort`` and ``rollback`` (previous file back, then the rollback command) are the
+operator's. Everything is in the store, including the run of the step in flight, so a master
+that restarts picks a release up where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from typing import Any
+
+import anyio
+
+from hcsdk._wire import dumps, loads
+
+from .hub import Hub, RequestRejected
+
+log = logging.getLogger("zy.master.releases")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS releases (
+    id TEXT PRIMARY KEY, artifact_id TEXT NOT NULL, name TEXT NOT NULL, manifest TEXT NOT NULL,
+    dest TEXT NOT NULL, options TEXT NOT NULL, shards TEXT NOT NULL, state TEXT NOT NULL,
+    shard INTEGER NOT NULL DEFAULT 0, step TEXT NOT NULL DEFAULT '', step_run TEXT NOT NULL DEFAULT '',
+    message TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS release_targets (
+    release_id TEXT NOT NULL, uuid TEXT NOT NULL, hostname TEXT NOT NULL, shard INTEGER NOT NULL,
+    phase TEXT NOT NULL, status TEXT NOT NULL, error TEXT, bytes INTEGER, bytes_upstream INTEGER,
+    bytes_peers INTEGER, reused INTEGER, fetch_s REAL, started_at REAL, finished_at REAL,
+    PRIMARY KEY (release_id, uuid));
+"""
+STEPS = ("fetch", "pre", "place", "post", "health")
+ACTIVE = ("running", "rolling_back")
+
+
+def shard_targets(uuids: list[str], batch: int | str) -> list[list[str]]:
+    """``batch`` agents per shard, or a percentage of them (``"20%"``), at least one."""
+    if isinstance(batch, str):
+        if not batch.endswith("%"):
+            raise RequestRejected(f"batch={batch!r}: give a number of targets or a percentage like '20%'")
+        size = max(1, math.floor(len(uuids) * float(batch[:-1]) / 100))
+    else:
+        size = int(batch)
+    if size < 1:
+        raise RequestRejected("batch must be at least 1")
+    return [uuids[i:i + size] for i in range(0, len(uuids), size)]
+
+
+def failure_limit(max_failures: int | str, total: int) -> int:
+    if isinstance(max_failures, str):
+        if not max_failures.endswith("%"):
+            raise RequestRejected(f"max_failures={max_failures!r}: give a count or a percentage like '5%'")
+        return math.floor(total * float(max_failures[:-1]) / 100)
+    return int(max_failures)
+
+
+class Releases:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.db = hub.db
+        self.sql = hub.db.store.db
+        self.sql.executescript(SCHEMA)
+        self._driving: set[str] = set()
+        self._woken: dict[str, anyio.Event] = {}
+
+    async def start(self) -> None:
+        """After a master restart: carry on with every release that was under way."""
+        rows = await self.db(lambda: self.sql.execute(
+            f"SELECT id FROM releases WHERE state IN {ACTIVE}").fetchall())
+        for (release_id,) in rows:
+            self._drive(release_id)
+
+    # -- what the API asks for ----------------------------------------------------------------
+    async def create(self, artifact: dict[str, Any], agents: list[dict[str, Any]], dest: str,
+                     options: dict[str, Any]) -> str:
+        release_id = "rel" + secrets.token_hex(5)
+        shards = shard_targets([a["uuid"] for a in agents], options["batch"])
+        options["limit"] = failure_limit(options["max_failures"], len(agents))
+        now = time.time()
+        shard_of = {uuid: i for i, shard in enumerate(shards) for uuid in shard}
+
+        def insert() -> None:
+            self.sql.execute("BEGIN")
+            self.sql.execute("INSERT INTO releases(id, artifact_id, name, manifest, dest, options, shards, state, "
+                             "created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                             (release_id, artifact["id"], artifact["name"], dumps(artifact["manifest"]).decode(),
+                              dest, dumps(options).decode(), dumps(shards).decode(), "running", now, now))
+            self.sql.executemany("INSERT INTO release_targets(release_id, uuid, hostname, shard, phase, status) "
+                                 "VALUES(?,?,?,?,?,?)",
+                                 [(release_id, a["uuid"], a["hostname"], shard_of[a["uuid"]], "queued", "pending")
+                                  for a in agents])
+            self.sql.execute("COMMIT")
+
+        await self.db(insert)
+        self._drive(release_id)
+        return release_id
+
+    async def act(self, release_id: str, action: str) -> dict[str, Any]:
+        rel = await self.get(release_id)
+        state = rel["state"]
+        allowed = {"pause": ("running",), "resume": ("paused",), "abort": ("running", "paused"),
+                   "rollback": ("running", "paused", "done", "aborted", "failed")}
+        if state not in allowed[action]:
+            raise RequestRejected(f"release {release_id} is {state}: it cannot {action} now", kind="release",
+                                  status=409)
+        new = {"pause": "paused", "resume": "running", "abort": "aborted", "rollback": "rolling_back"}[action]
+        if action == "resume":  # the operator accepts the failures so far: the allowance starts again
+            failed = sum(t["status"] == "failed" for t in rel["targets"])
+            options = {**rel["options"], "limit": failed + failure_limit(rel["options"]["max_failures"],
+                                                                        len(rel["targets"]))}
+            await self._set(release_id, options=dumps(options).decode())
+        await self._set(release_id, state=new, message=f"{action} requested")
+        self._wake(release_id)
+        if new in ACTIVE:
+            self._drive(release_id)
+        return await self.get(release_id)
+
+    async def get(self, release_id: str) -> dict[str, Any]:
+        def read() -> tuple[Any, list[Any]]:
+            rel = self.sql.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone()
+            targets = self.sql.execute("SELECT * FROM release_targets WHERE release_id=? ORDER BY shard, hostname",
+                                       (release_id,)).fetchall()
+            return rel, targets
+
+        rel, targets = await self.db(read)
+        if rel is None:
+            raise RequestRejected(f"no release {release_id!r}", kind="release", status=404)
+        out = dict(rel)
+        out["options"], out["shards"] = loads(out["options"]), len(loads(out["shards"]))
+        out.pop("manifest")
+        out["targets"] = [dict(t) for t in targets]
+        return out
+
+    async def listing(self) -> list[dict[str, Any]]:
+        rows = await self.db(lambda: self.sql.execute(
+            "SELECT id, name, dest, state, shard, shards, message, created_at, updated_at FROM releases "
+            "ORDER BY created_at").fetchall())
+        return [{**dict(r), "shards": len(loads(r["shards"]))} for r in rows]
+
+    # -- the driver ---------------------------------------------------------------------------
+    def _drive(self, release_id: str) -> None:
+        if release_id in self._driving or self.hub._tg is None:
+            return
+        self._driving.add(release_id)
+        self.hub._tg.start_soon(self._run_release, release_id)
+
+    def _wake(self, release_id: str) -> None:
+        event = self._woken.pop(release_id, None)
+        if event is not None:
+            event.set()
+
+    async def _run_release(self, release_id: str) -> None:
+        try:
+            while await self._advance(release_id):
+                pass
+        except Exception as exc:  # a driver bug must not take the master down: the release says so
+            log.exception("release %s failed", release_id)
+            await self._set(release_id, state="failed", message=f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._driving.discard(release_id)
+
+    async def _advance(self, release_id: str) -> bool:
+        """One step of a release; False when there is nothing more to do now."""
+        rel = await self._row(release_id)
+        if rel["state"] == "rolling_back":
+            await self._roll_back(rel)
+            return False
+        if rel["state"] != "running":
+            return False
+        shards = loads(rel["shards"])
+        if rel["shard"] >= len(shards):
+            await self._set(release_id, state="done", message="every shard passed its health checks")
+            return False
+        step = rel["step"] or "fetch"
+        await self._do_step(rel, shards[rel["shard"]], step)
+        if await self._over_limit(rel):
+            await self._set(release_id, state="paused", message=await self._pause_message(rel))
+            return False
+        if step == STEPS[-1]:
+            await self._shard_done(rel)
+        else:
+            await self._set(release_id, step=STEPS[STEPS.index(step) + 1], step_run="")
+        return True
+
+    async def _do_step(self, rel: dict[str, Any], shard: list[str], step: str) -> None:
+        options = loads(rel["options"])
+        live = await self._live(rel["id"], shard)
+        command = self._command(rel, step, options)
+        if command is None or not live:
+            return
+        run_id = rel["step_run"]
+        if not run_id:  # not started yet (after a restart, the run in flight is waited for, not redone)
+            await self._online(live)
+            cmd, args = command
+            run = await self.hub.create_run(cmd, args, {"uuids": live}, float(options["timeout"]))
+            run_id = run["run_id"]
+            await self._set(rel["id"], step=step, step_run=run_id)
+            await self._targets(rel["id"], live, phase=step, started=step == "fetch")
+        outcomes = await self._wait_run(run_id)
+        await self._record(rel["id"], step, outcomes)
+
+    async def _online(self, uuids: list[str]) -> None:
+        """Give targets that are reconnecting (after a master or proxy restart) the time agents
+        take to come back, before a step counts them offline."""
+        with anyio.move_on_after(self.hub.settings.startup_grace):
+            while any(u not in self.hub.sessions for u in uuids):  # noqa: ASYNC110 - sessions come and go
+                await anyio.sleep(0.5)
+
+    def _command(self, rel: dict[str, Any], step: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        if step == "fetch":
+            return "zy.release.fetch", {"manifest": loads(rel["manifest"]), "digest": rel["artifact_id"]}
+        if step == "place":
+            return "zy.release.place", {"digest": rel["artifact_id"], "dest": rel["dest"], "mode": options["mode"]}
+        script = options.get(step)
+        return ("shell", {"script": script}) if script else None
+
+    async def _wait_run(self, run_id: str) -> dict[str, dict[str, Any]]:
+        store = self.hub.db.store
+        while True:
+            changed = self.hub.run_changed(run_id)
+            if not await self.db(store.run_open_count, run_id):
+                break
+            with anyio.move_on_after(2):
+                await changed.wait()
+        return await self.db(self._outcomes, run_id)
+
+    def _outcomes(self, run_id: str) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for t in self.sql.execute("SELECT taskid, uuid, status, error FROM tasks WHERE run_id=?", (run_id,)):
+            out[t["uuid"]] = {"status": t["status"], "error": t["error"], "result": None}
+        for e in self.sql.execute("SELECT uuid, data FROM events WHERE run_id=? AND kind='done' AND seq>=0 "
+                                  "ORDER BY id", (run_id,)):
+            if e["uuid"] in out:
+                out[e["uuid"]]["result"] = loads(e["data"]).get("result")
+        return out
+
+    async def _record(self, release_id: str, step: str, outcomes: dict[str, dict[str, Any]]) -> None:
+        now = time.time()
+
+        def write() -> None:
+            for uuid, o in outcomes.items():
+                if o["status"] != "ok":
+                    self.sql.execute("UPDATE release_targets SET status='failed', error=?, finished_at=? "
+                                     "WHERE release_id=? AND uuid=?",
+                                     (f"{step}: {o['error'] or o['status']}", now, release_id, uuid))
+                elif step == "fetch" and o["result"]:
+                    r = o["result"]
+                    self.sql.execute("UPDATE release_targets SET bytes=?, bytes_upstream=?, bytes_peers=?, reused=?, "
+                                     "fetch_s=? WHERE release_id=? AND uuid=?",
+                                     (r.get("size"), r.get("bytes_upstream"), r.get("bytes_peers", 0), r.get("reused"),
+                                      r.get("seconds"), release_id, uuid))
+
+        await self.db(write)
+
+    async def _live(self, release_id: str, shard: list[str]) -> list[str]:
+        rows = await self.db(lambda: self.sql.execute(
+            "SELECT uuid FROM release_targets WHERE release_id=? AND status='pending'", (release_id,)).fetchall())
+        pending = {r[0] for r in rows}
+        return [u for u in shard if u in pending]
+
+    async def _targets(self, release_id: str, uuids: list[str], phase: str, started: bool = False) -> None:
+        now = time.time()
+
+        def write() -> None:
+            for uuid in uuids:
+                self.sql.execute("UPDATE release_targets SET phase=?, started_at=COALESCE(started_at, ?) "
+                                 "WHERE release_id=? AND uuid=? AND status='pending'",
+                                 (phase, now if started else None, release_id, uuid))
+
+        await self.db(write)
+
+    async def _over_limit(self, rel: dict[str, Any]) -> bool:
+        failed = await self.db(lambda: self.sql.execute(
+            "SELECT COUNT(*) FROM release_targets WHERE release_id=? AND status='failed'", (rel["id"],)).fetchone()[0])
+        return int(failed) > int(loads(rel["options"])["limit"])
+
+    async def _pause_message(self, rel: dict[str, Any]) -> str:
+        limit = loads(rel["options"])["limit"]
+        return f"paused: more than {limit} target(s) failed (see progress); resume, abort or rollback"
+
+    async def _shard_done(self, rel: dict[str, Any]) -> None:
+        shards = loads(rel["shards"])
+        now = time.time()
+        shard = shards[rel["shard"]]
+
+        def write() -> None:
+            for uuid in shard:
+                self.sql.execute("UPDATE release_targets SET phase='done', status='ok', finished_at=? "
+                                 "WHERE release_id=? AND uuid=? AND status='pending'", (now, rel["id"], uuid))
+
+        await self.db(write)
+        await self._set(rel["id"], shard=rel["shard"] + 1, step="", step_run="",
+                        message=f"shard {rel['shard'] + 1} of {len(shards)} passed")
+        pause = float(loads(rel["options"])["pause_between"])
+        if pause > 0 and rel["shard"] + 1 < len(shards):
+            self._woken[rel["id"]] = event = anyio.Event()
+            with anyio.move_on_after(pause):
+                await event.wait()  # a pause or abort ends the wait early
+
+    async def _roll_back(self, rel: dict[str, Any]) -> None:
+        options = loads(rel["options"])
+        rows = await self.db(lambda: self.sql.execute(
+            "SELECT uuid FROM release_targets WHERE release_id=? AND phase IN ('place','post','health','done')",
+            (rel["id"],)).fetchall())
+        placed = [r[0] for r in rows]
+        failed: list[str] = []
+        if placed:
+            run = await self.hub.create_run("zy.release.rollback", {"dest": rel["dest"]}, {"uuids": placed},
+                                            float(options["timeout"]))
+            outcomes = await self._wait_run(run["run_id"])
+            failed = [u for u, o in outcomes.items() if o["status"] != "ok"]
+            ok = [u for u in placed if u not in failed]
+            if options.get("rollback") and ok:
+                run = await self.hub.create_run("shell", {"script": options["rollback"]}, {"uuids": ok},
+                                                float(options["timeout"]))
+                failed += [u for u, o in (await self._wait_run(run["run_id"])).items() if o["status"] != "ok"]
+            await self._targets_status(rel["id"], [u for u in placed if u not in failed], "rolled_back")
+        message = (f"rolled back on {len(placed) - len(failed)} target(s)"
+                   + (f"; {len(failed)} could not be rolled back" if failed else ""))
+        await self._set(rel["id"], state="rolled_back", message=message)
+
+    async def _targets_status(self, release_id: str, uuids: list[str], status: str) -> None:
+        def write() -> None:
+            self.sql.executemany("UPDATE release_targets SET status=?, phase=? WHERE release_id=? AND uuid=?",
+                                 [(status, status, release_id, u) for u in uuids])
+
+        await self.db(write)
+
+    async def _row(self, release_id: str) -> dict[str, Any]:
+        row = await self.db(lambda: self.sql.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone())
+        return dict(row)
+
+    async def _set(self, release_id: str, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        cols = ", ".join(f"{k}=?" for k in fields)
+        values = (*fields.values(), release_id)
+        await self.db(lambda: self.sql.execute(f"UPDATE releases SET {cols} WHERE id=?", values))

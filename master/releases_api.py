@@ -1,0 +1,72 @@
+"""REST routes for releases (``client.release``): create, follow, pause, resume, abort, roll back."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from .hub import Hub, RequestRejected
+from .releases import Releases
+from .targets import resolve
+
+_SHARE = re.compile(r"^\d+(\.\d+)?%$")
+
+
+class ReleaseRequest(BaseModel):
+    artifact: str = Field(min_length=1, description="artifact id, or name (the newest of that name)")
+    targets: dict[str, Any]
+    dest: str = Field(min_length=2, max_length=4096)
+    batch: int | str = 10
+    pre: str | None = None
+    post: str | None = None
+    health: str | None = None
+    rollback: str | None = None
+    max_failures: int | str = 0
+    pause_between: float = Field(default=0, ge=0, le=86400)
+    mode: int = Field(default=0o644, ge=0, le=0o7777)
+    #: per step and target
+    timeout: float = Field(default=600, gt=0, le=86400)
+
+
+def release_routes(hub: Hub, releases: Releases, admin: Any) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(admin)])
+    sql = hub.db.store.db
+
+    @router.post("/api/v1/releases")
+    async def create(req: ReleaseRequest) -> dict[str, Any]:
+        for name, value in (("batch", req.batch), ("max_failures", req.max_failures)):
+            if isinstance(value, str) and not _SHARE.match(value):
+                raise RequestRejected(f"{name}={value!r}: give a number or a percentage like '20%'")
+        row = await hub.db(lambda: sql.execute(
+            "SELECT id, name, manifest FROM artifacts WHERE id=? OR name=? ORDER BY created_at DESC LIMIT 1",
+            (req.artifact, req.artifact)).fetchone())
+        if row is None:
+            raise RequestRejected(f"no artifact {req.artifact!r} (upload it with client.artifacts.upload)",
+                                  kind="artifact", status=404)
+        try:
+            agents = resolve(req.targets, await hub.db(hub.db.store.target_rows))
+        except ValueError as exc:
+            raise RequestRejected(str(exc), kind="target") from None
+        from hcsdk._wire import loads
+
+        artifact = {"id": row[0], "name": row[1], "manifest": loads(row[2])}
+        options = req.model_dump(exclude={"artifact", "targets", "dest"})
+        release_id = await releases.create(artifact, agents, req.dest, options)
+        return await releases.get(release_id)
+
+    @router.get("/api/v1/releases")
+    async def listing() -> list[dict[str, Any]]:
+        return await releases.listing()
+
+    @router.get("/api/v1/releases/{release_id}")
+    async def get(release_id: str) -> dict[str, Any]:
+        return await releases.get(release_id)
+
+    @router.post("/api/v1/releases/{release_id}/{action}")
+    async def act(release_id: str, action: Literal["pause", "resume", "abort", "rollback"]) -> dict[str, Any]:
+        return await releases.act(release_id, action)
+
+    return router
