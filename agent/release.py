@@ -139,11 +139,17 @@ class Releases:
         args = validate(ROLLBACK_ARGS, task.args)
         dest = self._dest(args["dest"])
         prev = dest.with_name(dest.name + PREV_SUFFIX)
-        if not prev.is_file():
+        absent = _absent_marker(dest)
+        if prev.is_file():
+            os.replace(prev, dest)
+            task.result = {"dest": str(dest), "sha256": _sha256_file(dest), "restored": True}
+        elif absent.is_file():  # there was no file before the release: there is none after
+            dest.unlink(missing_ok=True)
+            absent.unlink()
+            task.result = {"dest": str(dest), "sha256": None, "restored": True, "removed": True}
+        else:
             raise TaskFailed(f"no previous version of {dest} was kept ({prev} is missing)")
-        os.replace(prev, dest)
         _fsync_dir(dest.parent)
-        task.result = {"dest": str(dest), "sha256": _sha256_file(dest), "restored": True}
         return "ok", 0
 
     def _dest(self, text: str) -> Path:
@@ -191,7 +197,11 @@ def _place(source: Path, dest: Path, mode: int) -> dict[str, Any]:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     kept = False
-    if dest.is_file():
+    _absent_marker(dest).unlink(missing_ok=True)
+    if not dest.exists():
+        prev.unlink(missing_ok=True)
+        _absent_marker(dest).touch()  # what a rollback restores: no file
+    elif dest.is_file():
         link = dest.with_name(f".{dest.name}.zy-prevlink")
         link.unlink(missing_ok=True)
         os.link(dest, link)  # dest stays in place until the new file replaces it
@@ -200,6 +210,10 @@ def _place(source: Path, dest: Path, mode: int) -> dict[str, Any]:
     os.replace(tmp, dest)
     _fsync_dir(dest.parent)
     return {"dest": str(dest), "sha256": _sha256_file(dest), "previous_kept": kept}
+
+
+def _absent_marker(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.zy-none")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

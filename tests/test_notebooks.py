@@ -15,7 +15,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 
 
 def test_there_are_runbooks() -> None:
-    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "fleet-health.ipynb", "sampling.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "fleet-health.ipynb", "sampling.ipynb", "release.ipynb"}
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
