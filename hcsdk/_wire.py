@@ -53,8 +53,9 @@ _HEADER = struct.Struct(">I")
 #: master -> agent: run a task, cancel it, acknowledge results, heartbeat
 DOWN_TYPES = frozenset({"task", "cancel", "ack", "hb"})
 #: agent -> master: a task started, output chunk, final status, heartbeat, a scheduled
-#: collection's sample; and from a proxy, "bye" when a client behind it went away
-UP_TYPES = frozenset({"start", "out", "done", "hb", "bye", "sample"})
+#: collection's sample; and from a proxy, "bye" when a client behind it went away and "stats"
+#: (its chunk cache's counters, in ``p.cache``)
+UP_TYPES = frozenset({"start", "out", "done", "hb", "bye", "sample", "stats"})
 
 
 class FrameError(ValueError):

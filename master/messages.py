@@ -3,6 +3,7 @@ without surprises. Anything else is treated like a garbage frame."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .store import FINAL
@@ -20,6 +21,8 @@ def problem(msg: dict[str, Any]) -> str | None:
     kind = msg["t"]
     if kind in ("hb", "bye"):
         return None if isinstance(msg.get("uuid"), str) else "uuid must be a string"
+    if kind == "stats":
+        return _stats_problem(msg)
     taskid, seq, p = msg.get("taskid"), msg.get("seq"), msg.get("p")
     if not isinstance(taskid, str) or not 0 < len(taskid) <= 128:
         return "taskid must be a string of 1-128 characters"
@@ -65,4 +68,21 @@ def _sample_problem(p: dict[str, Any]) -> str | None:
         return "sample fields must be an object"
     if p.get("error") is not None and not isinstance(p.get("error"), str):
         return "error must be a string or null"
+    return None
+
+
+def _stats_problem(msg: dict[str, Any]) -> str | None:
+    """A proxy's counters: ``p.cache``, an object of at most 64 numbers under short names."""
+    if not isinstance(msg.get("uuid"), str):
+        return "uuid must be a string"
+    p = msg.get("p")
+    cache = p.get("cache") if isinstance(p, dict) else None
+    if not isinstance(cache, dict) or len(cache) > 64:
+        return "stats needs p.cache, an object of at most 64 counters"
+    for key, value in cache.items():
+        if not isinstance(key, str) or not 0 < len(key) <= 64:
+            return "stats counter names must be strings of 1-64 characters"
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                or abs(value) > _MAX_INT):
+            return f"stats counter {key!r} must be a finite number"
     return None
