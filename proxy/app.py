@@ -4,6 +4,8 @@ a session id, issued only after the master accepted a handshake, is what admits 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from pathlib import Path
 from urllib.parse import quote
@@ -24,20 +26,29 @@ from hcsdk._asgi import (
     respond,
 )
 from hcsdk._channel import ChannelLost
+from hcsdk._e2e import sign
 from hcsdk._h2conn import Response
 from hcsdk._mailbox import stream_mailbox
-from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, loads
+from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_frame, loads
 
+from .cache import Answer, ChunkCache, UpstreamDown
 from .relay import Downstream, Relay
 
 log = logging.getLogger("zy.proxy.app")
 
+#: credentials remembered for reading the cache while the upstream is away (one per client)
+_MAX_ACCEPTED = 100_000
 
 
 class ProxyApp:
     def __init__(self, relay: Relay, ca_path: Path, heartbeat: float, poll_wait: float, max_frame: int,
-                 max_body: int = 16 * 1024 * 1024, idle_beat: float = 60.0):
+                 max_body: int = 16 * 1024 * 1024, idle_beat: float = 60.0, cache: ChunkCache | None = None):
         self.relay = relay
+        #: the CDN edge: every blob served here is kept (``limit`` 0: passed through, not kept)
+        self.cache = cache if cache is not None else ChunkCache(Path("/nonexistent"), 0)
+        #: uuid -> SHA-256 of the credential the upstream last accepted in a handshake of that
+        #: client: while the proxy has no upstream (and so no sessions), it may still read the cache
+        self._accepted: dict[str, bytes] = {}
         self.ca_path = ca_path
         self.heartbeat = heartbeat
         self.idle_beat = idle_beat
@@ -110,10 +121,14 @@ class ProxyApp:
             elif via_proxy is not None and self.relay.routes.get(claimed) is via_proxy:
                 del self.relay.routes[claimed]
                 via_proxy.routes.discard(claimed)
+            if resp is not None and resp.status_code in (401, 403):
+                self._accepted.pop(claimed, None)  # revoked, or a new credential: no more cache reads
             if resp is not None:
                 await respond(send, resp.status_code, resp.content, [(b"content-type", b"application/json")])
             return
         info = resp.json()
+        if client is not None:
+            self._remember(claimed, cred)
         if client is None:
             await respond(send, 200, info)
             return
@@ -122,18 +137,57 @@ class ProxyApp:
                                   "poll_wait": self.poll_wait, "max_frame": self.max_frame})
 
     async def blob(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A file for a client with a live session, fetched upstream on our channel (the hash in
-        the client's signed command is what makes it trustworthy, not this path)."""
+        """A file for a client with a live session, from the chunk cache or fetched upstream on our
+        channel and kept (the hash in the client's signed command is what makes it trustworthy; the
+        cache checks every chunk against its name too, so it is never the source of a bad one).
+
+        With no upstream channel there are no sessions; a client whose credential the upstream
+        accepted in an earlier handshake then still gets what is cached."""
+        sha = query(scope).get("sha256", "")
+        if self.relay.channel.sid is None and self._known(scope):
+            await self.cache.serve(sha, send, None)
+            return
         if await self._client(scope, send) is None:
             return
-        sha = query(scope).get("sha256", "")
+        await self.cache.serve(sha, send, self._fetch)
+
+    async def _fetch(self, sha: str) -> Answer:
         try:
             resp = await self.relay.channel.request(
                 "GET", f"/v1/blob?sha256={quote(sha)}&sid={self.relay.channel.sid or ''}", timeout=300.0)
         except (ChannelLost, httpx.HTTPError) as exc:
-            await error(send, 503, f"the proxy has no upstream right now ({exc}); try again", kind="upstream")
-            return
-        await respond(send, resp.status_code, resp.content)
+            raise UpstreamDown(f"the proxy has no upstream right now ({exc}); try again") from None
+        ctype = resp.headers.get("content-type") or "application/octet-stream"
+        return Answer(resp.status_code, resp.content, ctype.encode("latin-1"))
+
+    def _remember(self, uuid: str, cred: str) -> None:
+        self._accepted.pop(uuid, None)
+        self._accepted[uuid] = hashlib.sha256(cred.encode()).digest()
+        while len(self._accepted) > _MAX_ACCEPTED:
+            del self._accepted[next(iter(self._accepted))]
+
+    def _known(self, scope: Scope) -> bool:
+        scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")
+        known = self._accepted.get(cred.partition(":")[0])
+        return (scheme.lower() == "bearer" and known is not None
+                and hmac.compare_digest(known, hashlib.sha256(cred.encode()).digest()))
+
+    async def report_stats(self, key: bytes, every: float) -> None:
+        """Send the cache's counters up the channel every ``every`` seconds when they changed (or
+        the upstream session is new: the master keeps them in memory only). Signed with our
+        end-to-end key, so a proxy in between cannot alter them."""
+        last: tuple[str, dict[str, int | float]] | None = None
+        while True:
+            await anyio.sleep(every)
+            sid = self.relay.channel.sid
+            if sid is None:
+                continue
+            stats = self.cache.stats()
+            if last == (sid, stats):
+                continue
+            msg = {"t": "stats", "uuid": self.relay.uuid, "cmd": "", "taskid": "", "seq": 0, "p": {"cache": stats}}
+            self.relay.queue.put(encode_frame(sign(key, msg) if key else msg))
+            last = (sid, stats)
 
     async def _client(self, scope: Scope, send: Send) -> Downstream | None:
         scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8444), metavar="HOST:PORT",
                    help="address to serve agents on; port 0 picks a free one (default 127.0.0.1:8444)")
     p.add_argument("--data-dir", type=Path, default=Path("./state/proxy"),
-                   help="identity and TLS certificate (default %(default)s)")
+                   help="identity, TLS certificate and the chunk cache (default %(default)s)")
     p.add_argument("--join", metavar="TOKEN", help="join token, for the first start")
     p.add_argument("--advertise", action="append", default=[], metavar="URL",
                    help="URL agents use to reach this proxy (its host goes into the certificate)")
@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="while polling upstream over HTTP/1.1, retry HTTP/2 this often (default 60)")
     p.add_argument("--backoff-cap", type=float, default=30.0,
                    help="longest wait between reconnects upstream (default 30)")
+    p.add_argument("--cache-size", type=_size, default=10 * 1024**3, metavar="SIZE",
+                   help="disk space for the chunk cache under DATA_DIR/cache, in bytes or with K/M/G/T "
+                   "(binary units); 0 keeps nothing (default 10G)")
+    p.add_argument("--stats-every", type=float, default=10.0, metavar="SECONDS",
+                   help="report the cache counters to the master this often when they changed (default 10; "
+                   "0: never)")
     p.add_argument("--tamper", default="", choices=MODES, help=argparse.SUPPRESS)  # tests: a compromised relay
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
@@ -51,4 +57,14 @@ def _main(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, host=host, port=port, upstreams=args.upstream, join=args.join,
         advertise=args.advertise, hostname=args.hostname, http2=not args.no_http2, heartbeat=args.heartbeat,
         dead_after=args.dead_after, h2_retry=args.h2_retry, backoff_cap=args.backoff_cap, tamper=args.tamper,
+        cache_size=args.cache_size, stats_every=args.stats_every,
     ))
+
+
+def _size(text: str) -> int:
+    from .cache import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -29,6 +29,7 @@ from hcsdk._serve import (
 from hcsdk._tls import make_csr
 
 from .app import ProxyApp
+from .cache import ChunkCache
 from .relay import Relay
 from .tamper import Tamper
 
@@ -53,6 +54,10 @@ class ProxySettings:
     poll_wait: float = 2.0
     max_frame: int = 4 * 1024 * 1024
     tamper: str = ""
+    #: bytes of chunks kept under data_dir/cache (0: keep none)
+    cache_size: int = 10 * 1024**3
+    #: seconds between reports of the cache counters to the master (when they changed)
+    stats_every: float = 10.0
 
 
 async def _enroll_once(settings: ProxySettings, state: StateDir) -> Any:
@@ -89,8 +94,9 @@ async def serve(settings: ProxySettings) -> None:
                        wake=relay.queue.current_wake, settings=channel_settings, on_lost=relay.upstream_lost)
 
     relay = Relay(ident.uuid, channel_for, Tamper(settings.tamper))
+    cache = ChunkCache(settings.data_dir / "cache", settings.cache_size)
     app = ProxyApp(relay, state.ca_path, settings.heartbeat, settings.poll_wait, settings.max_frame,
-                   idle_beat=settings.idle_beat)
+                   idle_beat=settings.idle_beat, cache=cache)
     server = granian_server(app, settings.host, settings.port, state.root / "tls.pem", state.root / "tls.key",
                             http2=settings.http2, heartbeat=settings.heartbeat, dead_after=settings.dead_after)
     try:
@@ -100,6 +106,8 @@ async def serve(settings: ProxySettings) -> None:
             host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
             print(f"zy proxy listening on https://{host}:{port} (upstream: {', '.join(upstreams)})", flush=True)
             tg.start_soon(relay.channel.run_forever)
+            if settings.stats_every > 0:
+                tg.start_soon(app.report_stats, bytes.fromhex(ident.e2e_key), settings.stats_every)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break
