@@ -184,3 +184,45 @@ def test_widget_view_reflects_a_finished_run(fleet4: Fleet) -> None:
     assert "and 2 more" in view.table.value
 
 
+
+
+def test_zyrelease_starts_a_release_and_shows_it(ip: Any, fleet4: Fleet, tmp_path: Path) -> None:
+    package = tmp_path / "pkg.tgz"
+    package.write_bytes(b"release me\n" * 1000)
+    art = fleet4.client.artifacts.upload(package)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    rel = run(ip, f"%zyrelease {art['id']} -t web-* --dest {dest}/{{hostname}}.tgz --batch 2 "
+                  f"--health 'test -s {dest}/$ZY_HOSTNAME.tgz' -o myrel")
+    assert rel.state == "done" and ip.user_ns["myrel"] is rel and ip.user_ns["_zyrelease"] is rel
+    assert all((dest / f"web-{i}.tgz").read_bytes() == package.read_bytes() for i in (1, 2, 3))
+    shown = run(ip, "%zyrelease myrel")
+    assert shown is rel
+    with pytest.raises(UsageError, match="no release 'rel-nope'"):
+        run(ip, "%zyrelease rel-nope")
+    with pytest.raises(UsageError, match="--dest PATH is needed"):
+        run(ip, f"%zyrelease {art['id']} -t web-1")
+
+
+def test_release_widget_buttons_follow_the_state(fleet4: Fleet, tmp_path: Path) -> None:
+    from kernel_ext.release_view import ReleaseWidget
+
+    package = tmp_path / "w.tgz"
+    package.write_bytes(b"w" * 5000)
+    art = fleet4.client.artifacts.upload(package)
+    dest = tmp_path / "wout"
+    dest.mkdir()
+    rel = fleet4.client.release(art["id"], ["web-1", "web-2"], dest=f"{dest}/{{hostname}}", batch=1,
+                                health='[ "$ZY_HOSTNAME" != web-1 ]')
+    widget = ReleaseWidget(rel, interval=0.2)
+    widget.follow()
+    rel.wait(60)
+    wait_for(lambda: widget.buttons["Continue"].disabled is False, what="the widget to show the pause")
+    assert rel.state == "paused" and widget.buttons["Pause"].disabled
+    assert "web-1" in widget.table.value and "health: " in widget.table.value
+    widget.buttons["Abort"].click()
+    assert rel.state == "aborted" and widget.buttons["Abort"].disabled
+    widget.buttons["Rollback"].click()
+    rel.wait(60)
+    assert rel.state == "rolled_back"
+    widget.stop()
