@@ -21,6 +21,14 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _rate(text: str) -> float:
+    units = {"K": 1e3, "M": 1e6, "G": 1e9}
+    try:
+        return float(text[:-1]) * units[text[-1].upper()] if text[-1:].upper() in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--peer-rate wants bytes a second like 20M, got {text!r}") from None
+
+
 def _handover(text: str) -> tuple[str, int]:
     taskid, sep, pid = text.rpartition(":")
     if not sep or not taskid or not pid.isdigit():
@@ -56,6 +64,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="keep at most this much of each task's stdout and of its stderr (default 8 MiB)")
     p.add_argument("--worker-memory", type=int, default=512, metavar="MIB",
                    help="restart the plugin worker when it grows past this resident size (default 512)")
+    p.add_argument("--peer-port", type=int, default=0, metavar="PORT",
+                   help="serve release chunks to peers on this port (default: any free one, told to the tracker)")
+    p.add_argument("--no-peer", action="store_true",
+                   help="never serve chunks to peers (this agent still downloads from them and its proxy)")
+    p.add_argument("--peer-uploads", type=int, default=4, metavar="N", help="concurrent uploads to peers (default 4)")
+    p.add_argument("--peer-rate", type=_rate, default=0.0, metavar="BYTES/S",
+                   help="upload at most this much a second to peers, e.g. 20M (default: no cap)")
     p.add_argument("--handover", metavar="TASKID:PID", type=_handover, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
@@ -131,6 +146,7 @@ async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
     from hcsdk._channel import ChannelSettings, Rejected
 
     from .core import Agent
+    from .peer import PeerSettings
 
     if args.master:
         ident.urls = list(args.master)
@@ -139,7 +155,9 @@ async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
     print(f"zy agent: {ident.uuid} connecting to {', '.join(ident.urls)}", flush=True)
     try:
         await Agent(state, ident, hostname=args.hostname, settings=settings, output_cap=args.output_cap,
-                    worker_memory_mib=args.worker_memory, handover=args.handover).run()
+                    worker_memory_mib=args.worker_memory, handover=args.handover,
+                    peer=None if args.no_peer else PeerSettings(port=args.peer_port, uploads=args.peer_uploads,
+                                                                rate=args.peer_rate)).run()
     except ValueError as exc:  # a state dir from an older version
         print(f"zy agent: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from hcsdk._identity import Identity, StateDir
 
 from .executor import Executor, Task, TaskFailed
 from .memspool import MemorySpool
+from .peer import PeerServer, PeerSettings
 from .plugin_host import InstallError, PluginHost
 from .release import Releases
 from .scheduler import Scheduler
@@ -35,7 +36,8 @@ class Agent:
     def __init__(self, state: StateDir, ident: Identity, hostname: str | None = None,
                  settings: ChannelSettings | None = None, output_cap: int | None = None,
                  spool: Spool | MemorySpool | None = None, plugins: dict[str, Plugin] | None = None,
-                 worker_memory_mib: int = 512, handover: tuple[str, int] | None = None):
+                 worker_memory_mib: int = 512, handover: tuple[str, int] | None = None,
+                 peer: PeerSettings | None = None):
         self.state = state
         self.ident = ident
         self.hostname = hostname
@@ -61,6 +63,9 @@ class Agent:
                                       "zy.update": self.updater.update, "zy.schedule.set": self.scheduler.set,
                                       "zy.schedule.cancel": self.scheduler.cancel,
                                       "zy.schedules": self.scheduler.listing})
+        #: serves release chunks to peers once a release is fetched (None: this agent does not)
+        self.peer = PeerServer(state.root / "chunks", **vars(peer)) if peer is not None else None
+        self._peer_port: int | None = None
         self.releases = Releases(self)
         self.executor.plugins.update({"zy.release.fetch": self.releases.fetch, "zy.release.place": self.releases.place,
                                       "zy.release.rollback": self.releases.rollback})
@@ -75,6 +80,14 @@ class Agent:
         if handover is not None:
             # a new build taking over: name the update in the handshake, then tell the old agent
             self.channel.hello_once = {"handover": handover[0]}
+
+    async def start_peer_server(self) -> int:
+        """Start serving chunks to peers (on first use: an agent that never gets a release never
+        listens); the port it listens on."""
+        assert self.peer is not None and self._tg is not None
+        if self._peer_port is None:
+            self._peer_port = await self._tg.start(self.peer.serve)
+        return self._peer_port
 
     def _connected(self) -> None:
         """After the first accepted handshake of a new build in an update: take over (step 5).

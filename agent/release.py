@@ -14,7 +14,9 @@ as ``dest.zy-prev`` (hard-linked first, so ``dest`` is never missing). Rollback 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import random
 import shutil
 import socket
 import time
@@ -26,13 +28,16 @@ import anyio
 from hcsdk._manifest import Manifest, ManifestError
 
 from .executor import Task, TaskFailed
+from .peer import RateLimit, fetch_from_peer
 from .plugins.api import Arg, PluginError, validate
 from .plugins.file import check_path
 
 if TYPE_CHECKING:
     from .core import Agent
 
-FETCH_ARGS = {"manifest": Arg(dict), "digest": Arg(str, min=64, max=64), "parallel": Arg(int, default=4, min=1, max=16)}
+FETCH_ARGS = {"manifest": Arg(dict), "digest": Arg(str, min=64, max=64), "parallel": Arg(int, default=4, min=1, max=16),
+              "peer_key": Arg(str, default="", max=64), "p2p": Arg(bool, default=True),
+              "rate": Arg(float, default=0.0, min=0, help="bytes a second this agent downloads at most (0: no cap)")}
 PLACE_ARGS = {"digest": Arg(str, min=64, max=64), "dest": Arg(str, min=1, max=4096),
               "mode": Arg(int, default=0o644, min=0, max=0o7777)}
 ROLLBACK_ARGS = {"dest": Arg(str, min=1, max=4096)}
@@ -51,21 +56,38 @@ class Releases:
         args = validate(FETCH_ARGS, task.args)
         manifest = _manifest(args["manifest"], args["digest"])
         started = time.monotonic()
-        stats: dict[str, Any] = {"chunks": len(manifest.chunks), "reused": 0, "bytes_upstream": 0, "corrupt": []}
+        stats: dict[str, Any] = {"chunks": len(manifest.chunks), "reused": 0, "bytes_upstream": 0,
+                                 "bytes_peers": 0, "corrupt": []}
         self.chunks.mkdir(parents=True, exist_ok=True)
         todo = [i for i in range(len(manifest.chunks)) if not self._have(manifest, i)]
         stats["reused"] = len(manifest.chunks) - len(todo)
+        held = [manifest.chunks[i] for i in range(len(manifest.chunks)) if i not in set(todo)]
+        swarm = await self._join(args, held) if args["p2p"] and args["peer_key"] else None
+        if swarm is not None:
+            todo = await swarm.rarest_first(manifest, todo)
         limiter = anyio.CapacityLimiter(args["parallel"])
+        pace = RateLimit(args["rate"])
         async with anyio.create_task_group() as tg:
             for index in todo:
-                tg.start_soon(self._get_chunk, manifest, index, limiter, stats)
+                tg.start_soon(self._get_chunk, manifest, index, limiter, stats, swarm, pace)
         path = await anyio.to_thread.run_sync(self._assemble, manifest, args["digest"])
         task.result = {"path": str(path), "size": manifest.size, "sha256": manifest.sha256,
                        "chunks": stats["chunks"], "reused": stats["reused"], "bytes_upstream": stats["bytes_upstream"],
-                       "corrupt": len(stats["corrupt"]), "seconds": round(time.monotonic() - started, 3)}
+                       "bytes_peers": stats["bytes_peers"], "corrupt": len(stats["corrupt"]),
+                       "seconds": round(time.monotonic() - started, 3)}
         if stats["corrupt"]:
             self.agent.executor._emit_text(task, "stderr", "".join(f"{c}\n" for c in stats["corrupt"]))
         return "ok", 0
+
+    async def _join(self, args: dict[str, Any], held: list[str]) -> Swarm | None:
+        """Serve what we hold to peers of this release, and find peers; None without a tracker
+        (an agent straight on the master) or when this agent does not take part."""
+        port = 0
+        if self.agent.peer is not None:  # with --no-peer it only takes from peers
+            port = await self.agent.start_peer_server()
+            self.agent.peer.keys.add(args["peer_key"])
+        swarm = Swarm(self.agent.channel, args["peer_key"], port)
+        return swarm if await swarm.announce(held) else None
 
     def _have(self, manifest: Manifest, index: int) -> bool:
         path = self.chunks / manifest.chunks[index]
@@ -77,34 +99,50 @@ class Releases:
         return True
 
     async def _get_chunk(self, manifest: Manifest, index: int, limiter: anyio.CapacityLimiter,
-                         stats: dict[str, Any]) -> None:
+                         stats: dict[str, Any], swarm: Swarm | None, pace: RateLimit) -> None:
+        """Peers first (spreading the load off the proxy), the upstream last; every copy is
+        checked against the manifest, and a bad source is noted and skipped."""
         sha = manifest.chunks[index]
-        channel = self.agent.channel
         async with limiter:
             for attempt in range(1, TRIES + 1):
-                try:
-                    resp = await channel.request("GET", f"/v1/blob?sha256={sha}&sid={channel.sid or ''}",
-                                                 timeout=300.0)
-                except Exception as exc:
-                    if attempt == TRIES:
-                        raise TaskFailed(f"cannot fetch chunk {index}: {exc}") from None
-                    await anyio.sleep(attempt)
-                    continue
-                if resp.status_code != 200:
-                    if attempt == TRIES:
-                        raise TaskFailed(f"cannot fetch chunk {index}: the upstream answered {resp.status_code}")
-                    await anyio.sleep(attempt)
-                    continue
-                data = resp.content
-                try:
-                    manifest.check_chunk(index, data)
-                except ManifestError as exc:
-                    stats["corrupt"].append(f"corrupt chunk from upstream {channel.url}: {exc}")
-                    continue
-                stats["bytes_upstream"] += len(data)
-                await anyio.to_thread.run_sync(_write_atomic, self.chunks / sha, data)
-                return
-        raise TaskFailed(f"chunk {index} arrived corrupt {TRIES} times; sources noted in stderr")
+                for source in (await swarm.peers(sha) if swarm else []) + ["upstream"]:
+                    data = await self._from(source, sha, index, stats, swarm)
+                    if data is None:
+                        continue
+                    try:
+                        manifest.check_chunk(index, data)
+                    except ManifestError as exc:
+                        stats["corrupt"].append(f"corrupt chunk {index} from {source}: {exc}")
+                        continue
+                    await pace.take(len(data))
+                    stats["bytes_upstream" if source == "upstream" else "bytes_peers"] += len(data)
+                    await anyio.to_thread.run_sync(_write_atomic, self.chunks / sha, data)
+                    if swarm is not None:
+                        await swarm.announce([sha])
+                    return
+                await anyio.sleep(attempt)
+        raise TaskFailed(f"chunk {index} could not be fetched intact from any source ({TRIES} rounds); "
+                         "sources noted in stderr")
+
+    async def _from(self, source: str, sha: str, index: int, stats: dict[str, Any],
+                    swarm: Swarm | None) -> bytes | None:
+        if source != "upstream":
+            assert swarm is not None
+            try:
+                return await fetch_from_peer(source, sha, swarm.key)
+            except (OSError, ValueError, TimeoutError) as exc:
+                stats["corrupt"].append(f"peer {source} could not give chunk {index}: {exc}")
+                return None
+        channel = self.agent.channel
+        try:
+            resp = await channel.request("GET", f"/v1/blob?sha256={sha}&sid={channel.sid or ''}", timeout=300.0)
+        except Exception as exc:
+            stats["corrupt"].append(f"upstream could not give chunk {index}: {exc}")
+            return None
+        if resp.status_code != 200:
+            stats["corrupt"].append(f"upstream answered {resp.status_code} for chunk {index}")
+            return None
+        return bytes(resp.content)
 
     def _assemble(self, manifest: Manifest, digest: str) -> Path:
         home = self.releases / digest[:16]
@@ -239,3 +277,43 @@ def _sha256_file(path: Path) -> str:
         while chunk := fh.read(1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class Swarm:
+    """This agent's view of a release's peers, through its proxy's tracker."""
+
+    def __init__(self, channel: Any, key: str, port: int) -> None:
+        self.channel = channel
+        self.key = key
+        self.port = port
+
+    async def _call(self, path: str, body: dict[str, Any]) -> Any:
+        resp = await self.channel.request("POST", f"{path}?sid={self.channel.sid or ''}",
+                                          content=json.dumps(body).encode(),
+                                          headers={"content-type": "application/json"}, timeout=30.0)
+        return resp.json() if resp.status_code == 200 else None
+
+    async def announce(self, chunks: list[str]) -> bool:
+        """False when there is no tracker upstream (straight on the master)."""
+        try:
+            if not self.port:  # serves nobody: only ask whether there is a tracker
+                return await self._call("/v1/tracker/lookup", {"chunks": []}) is not None
+            return await self._call("/v1/tracker/announce", {"port": self.port, "chunks": chunks}) is not None
+        except Exception:
+            return False
+
+    async def peers(self, sha: str) -> list[str]:
+        try:
+            found = await self._call("/v1/tracker/lookup", {"chunks": [sha], "max": 3})
+        except Exception:
+            return []
+        return list((found or {}).get("peers", {}).get(sha, []))
+
+    async def rarest_first(self, manifest: Manifest, todo: list[int]) -> list[int]:
+        try:
+            found = await self._call("/v1/tracker/lookup", {"chunks": [manifest.chunks[i] for i in todo], "max": 1})
+        except Exception:
+            found = None
+        counts = (found or {}).get("counts", {})
+        spread = {i: random.random() for i in todo}  # ties in random order, so peers start on different chunks
+        return sorted(todo, key=lambda i: (counts.get(manifest.chunks[i], 0), spread[i]))

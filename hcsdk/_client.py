@@ -133,13 +133,16 @@ class AsyncClient:
     async def release(self, artifact: str, targets: TargetsLike, *, dest: str, batch: int | str = 10,
                       pre: str | None = None, post: str | None = None, health: str | None = None,
                       rollback: str | None = None, max_failures: int | str = 0,
-                      pause_between: str | float = 0, mode: int = 0o644, timeout: float = 600) -> _release.AsyncRelease:
+                      pause_between: str | float = 0, mode: int = 0o644, timeout: float = 600, p2p: bool = True,
+                      rate: float = 0) -> _release.AsyncRelease:
         """Roll ``artifact`` (id or name) out to ``targets`` in shards of ``batch`` (a count or
         ``"20%"``): fetch (proxy cache), ``pre``, place at ``dest`` atomically (previous kept),
-        ``post``, ``health``; pause once more than ``max_failures`` (count or ``"5%"``) failed."""
+        ``post``, ``health``; pause once more than ``max_failures`` (count or ``"5%"``) failed.
+        ``p2p`` lets agents share chunks (their proxy tracks who has what); ``rate`` caps each
+        agent's download in bytes a second."""
         return await _release.create(self, artifact, targets, dest, batch=batch, pre=pre, post=post, health=health,
                                      rollback=rollback, max_failures=max_failures, pause_between=pause_between,
-                                     mode=mode, timeout=timeout)
+                                     mode=mode, timeout=timeout, p2p=p2p, rate=rate)
 
     async def releases(self) -> pd.DataFrame:
         import pandas as pd
@@ -314,11 +317,12 @@ class Client:
     def release(self, artifact: str, targets: TargetsLike, *, dest: str, batch: int | str = 10,
                 pre: str | None = None, post: str | None = None, health: str | None = None,
                 rollback: str | None = None, max_failures: int | str = 0, pause_between: str | float = 0,
-                mode: int = 0o644, timeout: float = 600) -> _release.Release:
+                mode: int = 0o644, timeout: float = 600, p2p: bool = True, rate: float = 0) -> _release.Release:
         async def start() -> _release.AsyncRelease:
             return await self._async.release(artifact, targets, dest=dest, batch=batch, pre=pre, post=post,
                                              health=health, rollback=rollback, max_failures=max_failures,
-                                             pause_between=pause_between, mode=mode, timeout=timeout)
+                                             pause_between=pause_between, mode=mode, timeout=timeout, p2p=p2p,
+                                             rate=rate)
 
         return _release.Release(portal().call(start))
 

@@ -10,6 +10,8 @@ that restarts picks a release up where it was.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import secrets
@@ -83,6 +85,7 @@ class Releases:
         release_id = "rel" + secrets.token_hex(5)
         shards = shard_targets([a["uuid"] for a in agents], options["batch"])
         options["limit"] = failure_limit(options["max_failures"], len(agents))
+        options["peer_key"] = await self._peer_key(artifact["id"])
         now = time.time()
         shard_of = {uuid: i for i, shard in enumerate(shards) for uuid in shard}
 
@@ -101,6 +104,16 @@ class Releases:
         await self.db(insert)
         self._drive(release_id)
         return release_id
+
+    async def _peer_key(self, artifact_id: str) -> str:
+        """What agents given this artifact prove to each other to share its chunks: one key per
+        artifact (so agents that got it in an earlier release serve it too), from a master secret."""
+        store = self.hub.db.store
+        secret = await self.db(store.get_meta, "peer_secret")
+        if secret is None:
+            secret = secrets.token_hex(32)
+            await self.db(store.set_meta, "peer_secret", secret)
+        return hmac.new(bytes.fromhex(secret), artifact_id.encode(), hashlib.sha256).hexdigest()
 
     async def act(self, release_id: str, action: str) -> dict[str, Any]:
         rel = await self.get(release_id)
@@ -215,7 +228,9 @@ class Releases:
 
     def _command(self, rel: dict[str, Any], step: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         if step == "fetch":
-            return "zy.release.fetch", {"manifest": loads(rel["manifest"]), "digest": rel["artifact_id"]}
+            return "zy.release.fetch", {"manifest": loads(rel["manifest"]), "digest": rel["artifact_id"],
+                                        "peer_key": options["peer_key"], "p2p": bool(options.get("p2p", True)),
+                                        "rate": float(options.get("rate", 0))}
         if step == "place":
             return "zy.release.place", {"digest": rel["artifact_id"], "dest": rel["dest"], "mode": options["mode"]}
         script = options.get(step)

@@ -27,6 +27,10 @@ class ReleaseRequest(BaseModel):
     max_failures: int | str = 0
     pause_between: float = Field(default=0, ge=0, le=86400)
     mode: int = Field(default=0o644, ge=0, le=0o7777)
+    #: agents share chunks with their peers (their proxy is the tracker)
+    p2p: bool = True
+    #: bytes a second each agent downloads at most (0: no cap)
+    rate: float = Field(default=0, ge=0)
     #: per step and target
     timeout: float = Field(default=600, gt=0, le=86400)
 

@@ -33,6 +33,7 @@ from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_frame, loads
 
 from .cache import Answer, ChunkCache, UpstreamDown
 from .relay import Downstream, Relay
+from .tracker import TrackerError
 
 log = logging.getLogger("zy.proxy.app")
 
@@ -63,6 +64,8 @@ class ProxyApp:
             ("POST", "/v1/channel/up"): self.up,
             ("POST", "/v1/channel/poll"): self.poll,
             ("GET", "/v1/blob"): self.blob,
+            ("POST", "/v1/tracker/announce"): self.announce,
+            ("POST", "/v1/tracker/lookup"): self.lookup,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -135,6 +138,33 @@ class ProxyApp:
         await respond(send, 200, {**info, "sid": client.sid, "mode": mode, "heartbeat": self.heartbeat,
                                   "idle_beat": self.idle_beat,
                                   "poll_wait": self.poll_wait, "max_frame": self.max_frame})
+
+    async def announce(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A client holds these chunks and serves them to peers on its port (at the address we
+        see it from)."""
+        client = await self._client(scope, send)
+        if client is None:
+            return
+        host = (scope.get("client") or ("", 0))[0]
+        try:
+            held = self.relay.tracker.announce(client.sid, host, loads(await read_body(receive, self.max_body)))
+        except (ValueError, TrackerError) as exc:
+            await error(send, 400, f"bad announce: {exc}")
+            return
+        await respond(send, 200, {"held": held})
+
+    async def lookup(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Peers holding each chunk asked for, and how many hold it (rarest first)."""
+        client = await self._client(scope, send)
+        if client is None:
+            return
+        live = {sid for sid, c in self.relay.by_sid.items() if not c.closed.is_set()}
+        try:
+            found = self.relay.tracker.lookup(client.sid, loads(await read_body(receive, self.max_body)), live)
+        except (ValueError, TrackerError) as exc:
+            await error(send, 400, f"bad lookup: {exc}")
+            return
+        await respond(send, 200, found)
 
     async def blob(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A file for a client with a live session, from the chunk cache or fetched upstream on our

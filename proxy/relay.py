@@ -21,6 +21,7 @@ from hcsdk._mailbox import Mailbox
 from hcsdk._wire import encode_frame
 
 from .tamper import Tamper
+from .tracker import Tracker
 
 log = logging.getLogger("zy.proxy")
 
@@ -96,6 +97,8 @@ class Relay:
         self.routes: dict[str, Downstream] = {}
         self.tamper = tamper or Tamper("")
         self.stats = {"up_frames": 0, "down_frames": 0, "clients": 0}
+        #: who holds which release chunk, among the clients here (P2P)
+        self.tracker = Tracker()
         self.channel: Channel = channel_factory(self)
 
     # -- upstream -----------------------------------------------------------------------------
@@ -145,6 +148,7 @@ class Relay:
 
     def end(self, client: Downstream, reason: str, notify: bool = True) -> None:
         client.close(reason)
+        self.tracker.forget(client.sid)
         self.by_sid.pop(client.sid, None)
         if self.by_uuid.get(client.uuid) is client:
             del self.by_uuid[client.uuid]

@@ -53,7 +53,9 @@ def test_a_sharded_release_with_a_health_gate(fl: Fleet, artifact: tuple[str, by
     df = rel.progress()
     assert list(df["status"]) == ["ok"] * 4 and list(df["phase"]) == ["done"] * 4
     assert sorted(df["shard"]) == [0, 0, 1, 1]
-    assert set(df["bytes"]) == {len(data)} and set(df["bytes_upstream"]) == {len(data)}
+    assert set(df["bytes"]) == {len(data)} and set(df["bytes_upstream"] + df["bytes_peers"]) == {len(data)}
+    # the second shard took what the first had from its peers, not from the proxy
+    assert set(df[df["shard"] == 1]["bytes_peers"]) == {len(data)}
     for name in NAMES:
         assert (srv / f"{name}.tgz").read_bytes() == data
     assert sorted((srv / "pre.log").read_text().split()) == sorted(NAMES)

@@ -1,0 +1,82 @@
+"""Agents behind one proxy share a release's chunks: the proxy tracks who holds what, peers
+serve each other, every copy is checked, and a peer with a bad chunk is caught and routed around."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet import Fleet
+from hcsdk._manifest import CHUNK_SIZE
+
+NAMES = ("pp-1", "pp-2", "pp-3")
+
+
+@pytest.fixture(scope="module")
+def fl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path_factory.mktemp("p2p"), ["--offline-grace", "5", "--heartbeat", "2"])
+    fleet.start_master()
+    edge = fleet.start_proxy("lan")
+    for name in NAMES:
+        fleet.start_agent(name, {"role": "p2p"}, extra=["--master", edge])
+    fleet.start_agent("pp-quiet", {"role": "quiet"}, extra=["--master", edge, "--no-peer"])
+    try:
+        fleet.wait_online()
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def _release(fl: Fleet, tmp_path: Path, targets: list[str], **options: object) -> tuple[object, bytes, Path]:
+    data = os.urandom(3 * CHUNK_SIZE + 99)
+    package = tmp_path / "pkg.bin"
+    package.write_bytes(data)
+    art = fl.client.artifacts.upload(package)
+    srv = tmp_path / "srv"
+    srv.mkdir(exist_ok=True)
+    rel = fl.client.release(art["id"], targets, dest=f"{srv}/{{hostname}}.bin", batch=1, **options)  # type: ignore[arg-type]
+    rel.wait(timeout=180)
+    assert rel.state == "done", rel.info["message"]
+    return rel, data, srv
+
+
+def test_later_shards_take_the_file_from_peers(fl: Fleet, tmp_path: Path) -> None:
+    rel, data, srv = _release(fl, tmp_path, list(NAMES))
+    df = rel.progress().set_index("hostname")  # type: ignore[attr-defined]
+    assert df.loc["pp-1", "bytes_upstream"] == len(data) and df.loc["pp-1", "bytes_peers"] == 0
+    for name in ("pp-2", "pp-3"):
+        assert df.loc[name, "bytes_peers"] == len(data) and df.loc[name, "bytes_upstream"] == 0
+        assert (srv / f"{name}.bin").read_bytes() == data
+
+
+def test_a_peer_with_a_corrupt_chunk_is_caught_and_routed_around(fl: Fleet, tmp_path: Path) -> None:
+    data = os.urandom(2 * CHUNK_SIZE)
+    package = tmp_path / "c.bin"
+    package.write_bytes(data)
+    art = fl.client.artifacts.upload(package)
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    first = fl.client.release(art["id"], ["pp-1"], dest=f"{srv}/{{hostname}}.bin").wait(timeout=120)
+    assert first.state == "done"
+    first_chunk = fl.client.artifacts.get(art["id"])["manifest"]["chunks"][0]
+    bad = fl.root / "agents" / "pp-1" / "chunks" / first_chunk
+    bad.write_bytes(b"\0" * 16 + bad.read_bytes()[16:])  # rot on the seeding peer's disk
+    second = fl.client.release(art["id"], ["pp-2"], dest=f"{srv}/{{hostname}}.bin").wait(timeout=120)
+    assert second.state == "done"
+    row = second.progress().iloc[0]
+    assert row["bytes_peers"] == CHUNK_SIZE and row["bytes_upstream"] == CHUNK_SIZE
+    assert (srv / "pp-2.bin").read_bytes() == data
+
+
+def test_without_p2p_or_without_serving_agents_still_get_the_file(fl: Fleet, tmp_path: Path) -> None:
+    rel, data, srv = _release(fl, tmp_path, ["pp-1", "pp-2"], p2p=False)
+    df = rel.progress()  # type: ignore[attr-defined]
+    assert set(df["bytes_peers"]) == {0} and set(df["bytes_upstream"]) == {len(data)}
+    (tmp_path / "q").mkdir()
+    quiet, data2, srv2 = _release(fl, tmp_path / "q", ["pp-1", "pp-quiet"])
+    qdf = quiet.progress().set_index("hostname")  # type: ignore[attr-defined]
+    assert qdf.loc["pp-quiet", "bytes_peers"] == len(data2)  # it takes from peers, serves nobody
+    assert (srv2 / "pp-quiet.bin").read_bytes() == data2
