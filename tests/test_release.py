@@ -122,3 +122,20 @@ def test_bad_releases_are_clear_errors(fl: Fleet, artifact: tuple[str, bytes]) -
         fl.client.release(art, "rl-1", dest="/tmp/x", batch="half")
     with pytest.raises(RequestError, match="must be an absolute path"):
         fl.client.release(art, "rl-1", dest="relative/x")
+
+
+def test_a_proxy_restart_in_the_middle_loses_nothing(fl: Fleet, artifact: tuple[str, bytes], tmp_path: Path) -> None:
+    art, data = artifact
+    srv = _dests(tmp_path)
+    rel = fl.client.release(art, ["rl-1", "rl-2", "rl-3"], dest=f"{srv}/{{hostname}}.tgz", batch=1,
+                            pause_between="3s")
+    wait_for(lambda: (srv / "rl-1.tgz").exists(), what="the first shard")
+    edge = fl.agents["edge"]
+    port = int(edge.output().split("listening on https://127.0.0.1:")[1].split()[0])
+    edge.kill()  # every agent behind it loses its channel; the proxy's cache survives on disk
+    fl.start_proxy("edge", port=port)
+    rel.wait(timeout=180)
+    assert rel.state == "done", rel.info["message"]
+    for name in ("rl-1", "rl-2", "rl-3"):
+        assert (srv / f"{name}.tgz").read_bytes() == data
+    assert list(rel.progress()["status"]) == ["ok", "ok", "ok"]
