@@ -78,7 +78,12 @@ class BlobStore:
         if path is None:
             await error(send, 404, f"no file with SHA-256 {sha!r} on the master", kind="blob")
             return
-        await respond(send, 200, path.read_bytes())
+        data = path.read_bytes()
+        # how often blobs leave the master (and how many bytes): what proxy caches save shows here
+        # (GET /api/v1/status)
+        self.hub.stats["blobs_served"] = self.hub.stats.get("blobs_served", 0) + 1
+        self.hub.stats["blob_bytes_served"] = self.hub.stats.get("blob_bytes_served", 0) + len(data)
+        await respond(send, 200, data)
 
     async def _admin(self, scope: Scope, send: Send) -> bool:
         scheme, _, token = (header(scope, b"authorization") or "").partition(" ")

@@ -113,6 +113,8 @@ class ChunkCache:
         return sha in self._lru
 
     def stats(self) -> dict[str, int | float]:
+        """The counters, and the cache's size. Each request counts in ``requests`` as it comes and
+        in ``hits`` or ``misses`` once answered: hits + misses == requests when none is in flight."""
         c = self.counters
         looked = c["hits"] + c["misses"]
         return {**c, "entries": len(self._lru), "size_bytes": self._size, "limit_bytes": self.limit,
@@ -159,12 +161,11 @@ class ChunkCache:
                 if flight.answer is None:
                     continue  # that request was cancelled before it had an answer
                 self.counters["coalesced"] += 1
-                self.counters["hits" if flight.answer.cached else "misses"] += 1
                 await self._answer(send, flight.answer)
+                self.counters["hits" if flight.answer.cached else "misses"] += 1
                 return
             if fetch is None:
                 break
-            self.counters["misses"] += 1
             flight = self._flights[sha] = _Flight()
             try:
                 flight.answer = await self._fetch(sha, fetch)
@@ -172,10 +173,11 @@ class ChunkCache:
                 del self._flights[sha]
                 flight.done.set()
             await self._answer(send, flight.answer)
+            self.counters["misses"] += 1
             return
-        self.counters["misses"] += 1
         await _send(send, _problem(503, f"the proxy has no upstream right now and chunk {sha} is not in its "
                                         "cache; try again", "upstream"))
+        self.counters["misses"] += 1
 
     async def _fetch(self, sha: str, fetch: Fetch) -> Answer:
         self.counters["upstream_fetches"] += 1
