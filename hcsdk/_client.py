@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from . import _release, _schedules
+from . import _proxies, _release, _schedules
 from ._agents import Agents, AsyncAgents
 from ._artifacts import Artifacts, AsyncArtifacts
 from ._config import load_client_config
@@ -169,6 +169,11 @@ class AsyncClient:
     async def cancel_schedule(self, name: str) -> dict[str, Any]:
         """Stop a schedule on its agents (the samples collected so far stay)."""
         return await _schedules.cancel(self, name)
+
+    async def proxies(self) -> pd.DataFrame:
+        """Proxies, one row each, with their chunk cache's counters (bytes from upstream, bytes
+        served, hit ratio, entries, evictions, corrupt chunks caught, ...)."""
+        return await _proxies.proxies(self)
 
     async def create_join_token(self, ttl: float = 86400, description: str = "",
                                 proxies: list[str] | None = None) -> dict[str, Any]:
@@ -344,6 +349,9 @@ class Client:
 
     def cancel_schedule(self, name: str) -> dict[str, Any]:
         return portal().call(self._async.cancel_schedule, name)
+
+    def proxies(self) -> pd.DataFrame:
+        return portal().call(self._async.proxies)
 
     def create_join_token(self, ttl: float = 86400, description: str = "",
                           proxies: list[str] | None = None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from .artifacts_api import artifact_routes
 from .blobs import SHA_RE
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, RequestRejected
+from .proxy_stats import proxy_routes
 from .releases import Releases
 from .releases_api import release_routes
 from .schedules_api import schedule_routes
@@ -101,6 +102,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
 
     deps = [Depends(admin)]
     app.include_router(schedule_routes(hub, admin))
+    app.include_router(proxy_routes(hub, admin))
     app.include_router(artifact_routes(hub, paths, admin))
     releases = Releases(hub)
     hub.on_start.append(releases.start)

@@ -38,6 +38,7 @@ from hcsdk._mailbox import stream_mailbox
 from hcsdk._tls import sign_csr
 from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, loads
 
+from . import proxy_stats
 from .blobs import BlobStore
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, Session
@@ -280,6 +281,11 @@ class ChannelApp:
                 raise FrameError(f"malformed {msg['t']!r} message: {reason}")
             kind, uuid = msg["t"], str(msg.get("uuid"))
             if kind == "hb":
+                continue
+            if kind == "stats":  # a proxy's cache counters (its own, or a proxy's behind it): memory only
+                sender = self.hub.carried(session, uuid)
+                if sender is not None and sender.kind == "proxy" and self.hub.authentic(msg):
+                    proxy_stats.of(self.hub).record(uuid, msg["p"]["cache"])
                 continue
             target = self.hub.carried(session, uuid)
             if kind == "bye":  # a proxy says a client behind it went away
