@@ -18,7 +18,6 @@ import pytest
 from chunkclient import ChunkClient, enroll_clients
 
 from fleet import Fleet, wait_for
-from hcsdk._errors import RequestError
 from hcsdk._proxies import PROXY_COLUMNS, proxies_sync
 
 MiB = 1024 * 1024
@@ -51,12 +50,7 @@ def _counters(fleet: Fleet, proxy: str, requests: int) -> dict[str, Any]:
         return bool(c["requests"] >= requests and c["requests"] == c["hits"] + c["misses"])
 
     def row() -> dict[str, Any] | None:
-        try:
-            df = proxies_sync(fleet.client)
-        except RequestError as exc:
-            if exc.status == 404:
-                pytest.skip("GET /api/v1/proxies is not wired into master/api.py yet")
-            raise
+        df = fleet.client.proxies()
         rows = df.set_index("hostname")
         if proxy not in rows.index or pd.isna(rows.loc[proxy, "requests"]):
             return None
