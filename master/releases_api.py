@@ -41,6 +41,8 @@ def release_routes(hub: Hub, releases: Releases, admin: Any) -> APIRouter:
 
     @router.post("/api/v1/releases")
     async def create(req: ReleaseRequest) -> dict[str, Any]:
+        if not req.dest.startswith("/") or "\0" in req.dest:
+            raise RequestRejected(f"dest={req.dest!r} must be an absolute path on the targets")
         for name, value in (("batch", req.batch), ("max_failures", req.max_failures)):
             if isinstance(value, str) and not _SHARE.match(value):
                 raise RequestRejected(f"{name}={value!r}: give a number or a percentage like '20%'")
