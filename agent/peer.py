@@ -67,49 +67,74 @@ class PeerServer:
         self.host = host
         self.keys: set[str] = set()
         self.slots = anyio.Semaphore(uploads)
+        self.connections = anyio.Semaphore(64)
         self.limit = RateLimit(rate)
         self.served = {"requests": 0, "bytes": 0, "refused": 0, "busy": 0}
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port, reuse_port=False)
+        try:
+            listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port, reuse_port=False)
+        except OSError as exc:  # the port is taken: this agent takes from peers but serves nobody
+            log.error("cannot serve chunks to peers on port %d: %s", self.port, exc)
+            task_status.started(0)
+            return
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
         log.info("serving release chunks to peers on port %d", self.port)
         task_status.started(self.port)
-        await listener.serve(self._handle)
+        sock = listener.listeners[0]  # one address: 0.0.0.0
+        assert isinstance(sock, anyio.abc.SocketListener)
+        async with listener, anyio.create_task_group() as tg:
+            while True:
+                try:
+                    stream = await sock.accept()
+                except OSError as exc:  # out of descriptors, say: wait, do not take the agent down
+                    log.warning("peer server: accept failed (%s)", exc)
+                    await anyio.sleep(1)
+                    continue
+                tg.start_soon(self._handle, stream)
 
     async def _handle(self, stream: SocketStream) -> None:
         async with stream:
-            try:
-                with anyio.fail_after(30):
-                    status, body = await self._answer(await _read_head(stream))
-                await stream.send(b"HTTP/1.1 %d X\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-                                  % (status, len(body)))
-                for i in range(0, len(body), 256 * 1024):
-                    piece = body[i:i + 256 * 1024]
-                    await self.limit.take(len(piece))
-                    await stream.send(piece)
-                self.served["bytes"] += len(body) if status == 200 else 0
-            except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError, ValueError):
-                pass
+            if self.connections.value == 0:
+                return  # more connections than we serve: drop at once, hold nothing
+            async with self.connections:
+                try:
+                    with anyio.fail_after(60):  # a stalled reader does not hold a slot for ever
+                        await self._serve_one(stream, await _read_head(stream))
+                except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError, ValueError):
+                    pass
 
-    async def _answer(self, head: bytes) -> tuple[int, bytes]:
+    async def _serve_one(self, stream: SocketStream, head: bytes) -> None:
         match = _REQUEST.match(head)
         if match is None:
-            return 400, b"bad request"
+            await _reply(stream, 400, b"bad request")
+            return
         sha, tok = match.group(1).decode(), match.group(2).decode()
         self.served["requests"] += 1
         if not any(hmac.compare_digest(tok, token(k, sha)) for k in self.keys):
             self.served["refused"] += 1
-            return 403, b"not a peer of this release"
+            await _reply(stream, 403, b"not a peer of this release")
+            return
         if self.slots.value == 0:
             self.served["busy"] += 1
-            return 429, b"too many uploads"
-        async with self.slots:
-            path = self.chunks / sha
+            await _reply(stream, 429, b"too many uploads")
+            return
+        async with self.slots:  # for the whole transfer: the limit bounds uploads, not file reads
             try:
-                return 200, await anyio.Path(path).read_bytes()
+                body = await anyio.Path(self.chunks / sha).read_bytes()
             except OSError:
-                return 404, b"no such chunk here"
+                await _reply(stream, 404, b"no such chunk here")
+                return
+            await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+            for i in range(0, len(body), 256 * 1024):
+                piece = body[i:i + 256 * 1024]
+                await self.limit.take(len(piece))
+                await stream.send(piece)
+            self.served["bytes"] += len(body)
+
+
+async def _reply(stream: SocketStream, status: int, body: bytes) -> None:
+    await stream.send(b"HTTP/1.1 %d X\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (status, len(body), body))
 
 
 async def _read_head(stream: SocketStream) -> bytes:
@@ -121,20 +146,33 @@ async def _read_head(stream: SocketStream) -> bytes:
     return head
 
 
-async def fetch_from_peer(address: str, sha: str, key: str, timeout: float = 30) -> bytes:
-    """One chunk from a peer (``host:port``); raises OSError/ValueError when it cannot."""
+async def fetch_from_peer(address: str, sha: str, key: str, size: int, timeout: float = 30) -> bytes:
+    """One chunk of ``size`` bytes from a peer (``host:port``); raises OSError, ValueError or
+    TimeoutError when it cannot (a dead peer costs seconds, not the whole timeout)."""
     host, _, port = address.rpartition(":")
-    with anyio.fail_after(timeout):
-        async with await anyio.connect_tcp(host, int(port)) as stream:
+    with anyio.fail_after(5):
+        stream = await anyio.connect_tcp(host, int(port))
+    async with stream:
+        with anyio.fail_after(timeout):
             await stream.send(f"GET /chunk/{sha}?t={token(key, sha)} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
-            data = b""
-            try:
-                while True:
-                    data += await stream.receive(1024 * 1024)
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                pass
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1] if head.startswith(b"HTTP/1.") else b"0"
-    if status != b"200":
-        raise ValueError(f"peer {address} answered {status.decode(errors='replace')}: {body[:100]!r}")
-    return body
+            head = await _read_head(stream)
+            status, length, body = _response(head, address)
+            if status != 200:
+                raise ValueError(f"peer {address} answered {status}: {bytes(body[:100])!r}")
+            if length != size:
+                raise ValueError(f"peer {address} offers {length} bytes for a chunk of {size}")
+            while len(body) < size:
+                body += await stream.receive(min(1024 * 1024, size - len(body)))
+    return bytes(body[:size])
+
+
+def _response(head: bytes, address: str) -> tuple[int, int, bytearray]:
+    top, _, rest = head.partition(b"\r\n\r\n")
+    lines = top.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    try:
+        status = int(parts[1])
+        length = next(int(line.split(b":", 1)[1]) for line in lines[1:] if line.lower().startswith(b"content-length:"))
+    except (IndexError, ValueError, StopIteration):
+        raise ValueError(f"peer {address} sent a malformed answer") from None
+    return status, length, bytearray(rest)

@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,9 +40,12 @@ FETCH_ARGS = {"manifest": Arg(dict), "digest": Arg(str, min=64, max=64), "parall
               "peer_key": Arg(str, default="", max=64), "p2p": Arg(bool, default=True),
               "rate": Arg(float, default=0.0, min=0, help="bytes a second this agent downloads at most (0: no cap)")}
 PLACE_ARGS = {"digest": Arg(str, min=64, max=64), "dest": Arg(str, min=1, max=4096),
-              "mode": Arg(int, default=0o644, min=0, max=0o7777)}
-ROLLBACK_ARGS = {"dest": Arg(str, min=1, max=4096)}
-TRIES = 3
+              "mode": Arg(int, default=0o644, min=0, max=0o7777),
+              "sha256": Arg(str, default="", max=64, help="the file's SHA-256 (from the manifest): checked on disk")}
+ROLLBACK_ARGS = {"dest": Arg(str, min=1, max=4096), "digest": Arg(str, min=64, max=64)}
+#: rounds over every source for one chunk, with a growing pause between them (about a minute in
+#: all: a proxy or master restart only ends the agents' sessions for a few seconds)
+TRIES = 8
 PREV_SUFFIX = ".zy-prev"
 
 
@@ -59,17 +63,27 @@ class Releases:
         stats: dict[str, Any] = {"chunks": len(manifest.chunks), "reused": 0, "bytes_upstream": 0,
                                  "bytes_peers": 0, "corrupt": []}
         self.chunks.mkdir(parents=True, exist_ok=True)
-        todo = [i for i in range(len(manifest.chunks)) if not self._have(manifest, i)]
-        stats["reused"] = len(manifest.chunks) - len(todo)
-        held = [manifest.chunks[i] for i in range(len(manifest.chunks)) if i not in set(todo)]
+        first = {sha: i for i, sha in reversed(list(enumerate(manifest.chunks)))}  # a chunk twice: fetched once
+        missing = await anyio.to_thread.run_sync(lambda: [i for i in first.values() if not self._have(manifest, i)])
+        todo = sorted(missing)
+        stats["reused"] = len(first) - len(todo)
+        wanted = set(todo)
+        held = [sha for sha, i in first.items() if i not in wanted]
         swarm = await self._join(args, held) if args["p2p"] and args["peer_key"] else None
         if swarm is not None:
             todo = await swarm.rarest_first(manifest, todo)
         limiter = anyio.CapacityLimiter(args["parallel"])
         pace = RateLimit(args["rate"])
-        async with anyio.create_task_group() as tg:
-            for index in todo:
-                tg.start_soon(self._get_chunk, manifest, index, limiter, stats, swarm, pace)
+        try:
+            async with anyio.create_task_group() as tg:
+                for index in todo:
+                    tg.start_soon(self._get_chunk, manifest, index, limiter, stats, swarm, pace)
+        except BaseExceptionGroup as group:
+            failed = group.subgroup(TaskFailed)
+            if failed is None:
+                raise
+            self.agent.executor._emit_text(task, "stderr", "".join(f"{c}\n" for c in stats["corrupt"]))
+            raise failed.exceptions[0] from None
         path = await anyio.to_thread.run_sync(self._assemble, manifest, args["digest"])
         task.result = {"path": str(path), "size": manifest.size, "sha256": manifest.sha256,
                        "chunks": stats["chunks"], "reused": stats["reused"], "bytes_upstream": stats["bytes_upstream"],
@@ -106,7 +120,7 @@ class Releases:
         async with limiter:
             for attempt in range(1, TRIES + 1):
                 for source in (await swarm.peers(sha) if swarm else []) + ["upstream"]:
-                    data = await self._from(source, sha, index, stats, swarm)
+                    data = await self._from(source, sha, index, manifest.chunk_length(index), stats, swarm)
                     if data is None:
                         continue
                     try:
@@ -120,16 +134,16 @@ class Releases:
                     if swarm is not None:
                         await swarm.announce([sha])
                     return
-                await anyio.sleep(attempt)
+                await anyio.sleep(min(2 * attempt, 10))
         raise TaskFailed(f"chunk {index} could not be fetched intact from any source ({TRIES} rounds); "
                          "sources noted in stderr")
 
-    async def _from(self, source: str, sha: str, index: int, stats: dict[str, Any],
+    async def _from(self, source: str, sha: str, index: int, size: int, stats: dict[str, Any],
                     swarm: Swarm | None) -> bytes | None:
         if source != "upstream":
             assert swarm is not None
             try:
-                return await fetch_from_peer(source, sha, swarm.key)
+                return await fetch_from_peer(source, sha, swarm.key, size=size)
             except (OSError, ValueError, TimeoutError) as exc:
                 stats["corrupt"].append(f"peer {source} could not give chunk {index}: {exc}")
                 return None
@@ -170,24 +184,14 @@ class Releases:
         args = validate(PLACE_ARGS, task.args)
         dest = self._dest(args["dest"])
         source = self._fetched(args["digest"])
-        task.result = await anyio.to_thread.run_sync(_place, source, dest, args["mode"])
+        task.result = await anyio.to_thread.run_sync(_place, source, dest, args["mode"], args["digest"],
+                                                     args["sha256"])
         return "ok", 0
 
     async def rollback(self, task: Task) -> tuple[str, int | None]:
         args = validate(ROLLBACK_ARGS, task.args)
         dest = self._dest(args["dest"])
-        prev = dest.with_name(dest.name + PREV_SUFFIX)
-        absent = _absent_marker(dest)
-        if prev.is_file():
-            os.replace(prev, dest)
-            task.result = {"dest": str(dest), "sha256": _sha256_file(dest), "restored": True}
-        elif absent.is_file():  # there was no file before the release: there is none after
-            dest.unlink(missing_ok=True)
-            absent.unlink()
-            task.result = {"dest": str(dest), "sha256": None, "restored": True, "removed": True}
-        else:
-            raise TaskFailed(f"no previous version of {dest} was kept ({prev} is missing)")
-        _fsync_dir(dest.parent)
+        task.result = await anyio.to_thread.run_sync(_rollback, dest, args["digest"])
         return "ok", 0
 
     def _dest(self, text: str) -> Path:
@@ -224,38 +228,93 @@ def _dest(text: str) -> Path:
     return dest
 
 
-def _place(source: Path, dest: Path, mode: int) -> dict[str, Any]:
-    prev = dest.with_name(dest.name + PREV_SUFFIX)
-    if dest.is_file() and _sha256_file(dest) == _sha256_file(source):
-        # placed already (a step run again after a restart): the kept previous version stays
-        return {"dest": str(dest), "sha256": _sha256_file(dest), "previous_kept": prev.is_file(), "unchanged": True}
-    tmp = dest.with_name(f".{dest.name}.zy-new")
-    shutil.copyfile(source, tmp)
-    os.chmod(tmp, mode)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    kept = False
-    _absent_marker(dest).unlink(missing_ok=True)
-    if not dest.exists():
-        prev.unlink(missing_ok=True)
-        _absent_marker(dest).touch()  # what a rollback restores: no file
-    elif dest.is_file():
-        link = dest.with_name(f".{dest.name}.zy-prevlink")
-        link.unlink(missing_ok=True)
-        os.link(dest, link)  # dest stays in place until the new file replaces it
-        os.replace(link, prev)
-        kept = True
-    os.replace(tmp, dest)
+def _place(source: Path, dest: Path, mode: int, digest: str, sha256: str) -> dict[str, Any]:
+    """Put ``source`` at ``dest`` atomically, keeping what was there for a rollback, and note
+    in a journal beside it which release did so (a rollback undoes only its own release)."""
+    want = sha256 or _sha256_file(source)
+    journal = _journal(dest)
+    if dest.is_file() and _sha256_file(dest) == want:
+        # already there: placed by this release before a restart (its journal says so), or not ours to undo
+        ours = _read_journal(journal).get("digest") == digest
+        return {"dest": str(dest), "sha256": want, "placed": ours, "unchanged": True}
+    tmp = _copy_checked(source, dest.parent, f".{dest.name}.zy-new.", mode, want)
+    try:
+        prev = dest.with_name(dest.name + PREV_SUFFIX)
+        had = dest.is_file() and not dest.is_symlink()
+        if had:
+            link = Path(tempfile.mktemp(dir=dest.parent, prefix=f".{dest.name}.zy-prevlink."))
+            os.link(dest, link)  # dest stays in place until the new file replaces it
+            os.replace(link, prev)
+        _write_json(journal, {"digest": digest, "prev": "kept" if had else "none", "sha256": want})
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(dest.parent)
-    return {"dest": str(dest), "sha256": _sha256_file(dest), "previous_kept": kept}
+    return {"dest": str(dest), "sha256": want, "placed": True, "previous_kept": had}
 
 
-def _absent_marker(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.zy-none")
+def _rollback(dest: Path, digest: str) -> dict[str, Any]:
+    journal = _journal(dest)
+    entry = _read_journal(journal)
+    if entry.get("digest") != digest:
+        raise TaskFailed(f"{dest} was not placed by this release (nothing to roll back here)")
+    if entry.get("prev") == "kept":
+        prev = dest.with_name(dest.name + PREV_SUFFIX)
+        if not prev.is_file():
+            raise TaskFailed(f"the previous version of {dest} is gone ({prev} is missing)")
+        os.replace(prev, dest)
+        result: dict[str, Any] = {"dest": str(dest), "sha256": _sha256_file(dest), "restored": True}
+    else:  # there was no file before the release: there is none after
+        dest.unlink(missing_ok=True)
+        result = {"dest": str(dest), "sha256": None, "restored": True, "removed": True}
+    journal.unlink()
+    _fsync_dir(dest.parent)
+    return result
+
+
+def _copy_checked(source: Path, directory: Path, prefix: str, mode: int, sha256: str) -> Path:
+    """A copy under a fresh name (O_EXCL: no symlink planted in the directory is followed),
+    whose bytes on disk are checked against ``sha256``."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, 1024 * 1024)
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        if _sha256_file(tmp) != sha256:
+            raise TaskFailed(f"the copy of the release at {tmp} does not match its SHA-256: not placed")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _journal(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.zy-release")
+
+
+def _read_journal(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(name, path)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = Path(tempfile.mktemp(dir=path.parent, prefix=f".{path.name}."))
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()

@@ -45,12 +45,13 @@ class AsyncArtifacts:
             raise RequestError(f"no file at {path}", 0)
         manifest = await anyio.to_thread.run_sync(build_manifest, path, name, chunk_size)
         missing = set(await self._missing(manifest))
-        todo = [i for i, sha in enumerate(manifest.chunks) if sha in missing]
+        first = {sha: i for i, sha in reversed(list(enumerate(manifest.chunks)))}  # a chunk twice: sent once
+        todo = sorted(i for sha, i in first.items() if sha in missing)
         total = sum(manifest.chunk_length(i) for i in todo)
         sent = 0
         if progress is not None:
             progress(0, total)
-        for index in dict.fromkeys(todo):
+        for index in todo:
             await self._send_chunk(path, manifest, index)
             sent += manifest.chunk_length(index)
             if progress is not None:

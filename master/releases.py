@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS release_targets (
     release_id TEXT NOT NULL, uuid TEXT NOT NULL, hostname TEXT NOT NULL, shard INTEGER NOT NULL,
     phase TEXT NOT NULL, status TEXT NOT NULL, error TEXT, bytes INTEGER, bytes_upstream INTEGER,
     bytes_peers INTEGER, reused INTEGER, fetch_s REAL, started_at REAL, finished_at REAL,
-    PRIMARY KEY (release_id, uuid));
+    placed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (release_id, uuid));
 """
 STEPS = ("fetch", "pre", "place", "post", "health")
 ACTIVE = ("running", "rolling_back")
@@ -130,6 +130,8 @@ class Releases:
                                                                         len(rel["targets"]))}
             await self._set(release_id, options=dumps(options).decode())
         await self._set(release_id, state=new, message=f"{action} requested")
+        if action in ("abort", "rollback") and rel["step_run"]:
+            await self.hub.cancel_run(rel["step_run"])  # stop the step the agents are running now
         self._wake(release_id)
         if new in ACTIVE:
             self._drive(release_id)
@@ -175,7 +177,8 @@ class Releases:
                 pass
         except Exception as exc:  # a driver bug must not take the master down: the release says so
             log.exception("release %s failed", release_id)
-            await self._set(release_id, state="failed", message=f"internal error: {type(exc).__name__}: {exc}")
+            await self._set(release_id, state="failed", message=f"internal error: {type(exc).__name__}: {exc}",
+                            expect=("running", "rolling_back"))
         finally:
             self._driving.discard(release_id)
 
@@ -189,12 +192,13 @@ class Releases:
             return False
         shards = loads(rel["shards"])
         if rel["shard"] >= len(shards):
-            await self._set(release_id, state="done", message="every shard passed its health checks")
+            await self._set(release_id, state="done", message="every shard passed its health checks", expect="running")
             return False
         step = rel["step"] or "fetch"
         await self._do_step(rel, shards[rel["shard"]], step)
         if await self._over_limit(rel):
-            await self._set(release_id, state="paused", message=await self._pause_message(rel))
+            # an operator's abort or rollback meanwhile wins over the pause
+            await self._set(release_id, state="paused", message=await self._pause_message(rel), expect="running")
             return False
         if step == STEPS[-1]:
             await self._shard_done(rel)
@@ -211,6 +215,8 @@ class Releases:
         run_id = rel["step_run"]
         if not run_id:  # not started yet (after a restart, the run in flight is waited for, not redone)
             await self._online(live)
+            if (await self._row(rel["id"]))["state"] != "running":
+                return  # paused, aborted or rolled back while the targets came back
             cmd, args = command
             run = await self.hub.create_run(cmd, args, {"uuids": live}, float(options["timeout"]))
             run_id = run["run_id"]
@@ -232,7 +238,8 @@ class Releases:
                                         "peer_key": options["peer_key"], "p2p": bool(options.get("p2p", True)),
                                         "rate": float(options.get("rate", 0))}
         if step == "place":
-            return "zy.release.place", {"digest": rel["artifact_id"], "dest": rel["dest"], "mode": options["mode"]}
+            return "zy.release.place", {"digest": rel["artifact_id"], "dest": rel["dest"], "mode": options["mode"],
+                                        "sha256": loads(rel["manifest"])["sha256"]}
         script = options.get(step)
         return ("shell", {"script": script}) if script else None
 
@@ -265,6 +272,9 @@ class Releases:
                     self.sql.execute("UPDATE release_targets SET status='failed', error=?, finished_at=? "
                                      "WHERE release_id=? AND uuid=?",
                                      (f"{step}: {o['error'] or o['status']}", now, release_id, uuid))
+                elif step == "place" and (o["result"] or {}).get("placed"):  # what a rollback may undo
+                    self.sql.execute("UPDATE release_targets SET placed=1 WHERE release_id=? AND uuid=?",
+                                     (release_id, uuid))
                 elif step == "fetch" and o["result"]:
                     r = o["result"]
                     self.sql.execute("UPDATE release_targets SET bytes=?, bytes_upstream=?, bytes_peers=?, reused=?, "
@@ -321,14 +331,16 @@ class Releases:
 
     async def _roll_back(self, rel: dict[str, Any]) -> None:
         options = loads(rel["options"])
+        if rel["step_run"]:  # the step that was under way when the rollback came: let it end first
+            await self._record(rel["id"], rel["step"], await self._wait_run(rel["step_run"]))
+            await self._set(rel["id"], step_run="")
         rows = await self.db(lambda: self.sql.execute(
-            "SELECT uuid FROM release_targets WHERE release_id=? AND phase IN ('place','post','health','done')",
-            (rel["id"],)).fetchall())
+            "SELECT uuid FROM release_targets WHERE release_id=? AND placed=1", (rel["id"],)).fetchall())
         placed = [r[0] for r in rows]
         failed: list[str] = []
         if placed:
-            run = await self.hub.create_run("zy.release.rollback", {"dest": rel["dest"]}, {"uuids": placed},
-                                            float(options["timeout"]))
+            run = await self.hub.create_run("zy.release.rollback", {"dest": rel["dest"], "digest": rel["artifact_id"]},
+                                            {"uuids": placed}, float(options["timeout"]))
             outcomes = await self._wait_run(run["run_id"])
             failed = [u for u, o in outcomes.items() if o["status"] != "ok"]
             ok = [u for u in placed if u not in failed]
@@ -352,8 +364,13 @@ class Releases:
         row = await self.db(lambda: self.sql.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone())
         return dict(row)
 
-    async def _set(self, release_id: str, **fields: Any) -> None:
+    async def _set(self, release_id: str, expect: str | tuple[str, ...] | None = None, **fields: Any) -> bool:
+        """Update a release; with ``expect``, only while it is in that state (an operator's
+        action meanwhile is not overwritten). Whether it was updated."""
         fields["updated_at"] = time.time()
         cols = ", ".join(f"{k}=?" for k in fields)
-        values = (*fields.values(), release_id)
-        await self.db(lambda: self.sql.execute(f"UPDATE releases SET {cols} WHERE id=?", values))
+        states = (expect,) if isinstance(expect, str) else expect or ()
+        where = f" AND state IN ({','.join('?' * len(states))})" if states else ""
+        values = (*fields.values(), release_id, *states)
+        cur = await self.db(lambda: self.sql.execute(f"UPDATE releases SET {cols} WHERE id=?{where}", values))
+        return bool(cur.rowcount)

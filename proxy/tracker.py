@@ -46,11 +46,16 @@ class Tracker:
     def lookup(self, sid: str, body: Any, live: set[str]) -> dict[str, Any]:
         if not isinstance(body, dict) or not isinstance(body.get("chunks"), list):
             raise TrackerError("lookup wants {'chunks': [sha256, ...]}")
-        want = max(1, min(int(body.get("max", 4)), 16))
+        try:
+            want = max(1, min(int(body.get("max", 4)), 16))
+        except (TypeError, ValueError):
+            raise TrackerError("lookup 'max' must be a number") from None
         peers: dict[str, list[str]] = {}
         counts: dict[str, int] = {}
         for sha in body["chunks"][:MAX_ANNOUNCE]:
-            holders = [s for s in self.holders.get(str(sha), ()) if s != sid and s in live]
+            if not isinstance(sha, str):
+                raise TrackerError("lookup 'chunks' must be SHA-256 hex digests")
+            holders = [s for s in self.holders.get(sha, ()) if s != sid and s in live]
             counts[sha] = len(holders)
             random.shuffle(holders)
             peers[sha] = [self.peers[s][0] for s in holders[:want]]

@@ -54,10 +54,13 @@ def test_fetch_place_and_roll_back(fl: Fleet, tmp_path: Path) -> None:
     assert placed["status"] == "ok" and placed["result"]["previous_kept"]
     assert dest.read_bytes() == data1 and (dest.parent / "app.tgz.zy-prev").read_bytes() == b"the version before"
 
-    rolled = _run(fl, "zy.release.rollback", "r-1", dest=str(dest))
+    assert _run(fl, "zy.release.place", "r-1", digest=v1["id"], dest=str(dest))["result"]["unchanged"]
+    other = _run(fl, "zy.release.rollback", "r-1", dest=str(dest), digest="e" * 64)
+    assert other["status"] == "error" and "was not placed by this release" in other["error"]
+    rolled = _run(fl, "zy.release.rollback", "r-1", dest=str(dest), digest=v1["id"])
     assert rolled["status"] == "ok" and dest.read_bytes() == b"the version before"
-    again = _run(fl, "zy.release.rollback", "r-1", dest=str(dest))
-    assert again["status"] == "error" and "no previous version" in again["error"]
+    again = _run(fl, "zy.release.rollback", "r-1", dest=str(dest), digest=v1["id"])
+    assert again["status"] == "error" and "was not placed by this release" in again["error"]
 
 
 def test_a_second_fetch_reuses_chunks_and_heals_damaged_ones(fl: Fleet, tmp_path: Path) -> None:
@@ -78,6 +81,15 @@ def test_a_second_fetch_reuses_chunks_and_heals_damaged_ones(fl: Fleet, tmp_path
 
 def test_a_manifest_that_does_not_match_its_digest_is_refused(fl: Fleet, tmp_path: Path) -> None:
     art, _ = _artifact(fl, tmp_path, 1000)
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"must stay")
+    for name in (".app.tgz.zy-new", ".app.tgz.zy-release"):
+        (trap / name).symlink_to(victim)  # planted by someone who can write the directory
+    assert _run(fl, "zy.release.fetch", "r-2", manifest=art["manifest"], digest=art["id"])["status"] == "ok"
+    placed = _run(fl, "zy.release.place", "r-2", digest=art["id"], dest=str(trap / "app.tgz"))
+    assert placed["status"] == "ok" and victim.read_bytes() == b"must stay"
     swapped = {**art["manifest"], "sha256": "0" * 64}
     got = _run(fl, "zy.release.fetch", "r-2", manifest=swapped, digest=art["id"])
     assert got["status"] == "error" and "the signed command says" in got["error"]
