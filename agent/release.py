@@ -201,7 +201,7 @@ class Releases:
 
     def _fetched(self, digest: str) -> Path:
         home = self.releases / digest[:16]
-        files = [p for p in home.iterdir() if p.is_file() and not p.name.startswith(".")] if home.is_dir() else []
+        files = [p for p in home.iterdir() if p.is_file() and not p.name.endswith(".part")] if home.is_dir() else []
         if not files:
             raise TaskFailed(f"release {digest[:16]} has not been fetched on this agent (run zy.release.fetch first)")
         return files[0]

@@ -78,7 +78,7 @@ class BlobStore:
         if path is None:
             await error(send, 404, f"no file with SHA-256 {sha!r} on the master", kind="blob")
             return
-        data = path.read_bytes()
+        data = await anyio.Path(path).read_bytes()  # off the event loop: chunks are MiBs
         # how often blobs leave the master (and how many bytes): what proxy caches save shows here
         # (GET /api/v1/status)
         self.hub.stats["blobs_served"] = self.hub.stats.get("blobs_served", 0) + 1

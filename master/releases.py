@@ -110,9 +110,10 @@ class Releases:
         artifact (so agents that got it in an earlier release serve it too), from a master secret."""
         store = self.hub.db.store
         secret = await self.db(store.get_meta, "peer_secret")
-        if secret is None:
-            secret = secrets.token_hex(32)
-            await self.db(store.set_meta, "peer_secret", secret)
+        if secret is None:  # the first of two releases created at once wins: both use its secret
+            await self.db(lambda: self.sql.execute("INSERT OR IGNORE INTO meta(k, v) VALUES('peer_secret', ?)",
+                                                   (secrets.token_hex(32),)))
+            secret = str(await self.db(store.get_meta, "peer_secret"))
         return hmac.new(bytes.fromhex(secret), artifact_id.encode(), hashlib.sha256).hexdigest()
 
     async def act(self, release_id: str, action: str) -> dict[str, Any]:
@@ -181,6 +182,9 @@ class Releases:
                             expect=("running", "rolling_back"))
         finally:
             self._driving.discard(release_id)
+        # an operator's resume or rollback between the last step and here found us still driving
+        if (await self._row(release_id))["state"] in ACTIVE:
+            self._drive(release_id)
 
     async def _advance(self, release_id: str) -> bool:
         """One step of a release; False when there is nothing more to do now."""
