@@ -295,7 +295,8 @@ def test_a_new_agent_that_dies_after_taking_over_gives_the_channel_back(fl: Flee
             break
     run = _upload_and_update(fl, "u-7", builds["good"])
     record = fl.root / "agents" / "u-7" / "handover.json"
-    wait_for(record.exists, what="the new agent to take over")
+    wait_for(lambda: "handing over to the new build" in fl.agents["u-7"].output(),
+             what="the old agent to start handing over")
     new_pid = json.loads(record.read_text())["pid"]
     os.kill(new_pid, signal.SIGKILL)  # dies while the old agent is still finishing its task
     df = run.to_dataframe()
@@ -330,7 +331,8 @@ def test_a_task_the_old_agent_finishes_can_still_be_cancelled(fl: Fleet, builds:
         if event.kind == "start":
             break
     run = _upload_and_update(fl, "u-8", builds["good"])
-    wait_for((fl.root / "agents" / "u-8" / "handover.json").exists, what="the new agent to take over")
+    wait_for(lambda: "handing over to the new build" in fl.agents["u-8"].output(),
+             what="the old agent to start handing over")
     long.cancel()
     assert long.to_dataframe().loc[0, "status"] == "cancelled"
     assert run.to_dataframe().loc[0, "status"] == "ok"
