@@ -312,26 +312,36 @@ def free_ports(count: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def hcsdk_fleet(root: Path, n: int, reaper: Reaper) -> Iterator[Any]:
+def hcsdk_fleet(root: Path, n: int, reaper: Reaper,
+                proxy: list[str] | None = None) -> Iterator[tuple[Any, str | None]]:
     """A master and ``n`` agent processes (`bench-0000`...) all online; closed (and their process groups
-    killed) on the way out, whatever happens."""
+    killed) on the way out, whatever happens. With ``proxy`` (its extra arguments) the agents sit behind
+    one proxy (``edge``). Yields the fleet and the proxy's URL (None without one)."""
     from hcsdk.localfleet import LocalFleet
 
     fleet = LocalFleet(root)
     started: list[subprocess.Popen[bytes]] = []
+    url: str | None = None
     try:
         t0 = time.monotonic()
         fleet.start_master()
         assert fleet.master is not None
         started.append(fleet.master.popen)
         reaper.adopt(fleet.master.popen)
+        if proxy is not None:
+            try:
+                url = fleet.start_proxy("edge", extra=proxy)
+            finally:
+                if "edge" in fleet.agents:
+                    started.append(fleet.agents["edge"].popen)
+                    reaper.adopt(started[-1])
         for i in range(n):
-            started.append(fleet.start_agent(f"bench-{i:04d}").popen)
+            started.append(fleet.start_agent(f"bench-{i:04d}", extra=["--master", url] if url else None).popen)
             reaper.adopt(started[-1])
         # 100 Python processes importing on 2 cores take a while: wait generously
         fleet.wait_online(timeout=max(120.0, 3.0 * n))
-        log(f"hcsdk: master + {n} agents online in {time.monotonic() - t0:.1f}s")
-        yield fleet
+        log(f"hcsdk: master + {'proxy + ' if url else ''}{n} agents online in {time.monotonic() - t0:.1f}s")
+        yield fleet, url
     finally:
         with contextlib.suppress(Exception):
             _close_fleet(fleet)
@@ -363,7 +373,7 @@ def time_hcsdk(fleet: Any, n: int) -> Timing:
 def run_hcsdk(root: Path, n: int, reaper: Reaper) -> dict[str, Any]:
     """Start an hcsdk fleet of ``n`` agents, time ``client.run`` on it, measure one agent and the master, and
     where the CPU went: the master, all agents (with the shells they ran) and this process (the SDK)."""
-    with hcsdk_fleet(root, n, reaper) as fleet:
+    with hcsdk_fleet(root, n, reaper) as (fleet, _):
         parts = {"master": [fleet.master.popen.pid], "agents": [p.popen.pid for p in fleet.agents.values()]}
         before = {name: cpu_seconds(pids) for name, pids in parts.items()}
         sdk_before = _own_cpu()

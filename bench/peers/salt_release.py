@@ -51,9 +51,9 @@ from _common import (
     MIB,
     OtherLoad,
     Reaper,
-    _close_fleet,
     cpu_seconds,
     fmt_busy,
+    hcsdk_fleet,
     log,
     other_load_note,
     peer_venv,
@@ -258,42 +258,11 @@ def salt_once(fleet: SaltFleet, f: dict[str, Any]) -> dict[str, Any]:
 # -- hcsdk ------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def hcsdk_proxy_fleet(root: Path, n: int, reaper: Reaper) -> Iterator[tuple[Any, str]]:
-    """A master, one proxy (``edge``) and ``n`` agents (`bench-0000`...) behind it, all online; closed (and their
-    process groups killed) on the way out, whatever happens. Yields the fleet and the proxy's URL."""
-    from hcsdk.localfleet import LocalFleet
-
-    fleet = LocalFleet(root)
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        t0 = time.monotonic()
-        fleet.start_master()
-        assert fleet.master is not None
-        started.append(fleet.master.popen)
-        reaper.adopt(fleet.master.popen)
-        # the proxy: stats every second, so its counters reach the master before we read them
-        try:
-            proxy = fleet.start_proxy("edge", extra=["--stats-every", "1"])
-        finally:
-            if "edge" in fleet.agents:
-                started.append(fleet.agents["edge"].popen)
-                reaper.adopt(started[-1])
-        for i in range(n):
-            started.append(fleet.start_agent(f"bench-{i:04d}", extra=["--master", proxy]).popen)
-            reaper.adopt(started[-1])
-        fleet.wait_online(timeout=max(120.0, 3.0 * n))
-        log(f"hcsdk: master + proxy + {n} agents online in {time.monotonic() - t0:.1f}s")
-        yield fleet, proxy
-    finally:
-        with contextlib.suppress(Exception):
-            _close_fleet(fleet)
-        reaper.reap(started)
-
-
 def run_hcsdk(root: Path, n: int, files: list[dict[str, Any]], reaper: Reaper, batch: int | None,
               p2p: bool) -> list[dict[str, Any]]:
-    with hcsdk_proxy_fleet(root, n, reaper) as (fleet, proxy):
+    # the proxy sends its stats every second, so its counters reach the master before we read them
+    with hcsdk_fleet(root, n, reaper, proxy=["--stats-every", "1"]) as (fleet, proxy):
+        assert proxy is not None
         return [hcsdk_once(fleet, proxy, n, f, batch or n, p2p) for f in files]
 
 
