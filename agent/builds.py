@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .jsonfile import write_json
 from .worker_process import launcher
 
 log = logging.getLogger("zy.agent.builds")
@@ -72,9 +73,7 @@ def record_current(root: Path, build: Path) -> dict[str, Any] | None:
     pointer = root / "builds" / "current.json"
     previous = read_current(root)
     digest = hashlib.sha256(build.read_bytes()).hexdigest()
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"path": str(build), "sha256": digest}))
-    tmp.replace(pointer)
+    write_json(pointer, {"path": str(build), "sha256": digest})
     return previous
 
 
@@ -83,7 +82,7 @@ def restore_current(root: Path, previous: dict[str, Any] | None) -> None:
     if previous is None:
         pointer.unlink(missing_ok=True)
     else:
-        pointer.write_text(json.dumps(previous))
+        write_json(pointer, previous)
 
 
 def read_current(root: Path) -> dict[str, Any] | None:

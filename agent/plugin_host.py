@@ -16,7 +16,6 @@ import binascii
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import time
@@ -30,6 +29,7 @@ import anyio
 
 from hcsdk._version import __version__
 
+from .jsonfile import write_json
 from .plugins import BUNDLED
 from .worker_process import WorkerGone, WorkerProcess
 
@@ -107,12 +107,7 @@ class PluginHost:
 
     def _write_index(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "index.json.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.installed, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(self.dir / "index.json")
+        write_json(self.dir / "index.json", self.installed)
 
     # -- install / remove / list ------------------------------------------------------------
     async def install(self, args: dict[str, Any]) -> dict[str, Any]:

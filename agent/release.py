@@ -29,6 +29,7 @@ import anyio
 from hcsdk._manifest import Manifest, ManifestError
 
 from .executor import Task, TaskFailed
+from .jsonfile import write_json
 from .peer import RateLimit, fetch_from_peer
 from .plugins.api import Arg, PluginError, validate
 from .plugins.file import check_path
@@ -245,7 +246,7 @@ def _place(source: Path, dest: Path, mode: int, digest: str, sha256: str) -> dic
             link = Path(tempfile.mktemp(dir=dest.parent, prefix=f".{dest.name}.zy-prevlink."))
             os.link(dest, link)  # dest stays in place until the new file replaces it
             os.replace(link, prev)
-        _write_json(journal, {"digest": digest, "prev": "kept" if had else "none", "sha256": want})
+        write_json(journal, {"digest": digest, "prev": "kept" if had else "none", "sha256": want})
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -302,15 +303,6 @@ def _read_journal(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(name, path)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

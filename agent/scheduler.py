@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .executor import BUILTIN_ARGS, Task, TaskFailed
+from .jsonfile import write_json
 from .plugins.api import Arg, ArgError, PluginError, validate
 from .worker import check_result
 
@@ -65,12 +65,7 @@ class Scheduler:
             return {}
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(self.schedules, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(self.path)
+        write_json(self.path, self.schedules)
 
     async def run(self, tg: TaskGroup) -> None:
         self._tg = tg

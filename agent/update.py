@@ -41,6 +41,7 @@ from hcsdk._version import __version__
 
 from . import builds
 from .executor import Task, TaskFailed
+from .jsonfile import write_json
 from .plugins.api import Arg, validate
 from .systemd import notify
 
@@ -250,10 +251,7 @@ class Updater:
             await anyio.sleep(SETTLE)
             if channel.sid is not None:
                 break
-        record = self.root / "handover.json"
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"taskid": taskid, "pid": os.getpid()}))
-        tmp.replace(record)
+        write_json(self.root / "handover.json", {"taskid": taskid, "pid": os.getpid()})
         own = builds.own_build(self.root)
         if own is not None:
             builds.record_current(self.root, own)
