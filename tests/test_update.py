@@ -3,6 +3,7 @@ made by scripts/build_agent.py, stamped with another version)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -60,15 +61,10 @@ def fl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 def _kill_under(root: Path) -> None:
     """Processes started from this fleet's directories that the fleet does not know of."""
-    mark = str(root).encode()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    if mark in fh.read():
-                        os.kill(int(entry), signal.SIGKILL)
-            except OSError:
-                continue
+    for pid in _pids_with(str(root)):
+        if pid != os.getpid():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _whoami(client: Client, name: str) -> tuple[str, int]:
