@@ -37,6 +37,8 @@ from .tracker import TrackerError
 
 log = logging.getLogger("zy.proxy.app")
 
+#: how long a tracker ``next`` with nothing to hand out waits for a chunk to change hands
+NEXT_WAIT = 2.0
 #: credentials remembered for reading the cache while the upstream is away (one per client)
 _MAX_ACCEPTED = 100_000
 
@@ -66,6 +68,7 @@ class ProxyApp:
             ("GET", "/v1/blob"): self.blob,
             ("POST", "/v1/tracker/announce"): self.announce,
             ("POST", "/v1/tracker/lookup"): self.lookup,
+            ("POST", "/v1/tracker/next"): self.next_chunk,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -158,13 +161,33 @@ class ProxyApp:
         client = await self._client(scope, send)
         if client is None:
             return
-        live = {sid for sid, c in self.relay.by_sid.items() if not c.closed.is_set()}
         try:
-            found = self.relay.tracker.lookup(client.sid, loads(await read_body(receive, self.max_body)), live)
+            found = self.relay.tracker.lookup(client.sid, loads(await read_body(receive, self.max_body)),
+                                              LiveSessions(self.relay.by_sid))
         except (ValueError, TrackerError) as exc:
             await error(send, 400, f"bad lookup: {exc}")
             return
         await respond(send, 200, found)
+
+    async def next_chunk(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Which chunks the agent fetches next, and from where (the tracker schedules the swarm).
+        When there is nothing for it yet, the answer waits up to ``NEXT_WAIT`` seconds for a
+        chunk to change hands before it says so (no grants)."""
+        client = await self._client(scope, send)
+        if client is None:
+            return
+        tracker, live = self.relay.tracker, LiveSessions(self.relay.by_sid)
+        try:
+            body = loads(await read_body(receive, self.max_body))
+            answer = tracker.next(client.sid, body, live, self.cache.__contains__)
+            with anyio.move_on_after(NEXT_WAIT):
+                while not answer["grants"] and not client.closed.is_set():
+                    await tracker.changed.wait()
+                    answer = tracker.next(client.sid, {**body, "failed": [], "got": []}, live, self.cache.__contains__)
+        except (ValueError, TrackerError) as exc:
+            await error(send, 400, f"bad next: {exc}")
+            return
+        await respond(send, 200, answer)
 
     async def blob(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A file for a client with a live session, from the chunk cache or fetched upstream on our
@@ -275,6 +298,17 @@ class ProxyApp:
         await error(send, 400, f"bad frame: {exc}", kind="frame")
 
 
+
+
+class LiveSessions:
+    """The tracker's view of which session ids are still connected here."""
+
+    def __init__(self, by_sid: dict[str, Downstream]) -> None:
+        self.by_sid = by_sid
+
+    def __contains__(self, sid: object) -> bool:
+        client = self.by_sid.get(sid) if isinstance(sid, str) else None
+        return client is not None and not client.closed.is_set()
 
 
 def _names_handover(body: bytes) -> bool:

@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--stats-every", type=float, default=10.0, metavar="SECONDS",
                    help="report the cache counters to the master this often when they changed (default 10; "
                    "0: never)")
+    p.add_argument("--seed-copies", type=_positive, default=1, metavar="N",
+                   help="P2P: agents this proxy hands each chunk of a release to; the others take it from "
+                   "them (default 1: the proxy sends a release about once)")
+    p.add_argument("--upstream-parallel", type=_positive, default=2, metavar="N",
+                   help="P2P: chunks not yet cached that agents fetch through this proxy at once, so they "
+                   "cross a thin upstream link in order (default 2)")
     p.add_argument("--tamper", default="", choices=MODES, help=argparse.SUPPRESS)  # tests: a compromised relay
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
@@ -57,7 +63,8 @@ def _main(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, host=host, port=port, upstreams=args.upstream, join=args.join,
         advertise=args.advertise, hostname=args.hostname, http2=not args.no_http2, heartbeat=args.heartbeat,
         dead_after=args.dead_after, h2_retry=args.h2_retry, backoff_cap=args.backoff_cap, tamper=args.tamper,
-        cache_size=args.cache_size, stats_every=args.stats_every,
+        cache_size=args.cache_size, stats_every=args.stats_every, seed_copies=args.seed_copies,
+        upstream_parallel=args.upstream_parallel,
     ))
 
 
@@ -68,3 +75,9 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"wants a whole number of at least 1, got {text!r}")
+    return int(text)

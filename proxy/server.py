@@ -32,6 +32,7 @@ from .app import ProxyApp
 from .cache import ChunkCache
 from .relay import Relay
 from .tamper import Tamper
+from .tracker import Tracker
 
 log = logging.getLogger("zy.proxy")
 
@@ -58,6 +59,10 @@ class ProxySettings:
     cache_size: int = 10 * 1024**3
     #: seconds between reports of the cache counters to the master (when they changed)
     stats_every: float = 10.0
+    #: P2P: agents the proxy gives each chunk to itself; the others take it from them
+    seed_copies: int = 1
+    #: P2P: chunks not cached here that agents are sent to fetch through the proxy at once
+    upstream_parallel: int = 2
 
 
 async def _enroll_once(settings: ProxySettings, state: StateDir) -> Any:
@@ -94,6 +99,7 @@ async def serve(settings: ProxySettings) -> None:
                        wake=relay.queue.current_wake, settings=channel_settings, on_lost=relay.upstream_lost)
 
     relay = Relay(ident.uuid, channel_for, Tamper(settings.tamper))
+    relay.tracker = Tracker(settings.seed_copies, settings.upstream_parallel)
     cache = ChunkCache(settings.data_dir / "cache", settings.cache_size)
     app = ProxyApp(relay, state.ca_path, settings.heartbeat, settings.poll_wait, settings.max_frame,
                    idle_beat=settings.idle_beat, cache=cache)

@@ -1,61 +1,108 @@
 """The proxy as tracker: which of its clients hold which chunk (a central tracker; no DHT, no
 broadcast in the customer's network). Agents announce chunks as they get them; a lookup
-answers, per chunk, a few peers (random among the holders, so load spreads) and how many hold it,
-so the asking agent can fetch the rarest chunks first. A client's announcements end with its
-session. Nothing here is durable: agents announce again after a proxy restart.
+answers, per chunk, a few peers (random among the holders, so load spreads) and how many hold it.
+A client's announcements end with its session. Nothing here is durable: agents announce again
+when their session is new (after a proxy restart, say).
+
+Being central, the tracker also schedules: an agent asks ``next`` with the chunks it still
+wants and is told which one to fetch and from where (:meth:`Tracker.next`). The proxy seeds each
+chunk to ``seed_copies`` agents only (super-seeding), and the rest of the swarm takes it from
+them, rarest chunk first, from the holder with the fewest uploads running; a chunk nobody has
+yet waits for its seed rather than being pulled from the proxy again. Chunks the proxy does not
+hold yet are handed out ``upstream_parallel`` at a time and in the order asked for, so they cross
+a thin upstream link one after the other instead of all arriving together at the end.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import time
+from collections.abc import Callable, Container
+from dataclasses import dataclass
 from typing import Any
+
+import anyio
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 MAX_ANNOUNCE = 100_000
+MAX_WANT = 1024
+UPSTREAM = ""
+#: a grant nobody reported back ends by itself (a peer transfer of one chunk on a LAN takes
+#: seconds; one from the proxy may wait behind a thin link)
+PEER_GRANT_TTL = 60.0
+UPSTREAM_GRANT_TTL = 600.0
 
 
 class TrackerError(ValueError):
     pass
 
 
+@dataclass
+class Grant:
+    source: str  # the serving peer's session id, or UPSTREAM (the proxy)
+    until: float
+
+
 class Tracker:
-    def __init__(self) -> None:
+    def __init__(self, seed_copies: int = 1, upstream_parallel: int = 2) -> None:
+        self.seed_copies = seed_copies
+        self.upstream_parallel = upstream_parallel
         #: sha -> session ids holding it
         self.holders: dict[str, set[str]] = {}
-        #: session id -> (address "host:port", its chunks)
+        #: session id -> (address "host:port", its chunks); port 0: holds but serves nobody
         self.peers: dict[str, tuple[str, set[str]]] = {}
+        self.slots: dict[str, int] = {}
+        #: (fetching session id, sha) -> where it was told to fetch from
+        self.grants: dict[tuple[str, str], Grant] = {}
+        #: serving session id -> transfers granted from it now
+        self.load: dict[str, int] = {}
+        #: sha -> agents granted it now
+        self.fetchers: dict[str, int] = {}
+        #: sha -> times the proxy was granted as its source
+        self.seeded: dict[str, int] = {}
+        #: (fetching session id, sha, serving session id) that failed: not granted again
+        self.bad: set[tuple[str, str, str]] = set()
+        self.changed = anyio.Event()
 
+    # -- what agents hold ------------------------------------------------------------------------
     def announce(self, sid: str, host: str, body: Any) -> int:
         if not isinstance(body, dict):
             raise TrackerError("announce wants a JSON object")
-        port, chunks = body.get("port"), body.get("chunks", [])
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise TrackerError("announce needs the peer port (1-65535)")
-        if not isinstance(chunks, list) or len(chunks) > MAX_ANNOUNCE or not all(
-                isinstance(c, str) and _SHA.match(c) for c in chunks):
-            raise TrackerError("announce 'chunks' must be a list of SHA-256 hex digests")
-        address, held = self.peers.get(sid, (f"{host}:{port}", set()))
-        address = f"{host}:{port}"
-        held.update(chunks)
+        port, chunks, slots = body.get("port"), body.get("chunks", []), body.get("slots", 4)
+        if not isinstance(port, int) or not 0 <= port < 65536:
+            raise TrackerError("announce needs the peer port (1-65535, or 0: serves nobody)")
+        if not isinstance(slots, int) or not 1 <= slots <= 1024:
+            raise TrackerError("announce 'slots' must be 1-1024 (uploads this peer serves at once)")
+        _check_shas(chunks, "announce 'chunks'")
+        _, held = self.peers.get(sid, ("", set()))
+        self.peers[sid] = (f"{host}:{port}" if port else "", held)
+        self.slots[sid] = slots
+        return self._hold(sid, chunks)
+
+    def _hold(self, sid: str, chunks: list[str]) -> int:
+        address, held = self.peers.get(sid, ("", set()))
         self.peers[sid] = (address, held)
+        held.update(chunks)
         for sha in chunks:
-            self.holders.setdefault(sha, set()).add(sid)
+            if address:
+                self.holders.setdefault(sha, set()).add(sid)
+            self._end_grant(sid, sha)
+        self._wake()
         return len(held)
 
-    def lookup(self, sid: str, body: Any, live: set[str]) -> dict[str, Any]:
+    def lookup(self, sid: str, body: Any, live: Container[str]) -> dict[str, Any]:
         if not isinstance(body, dict) or not isinstance(body.get("chunks"), list):
             raise TrackerError("lookup wants {'chunks': [sha256, ...]}")
         try:
             want = max(1, min(int(body.get("max", 4)), 16))
         except (TypeError, ValueError):
             raise TrackerError("lookup 'max' must be a number") from None
+        _check_shas(body["chunks"], "lookup 'chunks'")
         peers: dict[str, list[str]] = {}
         counts: dict[str, int] = {}
-        for sha in body["chunks"][:MAX_ANNOUNCE]:
-            if not isinstance(sha, str):
-                raise TrackerError("lookup 'chunks' must be SHA-256 hex digests")
-            holders = [s for s in self.holders.get(sha, ()) if s != sid and s in live]
+        for sha in body["chunks"]:
+            holders = self._holders(sha, sid, live)
             counts[sha] = len(holders)
             random.shuffle(holders)
             peers[sha] = [self.peers[s][0] for s in holders[:want]]
@@ -63,13 +110,152 @@ class Tracker:
 
     def forget(self, sid: str) -> None:
         _, held = self.peers.pop(sid, ("", set()))
+        self.slots.pop(sid, None)
         for sha in held:
             holders = self.holders.get(sha)
             if holders is not None:
                 holders.discard(sid)
                 if not holders:
                     del self.holders[sha]
+        for (fetcher, sha), grant in list(self.grants.items()):
+            if sid in (fetcher, grant.source):
+                self._end_grant(fetcher, sha)
+        self.bad = {b for b in self.bad if sid not in (b[0], b[2])}
+        self._wake()
+
+    # -- scheduling ------------------------------------------------------------------------------
+    def next(self, sid: str, body: Any, live: Container[str], cached: Callable[[str], bool]) -> dict[str, Any]:
+        """Up to ``max`` chunks of ``want`` for this agent to fetch now, and from where:
+        ``{"grants": [{"sha", "peer": "host:port" or "" (the proxy)}, ...]}``, none when every
+        chunk it wants is on its way to someone it can take it from soon. The same call reports
+        chunks the agent ``got`` since it last said (as :meth:`announce` does) and sources that
+        ``failed`` it."""
+        want, failed, got, most = _next_body(body)
+        for sha, source in failed:
+            self._fail(sid, sha, source)
+        if got:
+            self._hold(sid, got)
+        self._expire(time.monotonic())
+        grants = []
+        for _ in range(most):
+            pick = self._from_peer(sid, want, live) or self._from_upstream(sid, want, live, cached)
+            if pick is None:
+                break
+            sha, source = pick
+            self._grant(sid, sha, source)
+            grants.append({"sha": sha, "peer": self.peers[source][0] if source else ""})
+        return {"grants": grants}
+
+    async def wait_change(self, timeout: float) -> None:
+        with anyio.move_on_after(timeout):
+            await self.changed.wait()
+
+    def _from_peer(self, sid: str, want: list[str], live: Container[str]) -> tuple[str, str] | None:
+        """The rarest wanted chunk that some holder has a free upload slot for."""
+        best: tuple[tuple[int, float], str, list[str]] | None = None
+        for sha in want:
+            if (sid, sha) in self.grants:
+                continue
+            free = [h for h in self._holders(sha, sid, live)
+                    if self.load.get(h, 0) < self.slots.get(h, 4) and (sid, sha, h) not in self.bad]
+            if free:
+                key = (len(self.holders.get(sha, ())) + self._fetching(sha), random.random())
+                if best is None or key < best[0]:
+                    best = (key, sha, free)
+        if best is None:
+            return None
+        _, sha, free = best
+        return sha, min(free, key=lambda h: (self.load.get(h, 0), random.random()))
+
+    def _from_upstream(self, sid: str, want: list[str], live: Container[str],
+                       cached: Callable[[str], bool]) -> tuple[str, str] | None:
+        """The first wanted chunk the proxy still seeds (or that nobody else can give this agent)."""
+        fetching_upstream = sum(1 for (_, sha), g in self.grants.items() if g.source == UPSTREAM and not cached(sha))
+        for sha in want:
+            if (sid, sha) in self.grants:
+                continue
+            seeded = self.seeded.get(sha, 0) < self.seed_copies
+            usable = [h for h in self._holders(sha, sid, live) if (sid, sha, h) not in self.bad]
+            if not (seeded or (not usable and not self._fetching(sha))):
+                continue
+            if not cached(sha) and fetching_upstream >= self.upstream_parallel and not self._fetching(sha):
+                continue
+            return sha, UPSTREAM
+        return None
+
+    def _holders(self, sha: str, sid: str, live: Container[str]) -> list[str]:
+        return [s for s in self.holders.get(sha, ()) if s != sid and s in live]
+
+    def _fetching(self, sha: str) -> int:
+        return self.fetchers.get(sha, 0)
+
+    def _grant(self, sid: str, sha: str, source: str) -> None:
+        self._end_grant(sid, sha)
+        ttl = UPSTREAM_GRANT_TTL if source == UPSTREAM else PEER_GRANT_TTL
+        self.grants[(sid, sha)] = Grant(source, time.monotonic() + ttl)
+        _count(self.fetchers, sha, 1)
+        if source == UPSTREAM:
+            self.seeded[sha] = self.seeded.get(sha, 0) + 1
+        else:
+            _count(self.load, source, 1)
+
+    def _end_grant(self, sid: str, sha: str) -> None:
+        grant = self.grants.pop((sid, sha), None)
+        if grant is None:
+            return
+        _count(self.fetchers, sha, -1)
+        if grant.source != UPSTREAM:
+            _count(self.load, grant.source, -1)
+
+    def _fail(self, sid: str, sha: str, address: str) -> None:
+        grant = self.grants.get((sid, sha))
+        if grant is not None and grant.source != UPSTREAM and self.peers.get(grant.source, ("",))[0] == address:
+            self.bad.add((sid, sha, grant.source))
+        self._end_grant(sid, sha)
+        self._wake()
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, g in self.grants.items() if g.until < now]:
+            self._end_grant(*key)
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"peers": len(self.peers), "chunks": len(self.holders)}
+        return {"peers": len(self.peers), "chunks": len(self.holders), "grants": len(self.grants)}
+
+
+def _count(counts: dict[str, int], key: str, step: int) -> None:
+    left = counts.get(key, 0) + step
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
+def _check_shas(chunks: Any, what: str) -> None:
+    if not isinstance(chunks, list) or len(chunks) > MAX_ANNOUNCE or not all(
+            isinstance(c, str) and _SHA.match(c) for c in chunks):
+        raise TrackerError(f"{what} must be a list of SHA-256 hex digests")
+
+
+def _next_body(body: Any) -> tuple[list[str], list[tuple[str, str]], list[str], int]:
+    if not isinstance(body, dict):
+        raise TrackerError("next wants {'want': [sha256, ...], 'got': [...], 'failed': [{'sha', 'peer'}], 'max': n}")
+    want: Any = body.get("want")
+    _check_shas(want, "next 'want'")
+    if len(want) > MAX_WANT:
+        raise TrackerError(f"next 'want' names at most {MAX_WANT} chunks")
+    got: Any = body.get("got", [])
+    _check_shas(got, "next 'got'")
+    failed = body.get("failed", [])
+    if not isinstance(failed, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("sha"), str) and isinstance(f.get("peer", ""), str)
+            for f in failed):
+        raise TrackerError("next 'failed' must be a list of {'sha': sha256, 'peer': 'host:port' or ''}")
+    most = body.get("max", 1)
+    if not isinstance(most, int) or not 1 <= most <= 64:
+        raise TrackerError("next 'max' must be 1-64 (chunks the agent can start now)")
+    return want, [(f["sha"], f.get("peer", "")) for f in failed], got, most

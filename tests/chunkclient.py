@@ -53,6 +53,11 @@ class ChunkClient:
         with self._client() as http:
             return http.get(f"{self.url}/v1/blob", params={"sha256": sha, "sid": self.sid if sid is None else sid})
 
+    def post(self, path: str, body: object) -> httpx.Response:
+        """A JSON request in this client's session (the tracker's routes)."""
+        with self._client() as http:
+            return http.post(f"{self.url}{path}", params={"sid": self.sid}, json=body)
+
     def fetch(self, sha: str) -> bytes:
         resp = self.get(sha)
         assert resp.status_code == 200, f"GET blob {sha[:12]}: {resp.status_code} {resp.text[:300]}"

@@ -126,6 +126,23 @@ def test_ten_clients_asking_at_once_cause_one_upstream_fetch(fleet: Fleet, tmp_p
         link.close()
 
 
+def test_the_tracker_schedules_over_http_and_refuses_bad_asks(fleet: Fleet, tmp_path: Path,
+                                                             client_dirs: list[Path]) -> None:
+    edge = fleet.start_proxy("edge")
+    sha, _ = _upload(fleet, tmp_path, "tracked", MiB)
+    a, b = (ChunkClient(edge, d) for d in client_dirs)
+    for cc, port in ((a, 7001), (b, 7002)):
+        cc.handshake()
+        assert cc.post("/v1/tracker/announce", {"port": port, "chunks": []}).status_code == 200
+    assert a.post("/v1/tracker/next", {"want": [sha], "max": 2}).json() == {"grants": [{"sha": sha, "peer": ""}]}
+    assert b.post("/v1/tracker/next", {"want": [sha]}).json() == {"grants": []}  # on its way to a: wait
+    a.post("/v1/tracker/next", {"want": [], "got": [sha]})
+    assert b.post("/v1/tracker/next", {"want": [sha]}).json() == {"grants": [{"sha": sha, "peer": "127.0.0.1:7001"}]}
+    bad = a.post("/v1/tracker/next", {"want": ["not a hash"]})
+    assert bad.status_code == 400 and "next 'want' must be a list of SHA-256" in bad.text
+    assert a.post("/v1/tracker/announce", {"port": 70000}).status_code == 400
+
+
 def test_corruption_is_caught_in_the_cache_and_from_upstream(fleet: Fleet, tmp_path: Path,
                                                              client_dirs: list[Path]) -> None:
     edge = fleet.start_proxy("edge", extra=FAST_STATS)
