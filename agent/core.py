@@ -16,6 +16,7 @@ from hcsdk._channel import Channel, ChannelSettings, Rejected
 from hcsdk._e2e import sign, verify
 from hcsdk._identity import Identity, StateDir
 
+from .chunkstore import ChunkStore
 from .executor import Executor, Task, TaskFailed
 from .memspool import MemorySpool
 from .peer import PeerServer, PeerSettings
@@ -64,7 +65,8 @@ class Agent:
                                       "zy.schedule.cancel": self.scheduler.cancel,
                                       "zy.schedules": self.scheduler.listing})
         #: serves release chunks to peers once a release is fetched (None: this agent does not)
-        self.peer = PeerServer(state.root / "chunks", **vars(peer)) if peer is not None else None
+        self.chunks = ChunkStore(state.root / "releases")
+        self.peer = PeerServer(self.chunks, **vars(peer)) if peer is not None else None
         self._peer_port: int | None = None
         self.releases = Releases(self)
         self.executor.plugins.update({"zy.release.fetch": self.releases.fetch, "zy.release.place": self.releases.place,

@@ -1,23 +1,25 @@
 """Receiving a release (``zy.release.fetch``, ``zy.release.place``, ``zy.release.rollback``).
 
-Fetch: the signed command carries the manifest and its digest; every chunk is fetched by its
-SHA-256 from the agent's upstream (its proxy's cache, or the master) and checked against the
-manifest before it is kept in ``<state>/chunks/``. A chunk that fails the check is fetched
-again (three tries) and the bad source noted; chunks already here are not fetched again, so
-an agent that died mid-download resumes where it was. The file is then assembled under
-``<state>/releases/`` and checked whole.
+Fetch: the signed command carries the manifest and its digest. Each missing chunk is fetched
+by its SHA-256 from where the proxy's tracker says (a peer holding it, or the proxy, which seeds
+each chunk to a few agents only), or straight from the upstream when there is no tracker, and
+checked against the manifest before it is written, once, at its offset in the release file
+(:mod:`agent.chunkstore`). A chunk that fails the check is asked for again and the bad source
+noted and reported; chunks held already (a resumed fetch, or a release sharing chunks with an
+earlier one) are not fetched again.
 
-Place: the file goes to ``dest`` atomically (temp name, fsync, rename); the previous file is kept
-as ``dest.zy-prev`` (hard-linked first, so ``dest`` is never missing). Rollback puts it back.
+Place: the file goes to ``dest`` atomically (a hard link or copy under a temp name, fsync,
+rename); the previous file is kept as ``dest.zy-prev`` (hard-linked first, so ``dest`` is never
+missing). Rollback puts it back.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import random
-import shutil
+import secrets
 import socket
 import tempfile
 import time
@@ -28,11 +30,19 @@ import anyio
 
 from hcsdk._manifest import Manifest, ManifestError
 
+from .chunkstore import (
+    MANIFEST,
+    ChunkStore,
+    mark_verified,
+    read_manifest,
+    verified_sha256,
+)
 from .executor import Task, TaskFailed
 from .jsonfile import write_json
-from .peer import RateLimit, fetch_from_peer
+from .peer import RateLimit
 from .plugins.api import Arg, PluginError, validate
 from .plugins.file import check_path
+from .release_fetch import Job, Swarm, fetch_missing
 
 if TYPE_CHECKING:
     from .core import Agent
@@ -44,141 +54,102 @@ PLACE_ARGS = {"digest": Arg(str, min=64, max=64), "dest": Arg(str, min=1, max=40
               "mode": Arg(int, default=0o644, min=0, max=0o7777),
               "sha256": Arg(str, default="", max=64, help="the file's SHA-256 (from the manifest): checked on disk")}
 ROLLBACK_ARGS = {"dest": Arg(str, min=1, max=4096), "digest": Arg(str, min=64, max=64)}
-#: rounds over every source for one chunk, with a growing pause between them (about a minute in
-#: all: a proxy or master restart only ends the agents' sessions for a few seconds)
-TRIES = 8
 PREV_SUFFIX = ".zy-prev"
 
 
 class Releases:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.chunks = agent.state.root / "chunks"
-        self.releases = agent.state.root / "releases"
+        self.store: ChunkStore = agent.chunks
 
     # -- fetch ----------------------------------------------------------------------------------
     async def fetch(self, task: Task) -> tuple[str, int | None]:
         args = validate(FETCH_ARGS, task.args)
         manifest = _manifest(args["manifest"], args["digest"])
         started = time.monotonic()
-        stats: dict[str, Any] = {"chunks": len(manifest.chunks), "reused": 0, "bytes_upstream": 0,
-                                 "bytes_peers": 0, "corrupt": []}
-        self.chunks.mkdir(parents=True, exist_ok=True)
-        first = {sha: i for i, sha in reversed(list(enumerate(manifest.chunks)))}  # a chunk twice: fetched once
-        missing = await anyio.to_thread.run_sync(lambda: [i for i in first.values() if not self._have(manifest, i)])
-        todo = sorted(missing)
-        stats["reused"] = len(first) - len(todo)
-        wanted = set(todo)
-        held = [sha for sha, i in first.items() if i not in wanted]
-        swarm = await self._join(args, held) if args["p2p"] and args["peer_key"] else None
-        if swarm is not None:
-            todo = await swarm.rarest_first(manifest, todo)
-        limiter = anyio.CapacityLimiter(args["parallel"])
-        pace = RateLimit(args["rate"])
+        job = await anyio.to_thread.run_sync(self._open, manifest, args["digest"])
         try:
-            async with anyio.create_task_group() as tg:
-                for index in todo:
-                    tg.start_soon(self._get_chunk, manifest, index, limiter, stats, swarm, pace)
-        except BaseExceptionGroup as group:
-            failed = group.subgroup(TaskFailed)
-            if failed is None:
-                raise
-            self.agent.executor._emit_text(task, "stderr", "".join(f"{c}\n" for c in stats["corrupt"]))
-            raise failed.exceptions[0] from None
-        path = await anyio.to_thread.run_sync(self._assemble, manifest, args["digest"])
-        task.result = {"path": str(path), "size": manifest.size, "sha256": manifest.sha256,
-                       "chunks": stats["chunks"], "reused": stats["reused"], "bytes_upstream": stats["bytes_upstream"],
+            if job.pending:
+                await self._fetch_missing(task, job, args)
+            await anyio.to_thread.run_sync(self._finish, job)
+        finally:
+            job.close()
+        stats = job.stats
+        task.result = {"path": str(job.final), "size": manifest.size, "sha256": manifest.sha256,
+                       "chunks": len(job.first), "reused": stats["reused"], "bytes_upstream": stats["bytes_upstream"],
                        "bytes_peers": stats["bytes_peers"], "corrupt": len(stats["corrupt"]),
                        "seconds": round(time.monotonic() - started, 3)}
         if stats["corrupt"]:
             self.agent.executor._emit_text(task, "stderr", "".join(f"{c}\n" for c in stats["corrupt"]))
         return "ok", 0
 
-    async def _join(self, args: dict[str, Any], held: list[str]) -> Swarm | None:
+    def _open(self, manifest: Manifest, digest: str) -> Job:
+        """The release file to fill: a finished one that checks out needs nothing; otherwise a part
+        file (resumed where a dead agent left it), with every chunk this agent holds anywhere
+        copied in."""
+        home = self.store.home(digest)
+        home.mkdir(parents=True, exist_ok=True)
+        if read_manifest(home / MANIFEST) != manifest:
+            write_json(home / MANIFEST, manifest.to_dict())
+        job = Job(manifest, home, self.store)
+        if job.final.is_file():
+            if verified_sha256(job.final) == manifest.sha256 or _intact(manifest, job.final):
+                job.pending, job.stats["reused"] = [], len(job.first)
+                return job
+            self.store.drop_file(job.final)  # changed behind our back: its good chunks are copied below
+        fresh = not job.part.exists()
+        job.fd = os.open(job.part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        os.ftruncate(job.fd, manifest.size)
+        old = os.open(job.final, os.O_RDONLY | os.O_NOFOLLOW) if job.final.is_file() else None
+        try:
+            for index in list(job.pending):
+                if (not fresh and job.held(index)) or (old is not None and job.copy(old, index)) \
+                        or self._copy_held(job, index):
+                    job.pending.remove(index)
+                    job.stats["reused"] += 1
+                    self.store.add(manifest.chunks[index], job.part, job.offset(index), manifest.chunk_length(index))
+        finally:
+            if old is not None:
+                os.close(old)
+                job.final.unlink()
+        return job
+
+    def _copy_held(self, job: Job, index: int) -> bool:
+        data = self.store.read(job.manifest.chunks[index])
+        return data is not None and job.write(index, data)
+
+    def _finish(self, job: Job) -> None:
+        if job.fd is None:
+            return
+        job.close()
+        if job.final.is_symlink():
+            job.final.unlink()
+        job.part.replace(job.final)
+        self.store.moved(job.part, job.final)
+        mark_verified(job.final, job.manifest.sha256)  # every chunk was checked as it was written
+
+    async def _fetch_missing(self, task: Task, job: Job, args: dict[str, Any]) -> None:
+        job.swarm = await self._join(args, job) if args["p2p"] and args["peer_key"] else None
+        try:
+            await fetch_missing(job, self.agent.channel, args["parallel"], RateLimit(args["rate"]))
+        except BaseExceptionGroup as group:
+            failed = group.subgroup(TaskFailed)
+            if failed is None:
+                raise
+            self.agent.executor._emit_text(task, "stderr", "".join(f"{c}\n" for c in job.stats["corrupt"]))
+            raise failed.exceptions[0] from None
+
+    async def _join(self, args: dict[str, Any], job: Job) -> Swarm | None:
         """Serve what we hold to peers of this release, and find peers; None without a tracker
-        (an agent straight on the master) or when this agent does not take part."""
+        (an agent straight on the master)."""
         port = 0
         if self.agent.peer is not None:  # with --no-peer it only takes from peers
             port = await self.agent.start_peer_server()
             self.agent.peer.keys.add(args["peer_key"])
-        swarm = Swarm(self.agent.channel, args["peer_key"], port)
-        return swarm if await swarm.announce(held) else None
-
-    def _have(self, manifest: Manifest, index: int) -> bool:
-        path = self.chunks / manifest.chunks[index]
-        try:
-            manifest.check_chunk(index, path.read_bytes())
-        except (OSError, ManifestError):
-            path.unlink(missing_ok=True)  # damaged on disk: fetch it again
-            return False
-        return True
-
-    async def _get_chunk(self, manifest: Manifest, index: int, limiter: anyio.CapacityLimiter,
-                         stats: dict[str, Any], swarm: Swarm | None, pace: RateLimit) -> None:
-        """Peers first (spreading the load off the proxy), the upstream last; every copy is
-        checked against the manifest, and a bad source is noted and skipped."""
-        sha = manifest.chunks[index]
-        async with limiter:
-            for attempt in range(1, TRIES + 1):
-                for source in (await swarm.peers(sha) if swarm else []) + ["upstream"]:
-                    data = await self._from(source, sha, index, manifest.chunk_length(index), stats, swarm)
-                    if data is None:
-                        continue
-                    try:
-                        manifest.check_chunk(index, data)
-                    except ManifestError as exc:
-                        stats["corrupt"].append(f"corrupt chunk {index} from {source}: {exc}")
-                        continue
-                    await pace.take(len(data))
-                    stats["bytes_upstream" if source == "upstream" else "bytes_peers"] += len(data)
-                    await anyio.to_thread.run_sync(_write_atomic, self.chunks / sha, data)
-                    if swarm is not None:
-                        await swarm.announce([sha])
-                    return
-                await anyio.sleep(min(2 * attempt, 10))
-        raise TaskFailed(f"chunk {index} could not be fetched intact from any source ({TRIES} rounds); "
-                         "sources noted in stderr")
-
-    async def _from(self, source: str, sha: str, index: int, size: int, stats: dict[str, Any],
-                    swarm: Swarm | None) -> bytes | None:
-        if source != "upstream":
-            assert swarm is not None
-            try:
-                return await fetch_from_peer(source, sha, swarm.key, size=size)
-            except (OSError, ValueError, TimeoutError) as exc:
-                stats["corrupt"].append(f"peer {source} could not give chunk {index}: {exc}")
-                return None
-        channel = self.agent.channel
-        try:
-            resp = await channel.request("GET", f"/v1/blob?sha256={sha}&sid={channel.sid or ''}", timeout=300.0)
-        except Exception as exc:
-            stats["corrupt"].append(f"upstream could not give chunk {index}: {exc}")
-            return None
-        if resp.status_code != 200:
-            stats["corrupt"].append(f"upstream answered {resp.status_code} for chunk {index}")
-            return None
-        return bytes(resp.content)
-
-    def _assemble(self, manifest: Manifest, digest: str) -> Path:
-        home = self.releases / digest[:16]
-        home.mkdir(parents=True, exist_ok=True)
-        final = home / manifest.name
-        if final.is_file() and _sha256_file(final) == manifest.sha256:
-            return final
-        part = home / f".{manifest.name}.part"
-        whole = hashlib.sha256()
-        with open(part, "wb") as out:
-            for sha in manifest.chunks:
-                data = (self.chunks / sha).read_bytes()
-                whole.update(data)
-                out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        if whole.hexdigest() != manifest.sha256:
-            part.unlink(missing_ok=True)
-            raise TaskFailed(f"the assembled file has SHA-256 {whole.hexdigest()}, not {manifest.sha256}")
-        part.replace(final)
-        return final
+        slots = self.agent.peer.uploads if self.agent.peer is not None else 1
+        swarm = Swarm(self.agent.channel, args["peer_key"], port, slots)
+        swarm.note([sha for sha, i in job.first.items() if i not in job.pending])
+        return swarm if await swarm.announce() else None
 
     # -- place and rollback ---------------------------------------------------------------------
     async def place(self, task: Task) -> tuple[str, int | None]:
@@ -186,7 +157,7 @@ class Releases:
         dest = self._dest(args["dest"])
         source = self._fetched(args["digest"])
         task.result = await anyio.to_thread.run_sync(_place, source, dest, args["mode"], args["digest"],
-                                                     args["sha256"])
+                                                     args["sha256"] or verified_sha256(source) or "")
         return "ok", 0
 
     async def rollback(self, task: Task) -> tuple[str, int | None]:
@@ -201,11 +172,12 @@ class Releases:
         return _dest(text.replace("{hostname}", hostname).replace("{uuid}", self.agent.ident.uuid))
 
     def _fetched(self, digest: str) -> Path:
-        home = self.releases / digest[:16]
-        files = [p for p in home.iterdir() if p.is_file() and not p.name.endswith(".part")] if home.is_dir() else []
-        if not files:
+        home = self.store.home(digest)
+        manifest = read_manifest(home / MANIFEST)
+        final = home / manifest.name if manifest is not None else None
+        if final is None or not final.is_file():
             raise TaskFailed(f"release {digest[:16]} has not been fetched on this agent (run zy.release.fetch first)")
-        return files[0]
+        return final
 
 
 def _manifest(data: dict[str, Any], digest: str) -> Manifest:
@@ -232,13 +204,14 @@ def _dest(text: str) -> Path:
 def _place(source: Path, dest: Path, mode: int, digest: str, sha256: str) -> dict[str, Any]:
     """Put ``source`` at ``dest`` atomically, keeping what was there for a rollback, and note
     in a journal beside it which release did so (a rollback undoes only its own release)."""
+    trusted = bool(sha256) and verified_sha256(source) == sha256  # checked whole, unchanged since
     want = sha256 or _sha256_file(source)
     journal = _journal(dest)
-    if dest.is_file() and _sha256_file(dest) == want:
+    if dest.is_file() and ((trusted and os.path.samefile(dest, source)) or _sha256_file(dest) == want):
         # already there: placed by this release before a restart (its journal says so), or not ours to undo
         ours = _read_journal(journal).get("digest") == digest
         return {"dest": str(dest), "sha256": want, "placed": ours, "unchanged": True}
-    tmp = _copy_checked(source, dest.parent, f".{dest.name}.zy-new.", mode, want)
+    tmp = _stage(source, dest.parent, f".{dest.name}.zy-new.", mode, want, trusted)
     try:
         prev = dest.with_name(dest.name + PREV_SUFFIX)
         had = dest.is_file() and not dest.is_symlink()
@@ -274,23 +247,47 @@ def _rollback(dest: Path, digest: str) -> dict[str, Any]:
     return result
 
 
-def _copy_checked(source: Path, directory: Path, prefix: str, mode: int, sha256: str) -> Path:
-    """A copy under a fresh name (O_EXCL: no symlink planted in the directory is followed),
-    whose bytes on disk are checked against ``sha256``."""
-    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix)
-    tmp = Path(name)
+def _stage(source: Path, directory: Path, prefix: str, mode: int, sha256: str, trusted: bool) -> Path:
+    """The release under a fresh name in the destination's directory, checked against ``sha256``
+    and on disk: a hard link to the fetched file where the filesystem allows (no byte copied or
+    written again; the fetched file is never modified after it is whole), a copy otherwise.
+    A ``trusted`` source (checked whole and unchanged since) that is linked is not hashed again.
+    The name is new and created exclusively, so nothing planted in the directory is followed."""
+    tmp = directory / f"{prefix}{secrets.token_hex(8)}"
     try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1024 * 1024)
-            out.flush()
-            os.fchmod(out.fileno(), mode)
-            os.fsync(out.fileno())
-        if _sha256_file(tmp) != sha256:
-            raise TaskFailed(f"the copy of the release at {tmp} does not match its SHA-256: not placed")
+        try:
+            os.link(source, tmp)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
+                raise
+            _copy_new(source, tmp)
+            trusted = False
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not trusted and _sha256_file(tmp) != sha256:
+            raise TaskFailed(f"the release at {tmp} does not match its SHA-256: not placed")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _copy_new(source: Path, target: Path) -> None:
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with open(source, "rb") as src:
+            size, done = os.fstat(src.fileno()).st_size, 0
+            while done < size:
+                sent = os.sendfile(out, src.fileno(), done, size - done)
+                if sent == 0:
+                    raise TaskFailed(f"{source} shrank while it was being copied to {target}")
+                done += sent
+    finally:
+        os.close(out)
 
 
 def _journal(dest: Path) -> Path:
@@ -305,15 +302,6 @@ def _read_journal(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = Path(tempfile.mktemp(dir=path.parent, prefix=f".{path.name}."))
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -322,49 +310,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _intact(manifest: Manifest, path: Path) -> bool:
+    """Whether ``path`` is the manifest's file, chunk by chunk."""
+    try:
+        if path.stat().st_size != manifest.size:
+            return False
+        with open(path, "rb") as fh:
+            return all(manifest.chunks[i] == hashlib.sha256(fh.read(manifest.chunk_length(i))).hexdigest()
+                       for i in range(len(manifest.chunks)))
+    except OSError:
+        return False
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-class Swarm:
-    """This agent's view of a release's peers, through its proxy's tracker."""
-
-    def __init__(self, channel: Any, key: str, port: int) -> None:
-        self.channel = channel
-        self.key = key
-        self.port = port
-
-    async def _call(self, path: str, body: dict[str, Any]) -> Any:
-        resp = await self.channel.request("POST", f"{path}?sid={self.channel.sid or ''}",
-                                          content=json.dumps(body).encode(),
-                                          headers={"content-type": "application/json"}, timeout=30.0)
-        return resp.json() if resp.status_code == 200 else None
-
-    async def announce(self, chunks: list[str]) -> bool:
-        """False when there is no tracker upstream (straight on the master)."""
-        try:
-            if not self.port:  # serves nobody: only ask whether there is a tracker
-                return await self._call("/v1/tracker/lookup", {"chunks": []}) is not None
-            return await self._call("/v1/tracker/announce", {"port": self.port, "chunks": chunks}) is not None
-        except Exception:
-            return False
-
-    async def peers(self, sha: str) -> list[str]:
-        try:
-            found = await self._call("/v1/tracker/lookup", {"chunks": [sha], "max": 3})
-        except Exception:
-            return []
-        return list((found or {}).get("peers", {}).get(sha, []))
-
-    async def rarest_first(self, manifest: Manifest, todo: list[int]) -> list[int]:
-        try:
-            found = await self._call("/v1/tracker/lookup", {"chunks": [manifest.chunks[i] for i in todo], "max": 1})
-        except Exception:
-            found = None
-        counts = (found or {}).get("counts", {})
-        spread = {i: random.random() for i in todo}  # ties in random order, so peers start on different chunks
-        return sorted(todo, key=lambda i: (counts.get(manifest.chunks[i], 0), spread[i]))

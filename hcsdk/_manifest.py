@@ -79,7 +79,7 @@ class Manifest:
             return self.chunk_size
         return self.size - self.chunk_size * (len(self.chunks) - 1)
 
-    def check_chunk(self, index: int, data: bytes) -> None:
+    def check_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """Raise :class:`ManifestError` unless ``data`` is chunk ``index``."""
         if len(data) != self.chunk_length(index):
             raise ManifestError(f"chunk {index} has {len(data)} bytes, not {self.chunk_length(index)}")

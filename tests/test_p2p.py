@@ -52,6 +52,20 @@ def test_later_shards_take_the_file_from_peers(fl: Fleet, tmp_path: Path) -> Non
         assert (srv / f"{name}.bin").read_bytes() == data
 
 
+def test_agents_fetching_together_take_each_chunk_from_the_proxy_about_once(fl: Fleet, tmp_path: Path) -> None:
+    data = os.urandom(6 * CHUNK_SIZE + 5)
+    (tmp_path / "together.bin").write_bytes(data)
+    art = fl.client.artifacts.upload(tmp_path / "together.bin")
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    rel = fl.client.release(art["id"], list(NAMES), dest=f"{srv}/{{hostname}}.bin", batch=len(NAMES))
+    assert rel.wait(timeout=180).state == "done", rel.info["message"]
+    df = rel.progress()
+    # the tracker hands each chunk to one agent from the proxy and the others take it from peers
+    assert df["bytes_upstream"].sum() <= 2 * len(data) and df["bytes_peers"].sum() >= len(data)
+    assert all((srv / f"{name}.bin").read_bytes() == data for name in NAMES)
+
+
 def test_a_peer_with_a_corrupt_chunk_is_caught_and_routed_around(fl: Fleet, tmp_path: Path) -> None:
     data = os.urandom(2 * CHUNK_SIZE)
     package = tmp_path / "c.bin"
@@ -61,9 +75,9 @@ def test_a_peer_with_a_corrupt_chunk_is_caught_and_routed_around(fl: Fleet, tmp_
     srv.mkdir()
     first = fl.client.release(art["id"], ["pp-1"], dest=f"{srv}/{{hostname}}.bin").wait(timeout=120)
     assert first.state == "done"
-    first_chunk = fl.client.artifacts.get(art["id"])["manifest"]["chunks"][0]
-    bad = fl.root / "agents" / "pp-1" / "chunks" / first_chunk
-    bad.write_bytes(b"\0" * 16 + bad.read_bytes()[16:])  # rot on the seeding peer's disk
+    bad = fl.root / "agents" / "pp-1" / "releases" / art["id"][:16] / "c.bin"
+    with open(bad, "r+b") as fh:  # rot in chunk 0 on the seeding peer's disk
+        fh.write(bytes(16))
     second = fl.client.release(art["id"], ["pp-2"], dest=f"{srv}/{{hostname}}.bin").wait(timeout=120)
     assert second.state == "done"
     row = second.progress().iloc[0]

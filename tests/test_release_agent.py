@@ -52,6 +52,7 @@ def test_fetch_place_and_roll_back(fl: Fleet, tmp_path: Path) -> None:
     dest.write_bytes(b"the version before")
     placed = _run(fl, "zy.release.place", "r-1", digest=v1["id"], dest=str(dest))
     assert placed["status"] == "ok" and placed["result"]["previous_kept"]
+    assert dest.stat().st_ino == Path(got["result"]["path"]).stat().st_ino  # linked: written once, not copied
     assert dest.read_bytes() == data1 and (dest.parent / "app.tgz.zy-prev").read_bytes() == b"the version before"
 
     assert _run(fl, "zy.release.place", "r-1", digest=v1["id"], dest=str(dest))["result"]["unchanged"]
@@ -65,17 +66,35 @@ def test_fetch_place_and_roll_back(fl: Fleet, tmp_path: Path) -> None:
 
 def test_a_second_fetch_reuses_chunks_and_heals_damaged_ones(fl: Fleet, tmp_path: Path) -> None:
     art, data = _artifact(fl, tmp_path, 3 * CHUNK_SIZE)
-    assert _run(fl, "zy.release.fetch", "r-2", manifest=art["manifest"], digest=art["id"])["status"] == "ok"
-    chunks = fl.root / "agents" / "r-2" / "chunks"
-    damaged = chunks / art["manifest"]["chunks"][1]
-    damaged.write_bytes(b"bit rot" + damaged.read_bytes()[7:])
-    (chunks / art["manifest"]["chunks"][2]).unlink()  # as if the agent died before it came
-    for release in (fl.root / "agents" / "r-2" / "releases").iterdir():
-        for f in release.iterdir():
-            f.unlink()
-    got = _run(fl, "zy.release.fetch", "r-2", manifest=art["manifest"], digest=art["id"])
-    assert got["status"] == "ok" and got["result"]["reused"] == 1
-    assert got["result"]["bytes_upstream"] == 2 * CHUNK_SIZE
+    first = _run(fl, "zy.release.fetch", "r-2", manifest=art["manifest"], digest=art["id"])
+    assert first["status"] == "ok" and first["result"]["reused"] == 0
+    path = Path(first["result"]["path"])
+    with open(path, "r+b") as fh:  # bit rot in chunk 1 of the fetched file
+        fh.seek(CHUNK_SIZE + 5)
+        fh.write(b"bit rot")
+    healed = _run(fl, "zy.release.fetch", "r-2", manifest=art["manifest"], digest=art["id"])
+    assert healed["status"] == "ok" and healed["result"]["reused"] == 2
+    assert healed["result"]["bytes_upstream"] == CHUNK_SIZE and path.read_bytes() == data
+
+    part = path.with_name(f".{path.name}.zy-part")  # as if the agent died with only chunk 0 written
+    path.rename(part)
+    with open(part, "r+b") as fh:
+        fh.seek(CHUNK_SIZE)
+        fh.write(bytes(2 * CHUNK_SIZE))
+    resumed = _run(fl, "zy.release.fetch", "r-2", manifest=art["manifest"], digest=art["id"])
+    assert resumed["status"] == "ok" and resumed["result"]["reused"] == 1
+    assert resumed["result"]["bytes_upstream"] == 2 * CHUNK_SIZE
+    assert path.read_bytes() == data and not part.exists()
+
+
+def test_a_chunk_twice_in_a_file_is_fetched_once_and_written_at_both_offsets(fl: Fleet, tmp_path: Path) -> None:
+    block = os.urandom(CHUNK_SIZE)
+    data = block + os.urandom(CHUNK_SIZE) + block + b"tail"
+    (tmp_path / "twice.bin").write_bytes(data)
+    art = fl.client.artifacts.get(fl.client.artifacts.upload(tmp_path / "twice.bin")["id"])
+    got = _run(fl, "zy.release.fetch", "r-1", manifest=art["manifest"], digest=art["id"])
+    assert got["status"] == "ok" and got["result"]["chunks"] == 3
+    assert got["result"]["bytes_upstream"] == 2 * CHUNK_SIZE + 4
     assert Path(got["result"]["path"]).read_bytes() == data
 
 
