@@ -101,6 +101,10 @@ class Channel:
         #: while connected: the client, URL and session id, for requests on the same connection
         self.client: httpx.AsyncClient | None = None
         self.conn: H2Connection | None = None
+        #: a second HTTP/2 connection beside ``conn`` for bulk transfers (see :meth:`bulk_request`)
+        self._bulk: H2Connection | None = None
+        self._bulk_lock = anyio.Lock()
+        self._bulk_url: str | None = None
         self.url: str | None = None
         self.sid: str | None = None
         self.max_frame = DEFAULT_MAX_FRAME
@@ -231,6 +235,41 @@ class Channel:
             raise ChannelLost(str(exc)) from None
         raise ChannelLost("not connected upstream")
 
+    async def bulk_request(self, method: str, path: str, timeout: float = 300.0) -> httpx.Response | Response:
+        """A bulk transfer (a release chunk, a build) on a connection of its own beside the
+        channel's: megabytes queued on the channel's connection would hold its PINGs and
+        heartbeats behind them, and on a thin link shared by many clients that is longer than the
+        far end waits before it calls the channel dead. Same URL, credentials and session; when
+        polling (HTTP/1.1) the poll's own client serves it."""
+        url = self.url
+        if self.conn is None or url is None:
+            return await self.request(method, path, timeout=timeout)
+        bulk = await self._bulk_connection(url)
+        if bulk is None:  # it cannot be opened now: the channel's own connection still can carry it
+            return await self.request(method, path, timeout=timeout)
+        try:
+            return await bulk.request(method, path, timeout=timeout)
+        except H2Error as exc:
+            raise ChannelLost(str(exc)) from None
+
+    async def _bulk_connection(self, url: str) -> H2Connection | None:
+        async with self._bulk_lock:
+            if self._bulk is None or self._bulk.closed.is_set() or self._bulk_url != url:
+                self._close_bulk()
+                try:
+                    self._bulk = await H2Connection.open(url, shared_client_context(self.ca_pem, True), self.headers,
+                                                         self.settings.local_address)
+                except H2Error as exc:
+                    log.info("no second connection to %s for bulk transfers (%s): using the channel's", url, exc)
+                    return None
+                self._bulk_url = url
+            return self._bulk
+
+    def _close_bulk(self) -> None:
+        if self._bulk is not None:
+            self._bulk.close()
+            self._bulk = None
+
     # -- HTTP/2 -------------------------------------------------------------------------------
     async def _h2_session(self, conn: H2Connection, url: str, backoff: Backoff) -> None:
         try:
@@ -248,6 +287,7 @@ class Channel:
         finally:
             self.conn = None
             self.url = self.sid = self.mode = None
+            self._close_bulk()
             self.on_lost()
 
     async def _h2_down(self, conn: H2Connection, sid: str) -> None:

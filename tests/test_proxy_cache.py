@@ -116,7 +116,7 @@ def test_ten_clients_asking_at_once_cause_one_upstream_fetch(fleet: Fleet, tmp_p
             time.sleep(1.5)  # let all ten reach the proxy (the proxy declares its link dead after 8 s)
             link.heal()
             responses = answers.result(60)
-        assert [r.status_code for r in responses] == [200] * 10
+        assert [r.status_code for r in responses] == [200] * 10, responses[0].text
         assert all(r.content == data for r in responses)
         assert _served(fleet) == 1
         c = _counters(fleet, "edge", 10)

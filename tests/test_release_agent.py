@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from fleet import Fleet
@@ -85,6 +86,19 @@ def test_a_second_fetch_reuses_chunks_and_heals_damaged_ones(fl: Fleet, tmp_path
     assert resumed["status"] == "ok" and resumed["result"]["reused"] == 1
     assert resumed["result"]["bytes_upstream"] == 2 * CHUNK_SIZE
     assert path.read_bytes() == data and not part.exists()
+
+
+def test_chunks_travel_on_a_connection_beside_the_channel(fl: Fleet, tmp_path: Path) -> None:
+    """Megabytes queued on the channel's connection would hold its PINGs behind them on a thin
+    link: an agent fetches chunks on a second connection to the same proxy."""
+    art, _ = _artifact(fl, tmp_path, CHUNK_SIZE + 1, "side.bin")
+    assert _run(fl, "zy.release.fetch", "r-1", manifest=art["manifest"], digest=art["id"])["status"] == "ok"
+    proxy = psutil.Process(fl.agents["edge"].popen.pid)
+    proxy_port = next(c.laddr.port for c in proxy.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
+    agent = psutil.Process(fl.agents["r-1"].popen.pid)
+    to_proxy = [c for c in agent.net_connections("tcp") if c.raddr and c.raddr.port == proxy_port
+                and c.status == psutil.CONN_ESTABLISHED]
+    assert len(to_proxy) == 2
 
 
 def test_a_chunk_twice_in_a_file_is_fetched_once_and_written_at_both_offsets(fl: Fleet, tmp_path: Path) -> None:
