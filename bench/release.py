@@ -170,8 +170,7 @@ def stop_nodes(fleet: LocalFleet) -> None:
 def wipe(fleet: LocalFleet, net: Net) -> None:
     """Cold start: no chunk on any agent, nothing in the proxy's cache."""
     for name in net.agents:
-        for sub in ("chunks", "releases"):
-            shutil.rmtree(fleet.root / "agents" / name / sub, ignore_errors=True)
+        shutil.rmtree(fleet.root / "agents" / name / "releases", ignore_errors=True)
     shutil.rmtree(fleet.root / "proxies" / "edge" / "cache", ignore_errors=True)
     shutil.rmtree(fleet.root / "dest", ignore_errors=True)
 
@@ -202,9 +201,12 @@ def snapshot(net: Net) -> dict[str, float]:
             "cpu_busy": busy, "cpu_total": total, "t": time.time()}
 
 
-def chunks_on_disk(fleet: LocalFleet, net: Net) -> int:
-    return sum(sum(1 for p in (fleet.root / "agents" / n / "chunks").glob("*") if not p.name.startswith("."))
-               for n in net.agents if (fleet.root / "agents" / n / "chunks").is_dir())
+def mib_on_disk(fleet: LocalFleet, net: Net) -> float:
+    """What the agents' release files hold so far (allocated blocks: a part file is sparse until
+    its chunks come)."""
+    files = (p for n in net.agents for p in (fleet.root / "agents" / n / "releases").glob("*/*")
+             if not p.name.endswith(".json"))
+    return sum(p.stat().st_blocks * 512 for p in files if p.is_file()) / MIB
 
 
 def bound(mode: str, size: int, agents: int, thin_mbit: float, lan_mbit: float) -> dict[str, Any]:
@@ -229,7 +231,7 @@ def bound(mode: str, size: int, agents: int, thin_mbit: float, lan_mbit: float) 
 
 def follow(rel: Any, fleet: LocalFleet, net: Net, size: int, start: dict[str, float], every: float) -> None:
     """Print progress until the release is finished."""
-    total = len(net.agents) * -(-size // CHUNK_SIZE)
+    total = len(net.agents) * size // MIB
     last = 0.0
     while rel.refresh()["state"] not in ("done", "paused", "aborted", "rolled_back", "failed"):
         time.sleep(0.5)
@@ -242,7 +244,7 @@ def follow(rel: Any, fleet: LocalFleet, net: Net, size: int, start: dict[str, fl
         phases: dict[str, int] = {}
         for t in rel.info["targets"]:
             phases[t["phase"]] = phases.get(t["phase"], 0) + 1
-        print(f"    {dt:7.1f}s  chunks {chunks_on_disk(fleet, net):5d}/{total}  "
+        print(f"    {dt:7.1f}s  on disk {mib_on_disk(fleet, net):7.0f}/{total} MiB  "
               f"thin {thin / MIB:8.1f} MiB ({thin / size:5.2f}xF, {thin * 8 / dt / 1e6:5.1f} Mbit/s)  "
               f"proxy->LAN {(now['proxy'] - start['proxy']) / MIB:8.1f} MiB  "
               f"agents->LAN {(now['agents'] - start['agents']) / MIB:8.1f} MiB  "
