@@ -229,20 +229,26 @@ def _place(source: Path, dest: Path, mode: int, digest: str, sha256: str) -> dic
 
 
 def _rollback(dest: Path, digest: str) -> dict[str, Any]:
+    """Put back what the release replaced. The journal says "rolled back" before the file moves,
+    so asking again (a master restarted mid-rollback) finishes the job or finds it done."""
     journal = _journal(dest)
     entry = _read_journal(journal)
     if entry.get("digest") != digest:
         raise TaskFailed(f"{dest} was not placed by this release (nothing to roll back here)")
-    if entry.get("prev") == "kept":
-        prev = dest.with_name(dest.name + PREV_SUFFIX)
-        if not prev.is_file():
-            raise TaskFailed(f"the previous version of {dest} is gone ({prev} is missing)")
+    prev = dest.with_name(dest.name + PREV_SUFFIX)
+    kept = entry.get("prev") == "kept"
+    if entry.get("rolled_back") and not (kept and prev.is_file()):
+        return {"dest": str(dest), "sha256": _sha256_file(dest) if dest.is_file() else None, "restored": True,
+                "already": True}
+    if kept and not prev.is_file():
+        raise TaskFailed(f"the previous version of {dest} is gone ({prev} is missing)")
+    write_json(journal, {**entry, "rolled_back": True})
+    if kept:
         os.replace(prev, dest)
         result: dict[str, Any] = {"dest": str(dest), "sha256": _sha256_file(dest), "restored": True}
     else:  # there was no file before the release: there is none after
         dest.unlink(missing_ok=True)
         result = {"dest": str(dest), "sha256": None, "restored": True, "removed": True}
-    journal.unlink()
     _fsync_dir(dest.parent)
     return result
 
