@@ -78,6 +78,7 @@ class Agent:
             settings=settings,
         )
         self.channel.on_connected = self._connected
+        self._took_over = False
         self.channel.hello_extra = lambda: {"schedules": self.scheduler.digests()}
         if handover is not None:
             # a new build taking over: name the update in the handshake, then tell the old agent
@@ -92,10 +93,11 @@ class Agent:
         return self._peer_port
 
     def _connected(self) -> None:
-        """After the first accepted handshake of a new build in an update: take over (step 5).
-        Later handshakes are plain reconnects."""
-        self.channel.on_connected = lambda: None
-        if self.handover is not None and self._tg is not None:
+        """After each accepted handshake: the release tracker hears again what we serve. After
+        the first one of a new build in an update: take over (step 5)."""
+        self.releases.reconnected()
+        if self.handover is not None and self._tg is not None and not self._took_over:
+            self._took_over = True
             self._tg.start_soon(self.updater.take_over)
 
     # -- plugin management (system commands, signed by the master like any task) --------------

@@ -61,6 +61,7 @@ class Releases:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.store: ChunkStore = agent.chunks
+        self.swarm: Swarm | None = None  # made at the first release fetched through a tracker
 
     # -- fetch ----------------------------------------------------------------------------------
     async def fetch(self, task: Task) -> tuple[str, int | None]:
@@ -142,14 +143,23 @@ class Releases:
     async def _join(self, args: dict[str, Any], job: Job) -> Swarm | None:
         """Serve what we hold to peers of this release, and find peers; None without a tracker
         (an agent straight on the master)."""
-        port = 0
-        if self.agent.peer is not None:  # with --no-peer it only takes from peers
-            port = await self.agent.start_peer_server()
+        job.peer_key = args["peer_key"]
+        if self.swarm is None:
+            port = 0
+            if self.agent.peer is not None:  # with --no-peer it only takes from peers
+                port = await self.agent.start_peer_server()
+            slots = self.agent.peer.uploads if self.agent.peer is not None else 1
+            self.swarm = Swarm(self.agent.channel, port, slots)
+        if self.agent.peer is not None:
             self.agent.peer.keys.add(args["peer_key"])
-        slots = self.agent.peer.uploads if self.agent.peer is not None else 1
-        swarm = Swarm(self.agent.channel, args["peer_key"], port, slots)
-        swarm.note([sha for sha, i in job.first.items() if i not in job.pending])
-        return swarm if await swarm.announce() else None
+        self.swarm.note([sha for sha, i in job.first.items() if i not in job.pending])
+        return self.swarm if await self.swarm.announce() else None
+
+    def reconnected(self) -> None:
+        """A new session (after a proxy restart, say): tell the tracker again what we serve;
+        a new tracker knows nothing."""
+        if self.swarm is not None and self.swarm.held and self.agent._tg is not None:
+            self.agent._tg.start_soon(self.swarm.announce)
 
     # -- place and rollback ---------------------------------------------------------------------
     async def place(self, task: Task) -> tuple[str, int | None]:

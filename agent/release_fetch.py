@@ -35,11 +35,11 @@ WANT_WINDOW = 64
 
 
 class Swarm:
-    """This agent's view of a release's peers, through its proxy's tracker."""
+    """This agent in its proxy's swarm: the port it serves chunks on and every chunk it has
+    announced (over all releases), through the tracker."""
 
-    def __init__(self, channel: Any, key: str, port: int, slots: int) -> None:
+    def __init__(self, channel: Any, port: int, slots: int) -> None:
         self.channel = channel
-        self.key = key
         self.port = port
         self.slots = slots
         self.held: set[str] = set()
@@ -111,6 +111,7 @@ class Job:
         self.failed: list[dict[str, str]] = []  # told to the tracker with the next ask
         self.fd: int | None = None
         self.swarm: Swarm | None = None
+        self.peer_key = ""  # the release's: what peers' tokens are made with
         self.stats: dict[str, Any] = {"reused": 0, "bytes_upstream": 0, "bytes_peers": 0, "corrupt": []}
         self.asking = False
         self.settled = anyio.Event()  # set (and replaced) whenever a transfer ends
@@ -248,7 +249,7 @@ async def _from(job: Job, channel: Any, source: str, index: int, buffer: bytearr
     if source:
         assert job.swarm is not None and buffer is not None
         try:
-            return await fetch_from_peer(source, sha, job.swarm.key, memoryview(buffer)[:size])
+            return await fetch_from_peer(source, sha, job.peer_key, memoryview(buffer)[:size])
         except (OSError, ValueError, TimeoutError) as exc:
             job.stats["corrupt"].append(f"peer {source} could not give chunk {index}: {exc}")
             return None

@@ -3,13 +3,15 @@ serve each other, every copy is checked, and a peer with a bad chunk is caught a
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from chunkclient import ChunkClient, enroll_clients
 
-from fleet import Fleet
+from fleet import Fleet, wait_for
 from hcsdk._manifest import CHUNK_SIZE
 
 NAMES = ("pp-1", "pp-2", "pp-3")
@@ -94,3 +96,23 @@ def test_without_p2p_or_without_serving_agents_still_get_the_file(fl: Fleet, tmp
     qdf = quiet.progress().set_index("hostname")  # type: ignore[attr-defined]
     assert qdf.loc["pp-quiet", "bytes_peers"] == len(data2)  # it takes from peers, serves nobody
     assert (srv2 / "pp-quiet.bin").read_bytes() == data2
+
+
+def test_after_a_proxy_restart_agents_tell_the_new_tracker_what_they_hold(fl: Fleet, tmp_path: Path) -> None:
+    _, data, _ = _release(fl, tmp_path, ["pp-1"])
+    sha = hashlib.sha256(data[:CHUNK_SIZE]).hexdigest()
+    lan = fl.agents["lan"]
+    port = int(lan.output().split("listening on https://127.0.0.1:")[1].split()[0])
+    edge = f"https://127.0.0.1:{port}"
+    probe = ChunkClient(edge, enroll_clients(fl, ["pp-probe"], url=edge)[0])
+    lan.kill()  # the tracker's memory goes with it
+    lan.popen.wait()
+    fl.start_proxy("lan", port=port)
+    fl.wait_online(*NAMES)
+    probe.handshake()
+
+    def holders() -> int:
+        resp = probe.post("/v1/tracker/lookup", {"chunks": [sha]})
+        return int(resp.json()["counts"][sha]) if resp.status_code == 200 else 0
+
+    wait_for(holders, 30, "pp-1 to tell the restarted proxy's tracker the chunks it holds")
