@@ -50,6 +50,10 @@ class ChunkStore:
         with self._lock:
             self._where = {sha: at for sha, at in self._where.items() if at[0] != path}
 
+    def drop_dir(self, home: Path) -> None:
+        with self._lock:
+            self._where = {sha: at for sha, at in self._where.items() if at[0].parent != home}
+
     def moved(self, old: Path, new: Path) -> None:
         with self._lock:
             self._where = {sha: (new if at[0] == old else at[0], at[1], at[2]) for sha, at in self._where.items()}

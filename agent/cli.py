@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-peer", action="store_true",
                    help="never serve chunks to peers (this agent still downloads from them and its proxy)")
     p.add_argument("--peer-uploads", type=int, default=4, metavar="N", help="concurrent uploads to peers (default 4)")
+    p.add_argument("--keep-releases", type=int, default=3, metavar="N",
+                   help="release files kept under STATE_DIR/releases, newest first (default 3); files placed "
+                   "at a destination stay there: the kept copies are what peers are served from")
     p.add_argument("--peer-rate", type=_rate, default=0.0, metavar="BYTES/S",
                    help="upload at most this much a second to peers, e.g. 20M (default: no cap)")
     p.add_argument("--handover", metavar="TASKID:PID", type=_handover, help=argparse.SUPPRESS)
@@ -155,7 +158,7 @@ async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
     print(f"zy agent: {ident.uuid} connecting to {', '.join(ident.urls)}", flush=True)
     try:
         await Agent(state, ident, hostname=args.hostname, settings=settings, output_cap=args.output_cap,
-                    worker_memory_mib=args.worker_memory, handover=args.handover,
+                    worker_memory_mib=args.worker_memory, handover=args.handover, keep_releases=args.keep_releases,
                     peer=None if args.no_peer else PeerSettings(port=args.peer_port, uploads=args.peer_uploads,
                                                                 rate=args.peer_rate)).run()
     except ValueError as exc:  # a state dir from an older version

@@ -38,7 +38,7 @@ class Agent:
                  settings: ChannelSettings | None = None, output_cap: int | None = None,
                  spool: Spool | MemorySpool | None = None, plugins: dict[str, Plugin] | None = None,
                  worker_memory_mib: int = 512, handover: tuple[str, int] | None = None,
-                 peer: PeerSettings | None = None):
+                 peer: PeerSettings | None = None, keep_releases: int = 3):
         self.state = state
         self.ident = ident
         self.hostname = hostname
@@ -68,7 +68,7 @@ class Agent:
         self.chunks = ChunkStore(state.root / "releases")
         self.peer = PeerServer(self.chunks, **vars(peer)) if peer is not None else None
         self._peer_port: int | None = None
-        self.releases = Releases(self)
+        self.releases = Releases(self, keep=keep_releases)
         self.executor.plugins.update({"zy.release.fetch": self.releases.fetch, "zy.release.place": self.releases.place,
                                       "zy.release.rollback": self.releases.rollback})
         self.channel = Channel(

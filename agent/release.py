@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 import time
@@ -32,6 +33,7 @@ from hcsdk._manifest import Manifest, ManifestError
 
 from .chunkstore import (
     MANIFEST,
+    PART_SUFFIX,
     ChunkStore,
     mark_verified,
     read_manifest,
@@ -58,8 +60,9 @@ PREV_SUFFIX = ".zy-prev"
 
 
 class Releases:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, keep: int = 3) -> None:
         self.agent = agent
+        self.keep = max(1, keep)
         self.store: ChunkStore = agent.chunks
         self.swarm: Swarm | None = None  # made at the first release fetched through a tracker
 
@@ -75,6 +78,7 @@ class Releases:
             await anyio.to_thread.run_sync(self._finish, job)
         finally:
             job.close()
+        await anyio.to_thread.run_sync(self._prune, job.final.parent)
         stats = job.stats
         task.result = {"path": str(job.final), "size": manifest.size, "sha256": manifest.sha256,
                        "chunks": len(job.first), "reused": stats["reused"], "bytes_upstream": stats["bytes_upstream"],
@@ -90,6 +94,7 @@ class Releases:
         copied in."""
         home = self.store.home(digest)
         home.mkdir(parents=True, exist_ok=True)
+        os.utime(home)  # the newest releases are kept (see _prune)
         if read_manifest(home / MANIFEST) != manifest:
             write_json(home / MANIFEST, manifest.to_dict())
         job = Job(manifest, home, self.store)
@@ -128,6 +133,17 @@ class Releases:
         job.part.replace(job.final)
         self.store.moved(job.part, job.final)
         mark_verified(job.final, job.manifest.sha256)  # every chunk was checked as it was written
+
+    def _prune(self, current: Path) -> None:
+        """Keep the newest ``keep`` release files (by their last fetch). A file placed at a
+        destination is another link to it and stays; a release still coming is never removed."""
+        homes = sorted((h for h in self.store.root.iterdir() if h.is_dir()), key=lambda h: h.stat().st_mtime,
+                       reverse=True)
+        for home in homes[self.keep:]:
+            if home == current or any(home.glob(f"*{PART_SUFFIX}")):
+                continue
+            self.store.drop_dir(home)
+            shutil.rmtree(home, ignore_errors=True)
 
     async def _fetch_missing(self, task: Task, job: Job, args: dict[str, Any]) -> None:
         job.swarm = await self._join(args, job) if args["p2p"] and args["peer_key"] else None

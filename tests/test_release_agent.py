@@ -130,3 +130,15 @@ def test_a_manifest_that_does_not_match_its_digest_is_refused(fl: Fleet, tmp_pat
     assert bad_dest["status"] == "error" and "is not allowed" in bad_dest["error"]
     unfetched = _run(fl, "zy.release.place", "r-2", digest="f" * 64, dest=str(tmp_path / "x"))
     assert "has not been fetched on this agent" in unfetched["error"]
+
+
+def test_only_the_newest_releases_are_kept_and_placed_files_stay(fl: Fleet, tmp_path: Path) -> None:
+    arts = [_artifact(fl, tmp_path, 1000 + i, f"keep{i}.tgz") for i in range(4)]
+    releases = fl.root / "agents" / "r-2" / "releases"
+    dest = tmp_path / "keep.tgz"
+    for i, (art, _) in enumerate(arts):
+        assert _run(fl, "zy.release.fetch", "r-2", manifest=art["manifest"], digest=art["id"])["status"] == "ok"
+        if i == 0:
+            assert _run(fl, "zy.release.place", "r-2", digest=art["id"], dest=str(dest))["status"] == "ok"
+    assert sorted(p.name for p in releases.iterdir()) == sorted(a["id"][:16] for a, _ in arts[1:])  # default 3
+    assert dest.read_bytes() == arts[0][1]  # its release file went; the placed link stays
