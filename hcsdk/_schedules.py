@@ -13,9 +13,9 @@ disconnect loses none.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
+from ._duration import seconds as duration_seconds
 from ._errors import RequestError
 from ._targets import TargetsLike, target_spec
 
@@ -28,19 +28,14 @@ __all__ = ["SCHEDULE_COLUMNS", "SERIES_COLUMNS", "every_seconds"]
 
 SERIES_COLUMNS = ["uuid", "hostname", "status", "error"]
 SCHEDULE_COLUMNS = ["name", "cmd", "every", "timeout", "args", "targets", "created_at", "samples", "last_sample"]
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_EVERY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 
 def every_seconds(every: str | float) -> float:
     """``"10s"``, ``"5m"``, ``"1h"``, ``"1d"`` or a number of seconds; at least one second."""
-    if isinstance(every, (int, float)) and not isinstance(every, bool):
-        seconds = float(every)
-    else:
-        match = _EVERY_RE.match(str(every))
-        if not match:
-            raise RequestError(f"every={every!r}: give a period like '10s', '5m', '1h' or a number of seconds", 0)
-        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    try:
+        seconds = duration_seconds(every)
+    except ValueError:
+        raise RequestError(f"every={every!r}: give a period like '10s', '5m', '1h' or a number of seconds", 0) from None
     if seconds < 1:
         raise RequestError(f"every={every!r} is under a second; schedules run at most once a second", 0)
     return seconds

@@ -84,12 +84,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_duration(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip().lower()
+    from ._duration import seconds
+
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
+        return seconds(text)
     except ValueError:
         raise SystemExit(f"zy: cannot read {text!r} as a duration (use seconds or 30m, 24h, 7d)") from None
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from agent.spool import Spool
 from hcsdk import JoinToken, JoinTokenError
 from hcsdk._backoff import Backoff
+from hcsdk._duration import seconds
 from hcsdk._targets import target_spec
 from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_batch, encode_frame
 from master.targets import TargetError, resolve
@@ -181,3 +182,16 @@ def test_samples_are_stored_once_per_tick_and_forgotten_after_retention(tmp_path
     assert store.forget_samples(1_000.0) == 1
     assert [r["time"] for r in store.series("s", None, None, 10)] == [5_000.0]
     store.close()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("500ms", 0.5), ("10s", 10.0), (" 1.5 m ", 90.0), ("24h", 86400.0), ("7D", 604800.0), ("30", 30.0), (2, 2.0),
+])
+def test_durations_read_as_people_write_them(text: str | float, expected: float) -> None:
+    assert seconds(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "10 minutes", "-5s", "1h30m", "s"])
+def test_what_is_not_a_duration_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a duration"):
+        seconds(text)
