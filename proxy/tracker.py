@@ -8,7 +8,8 @@ Being central, the tracker also schedules: an agent asks ``next`` with the chunk
 wants and is told which one to fetch and from where (:meth:`Tracker.next`). The proxy seeds each
 chunk to ``seed_copies`` agents only (super-seeding), and the rest of the swarm takes it from
 them, rarest chunk first, from the holder with the fewest uploads running; a chunk nobody has
-yet waits for its seed rather than being pulled from the proxy again. Chunks the proxy does not
+yet waits for its seed rather than being pulled from the proxy again (for ``SLOW_SEED`` seconds
+at most: a stuck agent does not hold up the swarm). Chunks the proxy does not
 hold yet are handed out ``upstream_parallel`` at a time and in the order asked for, so they cross
 a thin upstream link one after the other instead of all arriving together at the end.
 """
@@ -32,6 +33,9 @@ UPSTREAM = ""
 #: seconds; one from the proxy may wait behind a thin link)
 PEER_GRANT_TTL = 60.0
 UPSTREAM_GRANT_TTL = 600.0
+#: a chunk the proxy holds, that nobody has delivered for this long since it was last handed
+#: out, is given by the proxy again: one slow or stuck agent does not hold up the swarm
+SLOW_SEED = 10.0
 
 
 class TrackerError(ValueError):
@@ -61,6 +65,8 @@ class Tracker:
         self.fetchers: dict[str, int] = {}
         #: sha -> times the proxy was granted as its source
         self.seeded: dict[str, int] = {}
+        #: sha -> when it was last granted (from anywhere)
+        self.last_grant: dict[str, float] = {}
         #: (fetching session id, sha, serving session id) that failed: not granted again
         self.bad: set[tuple[str, str, str]] = set()
         self.changed = anyio.Event()
@@ -169,14 +175,17 @@ class Tracker:
 
     def _from_upstream(self, sid: str, want: list[str], live: Container[str],
                        cached: Callable[[str], bool]) -> tuple[str, str] | None:
-        """The first wanted chunk the proxy still seeds (or that nobody else can give this agent)."""
+        """The first wanted chunk the proxy still seeds, or that nobody else can give this agent
+        now or soon (no holder, and nobody fetching it or its fetch stalled)."""
         fetching_upstream = sum(1 for (_, sha), g in self.grants.items() if g.source == UPSTREAM and not cached(sha))
+        now = time.monotonic()
         for sha in want:
             if (sid, sha) in self.grants:
                 continue
-            seeded = self.seeded.get(sha, 0) < self.seed_copies
+            seeding = self.seeded.get(sha, 0) < self.seed_copies
             usable = [h for h in self._holders(sha, sid, live) if (sid, sha, h) not in self.bad]
-            if not (seeded or (not usable and not self._fetching(sha))):
+            stalled = cached(sha) and now - self.last_grant.get(sha, now) > SLOW_SEED
+            if not (seeding or (not usable and (not self._fetching(sha) or stalled))):
                 continue
             if not cached(sha) and fetching_upstream >= self.upstream_parallel and not self._fetching(sha):
                 continue
@@ -192,7 +201,9 @@ class Tracker:
     def _grant(self, sid: str, sha: str, source: str) -> None:
         self._end_grant(sid, sha)
         ttl = UPSTREAM_GRANT_TTL if source == UPSTREAM else PEER_GRANT_TTL
-        self.grants[(sid, sha)] = Grant(source, time.monotonic() + ttl)
+        now = time.monotonic()
+        self.grants[(sid, sha)] = Grant(source, now + ttl)
+        self.last_grant[sha] = now
         _count(self.fetchers, sha, 1)
         if source == UPSTREAM:
             self.seeded[sha] = self.seeded.get(sha, 0) + 1

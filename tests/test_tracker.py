@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.tracker import Tracker, TrackerError
+from proxy.tracker import SLOW_SEED, Tracker, TrackerError
 
 A, B, C, D = (c * 64 for c in "abcd")
 ALL = {"s1", "s2", "s3", "s4"}
@@ -41,6 +41,17 @@ def test_the_proxy_seeds_a_chunk_once_and_the_next_agent_waits_for_the_seed() ->
     assert ask(t, "s2", [A]) == []  # on its way to s1: not sent by the proxy twice
     t.next("s1", {"want": [], "got": [A]}, ALL, everything_cached)
     assert ask(t, "s2", [A]) == [(A, "10.0.0.1:7001")]
+
+
+def test_a_seed_that_stalls_does_not_hold_up_the_swarm() -> None:
+    t = Tracker()
+    join(t, "s1", 7001)
+    join(t, "s2", 7002)
+    assert ask(t, "s1", [A]) == [(A, "")]
+    assert ask(t, "s2", [A]) == []
+    t.last_grant[A] -= SLOW_SEED + 1  # s1 has not delivered A for longer than a LAN transfer takes
+    assert ask(t, "s2", [A], cached=nothing_cached) == []  # still crossing the upstream: that is no stall
+    assert ask(t, "s2", [A]) == [(A, "")]
 
 
 def test_agents_starting_together_are_given_different_chunks_by_the_proxy() -> None:
