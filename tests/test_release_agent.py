@@ -11,7 +11,7 @@ from typing import Any
 import psutil
 import pytest
 
-from fleet import Fleet
+from fleet import Fleet, wait_for
 from hcsdk._manifest import CHUNK_SIZE
 
 
@@ -142,3 +142,19 @@ def test_only_the_newest_releases_are_kept_and_placed_files_stay(fl: Fleet, tmp_
             assert _run(fl, "zy.release.place", "r-2", digest=art["id"], dest=str(dest))["status"] == "ok"
     assert sorted(p.name for p in releases.iterdir()) == sorted(a["id"][:16] for a, _ in arts[1:])  # default 3
     assert dest.read_bytes() == arts[0][1]  # its release file went; the placed link stays
+
+
+def test_an_agent_killed_mid_download_resumes_from_the_chunks_it_has(fl: Fleet, tmp_path: Path) -> None:
+    art, data = _artifact(fl, tmp_path, 4 * CHUNK_SIZE, "resume.bin")
+    part = fl.root / "agents" / "r-2" / "releases" / art["id"][:16] / ".resume.bin.zy-part"
+    # one transfer at a time, at most half a chunk a second: the agent dies after a chunk or two
+    fl.client.run(cmd="zy.release.fetch", args={"manifest": art["manifest"], "digest": art["id"], "parallel": 1,
+                                                "rate": CHUNK_SIZE / 2}, targets="r-2", timeout=60)
+    wait_for(lambda: part.exists() and part.stat().st_blocks * 512 >= CHUNK_SIZE, 60, "the first chunk on disk")
+    fl.agents["r-2"].kill()
+    fl.start_agent("r-2")
+    fl.wait_online("r-2")
+    got = _run(fl, "zy.release.fetch", "r-2", manifest=art["manifest"], digest=art["id"])
+    assert got["status"] == "ok" and 1 <= got["result"]["reused"] < 4
+    assert got["result"]["bytes_upstream"] == (4 - got["result"]["reused"]) * CHUNK_SIZE
+    assert Path(got["result"]["path"]).read_bytes() == data
