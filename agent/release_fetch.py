@@ -254,7 +254,7 @@ async def _from(job: Job, channel: Any, source: str, index: int, buffer: bytearr
             job.stats["corrupt"].append(f"peer {source} could not give chunk {index}: {exc}")
             return None
     try:
-        resp = await channel.bulk_request("GET", f"/v1/blob?sha256={sha}&sid={channel.sid or ''}")
+        resp = await channel.bulk_request("GET", f"/v1/blob?sha256={sha}&sid={channel.sid or ''}", timeout=300.0)
     except Exception as exc:
         job.stats["corrupt"].append(f"upstream could not give chunk {index}: {exc}")
         return None

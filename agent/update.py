@@ -120,7 +120,7 @@ class Updater:
         if Path(filename).name != filename or filename.startswith("."):
             raise TaskFailed(f"args.filename {filename!r} must be a plain file name", status="failed")
         try:
-            resp = await channel.bulk_request("GET", f"/v1/blob?sha256={sha}&sid={channel.sid or ''}", timeout=600.0)
+            resp = await channel.bulk_request("GET", f"/v1/blob?sha256={sha}&sid={channel.sid or ''}", timeout=120.0)
         except Exception as exc:
             raise TaskFailed(f"cannot fetch the build: {exc}", status="failed") from None
         if resp.status_code != 200:

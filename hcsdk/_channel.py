@@ -30,6 +30,8 @@ from ._tls import shared_client_context
 from ._wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder, encode_frame
 
 log = logging.getLogger("zy.channel")
+#: HTTP/1.1 connections for bulk transfers at once (a release fetches 4 chunks at a time)
+BULK_CONNECTIONS = 8
 
 
 class ChannelLost(Exception):
@@ -101,9 +103,8 @@ class Channel:
         #: while connected: the client, URL and session id, for requests on the same connection
         self.client: httpx.AsyncClient | None = None
         self.conn: H2Connection | None = None
-        #: a second HTTP/2 connection beside ``conn`` for bulk transfers (see :meth:`bulk_request`)
-        self._bulk: H2Connection | None = None
-        self._bulk_lock = anyio.Lock()
+        #: HTTP/1.1 connections beside ``conn`` for bulk transfers (see :meth:`bulk_request`)
+        self._bulk: httpx.AsyncClient | None = None
         self._bulk_url: str | None = None
         self.url: str | None = None
         self.sid: str | None = None
@@ -140,9 +141,10 @@ class Channel:
             log.info("reconnecting in %.1fs", delay)
             await anyio.sleep(delay)
 
-    def _client(self, http2: bool) -> httpx.AsyncClient:
+    def _client(self, http2: bool, connections: int = 4) -> httpx.AsyncClient:
         verify = shared_client_context(self.ca_pem, http2)
-        limits = httpx.Limits(max_connections=4, max_keepalive_connections=2)
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
+                              keepalive_expiry=60.0)
         transport = httpx.AsyncHTTPTransport(verify=verify, http2=http2, http1=True, limits=limits,
                                              local_address=self.settings.local_address)
         return httpx.AsyncClient(
@@ -235,40 +237,35 @@ class Channel:
             raise ChannelLost(str(exc)) from None
         raise ChannelLost("not connected upstream")
 
-    async def bulk_request(self, method: str, path: str, timeout: float = 300.0) -> httpx.Response | Response:
-        """A bulk transfer (a release chunk, a build) on a connection of its own beside the
-        channel's: megabytes queued on the channel's connection would hold its PINGs and
-        heartbeats behind them, and on a thin link shared by many clients that is longer than the
-        far end waits before it calls the channel dead. Same URL, credentials and session; when
-        polling (HTTP/1.1) the poll's own client serves it."""
+    async def bulk_request(self, method: str, path: str, timeout: float = 60.0) -> httpx.Response | Response:
+        """A bulk transfer (a release chunk, a build) on HTTP/1.1 connections of its own beside
+        the channel's. On the channel's HTTP/2 connection megabytes queued ahead of the PINGs
+        delayed their answers, and on a thin link shared by many clients past the far end's
+        patience, which then closed the connection (an HTTP/2 connection of its own only moved
+        the problem there). HTTP/1.1 has no PINGs: a transfer that still moves is never cut, and
+        one that stalls ends when ``timeout`` seconds pass without a byte. Same URL, credentials
+        and session. When the channel polls, or no new connection can be made just now, the
+        channel's own connection carries it."""
         url = self.url
         if self.conn is None or url is None:
             return await self.request(method, path, timeout=timeout)
-        bulk = await self._bulk_connection(url)
-        if bulk is None:  # it cannot be opened now: the channel's own connection still can carry it
-            return await self.request(method, path, timeout=timeout)
+        if self._bulk is None or self._bulk_url != url:
+            await self._close_bulk()
+            self._bulk, self._bulk_url = self._client(False, connections=BULK_CONNECTIONS), url
         try:
-            return await bulk.request(method, path, timeout=timeout)
-        except H2Error as exc:
-            raise ChannelLost(str(exc)) from None
+            return await self._bulk.request(method, f"{url}{path}",
+                                            timeout=httpx.Timeout(connect=10.0, read=timeout, write=30.0, pool=None))
+        except httpx.ConnectError as exc:  # no new connection now: the channel's own still can carry it
+            log.info("no connection to %s for a bulk transfer (%s): using the channel's", url, repr(exc))
+            return await self.request(method, path, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise ChannelLost(f"bulk transfer from {url} failed: {exc or type(exc).__name__}") from None
 
-    async def _bulk_connection(self, url: str) -> H2Connection | None:
-        async with self._bulk_lock:
-            if self._bulk is None or self._bulk.closed.is_set() or self._bulk_url != url:
-                self._close_bulk()
-                try:
-                    self._bulk = await H2Connection.open(url, shared_client_context(self.ca_pem, True), self.headers,
-                                                         self.settings.local_address)
-                except H2Error as exc:
-                    log.info("no second connection to %s for bulk transfers (%s): using the channel's", url, exc)
-                    return None
-                self._bulk_url = url
-            return self._bulk
-
-    def _close_bulk(self) -> None:
-        if self._bulk is not None:
-            self._bulk.close()
-            self._bulk = None
+    async def _close_bulk(self) -> None:
+        bulk, self._bulk = self._bulk, None
+        if bulk is not None:
+            with anyio.CancelScope(shield=True):
+                await bulk.aclose()
 
     # -- HTTP/2 -------------------------------------------------------------------------------
     async def _h2_session(self, conn: H2Connection, url: str, backoff: Backoff) -> None:
@@ -287,7 +284,7 @@ class Channel:
         finally:
             self.conn = None
             self.url = self.sid = self.mode = None
-            self._close_bulk()
+            await self._close_bulk()
             self.on_lost()
 
     async def _h2_down(self, conn: H2Connection, sid: str) -> None:

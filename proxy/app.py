@@ -207,7 +207,7 @@ class ProxyApp:
     async def _fetch(self, sha: str) -> Answer:
         try:
             resp = await self.relay.channel.bulk_request(
-                "GET", f"/v1/blob?sha256={quote(sha)}&sid={self.relay.channel.sid or ''}")
+                "GET", f"/v1/blob?sha256={quote(sha)}&sid={self.relay.channel.sid or ''}", timeout=120.0)
         except (ChannelLost, httpx.HTTPError) as exc:
             raise UpstreamDown(f"the proxy has no upstream right now ({exc}); try again") from None
         ctype = resp.headers.get("content-type") or "application/octet-stream"

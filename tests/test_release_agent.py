@@ -89,8 +89,8 @@ def test_a_second_fetch_reuses_chunks_and_heals_damaged_ones(fl: Fleet, tmp_path
 
 
 def test_chunks_travel_on_a_connection_beside_the_channel(fl: Fleet, tmp_path: Path) -> None:
-    """Megabytes queued on the channel's connection would hold its PINGs behind them on a thin
-    link: an agent fetches chunks on a second connection to the same proxy."""
+    """Megabytes queued on the channel's HTTP/2 connection would hold its PINGs behind them on a
+    thin link: an agent fetches chunks on HTTP/1.1 connections of their own to the same proxy."""
     art, _ = _artifact(fl, tmp_path, CHUNK_SIZE + 1, "side.bin")
     assert _run(fl, "zy.release.fetch", "r-1", manifest=art["manifest"], digest=art["id"])["status"] == "ok"
     proxy = psutil.Process(fl.agents["edge"].popen.pid)
@@ -98,7 +98,7 @@ def test_chunks_travel_on_a_connection_beside_the_channel(fl: Fleet, tmp_path: P
     agent = psutil.Process(fl.agents["r-1"].popen.pid)
     to_proxy = [c for c in agent.net_connections("tcp") if c.raddr and c.raddr.port == proxy_port
                 and c.status == psutil.CONN_ESTABLISHED]
-    assert len(to_proxy) == 2
+    assert len(to_proxy) >= 2
 
 
 def test_a_chunk_twice_in_a_file_is_fetched_once_and_written_at_both_offsets(fl: Fleet, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ neither salt's minion cache nor hcsdk's chunk caches hold it): one cold distribu
 
 Needs root for iptables (without it the byte columns are empty). Everything it starts is killed at exit, on an
 error or on Ctrl-C, the iptables chain is removed, and the temporary folder (the minions' and agents' copies of
-the file: N times its size, three times over for hcsdk) is deleted after each N.
+the file: N times its size, once each: hcsdk places its fetched copy by hard link) is deleted after each N.
 """
 
 from __future__ import annotations
