@@ -34,11 +34,8 @@ For (b) and (c) the issue's one-seed bound max(F/U_proxy, M*F/(U_proxy + sum U_a
 assumes the seed holds the file; here the seed (the proxy) receives it over the thin link first,
 so the bound used also has F/thin (the issue's own is printed beside it). U and D are the tbf
 rates of the LAN ports; (b) has no agent uploads, so its middle term is M*F/U_proxy. For (a)
-the bound is M*F/thin. At the defaults mode (a) alone moves M*F over 20 Mbit/s (~28 min), and
-with the master's default --dead-after (15 s) its HTTP/2 PINGs wait behind each agent's own
-downloads for longer than their 9 s timeout, so agents lose channels and fetches fail (seen with
-10 agents); --master-arg=--dead-after=60 gets the figure. A mode whose release does not complete
-is shown as such, with the bytes it moved until then.
+the bound is M*F/thin. At the defaults mode (a) alone moves M*F over 20 Mbit/s (~28 min). A mode
+whose release does not complete is shown as such, with the bytes it moved until then.
 "machine cpu" is the whole machine's (2 cores here), whatever else runs on it meanwhile.
 """
 
