@@ -78,7 +78,10 @@ class Releases:
             await anyio.to_thread.run_sync(self._finish, job)
         finally:
             job.close()
-        await anyio.to_thread.run_sync(self._prune, job.final.parent)
+        gone = await anyio.to_thread.run_sync(self._prune, job.final.parent)
+        if gone and self.swarm is not None:
+            self.swarm.forget(gone)
+            await self.swarm.announce()
         stats = job.stats
         task.result = {"path": str(job.final), "size": manifest.size, "sha256": manifest.sha256,
                        "chunks": len(job.first), "reused": stats["reused"], "bytes_upstream": stats["bytes_upstream"],
@@ -134,16 +137,21 @@ class Releases:
         self.store.moved(job.part, job.final)
         mark_verified(job.final, job.manifest.sha256)  # every chunk was checked as it was written
 
-    def _prune(self, current: Path) -> None:
+    def _prune(self, current: Path) -> set[str]:
         """Keep the newest ``keep`` release files (by their last fetch). A file placed at a
-        destination is another link to it and stays; a release still coming is never removed."""
+        destination is another link to it and stays; a release still coming is never removed.
+        The chunk hashes no longer held anywhere."""
         homes = sorted((h for h in self.store.root.iterdir() if h.is_dir()), key=lambda h: h.stat().st_mtime,
                        reverse=True)
+        gone: set[str] = set()
         for home in homes[self.keep:]:
             if home == current or any(home.glob(f"*{PART_SUFFIX}")):
                 continue
+            manifest = read_manifest(home / MANIFEST)
             self.store.drop_dir(home)
             shutil.rmtree(home, ignore_errors=True)
+            gone.update(manifest.chunks if manifest is not None else ())
+        return {sha for sha in gone if not self.store.has(sha)}
 
     async def _fetch_missing(self, task: Task, job: Job, args: dict[str, Any]) -> None:
         job.swarm = await self._join(args, job) if args["p2p"] and args["peer_key"] else None

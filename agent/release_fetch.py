@@ -44,11 +44,19 @@ class Swarm:
         self.slots = slots
         self.held: set[str] = set()
         self.unsent: set[str] = set()  # held, not yet told to the tracker
+        self.dropped: set[str] = set()  # no longer held, not yet told to the tracker
         self._announced_in: str | None = None  # the session the tracker knows our chunks from
 
     def note(self, chunks: list[str]) -> None:
         self.held.update(chunks)
         self.unsent.update(chunks)
+        self.dropped.difference_update(chunks)
+
+    def forget(self, chunks: set[str]) -> None:
+        """Chunks no longer held (an old release removed): the tracker hears it next time."""
+        self.held -= chunks
+        self.unsent -= chunks
+        self.dropped |= chunks
 
     def _news(self) -> list[str]:
         """What to tell the tracker we hold: everything when our session is new (a restarted
@@ -64,15 +72,16 @@ class Swarm:
     async def announce(self) -> bool:
         """Tell the tracker our port and what we hold; False when there is none upstream
         (straight on the master) or it cannot be reached."""
-        sid, news = self.channel.sid, self._news()
+        sid, news, dropped = self.channel.sid, self._news(), sorted(self.dropped)
         try:
-            known = await self._call("/v1/tracker/announce",
-                                     {"port": self.port, "slots": self.slots, "chunks": news}) is not None
+            known = await self._call("/v1/tracker/announce", {"port": self.port, "slots": self.slots,
+                                                              "chunks": news, "dropped": dropped}) is not None
         except Exception:
             return False
         if known:
             self._announced_in = sid
             self.unsent.difference_update(news)
+            self.dropped.difference_update(dropped)
         return known
 
     async def next(self, want: list[str], failed: list[dict[str, str]], most: int) -> list[dict[str, Any]] | None:

@@ -81,10 +81,24 @@ class Tracker:
         if not isinstance(slots, int) or not 1 <= slots <= 1024:
             raise TrackerError("announce 'slots' must be 1-1024 (uploads this peer serves at once)")
         _check_shas(chunks, "announce 'chunks'")
+        dropped = body.get("dropped", [])
+        _check_shas(dropped, "announce 'dropped'")
         _, held = self.peers.get(sid, ("", set()))
         self.peers[sid] = (f"{host}:{port}" if port else "", held)
         self.slots[sid] = slots
+        self._drop(sid, dropped)
         return self._hold(sid, chunks)
+
+    def _drop(self, sid: str, chunks: list[str]) -> None:
+        """Chunks this client no longer holds (it removed an old release)."""
+        _, held = self.peers.get(sid, ("", set()))
+        held.difference_update(chunks)
+        for sha in chunks:
+            holders = self.holders.get(sha)
+            if holders is not None:
+                holders.discard(sid)
+                if not holders:
+                    del self.holders[sha]
 
     def _hold(self, sid: str, chunks: list[str]) -> int:
         address, held = self.peers.get(sid, ("", set()))

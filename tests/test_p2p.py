@@ -116,3 +116,22 @@ def test_after_a_proxy_restart_agents_tell_the_new_tracker_what_they_hold(fl: Fl
         return int(resp.json()["counts"][sha]) if resp.status_code == 200 else 0
 
     wait_for(holders, 30, "pp-1 to tell the restarted proxy's tracker the chunks it holds")
+
+
+def test_an_agent_tells_the_tracker_when_it_removes_an_old_release(fl: Fleet, tmp_path: Path) -> None:
+    lan = fl.agents["lan"]
+    edge = "https://127.0.0.1:" + lan.output().split("listening on https://127.0.0.1:")[-1].split()[0]
+    probe = ChunkClient(edge, enroll_clients(fl, ["pp-probe2"], url=edge)[0])
+    fl.start_agent("pp-keep", extra=["--master", edge, "--keep-releases", "1"])
+    fl.wait_online("pp-keep")
+    (tmp_path / "old").mkdir()
+    _, old, _ = _release(fl, tmp_path / "old", ["pp-keep"])
+    sha = hashlib.sha256(old[:CHUNK_SIZE]).hexdigest()
+    probe.handshake()
+
+    def holders() -> int:
+        return int(probe.post("/v1/tracker/lookup", {"chunks": [sha]}).json()["counts"][sha])
+
+    assert holders() == 1
+    _release(fl, tmp_path, ["pp-keep"])  # the newer release pushes the old one out
+    wait_for(lambda: holders() == 0, 30, "pp-keep to tell the tracker it dropped the old release's chunks")

@@ -113,6 +113,15 @@ def test_a_session_that_ends_takes_its_chunks_and_grants_with_it() -> None:
     assert ask(t, "s2", [A]) == [(A, "")]
 
 
+def test_chunks_an_agent_drops_are_no_longer_offered() -> None:
+    t = Tracker(seed_copies=0)
+    join(t, "s1", 7001, [A, B])
+    join(t, "s2", 7002)
+    t.announce("s1", "10.0.0.1", {"port": 7001, "chunks": [], "dropped": [A]})
+    assert ask(t, "s2", [A]) == [(A, "")]  # nobody holds it now: the proxy gives it
+    assert ask(t, "s2", [B]) == [(B, "10.0.0.1:7001")]
+
+
 def test_an_agent_that_serves_nobody_still_gets_chunks_and_ends_its_grants() -> None:
     t = Tracker()
     join(t, "s1", 0)
