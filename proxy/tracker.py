@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +91,10 @@ class Tracker:
 
     def _drop(self, sid: str, chunks: list[str]) -> None:
         """Chunks this client no longer holds (it removed an old release)."""
-        _, held = self.peers.get(sid, ("", set()))
-        held.difference_update(chunks)
+        self.peers.get(sid, ("", set()))[1].difference_update(chunks)
+        self._unlist(sid, chunks)
+
+    def _unlist(self, sid: str, chunks: Iterable[str]) -> None:
         for sha in chunks:
             holders = self.holders.get(sha)
             if holders is not None:
@@ -131,12 +133,7 @@ class Tracker:
     def forget(self, sid: str) -> None:
         _, held = self.peers.pop(sid, ("", set()))
         self.slots.pop(sid, None)
-        for sha in held:
-            holders = self.holders.get(sha)
-            if holders is not None:
-                holders.discard(sid)
-                if not holders:
-                    del self.holders[sha]
+        self._unlist(sid, held)
         for (fetcher, sha), grant in list(self.grants.items()):
             if sid in (fetcher, grant.source):
                 self._end_grant(fetcher, sha)

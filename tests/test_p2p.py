@@ -32,6 +32,11 @@ def fl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         fleet.close()
 
 
+def _edge(fl: Fleet) -> str:
+    """The proxy's URL (a restarted one listens on the same port)."""
+    return "https://127.0.0.1:" + fl.agents["lan"].output().split("listening on https://127.0.0.1:")[1].split()[0]
+
+
 def _release(fl: Fleet, tmp_path: Path, targets: list[str], **options: object) -> tuple[object, bytes, Path]:
     data = os.urandom(3 * CHUNK_SIZE + 99)
     package = tmp_path / "pkg.bin"
@@ -101,13 +106,10 @@ def test_without_p2p_or_without_serving_agents_still_get_the_file(fl: Fleet, tmp
 def test_after_a_proxy_restart_agents_tell_the_new_tracker_what_they_hold(fl: Fleet, tmp_path: Path) -> None:
     _, data, _ = _release(fl, tmp_path, ["pp-1"])
     sha = hashlib.sha256(data[:CHUNK_SIZE]).hexdigest()
-    lan = fl.agents["lan"]
-    port = int(lan.output().split("listening on https://127.0.0.1:")[1].split()[0])
-    edge = f"https://127.0.0.1:{port}"
+    edge = _edge(fl)
     probe = ChunkClient(edge, enroll_clients(fl, ["pp-probe"], url=edge)[0])
-    lan.kill()  # the tracker's memory goes with it
-    lan.popen.wait()
-    fl.start_proxy("lan", port=port)
+    fl.agents["lan"].kill()  # the tracker's memory goes with it
+    fl.start_proxy("lan", port=int(edge.rpartition(":")[2]))
     fl.wait_online(*NAMES)
     probe.handshake()
 
@@ -119,8 +121,7 @@ def test_after_a_proxy_restart_agents_tell_the_new_tracker_what_they_hold(fl: Fl
 
 
 def test_an_agent_tells_the_tracker_when_it_removes_an_old_release(fl: Fleet, tmp_path: Path) -> None:
-    lan = fl.agents["lan"]
-    edge = "https://127.0.0.1:" + lan.output().split("listening on https://127.0.0.1:")[-1].split()[0]
+    edge = _edge(fl)
     probe = ChunkClient(edge, enroll_clients(fl, ["pp-probe2"], url=edge)[0])
     fl.start_agent("pp-keep", extra=["--master", edge, "--keep-releases", "1"])
     fl.wait_online("pp-keep")
