@@ -103,9 +103,9 @@ class Channel:
         #: while connected: the client, URL and session id, for requests on the same connection
         self.client: httpx.AsyncClient | None = None
         self.conn: H2Connection | None = None
-        #: HTTP/1.1 connections beside ``conn`` for bulk transfers (see :meth:`bulk_request`)
+        #: HTTP/1.1 connections beside ``conn`` for bulk transfers (see :meth:`bulk_request`);
+        #: closed when the HTTP/2 session ends, so they always go to ``url``
         self._bulk: httpx.AsyncClient | None = None
-        self._bulk_url: str | None = None
         self.url: str | None = None
         self.sid: str | None = None
         self.max_frame = DEFAULT_MAX_FRAME
@@ -249,9 +249,8 @@ class Channel:
         url = self.url
         if self.conn is None or url is None:
             return await self.request(method, path, timeout=timeout)
-        if self._bulk is None or self._bulk_url != url:
-            await self._close_bulk()
-            self._bulk, self._bulk_url = self._client(False, connections=BULK_CONNECTIONS), url
+        if self._bulk is None:
+            self._bulk = self._client(False, connections=BULK_CONNECTIONS)
         try:
             return await self._bulk.request(method, f"{url}{path}",
                                             timeout=httpx.Timeout(connect=10.0, read=timeout, write=30.0, pool=None))
