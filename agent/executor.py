@@ -42,7 +42,7 @@ REFUSAL_SEQ = 2**31 - 2  # seq of a "done" reporting a refused (unauthentic) com
 BUILTIN_ARGS: dict[str, dict[str, Arg]] = {
     "shell": {"script": Arg(str, help="the script, run by `shell -c`"),
               "shell": Arg(str, default="/bin/sh", help="the shell that runs it")},
-    "exec": {"argv": Arg(list, items=str, min=1, help="program and arguments, no shell")},
+    "exec": {"argv": Arg(list, items=str, min=1, help="program and arguments as a list, not one string; no shell")},
     "ping": {},
     "facts": {},
     "echo": {"text": Arg(str, default="", help="printed back, in-process (measures the channel)")},

@@ -43,10 +43,23 @@ def _script_args(script: str | bytes | Sequence[str] | None, cmd: str | None,
     merged = dict(args or {})
     if script is not None:
         if cmd == "exec":
-            merged["argv"] = list(script)
+            merged["argv"] = _argv(script)
         else:
             merged["script"] = script
     return cmd, merged
+
+
+def _argv(script: str | Sequence[str]) -> list[str]:
+    # list("echo hi") would be ['e', 'c', ...]: a string is never an argv, so say what to pass
+    if isinstance(script, str):
+        raise RequestError(f"cmd='exec' takes an argv list, e.g. {script.split() or ['echo', 'hi']!r}, "
+                           f"not the string {script!r} (for a shell script use cmd='shell', the default)", 0)
+    argv = list(script)
+    bad = next((a for a in argv if not isinstance(a, str)), None)
+    if bad is not None or not argv:
+        raise RequestError("cmd='exec' takes a non-empty list of strings (program and arguments)"
+                           + (f"; got {type(bad).__name__} {bad!r}" if bad is not None else ""), 0)
+    return argv
 
 
 class AsyncClient:

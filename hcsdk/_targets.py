@@ -20,6 +20,8 @@ def target_spec(targets: TargetsLike) -> dict[str, Any]:
     if isinstance(targets, str):
         if not targets.strip():
             raise TargetError("targets is an empty string")
+        if targets.strip().startswith("label:"):
+            _check_labels(targets.strip())
         return {"expr": targets.strip()}
     columns = getattr(targets, "columns", None)
     if columns is not None:
@@ -35,3 +37,14 @@ def target_spec(targets: TargetsLike) -> dict[str, Any]:
             raise TargetError("the target list is empty")
         return {"uuids": uuids}
     raise TargetError(f"cannot use a {type(targets).__name__} as targets")
+
+
+def _check_labels(expr: str) -> None:
+    """Refuse ``label:role=`` before it travels: an empty value is a slip, not a wildcard
+    (``label:role`` without ``=`` selects every agent that has the label). The master checks
+    the same."""
+    for part in expr[len("label:"):].split(","):
+        key, sep, value = part.strip().partition("=")
+        if sep and key.strip() and not value.strip():
+            raise TargetError(f"bad label selector {expr!r}: {part.strip()!r} has an empty value "
+                              f"(write {key.strip()}=VALUE, or {key.strip()} alone for any agent with that label)")

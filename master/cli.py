@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--data-dir", type=Path, default=Path("./state/master"),
                    help="state directory (default %(default)s)")
     p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8443), metavar="HOST:PORT",
-                   help="address to listen on; port 0 picks a free one (default 127.0.0.1:8443)")
+                   help="address to listen on; port 0 picks a free one on the first start and the same one "
+                   "after (DATA_DIR/listen.port: enrolled agents dial it) (default 127.0.0.1:8443)")
     p.add_argument("--advertise", action="append", default=[], metavar="URL",
                    help="URL agents should use (repeatable); default: from --listen, or this host's name "
                    "when listening on 0.0.0.0")

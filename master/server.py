@@ -12,7 +12,15 @@ from typing import Any
 import anyio
 
 from hcsdk._asgi import error
-from hcsdk._serve import bound_port, check_port_free, granian_server, lock_dir, server_names, stop_server
+from hcsdk._serve import (
+    StartupError,
+    bound_port,
+    check_port_free,
+    granian_server,
+    lock_dir,
+    server_names,
+    stop_server,
+)
 
 from .api import BodyLimit, build_api
 from .blobs import BlobStore
@@ -48,6 +56,25 @@ def build_app(hub: Hub, paths: Paths, urls: list[str], e2e_private: bytes) -> An
     return app
 
 
+#: the port this data dir's master last listened on: agents enrolled here dial it
+PORT_FILE = "listen.port"
+
+
+def _reuse_port(paths: Paths, port: int) -> int:
+    """``--listen HOST:0`` on a data dir that has served before takes the port it had: every
+    agent enrolled here has that port in its URLs, and a new one would strand them all."""
+    if port != 0:
+        return port
+    try:
+        old = int((paths.root / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return 0  # a first start: any free port
+    if not 0 < old < 65536:
+        return 0
+    log.info("reusing port %d from %s", old, paths.root / PORT_FILE)
+    return old
+
+
 def _urls(settings: MasterSettings, port: int) -> list[str]:
     if settings.advertise:
         return list(settings.advertise)
@@ -59,7 +86,16 @@ def _urls(settings: MasterSettings, port: int) -> list[str]:
 async def serve(settings: MasterSettings) -> None:
     paths = Paths(settings.data_dir)
     lock = lock_dir(paths.root, "master")
-    check_port_free(settings.host, settings.port)
+    asked = settings.port
+    settings.port = _reuse_port(paths, asked)
+    try:
+        check_port_free(settings.host, settings.port)
+    except StartupError as exc:
+        if asked == settings.port:
+            raise
+        raise StartupError(f"{exc}. This data dir's master listened on port {settings.port} before and its agents "
+                           f"dial that port: free it, or move with --listen {settings.host}:NEWPORT (then agents "
+                           "need --master with the new URL, or a new enrollment)") from None
     extra = [u.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") for u in settings.advertise]
     ensure_pki(paths, server_names(settings.host, extra))
     store = Store(paths.db)
@@ -75,6 +111,7 @@ async def serve(settings: MasterSettings) -> None:
             await hub.run(tg)
             tg.start_soon(server.serve)
             port = await bound_port()
+            (paths.root / PORT_FILE).write_text(f"{port}\n")
             urls.extend(_urls(settings, port))
             written = write_client_configs(paths, urls[0], admin_token, settings.write_user_config)
             for spec in settings.ssh_proxies:

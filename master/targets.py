@@ -75,6 +75,10 @@ def _by_labels(expr: str, agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key, sep, value = part.partition("=")
         if not key.strip():
             raise TargetError(f"bad label selector {expr!r}: empty key in {part!r}")
+        if sep and not value.strip():
+            # 'role=' reads as "role is empty", which no label can be; 'role' alone means "has the key"
+            raise TargetError(f"bad label selector {expr!r}: {part!r} has an empty value "
+                              f"(write {key.strip()}=VALUE, or {key.strip()} alone for any agent with that label)")
         wanted.append((key.strip(), value.strip() if sep else None))
     if not wanted:
         raise TargetError(f"bad label selector {expr!r}: give key=value pairs, e.g. label:role=web")
