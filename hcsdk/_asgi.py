@@ -20,6 +20,10 @@ class ClientGone(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    """A request body did not arrive within its deadline (a slow or stalled sender): a 408."""
+
+
 def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -81,4 +85,16 @@ async def dispatch(routes: Mapping[tuple[str, str], Handler], scope: Scope, rece
     except ClientGone:
         pass
     except BodyTooLarge as exc:
-        await error(send, 413, str(exc))
+        await _refuse_body(scope, send, 413, str(exc), "request")
+    except BodyTimeout as exc:
+        await _refuse_body(scope, send, 408, str(exc), "timeout")
+
+
+async def _refuse_body(scope: Scope, send: Send, status: int, message: str, kind: str) -> None:
+    # an HTTP/1.1 connection goes too: the rest of that body would otherwise still be read
+    # (HTTP/2 resets just the stream; connection headers are not allowed there)
+    extra = [(b"connection", b"close")] if scope.get("http_version", "1.1").startswith("1") else []
+    try:
+        await respond(send, status, {"error": message, "kind": kind}, extra)
+    except Exception:  # the client is gone or the response had started: nothing to tell
+        pass

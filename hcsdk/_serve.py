@@ -23,8 +23,14 @@ class StartupError(Exception):
 MAX_CONNECTIONS = 65_536
 
 
+#: HTTP/1 request heads must be in within this many seconds (granian closes the connection)
+HEADER_TIMEOUT = 10.0
+#: the largest HTTP/2 header block a client may send (granian's default is 16 MiB per stream)
+MAX_HEADERS = 64 * 1024
+
+
 def granian_server(app: Any, host: str, port: int, cert: Path, key: Path, *, http2: bool, heartbeat: float,
-                   dead_after: float) -> Any:
+                   dead_after: float, header_timeout: float = HEADER_TIMEOUT) -> Any:
     from granian.constants import HTTPModes, Interfaces, SSLProtocols
     from granian.http import HTTP1Settings, HTTP2Settings
     from granian.server.embed import Server
@@ -39,8 +45,12 @@ def granian_server(app: Any, host: str, port: int, cert: Path, key: Path, *, htt
         max_concurrent_streams=256,
         initial_connection_window_size=4 * 1024 * 1024,
         initial_stream_window_size=1024 * 1024,
+        # nobody's headers are big: a client must not park megabytes in them before any check
+        max_headers_size=MAX_HEADERS,
     )
-    h1 = HTTP1Settings(header_read_timeout=30_000, keep_alive=True)
+    # a deadline on the request head: a client that opens a connection and trickles its
+    # headers holds nothing for long (bodies get theirs from the handlers: hcsdk._limits)
+    h1 = HTTP1Settings(header_read_timeout=max(1, int(header_timeout * 1000)), keep_alive=True)
     return Server(
         app, address=host, port=port, interface=Interfaces.ASGINL,
         http=HTTPModes.auto if http2 else HTTPModes.http1,
