@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hcsdk._manifest import Manifest, ManifestError
+from hcsdk._safenames import digest_dir, is_digest_dir
 
 from .jsonfile import write_json
 
@@ -40,7 +41,8 @@ class ChunkStore:
         self._lock = threading.Lock()
 
     def home(self, digest: str) -> Path:
-        return self.root / digest[:16]
+        """Where release ``digest`` is kept; UnsafeName (a ValueError) unless it is a SHA-256."""
+        return self.root / digest_dir(digest)
 
     def add(self, sha: str, path: Path, offset: int, length: int) -> None:
         with self._lock:
@@ -91,7 +93,7 @@ class ChunkStore:
                 return
             self._loaded = True
         for meta in sorted(self.root.glob(f"*/{MANIFEST}")):
-            manifest = read_manifest(meta)
+            manifest = read_manifest(meta) if is_digest_dir(meta.parent.name) else None
             if manifest is None:
                 continue
             final = meta.parent / manifest.name

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from hcsdk._manifest import Manifest, ManifestError
+from hcsdk._safenames import UnsafeName, check_sha256, is_digest_dir
 
 from .chunkstore import (
     MANIFEST,
@@ -68,7 +69,7 @@ class Releases:
 
     # -- fetch ----------------------------------------------------------------------------------
     async def fetch(self, task: Task) -> tuple[str, int | None]:
-        args = validate(FETCH_ARGS, task.args)
+        args = _checked(validate(FETCH_ARGS, task.args), "digest", "peer_key")
         manifest = _manifest(args["manifest"], args["digest"])
         started = time.monotonic()
         job = await anyio.to_thread.run_sync(self._open, manifest, args["digest"])
@@ -141,8 +142,9 @@ class Releases:
         """Keep the newest ``keep`` release files (by their last fetch). A file placed at a
         destination is another link to it and stays; a release still coming is never removed.
         The chunk hashes no longer held anywhere."""
-        homes = sorted((h for h in self.store.root.iterdir() if h.is_dir()), key=lambda h: h.stat().st_mtime,
-                       reverse=True)
+        # only directories named as ChunkStore.home names them: nothing else under root is ours to remove
+        homes = sorted((h for h in self.store.root.iterdir() if is_digest_dir(h.name) and h.is_dir()
+                        and not h.is_symlink()), key=lambda h: h.stat().st_mtime, reverse=True)
         gone: set[str] = set()
         for home in homes[self.keep:]:
             if home == current or any(home.glob(f"*{PART_SUFFIX}")):
@@ -187,7 +189,7 @@ class Releases:
 
     # -- place and rollback ---------------------------------------------------------------------
     async def place(self, task: Task) -> tuple[str, int | None]:
-        args = validate(PLACE_ARGS, task.args)
+        args = _checked(validate(PLACE_ARGS, task.args), "digest", "sha256")
         dest = self._dest(args["dest"])
         source = self._fetched(args["digest"])
         task.result = await anyio.to_thread.run_sync(_place, source, dest, args["mode"], args["digest"],
@@ -195,7 +197,7 @@ class Releases:
         return "ok", 0
 
     async def rollback(self, task: Task) -> tuple[str, int | None]:
-        args = validate(ROLLBACK_ARGS, task.args)
+        args = _checked(validate(ROLLBACK_ARGS, task.args), "digest")
         dest = self._dest(args["dest"])
         task.result = await anyio.to_thread.run_sync(_rollback, dest, args["digest"])
         return "ok", 0
@@ -212,6 +214,19 @@ class Releases:
         if final is None or not final.is_file():
             raise TaskFailed(f"release {digest[:16]} has not been fetched on this agent (run zy.release.fetch first)")
         return final
+
+
+def _checked(args: dict[str, Any], *hexes: str) -> dict[str, Any]:
+    """``args`` once each of ``hexes`` is a SHA-256 in lowercase hex (or empty, where optional):
+    a digest names the release's directory here, so it is checked before it names anything,
+    whoever signed the command."""
+    for name in hexes:
+        if args[name] or name == "digest":
+            try:
+                check_sha256(args[name], f"args.{name}")
+            except UnsafeName as exc:
+                raise TaskFailed(f"{exc}: refused") from None
+    return args
 
 
 def _manifest(data: dict[str, Any], digest: str) -> Manifest:

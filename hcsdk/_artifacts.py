@@ -20,6 +20,7 @@ from ._errors import RequestError
 from ._http import map_exceptions
 from ._manifest import CHUNK_SIZE, Manifest, build_manifest
 from ._portal import portal
+from ._safenames import UnsafeName, check_file_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,6 +42,10 @@ class AsyncArtifacts:
                      progress: Progress | None = None) -> dict[str, Any]:
         """Store a file on the master as an artifact; returns its id (the manifest's digest)."""
         path = Path(path)
+        try:  # before reading a byte: the master and every agent refuse these names too
+            check_file_name(name or path.name, "artifact name")
+        except UnsafeName as exc:
+            raise RequestError(f"cannot upload {path}: {exc} (pass name=... to store it under another)", 0) from None
         if not await anyio.Path(path).is_file():
             raise RequestError(f"no file at {path}", 0)
         manifest = await anyio.to_thread.run_sync(build_manifest, path, name, chunk_size)

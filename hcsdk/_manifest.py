@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._safenames import UnsafeName, check_file_name, is_sha256
+
 __all__ = ["CHUNK_SIZE", "Manifest", "ManifestError", "build_manifest", "iter_chunks"]
 
 CHUNK_SIZE = 4 * 1024 * 1024
 MAX_CHUNKS = 1_000_000
-_SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ManifestError(ValueError):
@@ -40,9 +40,11 @@ class Manifest:
     chunks: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or "\0" in self.name or self.name in (".", ".."):
-            raise ManifestError(f"manifest name {self.name!r} must be a plain file name")
-        if not _SHA.match(self.sha256) or not all(_SHA.match(c) for c in self.chunks):
+        try:  # it names the file on every agent, beside the agent's own metadata files
+            check_file_name(self.name, "manifest name")
+        except UnsafeName as exc:
+            raise ManifestError(str(exc)) from None
+        if not is_sha256(self.sha256) or not all(is_sha256(c) for c in self.chunks):
             raise ManifestError("manifest hashes must be 64 lowercase hex digits")
         if not 0 < self.chunk_size <= 64 * 1024 * 1024 or self.size < 0 or len(self.chunks) > MAX_CHUNKS:
             raise ManifestError("manifest sizes are out of range")

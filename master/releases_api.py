@@ -8,6 +8,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
+from hcsdk._manifest import Manifest, ManifestError
+
 from .hub import Hub, RequestRejected
 from .releases import Releases
 from .targets import resolve
@@ -59,6 +61,11 @@ def release_routes(hub: Hub, releases: Releases, admin: Any) -> APIRouter:
         from hcsdk._wire import loads
 
         artifact = {"id": row[0], "name": row[1], "manifest": loads(row[2])}
+        try:  # one registered before names were checked (a reserved name, say) goes to no agent
+            Manifest.from_dict(artifact["manifest"])
+        except ManifestError as exc:
+            raise RequestRejected(f"artifact {row[0]} cannot be released: {exc}", kind="artifact",
+                                  status=409) from None
         options = req.model_dump(exclude={"artifact", "targets", "dest"})
         release_id = await releases.create(artifact, agents, req.dest, options)
         return await releases.get(release_id)
