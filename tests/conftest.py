@@ -5,8 +5,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from requires import in_ci
 
 from fleet import Fleet
+
+
+def pytest_report_header() -> str:
+    """Say up front whether a missing facility (nginx, sshd, netns, Chromium) skips or fails."""
+    if in_ci():
+        return "CI is set: modules missing nginx, sshd, network namespaces or Chromium fail (tests/requires.py)"
+    return "CI is not set: modules missing nginx, sshd, network namespaces or Chromium skip, saying why"
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from requires import require
 
 from fleet import Fleet
 
@@ -24,8 +25,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 TOKEN = "zy-browser-test"
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
-if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
-    pytest.skip(f"no Chromium at {CHROMIUM} (scripts/setup.sh installs it)", allow_module_level=True)
+require(Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM} (scripts/setup.sh installs it; or set CHROMIUM)")
 
 
 def _free_port() -> int:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from middlebox import NGINX, Middlebox
+from requires import require
 
 from fleet import Fleet
 
-if not shutil.which("nginx") and not Path(NGINX).exists():
-    pytest.skip("nginx is not installed (scripts/setup.sh installs it)", allow_module_level=True)
+require(shutil.which("nginx") or Path(NGINX).exists(), "nginx is not installed (scripts/setup.sh installs it)")
 
 
 @pytest.fixture

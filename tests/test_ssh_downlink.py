@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from requires import require
 from sshd import SSHD, Sshd, free_port
 
 from fleet import Fleet, wait_for
 
-if not Path(SSHD).exists():
-    pytest.skip("openssh-server is not installed (scripts/setup.sh installs it)", allow_module_level=True)
+require(Path(SSHD).exists(), f"openssh-server is not installed: no {SSHD} (scripts/setup.sh installs it)")
 
 
 @pytest.fixture

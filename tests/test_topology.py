@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,12 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from requires import require
 from topology import Topology, available
 
 from fleet import Fleet, wait_for
 
-if not available():
-    pytest.skip("network namespaces need root and iproute2", allow_module_level=True)
+require(os.geteuid() == 0, "network namespaces need root (run the tests as root)")
+require(shutil.which("ip") and shutil.which("iptables"),
+        "network namespaces need iproute2 and iptables (scripts/setup.sh installs them)")
+require(available(), "`ip netns add` failed: this kernel or container does not allow network namespaces")
 
 
 @pytest.fixture
