@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +19,20 @@ def map_exceptions(url: str) -> Iterator[None]:
     except httpx.TimeoutException as exc:
         raise MasterUnreachable(f"the master at {url} did not answer in time ({type(exc).__name__})") from None
     except httpx.TransportError as exc:
-        raise MasterUnreachable(f"cannot reach the master at {url}: {exc or type(exc).__name__}") from None
+        raise MasterUnreachable(f"cannot reach the master at {url}: {exc or type(exc).__name__}"
+                                + _tls_hint(str(exc))) from None
+
+
+def _tls_hint(message: str) -> str:
+    """What to do when the master's certificate does not verify: it is signed by the master's
+    own CA, which no system trust store holds."""
+    if "CERTIFICATE_VERIFY_FAILED" not in message:
+        return ""
+    env = os.environ
+    if env.get("ZY_MASTER") and not env.get("ZY_CONFIG") and not env.get("ZY_CA"):
+        return ("; ZY_MASTER is set but ZY_CA is not: set ZY_CA to the master's CA certificate "
+                "(DATA_DIR/ca.pem on the master), or use ZY_CONFIG=DATA_DIR/client.toml")
+    return "; the master's certificate does not verify against the configured CA (ZY_CA, or ca in client.toml)"
 
 
 def error_message(resp: Any) -> str:

@@ -35,9 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("script", nargs=argparse.REMAINDER, help="after --: the script (shell) or argv (exec)")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("inventory", help="list enrolled agents")
+    p = sub.add_parser("inventory", help="list enrolled agents",
+                       description="List enrolled agents. The table fits 80 columns (short uuids); --wide shows "
+                       "every column. A hostname marked * is shared by several agents: target those by uuid.")
     p.add_argument("selector", nargs="?",
                    help="only these: a glob ('web-*'), a label selector ('label:role=web'), a uuid or hostname")
+    p.add_argument("--wide", action="store_true", help="all columns, full uuids, however wide")
     p.set_defaults(func=_cmd_inventory)
 
     p = sub.add_parser("token", help="create, list and revoke join tokens")
@@ -47,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--description", default="")
     c.add_argument("--proxy", action="append", default=[], metavar="URL",
                    help="agents joining with this token connect through these proxies (repeatable)")
+    c.add_argument("--kind", choices=["agent", "proxy"], default="agent",
+                   help="what the token enrolls (default agent); the enrolling side cannot choose")
+    c.add_argument("--proxy-name", action="append", default=[], metavar="HOST", dest="proxy_names",
+                   help="a proxy token: a host the proxy serves, the only names its certificate may carry "
+                   "(repeatable; required with --kind proxy)")
+    c.add_argument("--uses", type=_uses, default=0, metavar="N",
+                   help="enrollments the token allows (default: any number until it expires); 1: single use")
     c.set_defaults(func=_cmd_token_create)
     tsub.add_parser("list", help="list join tokens").set_defaults(func=_cmd_token_list)
     r = tsub.add_parser("revoke", help="revoke a join token by id")
@@ -83,18 +93,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(Exception):
+    """A command line that cannot work: shown with that subcommand's usage, exit status 2."""
+
+
 def parse_duration(text: str) -> float:
     from ._duration import seconds
 
     try:
         return seconds(text)
     except ValueError:
-        raise SystemExit(f"zy: cannot read {text!r} as a duration (use seconds or 30m, 24h, 7d)") from None
+        raise UsageError(f"cannot read {text!r} as a duration (use seconds or 30m, 24h, 7d)") from None
+
+
+def _own_parsers(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)parser records itself in the namespace, so an error names the subcommand's
+    usage: the deepest one parsed sets the attribute last."""
+    parser.set_defaults(_zy_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _own_parsers(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    _own_parsers(parser)
+    # parse_args would report leftovers (`zy run --bogus`) with the top level's usage
+    args, extra = parser.parse_known_args(argv)
+    leaf: argparse.ArgumentParser = getattr(args, "_zy_parser", parser)
+    if extra:
+        leaf.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -102,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
+    except UsageError as exc:
+        leaf.error(str(exc))  # exits 2, like every other usage error
     except ZyError as exc:
         print(f"zy: {exc}", file=sys.stderr)
         return 2
@@ -127,7 +158,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
     cmd = args.cmd
     if not script and cmd in ("shell", "exec"):
-        raise SystemExit("zy run: give the script after --, e.g. zy run -t 'web-*' -- 'uptime'")
+        raise UsageError("give the script after --, e.g. zy run -t 'web-*' -- 'uptime'")
     targets: Any = args.targets
     if "," in targets and not targets.startswith("label:"):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -191,34 +222,84 @@ def _print_results(df: Any, mode: str) -> None:
 
 def _cmd_inventory(args: argparse.Namespace) -> int:
     df = _client().inventory(args.selector)
+    from rich import box
+    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table()
-    for col in ("hostname", "uuid", "kind", "online", "mode", "via", "os", "last_seen", "labels"):
-        table.add_column(col)
+    shared = {h for h, n in df["hostname"].value_counts().items() if n > 1}
+    now = time.time()
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    cols = (["hostname", "uuid", "kind", "online", "mode", "via", "os", "last_seen", "version", "labels"]
+            if args.wide else ["hostname", "uuid", "online", "seen", "via", "labels"])
+    for col in cols:
+        # one line per agent: a narrow terminal shortens cells (…), it never wraps a row
+        table.add_column(col, no_wrap=True, overflow="ellipsis", min_width=3 if col == "labels" else None,
+                         max_width=None if args.wide or col in ("uuid", "labels") else 24)
     for row in df.itertuples():
-        labels = ",".join(f"{k}={v}" for k, v in (row.labels or {}).items())
-        seen = "" if str(row.last_seen) == "NaT" else row.last_seen.strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(escape(row.hostname), row.uuid, row.kind, "yes" if row.online else "no", row.mode or "",
-                      escape(" > ".join(row.via or [])), escape(row.os or ""), seen, escape(labels))
-    _console().print(table)
+        cells = {
+            "hostname": escape(row.hostname) + ("*" if row.hostname in shared else ""),
+            "uuid": row.uuid if args.wide else row.uuid[:8],
+            "kind": row.kind, "online": "yes" if row.online else "no", "mode": row.mode or "",
+            "via": escape(" > ".join(row.via or [])) or ("-" if not args.wide else ""),
+            "os": escape(row.os or ""), "version": escape(str(row.agent_version or "")),
+            "last_seen": "" if str(row.last_seen) == "NaT" else row.last_seen.strftime("%Y-%m-%d %H:%M:%S"),
+            "seen": "" if str(row.last_seen) == "NaT" else _ago(now - row.last_seen.timestamp()),
+            "labels": escape(",".join(f"{k}={v}" for k, v in (row.labels or {}).items())),
+        }
+        table.add_row(*(cells[c] for c in cols))
+    (Console(width=max(_console().width, 400)) if args.wide else _console()).print(table)
     print(f"{len(df)} agents, {int(df['online'].sum()) if len(df) else 0} online")
+    for host in sorted(shared):
+        print(f"* {int((df['hostname'] == host).sum())} agents share the hostname {host!r}; target them by uuid")
     return 0
 
 
+def _ago(seconds: float) -> str:
+    """``4s``, ``12m``, ``3h``, ``2d``: short enough for an 80-column table."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(0, int(seconds))}s"
+
+
+def _uses(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--uses wants a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _cmd_token_create(args: argparse.Namespace) -> int:
-    token = _client().create_join_token(parse_duration(args.ttl), args.description, args.proxy)
+    if args.kind == "proxy" and not args.proxy_names:
+        print("zy token create: a proxy token needs --proxy-name HOST (the hosts that proxy serves)", file=sys.stderr)
+        return 2
+    if args.kind == "agent" and args.proxy_names:
+        print("zy token create: --proxy-name is for --kind proxy", file=sys.stderr)
+        return 2
+    token = _client().create_join_token(parse_duration(args.ttl), args.description, args.proxy, kind=args.kind,
+                                        proxy_names=args.proxy_names, uses=args.uses)
     print(token["token"])
     expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(token["expires_at"]))
-    print(f"# id {token['id']}, expires {expires}; CA {token['ca']}", file=sys.stderr)
+    limit = f"{args.uses} use(s)" if args.uses else "any number of uses"
+    names = f" for {', '.join(args.proxy_names)}" if args.proxy_names else ""
+    print(f"# id {token['id']}, {args.kind} token{names}, {limit}, expires {expires}; CA {token['ca']}",
+          file=sys.stderr)
+    print("# keep it out of command lines: save it to a file (0600) for --join-file, or pass it in ZY_JOIN_TOKEN",
+          file=sys.stderr)
     return 0
 
 
 def _cmd_token_list(args: argparse.Namespace) -> int:
+    rows = [("ID", "KIND", "USES", "EXPIRES", "STATE", "DESCRIPTION")]
     for t in _client().join_tokens():
-        expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["expires_at"]))
-        print(f"{t['id']}  {t['state']:8}  expires {expires}  uses {t['uses']}  {t['description']}")
+        expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(t["expires_at"]))
+        uses = f"{t['uses']}/{t['max_uses'] or '-'}"
+        kind = t.get("kind", "agent")
+        description = t["description"] + (f" [{', '.join(t['proxy_names'])}]" if t.get("proxy_names") else "")
+        rows.append((t["id"], kind, uses, expires, t["state"], description))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
     return 0
 
 
