@@ -11,8 +11,10 @@ from hcsdk import COLUMNS, AsyncClient, RequestError, TargetError
 
 def test_fanout_to_five_agents_gives_five_ok_rows(fleet5: Fleet) -> None:
     uuids = list(fleet5.client.inventory()["uuid"])
-    run = fleet5.client.run("echo hi; echo to-stderr >&2", targets=uuids, timeout=30)
+    before = pd.Timestamp.now(tz="UTC")
+    run = fleet5.client.run("echo hi; echo to-stderr >&2; sleep 1", targets=uuids, timeout=30)
     df = run.to_dataframe()
+    after = pd.Timestamp.now(tz="UTC")
     assert list(df.columns) == COLUMNS
     assert len(df) == 5
     assert (df["status"] == "ok").all(), df
@@ -20,8 +22,12 @@ def test_fanout_to_five_agents_gives_five_ok_rows(fleet5: Fleet) -> None:
     assert (df["stdout"] == "hi\n").all()
     assert (df["stderr"] == "to-stderr\n").all()
     assert set(df["hostname"]) == {"web-1", "web-2", "web-3", "db-1", "db-2"}
-    assert (df["duration_s"] >= 0).all()
-    assert (df["finished_at"] >= df["started_at"]).all()
+    # each agent timed the command it ran: it started after the SDK asked (agents share this
+    # host's clock), took the `sleep 1` at least, and ended before the SDK had every row
+    assert ((df["started_at"] >= before) & (df["finished_at"] <= after)).all(), (before, df, after)
+    assert (df["duration_s"] >= 1.0).all(), df["duration_s"]
+    between = (df["finished_at"] - df["started_at"]).dt.total_seconds()
+    assert (df["duration_s"] - between).abs().max() < 1e-3, (df["duration_s"], between)
 
 
 def test_inventory_reports_facts_and_labels(fleet5: Fleet) -> None:
