@@ -30,10 +30,10 @@ from hcsdk._asgi import (
     error,
     header,
     query,
-    read_body,
     respond,
 )
 from hcsdk._e2e import derive_key, unb64
+from hcsdk._limits import KeyedSlots, authenticated, read_limited
 from hcsdk._mailbox import stream_mailbox
 from hcsdk._tls import sign_csr
 from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, loads
@@ -43,8 +43,15 @@ from .blobs import BlobStore
 from .bootstrap import Paths, secret_hash
 from .hub import Hub, Session
 from .messages import problem
+from .schedule_spec import reported_problem
 
 log = logging.getLogger("zy.master.channel")
+
+#: the largest enrollment body: a join token, facts, labels, a key and a CSR take a few KiB, and
+#: nobody has proved anything yet when it arrives
+ENROLL_BODY = 64 * 1024
+#: the largest handshake body (facts, labels, the schedules the agent runs)
+HANDSHAKE_BODY = 1024 * 1024
 
 
 class ChannelApp:
@@ -56,6 +63,13 @@ class ChannelApp:
         self.settings = hub.settings
         self._handshake_slots = anyio.CapacityLimiter(self.settings.handshake_concurrency)
         self._handshakes_waiting = 0
+        #: one handshake in flight per uuid: a second one at the same time is refused at once,
+        #: so one credential cannot fill the admission slots or the queue
+        self._handshaking = KeyedSlots(1)
+        #: concurrent blob downloads per credential: an agent fetches 4 release chunks at a time,
+        #: a proxy fetches for everyone behind it
+        self._downloads = KeyedSlots(self.settings.downloads_per_credential)
+        self._proxy_downloads = KeyedSlots(8 * self.settings.downloads_per_credential)
         self.routes = {
             ("GET", "/v1/ca"): self.ca,
             ("POST", "/v1/enroll"): self.enroll,
@@ -129,7 +143,10 @@ class ChannelApp:
         if scheme.lower() != "bearer":
             await error(send, 401, "agent credential missing", kind="auth")
             return None
-        return await self._credential(cred, send)
+        row = await self._credential(cred, send)
+        if row is not None:
+            authenticated(scope)  # from here on the request no longer counts against its address
+        return row
 
     async def _credential(self, cred: str, send: Send) -> dict[str, Any] | None:
         uuid, _, secret = cred.partition(":")
@@ -151,7 +168,17 @@ class ChannelApp:
         if self.blobs is None:
             await error(send, 404, "this master serves no files")
             return
-        await self.blobs.download(scope, receive, send, await self._agent(scope, send))
+        row = await self._agent(scope, send)
+        if row is None:
+            return
+        slots = self._proxy_downloads if row.get("kind") == "proxy" else self._downloads
+        with slots.take(row["uuid"]) as mine:
+            if not mine:
+                self.hub.stats["busy"] += 1
+                await error(send, 429, f"{row.get('kind') or 'agent'} {row['uuid']} already has {slots.limit} "
+                                       "downloads in flight; retry when one ends", kind="busy")
+                return
+            await self.blobs.download(scope, receive, send, row)
 
     async def _session(self, scope: Scope, send: Send) -> Session | None:
         row = await self._agent(scope, send)
@@ -170,27 +197,45 @@ class ChannelApp:
     async def handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Admission first: a reconnect storm (a master restart under 10,000 agents) must not
         queue without bound. Beyond the queue the answer is 503 at once, and the agent retries
-        after its jittered backoff, which spreads the storm over time."""
+        after its jittered backoff, which spreads the storm over time.
+
+        The credential is checked from the headers, and the body read (bounded, with a
+        deadline) before a processing slot is taken: a slot is held only for work, never while
+        a client trickles its body in, and each uuid has one handshake in flight at most."""
         if self._handshakes_waiting >= self.settings.handshake_queue:
             self.hub.stats["busy"] += 1
             await error(send, 503, "the master is busy with reconnecting agents; retry after a backoff", kind="busy")
             return
         self._handshakes_waiting += 1
         try:
-            async with self._handshake_slots:
-                await self._handshake(scope, receive, send)
+            who = await self._handshake_auth(scope, send)
+            if who is None:
+                return
+            with self._handshaking.take(who[0]["uuid"]) as mine:
+                if not mine:
+                    self.hub.stats["busy"] += 1
+                    await error(send, 409, f"a handshake for agent {who[0]['uuid']} is already in progress; "
+                                           "retry after a backoff", kind="busy")
+                    return
+                body = await self._json(receive, send, HANDSHAKE_BODY, scope)
+                if body is None:
+                    return
+                async with self._handshake_slots:
+                    await self._handshake(scope, send, *who, body)
         finally:
             self._handshakes_waiting -= 1
 
-    async def _handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A client's handshake, direct or forwarded by a proxy.
+    async def _handshake_auth(self, scope: Scope,
+                              send: Send) -> tuple[dict[str, Any], Session | None, list[str]] | None:
+        """Who is handshaking: the client's row, the proxy session carrying it (or None), the
+        proxies on its path. From the headers alone.
 
         A proxy forwards a handshake with its own credential in Authorization, its session id
         in ``x-zy-sid``, the client's credential in ``x-zy-agent-auth`` and the proxies on the
         path in ``x-zy-via``; the client is then reached through that proxy's session."""
         row = await self._agent(scope, send)
         if row is None:
-            return
+            return None
         carrier: Session | None = None
         via: list[str] = []
         relayed = header(scope, b"x-zy-agent-auth")
@@ -199,20 +244,25 @@ class ChannelApp:
             if (carrier is None or carrier.carrier is not None or carrier.kind != "proxy"
                     or carrier.sid != header(scope, b"x-zy-sid")):
                 await error(send, 409, "forwarding proxy has no live session here; handshake again", kind="session")
-                return
+                return None
             row = await self._credential(relayed, send)
             if row is None:
-                return
+                return None
             via = [v for v in (header(scope, b"x-zy-via") or "").split(",") if v]
-        body = await self._json(receive, send)
-        if body is None:
-            return
+        return row, carrier, via
+
+    async def _handshake(self, scope: Scope, send: Send, row: dict[str, Any], carrier: Session | None,
+                         via: list[str], body: dict[str, Any]) -> None:
         facts, labels = body.get("facts") or {}, body.get("labels") or {}
         if not isinstance(facts, dict) or not _str_map(labels):
             await error(send, 400, "'facts' must be an object and 'labels' a map of strings")
             return
+        schedules = body.get("schedules")
+        if schedules is not None and (why := reported_problem(schedules)):
+            await error(send, 400, why, kind="schedules")
+            return
         mode = carrier.mode if carrier else ("h2" if scope.get("http_version") == "2" else "poll")
-        handover, schedules = body.get("handover"), body.get("schedules")
+        handover = body.get("handover")
         session = await self.hub.handshake(row["uuid"], facts, labels, mode, bytes.fromhex(row["e2e_key"]),
                                            kind=row.get("kind") or "agent", carrier=carrier, via=via,
                                            handover=handover if isinstance(handover, str) else None,
@@ -258,7 +308,8 @@ class ChannelApp:
             return
         decoder = FrameDecoder(self.settings.max_frame, UP_TYPES)
         try:
-            await self._ingest(session, decoder.feed(await read_body(receive, self.settings.max_body)))
+            raw = await read_limited(receive, self.settings.max_body, self._poll_body_timeout, scope)
+            await self._ingest(session, decoder.feed(raw))
             if decoder.pending:
                 raise FrameError("request ends inside a frame")
         except FrameError as exc:
@@ -303,10 +354,22 @@ class ChannelApp:
                             msg["t"], msg.get("taskid"))
                 continue
             self.hub.touch(target)
+            if kind == "sample" and not await self.hub.may_sample(uuid, msg):
+                self.hub.refuse_sample(session, uuid, msg)
+                continue
             await self.hub.ingest(uuid, msg)
 
-    async def _json(self, receive: Receive, send: Send) -> dict[str, Any] | None:
-        raw = await read_body(receive, self.settings.max_body)
+    @property
+    def _poll_body_timeout(self) -> float:
+        # a poll batch may be megabytes from a thin link: the deadline allows 64 KiB/s for the
+        # largest, beyond the base one (the sender has authenticated; this only ends stalls)
+        return self.settings.body_timeout + self.settings.max_body / (64 * 1024)
+
+    async def _json(self, receive: Receive, send: Send, limit: int = ENROLL_BODY,
+                    scope: Scope | None = None) -> dict[str, Any] | None:
+        """A JSON object body of at most ``limit`` bytes (by default the enrollment's), within
+        the body deadline; 413/408 beyond (see hcsdk._asgi.dispatch)."""
+        raw = await read_limited(receive, limit, self.settings.body_timeout, scope)
         try:
             body = loads(raw)
         except ValueError as exc:

@@ -49,6 +49,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="keep scheduled samples this many days (default 30)")
     p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024,
                    help="largest channel message in bytes (default %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close an HTTP/1 connection whose request head is not in within this time (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="answer 408 to a request body (enrollment, handshake) not in within this time (default 30)")
+    p.add_argument("--address-limit", type=int, default=256, metavar="N",
+                   help="requests one source address may have in flight before they authenticate; beyond, 429 "
+                   "(0: no cap; authenticated channels never count, so NATs and proxies are fine; default 256)")
+    p.add_argument("--downloads-per-credential", type=int, default=8, metavar="N",
+                   help="blob downloads (release chunks, builds) one agent may have in flight, a proxy 8 times "
+                   "that; beyond, 429 (default 8)")
     p.add_argument("--ssh-proxy", action="append", default=[], metavar="USER@HOST[:PORT]",
                    help="reach a proxy's host over SSH and forward a port there back to this master "
                    "(for sites that accept only inbound SSH; repeatable)")
@@ -72,6 +82,8 @@ def _main(args: argparse.Namespace) -> int:
         max_frame=args.max_frame, write_user_config=not args.no_user_config,
         ssh_proxies=args.ssh_proxy, ssh_key=args.ssh_key, ssh_known_hosts=args.ssh_known_hosts,
         ssh_remote_port=args.ssh_remote_port, sample_retention_days=args.sample_retention,
+        header_timeout=max(1.0, args.header_timeout), body_timeout=max(1.0, args.body_timeout),
+        address_limit=max(0, args.address_limit), downloads_per_credential=max(1, args.downloads_per_credential),
     )
     if settings.ssh_proxies and not (settings.ssh_key and settings.ssh_known_hosts):
         print("zy master: --ssh-proxy needs --ssh-key and --ssh-known-hosts (the host key to expect)",

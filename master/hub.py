@@ -24,7 +24,7 @@ from hcsdk._wire import dumps
 from .db import Db
 from .schedule_spec import schedule_args
 from .settings import MasterSettings
-from .store import FINAL
+from .store import FINAL, schedules_given
 from .targets import resolve, selects
 
 #: built into every agent; any other cmd word names a plugin, which the agent may or may not have
@@ -101,6 +101,10 @@ class Hub:
         self.on_start: list[Callable[[], Coroutine[Any, Any, None]]] = []
         #: the schedules, cached for handshakes; None when they must be read again
         self.schedule_specs: list[dict[str, Any]] | None = None
+        #: uuid -> names of the schedules the master ever sent it (read from the store once per
+        #: agent, kept up to date as schedules are set): what it may sample into and report
+        self._given: dict[str, set[str]] = {}
+        self._given_loaded: set[str] = set()
 
     async def run(self, tg: TaskGroup) -> None:
         # After a master restart, agents come back over their reconnect backoff: give them
@@ -164,10 +168,37 @@ class Hub:
                 args = schedule_args(name, spec["cmd"], spec["args"], spec["every"], spec["timeout"])
                 if reported.get(name) != args["digest"]:
                     await self.create_run("zy.schedule.set", args, {"uuids": [uuid]}, 60.0)
-            for name in sorted(set(reported) - set(wanted)):
+            # only what the master once gave this agent: a handshake naming others (invented,
+            # or another agent's) makes no cancel run
+            given = await self.schedules_given(uuid)
+            for name in sorted((set(reported) - set(wanted)) & given):
                 await self.create_run("zy.schedule.cancel", {"name": name}, {"uuids": [uuid]}, 60.0)
         except Exception:  # the next handshake tries again
             log.exception("could not reconcile the schedules of %s", uuid)
+
+    async def schedules_given(self, uuid: str) -> set[str]:
+        """Names of the schedules the master ever sent agent ``uuid``."""
+        if uuid not in self._given_loaded:
+            loaded = await self.db(schedules_given, self.db.store, uuid)
+            # a union, not an assignment: a schedule set while the store was being read is kept
+            self._given.setdefault(uuid, set()).update(loaded)
+            self._given_loaded.add(uuid)
+        return self._given[uuid]
+
+    async def may_sample(self, uuid: str, msg: dict[str, Any]) -> bool:
+        """Whether a sample from ``uuid`` belongs to a schedule the master gave it: any other is
+        an agent writing into a series that is not its own."""
+        series = msg["p"]["series"]
+        return msg.get("taskid", "").startswith(f"sample:{series}:") and series in await self.schedules_given(uuid)
+
+    def refuse_sample(self, session: Session, uuid: str, msg: dict[str, Any]) -> None:
+        """Not stored, counted, and acknowledged: the agent stops resending what will never be
+        taken (as the store does for results of tasks that are not the sender's)."""
+        self.stats["rejected"] += 1
+        log.warning("rejected a sample from %s for series %r: the master never gave it that schedule",
+                    uuid, msg["p"]["series"])
+        session.send([self._signed({"t": "ack", "uuid": uuid, "cmd": "", "taskid": "", "seq": 0,
+                                    "p": {"ids": [[msg["taskid"], msg["seq"]]]}})])
 
     async def _updating(self, uuid: str, taskid: str) -> bool:
         """Whether ``taskid`` is an open update of agent ``uuid`` (so a handshake naming it is the
@@ -265,6 +296,9 @@ class Hub:
             online = agent["uuid"] in self.sessions
             rows.append((f"{run_id}.{i}", agent["uuid"], "dispatched" if online else "offline", deadline))
         await self.db(self.db.store.create_run, run_id, cmd, args, timeout, rows)
+        if cmd == "zy.schedule.set":
+            for _, uuid, _, _ in rows:
+                self._given.setdefault(uuid, set()).add(str(args.get("name")))
         # Tasks are stored as dispatched before they are sent: if this session drops before the
         # agent sees them, the next handshake redelivers them.
         for taskid, uuid, status, _ in rows:

@@ -9,10 +9,8 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from .hub import Hub, RequestRejected, check_cmd
-from .schedule_spec import schedule_args
+from .schedule_spec import NAME_PATTERN, schedule_args
 from .targets import selects
-
-NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
 class ScheduleRequest(BaseModel):

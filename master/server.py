@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 
 from hcsdk._asgi import error
+from hcsdk._limits import AddressGate
 from hcsdk._serve import (
     StartupError,
     bound_port,
@@ -49,11 +50,13 @@ def build_app(hub: Hub, paths: Paths, urls: list[str], e2e_private: bytes) -> An
         elif path == "/api/v1/blobs" and scope["method"] == "POST":
             await blobs.upload(scope, receive, send)  # streamed: past the API's body limit
         elif path.startswith("/api/"):
-            await api(scope, receive, send)
+            if await blobs.admin(scope, send):  # the token, from the headers, before any body is read
+                await api(scope, receive, send)
         else:
             await error(send, 404, f"no route {path}")
 
-    return app
+    # requests not yet authenticated, per source address (issue 13): see hcsdk._limits
+    return AddressGate(app, hub.settings.address_limit)
 
 
 #: the port this data dir's master last listened on: agents enrolled here dial it
@@ -105,7 +108,7 @@ async def serve(settings: MasterSettings) -> None:
     urls: list[str] = []
     server = granian_server(build_app(hub, paths, urls, e2e_private), settings.host, settings.port, paths.cert,
                             paths.key, http2=settings.http2, heartbeat=settings.heartbeat,
-                            dead_after=settings.dead_after)
+                            dead_after=settings.dead_after, header_timeout=settings.header_timeout)
     try:
         async with anyio.create_task_group() as tg:
             await hub.run(tg)

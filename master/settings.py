@@ -38,6 +38,17 @@ class MasterSettings:
     sample_retention_days: float = 30.0
     max_frame: int = DEFAULT_MAX_FRAME
     max_body: int = 16 * 1024 * 1024
+    #: seconds a client has to send an HTTP/1 request head, and a request body (enrollment,
+    #: handshake, API; a poll batch gets more for its size): slow senders hold nothing for long
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    #: requests one source address may have in flight before they authenticate (enrollments,
+    #: refusals, requests whose credential is still being checked); 0 = no cap. Authenticated
+    #: channels do not count, so a NAT or a proxy with thousands of agents behind it is fine.
+    address_limit: int = 256
+    #: blob downloads (release chunks, agent builds) one agent may have in flight (a release
+    #: fetches 4 chunks at a time); a proxy, which fetches for everyone behind it, gets 8 times this
+    downloads_per_credential: int = 8
     write_user_config: bool = True
     #: SSH downlinks: (user@host[:port], remote port) pairs, with one key and known_hosts file
     ssh_proxies: list[str] = field(default_factory=list)

@@ -400,3 +400,14 @@ def _schedule(row: sqlite3.Row) -> dict[str, Any]:
     out = dict(row)
     out["args"], out["targets"] = loads(out["args"]), loads(out["targets"])
     return out
+
+
+# -- what the master gave each agent (issue 13): schedules it may report, and sample into ----
+def schedules_given(store: Store, uuid: str) -> set[str]:
+    """Names of every schedule the master ever sent ``uuid`` (its ``zy.schedule.set`` tasks):
+    the only names a handshake may get cancelled, and the only series it may write samples to.
+    The tasks table already is that record, so nothing new needs storing."""
+    rows = store.db.execute(
+        "SELECT DISTINCT json_extract(r.args, '$.name') FROM tasks t JOIN runs r ON r.id = t.run_id "
+        "WHERE t.uuid=? AND r.cmd='zy.schedule.set'", (uuid,))
+    return {r[0] for r in rows if isinstance(r[0], str)}
