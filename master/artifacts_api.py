@@ -16,9 +16,9 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from hcsdk._manifest import Manifest, ManifestError
+from hcsdk._safenames import is_sha256
 from hcsdk._wire import dumps, loads
 
-from .blobs import SHA_RE
 from .bootstrap import Paths
 from .hub import Hub, RequestRejected
 
@@ -46,7 +46,7 @@ def artifact_routes(hub: Hub, paths: Paths, admin: Any) -> APIRouter:
 
     def size_of(sha: str) -> int | None:
         path = blobs / sha
-        return path.stat().st_size if SHA_RE.match(sha) and path.is_file() else None
+        return path.stat().st_size if is_sha256(sha) and path.is_file() else None
 
     @router.post("/api/v1/blobs/missing")
     async def missing(req: MissingRequest) -> dict[str, Any]:
@@ -54,6 +54,8 @@ def artifact_routes(hub: Hub, paths: Paths, admin: Any) -> APIRouter:
 
     @router.post("/api/v1/artifacts")
     async def register(req: ArtifactRequest) -> dict[str, Any]:
+        # the manifest's own checks (hcsdk._safenames) refuse a name that is not a plain file name
+        # or is one of the agent's own (.zy-*): it would name a file beside the agent's metadata
         try:
             manifest = Manifest.from_dict(req.manifest)
         except ManifestError as exc:
