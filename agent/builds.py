@@ -18,6 +18,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from hcsdk._jointoken import strip_join_args
+
 from .jsonfile import write_json
 from .worker_process import launcher
 
@@ -45,8 +47,9 @@ def build_command(build: Path) -> list[str]:
 
 def agent_options() -> list[str]:
     """This agent's own options, for the new build (``zy agent OPTIONS`` or ``zy-agent OPTIONS``),
-    without a previous ``--handover``."""
-    argv = sys.argv[1:]
+    without a previous ``--handover`` and without the join token (an enrolled agent never needs it
+    again, and a new build must not carry it into its own command line)."""
+    argv = strip_join_args(sys.argv[1:])
     if argv[:1] == ["agent"]:
         argv = argv[1:]
     out: list[str] = []

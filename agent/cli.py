@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 
 from hcsdk._errors import JoinTokenError
-from hcsdk._jointoken import JoinToken
+from hcsdk._jointoken import JOIN_ENV, JoinToken, pop_env_token, read_join, strip_join_args
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -38,11 +38,15 @@ def _handover(text: str) -> tuple[str, int]:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
-        "agent", help="run an agent (enrolls once with --join, then reconnects as the same uuid)",
-        description="Run an agent. The first start needs --join TOKEN (from `zy token create`); "
-        "the identity is kept in --state-dir and later starts need only that.",
+        "agent", help="run an agent (enrolls once with a join token, then reconnects as the same uuid)",
+        description="Run an agent. The first start needs a join token (from `zy token create`): in a file "
+        f"(--join-file), in {JOIN_ENV}, or (visible to other users) --join; the identity is kept in --state-dir "
+        "and later starts need only that. The token is never passed on to the agent's children or new builds.",
     )
-    p.add_argument("--join", metavar="TOKEN", help="join token, for the first start")
+    p.add_argument("--join-file", type=Path, metavar="PATH", help="file holding the join token, for the first start")
+    p.add_argument("--join", metavar="TOKEN",
+                   help=f"join token on the command line (other users can read it there: prefer --join-file or "
+                   f"{JOIN_ENV})")
     p.add_argument("--state-dir", type=Path, default=Path("./state/agent"),
                    help="state directory (default %(default)s)")
     p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE",
@@ -84,6 +88,7 @@ _RESTART = -1
 
 
 def _main(args: argparse.Namespace) -> int:
+    args.join_env = pop_env_token()  # first: nothing started from here on inherits it
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     if args.handover is None:
@@ -115,9 +120,11 @@ def _restart() -> None:
     X25519, ~12 MiB resident) and would otherwise keep for the agent's whole life."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # an enrolled agent never needs the join token again: it is not passed on (ZY_JOIN_TOKEN is
+    # already out of the environment), so it leaves /proc/PID/cmdline and /proc/PID/environ
     if getattr(sys, "frozen", False):  # the one-file build is its own interpreter
-        os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+        os.execv(sys.executable, [sys.executable, *strip_join_args(sys.argv[1:])])
+    os.execv(sys.executable, [sys.executable, *strip_join_args(sys.orig_argv[1:])])
 
 
 async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
@@ -127,25 +134,35 @@ async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
     ident = state.load()
     labels = dict(args.label)
     if not ident.enrolled:
-        if not args.join:
-            print(f"zy agent: {args.state_dir} holds no enrollment; start once with --join TOKEN", file=sys.stderr)
-            return 2
         from hcsdk import _facts as facts
         from hcsdk._enroll import EnrollError, enroll
 
         try:
-            token = JoinToken.decode(args.join)
+            text = read_join("zy agent", args.join, args.join_file, args.join_env)
+            if not text:
+                print(f"zy agent: {args.state_dir} holds no enrollment; start once with --join-file PATH "
+                      f"(or {JOIN_ENV}=TOKEN)", file=sys.stderr)
+                return 2
+            token = JoinToken.decode(text)
+            if token.kind != "agent":
+                raise JoinTokenError(f"this is a {token.kind} token; an agent needs one from `zy token create`")
             # behind proxies, enrollment goes through them too (--master), not to the token's URLs
-            ident = await enroll(state, ident, token, facts.collect(args.hostname), labels, urls=args.master or None)
+            ident = await enroll(state, ident, token, facts.collect(args.hostname), labels, urls=args.master or None,
+                                 on_warning=lambda w: print(f"zy agent: warning from the master: {w}",
+                                                            file=sys.stderr, flush=True))
         except (JoinTokenError, EnrollError) as exc:
             print(f"zy agent: {exc}", file=sys.stderr)
             return 2
         print(f"zy agent: enrolled as {ident.uuid}", flush=True)
         if restart:
             return _RESTART
-    elif labels and labels != ident.labels:
-        ident.labels = labels
-        state.save(ident)
+    else:
+        if labels and labels != ident.labels:
+            ident.labels = labels
+            state.save(ident)
+        if restart and (args.join or args.join_env):  # a unit file that still passes the token: shed it
+            print("zy agent: already enrolled; restarting without the join token", flush=True)
+            return _RESTART
     from hcsdk._channel import ChannelSettings, Rejected
 
     from .core import Agent

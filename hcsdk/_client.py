@@ -189,9 +189,15 @@ class AsyncClient:
         return await _proxies.proxies(self)
 
     async def create_join_token(self, ttl: float = 86400, description: str = "",
-                                proxies: list[str] | None = None) -> dict[str, Any]:
-        """A join token; with ``proxies``, agents joining with it connect (and enroll) through them."""
-        body = {"ttl": ttl, "description": description, "urls": list(proxies or [])}
+                                proxies: list[str] | None = None, *, kind: str = "agent",
+                                proxy_names: list[str] | None = None, uses: int = 0) -> dict[str, Any]:
+        """A join token; with ``proxies``, agents joining with it connect (and enroll) through them.
+
+        ``kind`` is what it enrolls: ``"agent"`` or ``"proxy"``; a proxy token needs
+        ``proxy_names``, the only hosts the master will put in that proxy's certificate.
+        ``uses`` limits how many enrollments it allows (0: any number until it expires)."""
+        body = {"ttl": ttl, "description": description, "urls": list(proxies or []), "kind": kind,
+                "proxy_names": list(proxy_names or []), "uses": uses}
         return dict(await self._request("POST", "/api/v1/tokens", json=body))
 
     async def join_tokens(self) -> list[dict[str, Any]]:
@@ -367,8 +373,10 @@ class Client:
         return portal().call(self._async.proxies)
 
     def create_join_token(self, ttl: float = 86400, description: str = "",
-                          proxies: list[str] | None = None) -> dict[str, Any]:
-        return portal().call(self._async.create_join_token, ttl, description, proxies)
+                          proxies: list[str] | None = None, *, kind: str = "agent",
+                          proxy_names: list[str] | None = None, uses: int = 0) -> dict[str, Any]:
+        return portal().call(lambda: self._async.create_join_token(ttl, description, proxies, kind=kind,
+                                                                   proxy_names=proxy_names, uses=uses))
 
     def join_tokens(self) -> list[dict[str, Any]]:
         return portal().call(self._async.join_tokens)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ssl
+import sys
+from collections.abc import Callable
 
 import httpx
 
@@ -10,7 +12,7 @@ from ._e2e import b64, derive_key, new_keypair, unb64
 from ._http import error_message
 from ._identity import Identity, StateDir
 from ._jointoken import JoinToken
-from ._tls import ca_fingerprint, shared_client_context, single_cert_pem
+from ._tls import ca_fingerprint, shared_client_context, split_certs
 
 
 class EnrollError(Exception):
@@ -31,28 +33,55 @@ async def _fetch_ca(url: str) -> bytes:
         resp = await probe.get(f"{url}/v1/ca")
         resp.raise_for_status()
     try:
-        return single_cert_pem(resp.content)
+        split_certs(resp.content)
     except ValueError as exc:
         raise EnrollError(f"{url}/v1/ca did not return a CA certificate ({exc})") from None
+    return resp.content
+
+
+def pinned_bundle(pem: bytes, token: JoinToken, url: str) -> bytes:
+    """What to trust from a CA bundle: the master CA, which must match the token's pin, and the
+    proxy CA when it matches the token's other pin (a proxy serves both; the master only its
+    own). Anything else is dropped: only pinned certificates are ever trusted."""
+    certs = {ca_fingerprint(c): c for c in split_certs(pem)}
+    if token.ca_fingerprint not in certs:
+        raise EnrollError(
+            f"the CA served by {url} does not match the join token's fingerprint: "
+            "refusing to enroll (wrong master, or someone in between)")
+    return b"".join(certs[f] for f in (token.ca_fingerprint, token.proxy_ca_fingerprint) if f in certs)
+
+
+def _with_proxy_ca(bundle: bytes, answer: dict[str, object], token: JoinToken) -> bytes:
+    """The bundle plus the proxy CA the master returned, if it is the one the token pins."""
+    extra = answer.get("proxy_ca")
+    if not isinstance(extra, str) or not token.proxy_ca_fingerprint:
+        return bundle
+    return pinned_bundle(bundle + extra.encode(), token, "the master")
+
+
+def _print_warning(text: str) -> None:
+    print(f"zy: the master warns: {text}", file=sys.stderr, flush=True)
 
 
 async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict[str, object],
                  labels: dict[str, str], kind: str = "agent", urls: list[str] | None = None,
-                 csr: bytes | None = None, ca_pem: bytes | None = None) -> Identity:
+                 csr: bytes | None = None, ca_pem: bytes | None = None,
+                 on_warning: Callable[[str], None] = _print_warning) -> Identity:
     """Enroll once with the master (directly or through proxies at ``urls``).
 
     A proxy sends ``csr`` and gets a server certificate from the master's CA (``tls.pem``).
     ``ca_pem`` skips fetching the CA (a swarm enrolling thousands fetches it once); it is
-    checked against the token's fingerprint all the same."""
+    checked against the token's fingerprint all the same. What the master warns about (a
+    hostname another agent already uses) goes to ``on_warning``.
+
+    The saved ``ca.pem`` holds the master CA and the proxy CA: an agent accepts the master and
+    proxies; the SDK trusts only the master CA, so a proxy's certificate is never a master's."""
     errors = []
     for url in urls or token.urls:
         try:
             if ca_pem is None:
                 ca_pem = await _fetch_ca(url)
-            if ca_fingerprint(ca_pem) != token.ca_fingerprint:
-                raise EnrollError(
-                    f"the CA served by {url} does not match the join token's fingerprint: "
-                    "refusing to enroll (wrong master, or someone in between)")
+            ca_pem = pinned_bundle(ca_pem, token, url)
             private, public = new_keypair()
             async with httpx.AsyncClient(verify=shared_client_context(ca_pem), timeout=15) as client:
                 resp = await client.post(f"{url}/v1/enroll", json={
@@ -60,12 +89,16 @@ async def enroll(state: StateDir, ident: Identity, token: JoinToken, facts: dict
                     "kind": kind, "e2e_pub": b64(public), **({"csr": csr.decode()} if csr else {})})
             if resp.status_code in (401, 403):
                 raise EnrollError(f"master refused the join token: {error_message(resp)}")
+            if resp.status_code == 400:
+                raise EnrollError(f"master refused the enrollment: {error_message(resp)}")
             resp.raise_for_status()
         except httpx.HTTPError as exc:
             errors.append(f"{url}: {exc}")
             continue
-        state.ca_path.write_bytes(ca_pem)
         answer = resp.json()
+        state.ca_path.write_bytes(_with_proxy_ca(ca_pem, answer, token))
+        for text in answer.get("warnings") or []:
+            on_warning(str(text))
         if csr is not None:
             (state.root / "tls.pem").write_text(answer["cert"])
         ident.credential = answer["credential"]

@@ -14,7 +14,10 @@ from typing import Any
 
 __all__ = [
     "ca_fingerprint",
+    "csr_names",
     "make_csr",
+    "norm_name",
+    "split_certs",
     "sign_csr",
     "single_cert_pem",
     "client_context",
@@ -150,19 +153,59 @@ def make_csr(names: list[str]) -> tuple[bytes, bytes]:
     return csr.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes) -> bytes:
-    """A server certificate for the names a CSR asks for, signed by the CA."""
+def norm_name(name: str) -> str:
+    """A host name as certificates compare it: IP addresses in their canonical form, DNS names
+    lower-case without a trailing dot."""
+    try:
+        return str(ipaddress.ip_address(name.strip("[]")))
+    except ValueError:
+        return name.lower().rstrip(".")
+
+
+def csr_names(csr_pem: bytes) -> list[str]:
+    """The hosts (subjectAltName) a CSR asks for, after checking its signature."""
     from cryptography import x509
 
-    csr = x509.load_pem_x509_csr(csr_pem)
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise ValueError("the CSR is not a PEM certificate signing request") from None
     if not csr.is_signature_valid:
         raise ValueError("the CSR's signature does not verify")
     try:
         sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise ValueError("the CSR names no host (subjectAltName)") from None
-    names = [str(n.value) for n in sans]
-    return _issue(ca_cert_pem, ca_key_pem, names, csr.public_key())
+    return [str(n.value) for n in sans]
+
+
+def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes,
+             allowed: list[str] | None = None) -> bytes:
+    """A server certificate for the names a CSR asks for, signed by the CA. With ``allowed``,
+    a CSR asking for any other name is refused (ValueError naming them): the CA signs only
+    what the admin let this requester have."""
+    from cryptography import x509
+
+    names = csr_names(csr_pem)
+    if allowed is not None:
+        permitted = {norm_name(n) for n in allowed}
+        extra = [n for n in names if norm_name(n) not in permitted]
+        if extra:
+            raise ValueError(f"the CSR asks for {', '.join(extra)}, which this token does not allow "
+                             f"(allowed: {', '.join(allowed) or 'none'})")
+    return _issue(ca_cert_pem, ca_key_pem, names, x509.load_pem_x509_csr(csr_pem).public_key())
+
+
+def split_certs(pem: bytes | str) -> list[bytes]:
+    """Every certificate in a PEM bundle, each re-encoded strictly (see ``single_cert_pem``);
+    anything else in the bundle is refused."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    blocks = _PEM_CERT.findall(data)
+    if not blocks:
+        raise ValueError("expected a certificate, got none")
+    if _PEM_CERT.sub(b"", data).strip():
+        raise ValueError("unexpected data around the certificates")
+    return [single_cert_pem(b"-----BEGIN CERTIFICATE-----" + b + b"-----END CERTIFICATE-----") for b in blocks]
 
 
 def ca_fingerprint(ca_pem: bytes | str) -> str:

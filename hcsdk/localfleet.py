@@ -140,6 +140,24 @@ class LocalFleet:
             self._token = self.client.create_join_token(ttl=3600)["token"]
         return self._token
 
+    def join_file(self, token: str) -> Path:
+        """``token`` in a file of its own (0600), for ``--join-file``: a token on a command line
+        is readable by every user of the host."""
+        import hashlib
+
+        path = self.root / "tokens" / f"{hashlib.sha256(token.encode()).hexdigest()[:16]}.token"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token)
+        return path
+
+    def proxy_token(self, host: str = "127.0.0.1") -> str:
+        """A single-use proxy token for a proxy serving ``host`` (and loopback)."""
+        names = [host] if host not in ("0.0.0.0", "::") else []
+        names = list(dict.fromkeys([*names, "127.0.0.1", "localhost", "::1"]))
+        return str(self.client.create_join_token(ttl=3600, kind="proxy", proxy_names=names, uses=1)["token"])
+
     # -- agents ------------------------------------------------------------------------------
     def start_agent(self, name: str, labels: dict[str, str] | None = None, extra: list[str] | None = None,
                     join: bool = True, fast: bool = True, wrap: list[str] | None = None) -> Proc:
@@ -149,7 +167,7 @@ class LocalFleet:
         quick = ["--heartbeat", "2", "--dead-after", "8", "--backoff-cap", "2", "--h2-retry", "2"] if fast else []
         argv = [*ZY, "agent", "--state-dir", str(state), "--hostname", name, *quick, *(extra or [])]
         if join and not (state / "identity.json").exists():
-            argv += ["--join", self.token]
+            argv += ["--join-file", str(self.join_file(self.token))]
         elif self.url and "--master" not in (extra or []):
             argv += ["--master", self.url]  # the master may have come back on another port
         for key, value in (labels or {}).items():
@@ -167,7 +185,7 @@ class LocalFleet:
                 "--listen", f"{host}:{port}",
                 "--heartbeat", "2", "--dead-after", "8", "--backoff-cap", "2", *(extra or [])]
         if not (state / "identity.json").exists():
-            argv += ["--join", self.token]
+            argv += ["--join-file", str(self.join_file(self.proxy_token(host)))]
         for url in upstreams or [self.url]:
             argv += ["--upstream", url]
         proc = Proc(name, argv, self.root / f"proxy-{name}.log", self.env)

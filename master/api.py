@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -17,13 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hcsdk._e2e import b64, public_key
 from hcsdk._jointoken import JoinToken
-from hcsdk._tls import ca_fingerprint
+from hcsdk._tls import ca_fingerprint, norm_name
 from hcsdk._version import __version__
 from hcsdk._wire import dumps, loads
 
 from .artifacts_api import artifact_routes
 from .blobs import SHA_RE
-from .bootstrap import Paths, secret_hash
+from .bootstrap import Paths, master_only_names, secret_hash
 from .hub import Hub, RequestRejected
 from .proxy_stats import proxy_routes
 from .releases import Releases
@@ -44,6 +46,40 @@ class TokenRequest(BaseModel):
     description: str = ""
     #: where agents joining with this token connect (proxies); default: this master
     urls: list[str] = Field(default_factory=list, max_length=32)
+    #: what it enrolls: the enrolling side cannot choose
+    kind: Literal["agent", "proxy"] = "agent"
+    #: a proxy token: the only hosts the master will sign into that proxy's certificate
+    proxy_names: list[str] = Field(default_factory=list, max_length=32)
+    #: enrollments it allows (0: any number until it expires)
+    uses: int = Field(default=0, ge=0, le=1_000_000)
+
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+
+
+def _proxy_names(req: TokenRequest, master_names: set[str]) -> list[str]:
+    """The hosts a proxy token lets its proxy's certificate name: plain host names or IP
+    addresses (no wildcards), none of them the master's own."""
+    if req.kind == "agent":
+        if req.proxy_names:
+            raise RequestRejected("proxy_names are for a proxy token (kind 'proxy'); an agent gets no certificate")
+        return []
+    if not req.proxy_names:
+        raise RequestRejected("a proxy token names the hosts its proxy serves (proxy_names, "
+                              "`zy token create --kind proxy --proxy-name HOST`)")
+    names = []
+    for name in req.proxy_names:
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            if not _HOST_RE.match(name):
+                raise RequestRejected(f"proxy name {name!r} is not a host name or IP address (no wildcards)") from None
+        if norm_name(name) in master_names:
+            raise RequestRejected(f"proxy name {name!r} is one of this master's own names: a proxy's certificate "
+                                  "must never be valid for the master")
+        names.append(name)
+    return list(dict.fromkeys(names))
 
 
 class AuthFailed(Exception):
@@ -158,22 +194,29 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
 
     @app.post("/api/v1/tokens", dependencies=deps)
     async def create_token(req: TokenRequest) -> dict[str, Any]:
-        token_id, secret = secrets.token_hex(4), secrets.token_urlsafe(24)
-        row = await hub.db(store.add_join_token, token_id, secret_hash(secret), req.ttl, req.description)
-        fingerprint = ca_fingerprint(paths.ca_cert.read_bytes())
+        names = _proxy_names(req, master_only_names(paths))
         for url in req.urls:
             if not url.startswith("https://"):
                 raise RequestRejected(f"token URLs must be https:// URLs, got {url!r}")
+        token_id, secret = secrets.token_hex(4), secrets.token_urlsafe(24)
+        row = await hub.db(store.add_join_token, token_id, secret_hash(secret), req.ttl, req.description, req.kind,
+                           names, req.uses)
+        fingerprint = ca_fingerprint(paths.ca_cert.read_bytes())
         jt = JoinToken(urls=tuple(req.urls or master_urls), ca_fingerprint=fingerprint,
-                       e2e_public=b64(public_key(e2e_private)), token_id=token_id, secret=secret)
-        return {"id": token_id, "token": jt.encode(), "expires_at": row["expires_at"], "ca": fingerprint}
+                       e2e_public=b64(public_key(e2e_private)), token_id=token_id, secret=secret,
+                       proxy_ca_fingerprint=ca_fingerprint(paths.proxy_ca_cert.read_bytes()), kind=req.kind,
+                       proxy_names=tuple(names))
+        return {"id": token_id, "token": jt.encode(), "expires_at": row["expires_at"], "ca": fingerprint,
+                "kind": req.kind, "proxy_names": names, "uses": req.uses}
 
     @app.get("/api/v1/tokens", dependencies=deps)
     async def list_tokens() -> list[dict[str, Any]]:
         now = time.time()
         rows = await hub.db(store.join_tokens)
         for r in rows:
-            r["state"] = "revoked" if r["revoked"] else ("expired" if r["expires_at"] < now else "valid")
+            used_up = r["max_uses"] and r["uses"] >= r["max_uses"]
+            r["state"] = ("revoked" if r["revoked"] else "expired" if r["expires_at"] < now
+                          else "used" if used_up else "valid")
         return rows
 
     @app.delete("/api/v1/tokens/{token_id}", dependencies=deps)

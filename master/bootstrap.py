@@ -36,6 +36,18 @@ class Paths:
         return self.root / "ca.key"
 
     @property
+    def proxy_ca_cert(self) -> Path:
+        return self.root / "proxy-ca.pem"
+
+    @property
+    def proxy_ca_key(self) -> Path:
+        return self.root / "proxy-ca.key"
+
+    @property
+    def server_names(self) -> Path:
+        return self.root / "server.names"
+
+    @property
     def cert(self) -> Path:
         return self.root / "server.pem"
 
@@ -62,21 +74,54 @@ def _write_private(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-def ensure_pki(paths: Paths, names: list[str]) -> None:
-    """Create the CA once; (re)issue the server certificate when the names it must cover change."""
+def ensure_pki(paths: Paths, names: list[str]) -> bool:
+    """Create the CAs once; (re)issue the server certificate when the names it must cover change.
+    Returns whether the proxy CA was just made (a data dir from before it existed).
+
+    Two CAs, two keys: the master CA signs only the master's own server certificate, and is all
+    the SDK trusts; the proxy CA signs proxies' certificates, and agents trust both. So a proxy's
+    certificate is never a master's to an SDK client, whatever names it carries."""
     paths.root.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.root, 0o700)
     if not paths.ca_cert.exists():
         cert, key = make_ca()
         _write_private(paths.ca_key, key)
         paths.ca_cert.write_bytes(cert)
-    names_file = paths.root / "server.names"
+    made_proxy_ca = not paths.proxy_ca_cert.exists()
+    if made_proxy_ca:  # also the migration of a data dir from before the proxy CA
+        cert, key = make_ca("zy proxy CA")
+        _write_private(paths.proxy_ca_key, key)
+        paths.proxy_ca_cert.write_bytes(cert)
+    names_file = paths.server_names
     wanted = "\n".join(sorted(names))
     if not paths.cert.exists() or not names_file.exists() or names_file.read_text() != wanted:
         cert, key = issue_server_cert(paths.ca_cert.read_bytes(), paths.ca_key.read_bytes(), names)
         _write_private(paths.key, key)
         paths.cert.write_bytes(cert)
         names_file.write_text(wanted)
+    return made_proxy_ca
+
+
+def master_only_names(paths: Paths) -> set[str]:
+    """The master's own names that no proxy may have a certificate for. Loopback names are left
+    out: a proxy on the master's own host legitimately serves them, and reaching them takes a
+    foothold on that host already."""
+    from hcsdk._tls import norm_name
+
+    try:
+        names = {norm_name(n) for n in paths.server_names.read_text().split()}
+    except OSError:
+        return set()
+    return {n for n in names if not is_loopback(n)}
+
+
+def is_loopback(name: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return name in ("localhost", "localhost.localdomain")
 
 
 def ensure_admin_token(store: Store, paths: Paths) -> tuple[str, bool]:

@@ -33,17 +33,18 @@ from hcsdk._asgi import (
     respond,
 )
 from hcsdk._e2e import derive_key, unb64
-from hcsdk._limits import KeyedSlots, authenticated, read_limited
+from hcsdk._limits import KeyedSlots, authenticated, declared_length, read_limited
 from hcsdk._mailbox import stream_mailbox
-from hcsdk._tls import sign_csr
+from hcsdk._tls import norm_name, sign_csr
 from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, loads
 
 from . import proxy_stats
 from .blobs import BlobStore
-from .bootstrap import Paths, secret_hash
+from .bootstrap import Paths, master_only_names, secret_hash
 from .hub import Hub, Session
 from .messages import problem
 from .schedule_spec import reported_problem
+from .store import TokenUsedUp
 
 log = logging.getLogger("zy.master.channel")
 
@@ -81,6 +82,11 @@ class ChannelApp:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # a body announced over the route's cap is refused before anything else happens
+        cap = {"/v1/enroll": ENROLL_BODY, "/v1/handshake": HANDSHAKE_BODY}.get(scope["path"], self.settings.max_body)
+        if (declared_length(scope) or 0) > cap and scope["path"] != "/v1/channel/up":
+            await error(send, 413, f"request body exceeds {cap} bytes")
+            return
         await dispatch(self.routes, scope, receive, send)
 
     # -- public ------------------------------------------------------------------------------
@@ -117,24 +123,44 @@ class ChannelApp:
         if row["revoked"] or row["expires_at"] < time.time():
             await error(send, 403, "join token has expired or was revoked; create a new one", kind="auth")
             return
+        # The admin chose what this token enrolls; the enrolling side does not get to pick.
+        if kind != row["kind"]:
+            theirs, asked = (f"{'an' if k == 'agent' else 'a'} {k}" for k in (row["kind"], kind))
+            await error(send, 403, f"this join token is {theirs} token; it cannot enroll {asked} "
+                        f"(create one with `zy token create --kind {kind}`)", kind="auth")
+            return
+        if row["max_uses"] and row["uses"] >= row["max_uses"]:  # checked again, atomically, in the store
+            await error(send, 403, f"join token has been used up ({row['uses']} of {row['max_uses']} "
+                        "enrollments); create a new one", kind="auth")
+            return
         existing = await self.hub.db(self.hub.db.store.agent, uuid)
         # Re-enrolling is for an agent that crashed before saving its credential; once an agent
         # has connected, its uuid belongs to it and a token holder cannot take it over.
         if existing and (existing["revoked"] or existing["token_id"] != token_id or existing["connects"] > 0):
             await error(send, 403, f"agent {uuid} is already enrolled; it cannot enroll again", kind="auth")
             return
-        answer: dict[str, Any] = {"uuid": uuid}
-        if kind == "proxy":  # a proxy serves agents over TLS: the master's CA vouches for it
+        answer: dict[str, Any] = {"uuid": uuid, "proxy_ca": self.paths.proxy_ca_cert.read_text()}
+        if kind == "proxy":  # a proxy serves agents over TLS: the proxy CA (never the master's) vouches for it
+            allowed = [n for n in row["proxy_names"] if norm_name(n) not in master_only_names(self.paths)]
             try:
-                answer["cert"] = sign_csr(self.paths.ca_cert.read_bytes(), self.paths.ca_key.read_bytes(),
-                                          str(body.get("csr", "")).encode()).decode()
+                answer["cert"] = sign_csr(self.paths.proxy_ca_cert.read_bytes(), self.paths.proxy_ca_key.read_bytes(),
+                                          str(body.get("csr", "")).encode(), allowed=allowed).decode()
             except ValueError as exc:
-                await error(send, 400, f"a proxy enrolls with a valid 'csr': {exc}")
+                await error(send, 400, f"a proxy enrolls with a valid 'csr' for its token's names: {exc}")
                 return
         credential = secrets.token_urlsafe(32)
-        await self.hub.db(self.hub.db.store.enroll, uuid, secret_hash(credential), token_id, facts, labels, e2e_key,
-                          kind)
-        await respond(send, 200, {**answer, "credential": credential})
+        try:
+            same = await self.hub.db(self.hub.db.store.enroll, uuid, secret_hash(credential), token_id, facts,
+                                     labels, e2e_key, kind)
+        except TokenUsedUp:
+            await error(send, 403, "join token has been used up; create a new one", kind="auth")
+            return
+        warnings = [f"hostname {facts.get('hostname')!r} is already used by {len(same)} other enrolled {kind}(s) "
+                    f"({', '.join(u[:8] for u in same)}); give each a --hostname of its own to tell them apart"
+                    ] if same else []
+        for text in warnings:
+            log.warning("enrolled %s %s: %s", kind, uuid, text)
+        await respond(send, 200, {**answer, "credential": credential, "warnings": warnings})
 
     # -- agent -------------------------------------------------------------------------------
     async def _agent(self, scope: Scope, send: Send) -> dict[str, Any] | None:

@@ -100,8 +100,10 @@ async def serve(settings: MasterSettings) -> None:
                            f"dial that port: free it, or move with --listen {settings.host}:NEWPORT (then agents "
                            "need --master with the new URL, or a new enrollment)") from None
     extra = [u.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") for u in settings.advertise]
-    ensure_pki(paths, server_names(settings.host, extra))
+    made_proxy_ca = ensure_pki(paths, server_names(settings.host, extra))
     store = Store(paths.db)
+    if made_proxy_ca:
+        _warn_legacy_proxies(store)
     admin_token, first_start = ensure_admin_token(store, paths)
     e2e_private = ensure_e2e_key(paths)
     hub = Hub(Db(store), settings)
@@ -136,6 +138,18 @@ async def serve(settings: MasterSettings) -> None:
         lock.close()
 
 
+def _warn_legacy_proxies(store: Store) -> None:
+    """Proxies enrolled before the proxy CA existed hold certificates from the master CA, which
+    the SDK trusts: say so once, when the proxy CA is made, so they get re-enrolled."""
+    legacy = [a for a in store.agents() if a.get("kind") == "proxy"]
+    if legacy:
+        log.warning("%d proxies were enrolled before the proxy CA existed; their certificates come from the "
+                    "master CA: re-enroll them (new data dir, `zy token create --kind proxy`) and revoke the old "
+                    "ones", len(legacy))
+        print(f"zy master: warning: {len(legacy)} proxies hold certificates from the master CA (enrolled before "
+              "the proxy CA existed): re-enroll them with a proxy token and revoke the old ones", file=sys.stderr)
+
+
 def _announce(urls: list[str], paths: Paths, written: list[Any], first: bool, http2: bool) -> None:
     out = sys.stdout
     print(f"zy master listening on {urls[0]} ({'h2 + http/1.1' if http2 else 'http/1.1 only'})", file=out)
@@ -145,5 +159,5 @@ def _announce(urls: list[str], paths: Paths, written: list[Any], first: bool, ht
     for path in written:
         print(f"  client config: {path}", file=out)
     print(f"  connect with:  export ZY_CONFIG={paths.client_config.resolve()}", file=out)
-    print("  add agents:    zy token create   then   zy agent --join TOKEN --state-dir DIR", file=out)
+    print("  add agents:    zy token create > TOKEN   then   zy agent --join-file TOKEN --state-dir DIR", file=out)
     out.flush()

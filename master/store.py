@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS join_tokens (
     id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, created_at REAL NOT NULL,
     expires_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, description TEXT NOT NULL DEFAULT '',
-    uses INTEGER NOT NULL DEFAULT 0);
+    uses INTEGER NOT NULL DEFAULT 0, kind TEXT NOT NULL DEFAULT 'agent', proxy_names TEXT NOT NULL DEFAULT '[]',
+    max_uses INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS agents (
     uuid TEXT PRIMARY KEY, credential_hash TEXT NOT NULL, token_id TEXT NOT NULL,
     hostname TEXT NOT NULL DEFAULT '', facts TEXT NOT NULL DEFAULT '{}', labels TEXT NOT NULL DEFAULT '{}',
@@ -61,6 +62,19 @@ CREATE INDEX IF NOT EXISTS samples_series ON samples(series, time);
 """
 
 
+#: columns join_tokens gained after its first release: added to older databases at open. A token
+#: from before they existed is an agent token (kind 'agent'): it can no longer enroll a proxy.
+_TOKEN_COLUMNS = {
+    "kind": "TEXT NOT NULL DEFAULT 'agent'",
+    "proxy_names": "TEXT NOT NULL DEFAULT '[]'",
+    "max_uses": "INTEGER NOT NULL DEFAULT 0",
+}
+
+
+class TokenUsedUp(Exception):
+    """A join token limited to N enrollments has had them all."""
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = path
@@ -72,6 +86,7 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        self._migrate_join_tokens()
 
     def close(self) -> None:
         self.db.close()
@@ -88,44 +103,74 @@ class Store:
         self.db.execute("INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)", (key, value))
 
     # -- join tokens ------------------------------------------------------------------------
-    def add_join_token(self, token_id: str, secret_hash: str, ttl: float, description: str) -> dict[str, Any]:
+    def _migrate_join_tokens(self) -> None:
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(join_tokens)")}
+        for column, decl in _TOKEN_COLUMNS.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE join_tokens ADD COLUMN {column} {decl}")
+        # enrollment warns about a hostname already taken: keep that lookup off a full scan
+        self.db.execute("CREATE INDEX IF NOT EXISTS agents_hostname ON agents(hostname)")
+
+    def add_join_token(self, token_id: str, secret_hash: str, ttl: float, description: str, kind: str = "agent",
+                       proxy_names: Iterable[str] = (), max_uses: int = 0) -> dict[str, Any]:
+        """``max_uses`` 0: any number of enrollments until it expires."""
         now = time.time()
         self.db.execute(
-            "INSERT INTO join_tokens(id, secret_hash, created_at, expires_at, description) VALUES(?,?,?,?,?)",
-            (token_id, secret_hash, now, now + ttl, description),
+            "INSERT INTO join_tokens(id, secret_hash, created_at, expires_at, description, kind, proxy_names, "
+            "max_uses) VALUES(?,?,?,?,?,?,?,?)",
+            (token_id, secret_hash, now, now + ttl, description, kind, dumps(list(proxy_names)).decode(), max_uses),
         )
         return self.join_token(token_id) or {}
 
     def join_token(self, token_id: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM join_tokens WHERE id=?", (token_id,)).fetchone()
-        return dict(row) if row else None
+        return _token(row) if row else None
 
     def join_tokens(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT id, created_at, expires_at, revoked, description, uses FROM join_tokens ORDER BY created_at"
+            "SELECT id, created_at, expires_at, revoked, description, uses, kind, proxy_names, max_uses "
+            "FROM join_tokens ORDER BY created_at"
         )
-        return [dict(r) for r in rows]
+        return [_token(r) for r in rows]
 
     def revoke_join_token(self, token_id: str) -> bool:
         return self.db.execute("UPDATE join_tokens SET revoked=1 WHERE id=?", (token_id,)).rowcount > 0
 
+    def _claim_token(self, token_id: str, uuid: str) -> None:
+        """Count one use of the token, in the enrollment's transaction: of two enrollments racing
+        for a token's last use exactly one gets it. Enrolling the same uuid again (an agent that
+        crashed before saving its credential) is not another use."""
+        again = self.db.execute("SELECT 1 FROM agents WHERE uuid=? AND token_id=?", (uuid, token_id)).fetchone()
+        if again:
+            return
+        claimed = self.db.execute("UPDATE join_tokens SET uses=uses+1 WHERE id=? AND (max_uses=0 OR uses<max_uses)",
+                                  (token_id,)).rowcount
+        if not claimed:
+            raise TokenUsedUp(token_id)
+
     # -- agents -----------------------------------------------------------------------------
     def enroll(self, uuid: str, credential_hash: str, token_id: str, facts: dict[str, Any],
-               labels: dict[str, str], e2e_key: bytes, kind: str = "agent") -> None:
+               labels: dict[str, str], e2e_key: bytes, kind: str = "agent") -> list[str]:
+        """Returns the other enrolled (not revoked) clients of this kind reporting the same
+        hostname, for a warning. Raises TokenUsedUp when the token has no use left."""
+        hostname = str(facts.get("hostname", ""))
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            self._claim_token(token_id, uuid)
             self.db.execute(
                 "INSERT INTO agents(uuid, credential_hash, token_id, hostname, facts, labels, enrolled_at, e2e_key, "
                 "kind) VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(uuid) DO UPDATE SET "
                 "credential_hash=excluded.credential_hash, e2e_key=excluded.e2e_key",
-                (uuid, credential_hash, token_id, str(facts.get("hostname", "")), dumps(facts).decode(),
+                (uuid, credential_hash, token_id, hostname, dumps(facts).decode(),
                  dumps(labels).decode(), time.time(), e2e_key.hex(), kind),
             )
-            self.db.execute("UPDATE join_tokens SET uses=uses+1 WHERE id=?", (token_id,))
+            same = self.db.execute("SELECT uuid FROM agents WHERE hostname=? AND kind=? AND uuid<>? AND revoked=0 "
+                                   "LIMIT 5", (hostname, kind, uuid)).fetchall() if hostname else []
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        return [r[0] for r in same]
 
     def agent(self, uuid: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM agents WHERE uuid=?", (uuid,)).fetchone()
@@ -394,6 +439,12 @@ class Store:
             (run_id, cursor, limit),
         )
         return [dict(r) for r in rows]
+
+
+def _token(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    out["proxy_names"] = loads(out.get("proxy_names") or "[]")
+    return out
 
 
 def _schedule(row: sqlite3.Row) -> dict[str, Any]:

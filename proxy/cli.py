@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from hcsdk._jointoken import JOIN_ENV, pop_env_token
 from hcsdk._serve import parse_listen
 
 
@@ -24,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="address to serve agents on; port 0 picks a free one (default 127.0.0.1:8444)")
     p.add_argument("--data-dir", type=Path, default=Path("./state/proxy"),
                    help="identity, TLS certificate and the chunk cache (default %(default)s)")
-    p.add_argument("--join", metavar="TOKEN", help="join token, for the first start")
+    p.add_argument("--join-file", type=Path, metavar="PATH",
+                   help="file holding the proxy join token (`zy token create --kind proxy`), for the first start")
+    p.add_argument("--join", metavar="TOKEN",
+                   help=f"join token on the command line (other users can read it there: prefer --join-file or "
+                   f"{JOIN_ENV})")
     p.add_argument("--advertise", action="append", default=[], metavar="URL",
                    help="URL agents use to reach this proxy (its host goes into the certificate)")
     p.add_argument("--hostname", help="name to report instead of the system hostname")
@@ -56,11 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    join_env = pop_env_token()  # first: nothing this process starts inherits it
     from .server import ProxySettings, run
 
     host, port = args.listen
     return run(ProxySettings(
         data_dir=args.data_dir, host=host, port=port, upstreams=args.upstream, join=args.join,
+        join_file=args.join_file, join_env=join_env,
         advertise=args.advertise, hostname=args.hostname, http2=not args.no_http2, heartbeat=args.heartbeat,
         dead_after=args.dead_after, h2_retry=args.h2_retry, backoff_cap=args.backoff_cap, tamper=args.tamper,
         cache_size=args.cache_size, stats_every=args.stats_every, seed_copies=args.seed_copies,

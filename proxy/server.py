@@ -16,7 +16,8 @@ from hcsdk import _facts as facts
 from hcsdk._channel import Channel, ChannelSettings
 from hcsdk._enroll import enroll
 from hcsdk._identity import StateDir
-from hcsdk._jointoken import JoinToken
+from hcsdk._jointoken import JOIN_ENV, JoinToken, read_join
+from hcsdk._limits import AddressGate
 from hcsdk._serve import (
     StartupError,
     bound_port,
@@ -26,7 +27,7 @@ from hcsdk._serve import (
     server_names,
     stop_server,
 )
-from hcsdk._tls import make_csr
+from hcsdk._tls import make_csr, norm_name
 
 from .app import ProxyApp
 from .cache import ChunkCache
@@ -44,6 +45,9 @@ class ProxySettings:
     port: int = 8444
     upstreams: list[str] = field(default_factory=list)
     join: str | None = None
+    join_file: Path | None = None
+    #: the token from ZY_JOIN_TOKEN (already removed from the environment)
+    join_env: str | None = None
     advertise: list[str] = field(default_factory=list)
     hostname: str | None = None
     http2: bool = True
@@ -63,21 +67,44 @@ class ProxySettings:
     seed_copies: int = 1
     #: P2P: chunks not cached here that agents are sent to fetch through the proxy at once
     upstream_parallel: int = 2
+    #: requests one source address may have in flight before they are authenticated (429 beyond)
+    max_unauthenticated: int = 64
+
+
+def _cert_names(token: JoinToken, host: str, advertised: list[str]) -> list[str]:
+    """The names to ask the master to sign: exactly those the admin put in the proxy token (the
+    master signs nothing else). The hosts this proxy listens on or advertises must be among them,
+    or agents could not verify it: said now, not as a TLS failure on every agent later."""
+    if not token.proxy_names:
+        return server_names(host, advertised)  # a token from an older master: let it decide
+    allowed = {norm_name(n) for n in token.proxy_names}
+    wanted = [n for n in [host, *advertised] if n and n not in ("0.0.0.0", "::")]
+    missing = [n for n in wanted if norm_name(n) not in allowed]
+    if missing:
+        raise StartupError(f"this proxy serves {', '.join(missing)}, which its join token does not name "
+                           f"(it allows {', '.join(token.proxy_names)}): create a token with --proxy-name for each")
+    return list(token.proxy_names)
 
 
 async def _enroll_once(settings: ProxySettings, state: StateDir) -> Any:
     ident = state.load()
     if ident.enrolled:
         return ident
-    if not settings.join:
-        raise StartupError(f"{settings.data_dir} holds no enrollment; start once with --join TOKEN")
-    token = JoinToken.decode(settings.join)
+    text = read_join("zy proxy", settings.join, settings.join_file, settings.join_env)
+    if not text:
+        raise StartupError(f"{settings.data_dir} holds no enrollment; start once with --join-file PATH "
+                           f"(or {JOIN_ENV}=TOKEN), a token from `zy token create --kind proxy`")
+    token = JoinToken.decode(text)
+    if token.kind != "proxy" and token.proxy_ca_fingerprint:  # (an older master's tokens have no kind)
+        raise StartupError("this join token enrolls agents; a proxy needs one from "
+                           "`zy token create --kind proxy --proxy-name HOST`")
     extra = [u.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") for u in settings.advertise]
-    csr, key = make_csr(server_names(settings.host, extra))
+    csr, key = make_csr(_cert_names(token, settings.host, extra))
     (state.root / "tls.key").write_bytes(key)
     os.chmod(state.root / "tls.key", 0o600)
     ident = await enroll(state, ident, token, facts.collect(settings.hostname), {}, kind="proxy",
-                         urls=settings.upstreams or None, csr=csr)
+                         urls=settings.upstreams or None, csr=csr,
+                         on_warning=lambda w: print(f"zy proxy: warning from the master: {w}", file=sys.stderr))
     print(f"zy proxy: enrolled as {ident.uuid}", flush=True)
     return ident
 
@@ -103,7 +130,8 @@ async def serve(settings: ProxySettings) -> None:
     cache = ChunkCache(settings.data_dir / "cache", settings.cache_size)
     app = ProxyApp(relay, state.ca_path, settings.heartbeat, settings.poll_wait, settings.max_frame,
                    idle_beat=settings.idle_beat, cache=cache)
-    server = granian_server(app, settings.host, settings.port, state.root / "tls.pem", state.root / "tls.key",
+    gated = AddressGate(app, settings.max_unauthenticated)
+    server = granian_server(gated, settings.host, settings.port, state.root / "tls.pem", state.root / "tls.key",
                             http2=settings.http2, heartbeat=settings.heartbeat, dead_after=settings.dead_after)
     try:
         async with anyio.create_task_group() as tg:
