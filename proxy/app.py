@@ -1,13 +1,17 @@
 """The proxy's routes: the same channel protocol the master serves, so a client cannot tell a
-proxy from the master. Credentials are checked by the master (handshakes are forwarded); here
-a session id, issued only after the master accepted a handshake, is what admits a client."""
+proxy from the master. Credentials are checked by the master (handshakes are forwarded); here a
+session, opened only after the master accepted a handshake, admits requests that carry its id
+and the credential the master accepted for it."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import anyio
@@ -22,18 +26,19 @@ from hcsdk._asgi import (
     error,
     header,
     query,
-    read_body,
     respond,
 )
 from hcsdk._channel import ChannelLost
 from hcsdk._e2e import sign
 from hcsdk._h2conn import Response
+from hcsdk._limits import KeyedSlots, authenticated, read_limited
 from hcsdk._mailbox import stream_mailbox
+from hcsdk._tls import shared_client_context
 from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_frame, loads
 
-from .cache import Answer, ChunkCache, UpstreamDown
-from .relay import Downstream, Relay
-from .tracker import TrackerError
+from .cache import Answer, ChunkCache, Fetch, UpstreamDown
+from .relay import Downstream, Pending, Relay
+from .tracker import Known, NotGranted, TrackerError, TrackerFull
 
 log = logging.getLogger("zy.proxy.app")
 
@@ -41,6 +46,18 @@ log = logging.getLogger("zy.proxy.app")
 NEXT_WAIT = 2.0
 #: credentials remembered for reading the cache while the upstream is away (one per client)
 _MAX_ACCEPTED = 100_000
+#: bodies the proxy reads before the master has checked who sends them: enrollment and
+#: handshakes are small (a token, a key and facts), and must all be in within the deadline
+ENROLL_BODY = 64 * 1024
+HANDSHAKE_BODY = 256 * 1024
+UNAUTHENTICATED_DEADLINE = 30.0
+#: tracker requests (an announce of 100,000 chunk names is about 6.7 MB) and their deadline
+TRACKER_BODY = 8 * 1024 * 1024
+BODY_DEADLINE = 60.0
+#: blob downloads at once per credential (an agent fetches up to 16 chunks at once)
+DOWNLOADS_PER_CREDENTIAL = 32
+#: an upstream error body kept to pass on (a blob's 200 is streamed to disk instead)
+_ERROR_BODY = 64 * 1024
 
 
 class ProxyApp:
@@ -58,6 +75,10 @@ class ProxyApp:
         self.poll_wait = poll_wait
         self.max_frame = max_frame
         self.max_body = max_body
+        self._downloads = KeyedSlots(DOWNLOADS_PER_CREDENTIAL)
+        #: HTTP/1.1 connections of our own to the upstream for blobs (see :meth:`_fetch`)
+        self._bulk: httpx.AsyncClient | None = None
+        self._bulk_url = ""
         self.routes = {
             ("GET", "/v1/ca"): self.ca,
             ("POST", "/v1/enroll"): self.enroll,
@@ -87,60 +108,89 @@ class ProxyApp:
             return None
 
     async def enroll(self, scope: Scope, receive: Receive, send: Send) -> None:
-        resp = await self._upstream(send, "/v1/enroll", await read_body(receive, self.max_body),
-                                    {"content-type": "application/json"})
+        body = await read_limited(receive, ENROLL_BODY, UNAUTHENTICATED_DEADLINE, scope)
+        resp = await self._upstream(send, "/v1/enroll", body, {"content-type": "application/json"})
         if resp is not None:
             await respond(send, resp.status_code, resp.content, [(b"content-type", b"application/json")])
 
     async def handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Forward upstream with our own credential; the client's goes in x-zy-agent-auth."""
-        scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or ":" not in cred:
+        """Forward upstream with our own credential; the client's goes in x-zy-agent-auth.
+
+        Nothing the uuid had here (its session, or its route through a proxy further out) is
+        replaced before the master has accepted the credential: a handshake with a garbage
+        secret, or one forwarded by a client that is no proxy, must not cut the real client off.
+        What comes down for the uuid meanwhile (the master redelivers its open tasks while it
+        handles the handshake) is held and goes where the answer says (:class:`Pending`)."""
+        cred = _bearer(scope)
+        if cred is None:
             await error(send, 401, "agent credential missing", kind="auth")
             return
         via_proxy: Downstream | None = None
         sid = header(scope, b"x-zy-sid")
         if sid is not None:  # a proxy further out forwards a handshake of one of its clients
             via_proxy = self.relay.by_sid.get(sid)
-            if via_proxy is None or via_proxy.uuid != cred.partition(":")[0] or via_proxy.closed.is_set():
+            if via_proxy is None or via_proxy.closed.is_set():
                 await error(send, 409, "forwarding proxy has no live session here; handshake again", kind="session")
                 return
+            if not _matches(via_proxy, cred):
+                await error(send, 401, "the forwarding proxy's credential is not the one of its session", kind="auth")
+                return
+            authenticated(scope)  # a proxy we carry: its many clients' handshakes come from its address
             cred = header(scope, b"x-zy-agent-auth") or ""
-        via = ",".join(v for v in [self.relay.uuid, header(scope, b"x-zy-via") or ""] if v)
-        # Route the claimed uuid *before* forwarding: the master redelivers open tasks while it
-        # handles the handshake, and those must find their way here, not be dropped.
-        claimed = cred.partition(":")[0]
-        mode = "h2" if scope.get("http_version") == "2" else "poll"
-        body = await read_body(receive, self.max_body)
-        client: Downstream | None = None
-        if via_proxy is not None:
-            self.relay.route(claimed, via_proxy)
-        else:
-            client = self.relay.attach(claimed, mode, handover=_names_handover(body))
-        up_sid = self.relay.channel.sid or ""
-        resp = await self._upstream(send, "/v1/handshake", body,
-                                    {"x-zy-agent-auth": cred, "x-zy-sid": up_sid, "x-zy-via": via,
-                                     "content-type": "application/json"})
-        if resp is None or resp.status_code != 200 or resp.json().get("uuid") != claimed:
-            if client is not None:
-                self.relay.refused(client)
-            elif via_proxy is not None and self.relay.routes.get(claimed) is via_proxy:
-                del self.relay.routes[claimed]
-                via_proxy.routes.discard(claimed)
-            if resp is not None and resp.status_code in (401, 403):
-                self._accepted.pop(claimed, None)  # revoked, or a new credential: no more cache reads
-            if resp is not None:
-                await respond(send, resp.status_code, resp.content, [(b"content-type", b"application/json")])
+        claimed, _, secret = cred.partition(":")
+        if not claimed or not secret:
+            await error(send, 401, "agent credential missing", kind="auth")
             return
-        info = resp.json()
-        if client is not None:
-            self._remember(claimed, cred)
-        if client is None:
+        body = await read_limited(receive, HANDSHAKE_BODY, UNAUTHENTICATED_DEADLINE, scope)
+        pending = self.relay.begin(claimed)
+        if pending is None:
+            await error(send, 503, f"a handshake for {claimed} is already in flight here; retry after a backoff",
+                        kind="busy")
+            return
+        try:
+            await self._forward_handshake(scope, send, pending, cred, body, via_proxy)
+        finally:
+            self.relay.settle(pending)  # not accepted: what was held goes to the old route
+
+    async def _forward_handshake(self, scope: Scope, send: Send, pending: Pending, cred: str, body: bytes,
+                                 via_proxy: Downstream | None) -> None:
+        claimed = pending.uuid
+        via = ",".join(v for v in [self.relay.uuid, header(scope, b"x-zy-via") or ""] if v)
+        resp = await self._upstream(send, "/v1/handshake", body,
+                                    {"x-zy-agent-auth": cred, "x-zy-sid": self.relay.channel.sid or "",
+                                     "x-zy-via": via, "content-type": "application/json"})
+        if resp is None:
+            return
+        if resp.status_code != 200:
+            self._refused(claimed, cred, resp.status_code)
+            await respond(send, resp.status_code, resp.content, [(b"content-type", b"application/json")])
+            return
+        info = _json_object(resp.content)
+        if info is None or info.get("uuid") != claimed:
+            await error(send, 502, f"the upstream accepted a handshake for {claimed} but answered for "
+                                   f"{(info or {}).get('uuid')!r}", kind="upstream")
+            return
+        if via_proxy is not None:
+            if via_proxy.closed.is_set():
+                await error(send, 409, "forwarding proxy's session ended meanwhile; handshake again", kind="session")
+                return
+            self.relay.accept_route(pending, via_proxy)
             await respond(send, 200, info)
             return
+        mode = "h2" if scope.get("http_version") == "2" else "poll"
+        client = self.relay.accept(pending, mode, _digest(cred), handover=_names_handover(body))
+        self._remember(claimed, cred)
         await respond(send, 200, {**info, "sid": client.sid, "mode": mode, "heartbeat": self.heartbeat,
                                   "idle_beat": self.idle_beat,
                                   "poll_wait": self.poll_wait, "max_frame": self.max_frame})
+
+    def _refused(self, uuid: str, cred: str, status: int) -> None:
+        """The upstream refused a handshake. A revoked agent (403) reads no more from the cache;
+        a wrong credential (401) only forgets the one remembered if it was that one (anybody can
+        send a garbage secret for any uuid)."""
+        known = self._accepted.get(uuid)
+        if status == 403 or (status == 401 and known is not None and hmac.compare_digest(known, _digest(cred))):
+            self._accepted.pop(uuid, None)
 
     async def announce(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A client holds these chunks and serves them to peers on its port (at the address we
@@ -150,11 +200,26 @@ class ProxyApp:
             return
         host = (scope.get("client") or ("", 0))[0]
         try:
-            held = self.relay.tracker.announce(client.sid, host, loads(await read_body(receive, self.max_body)))
-        except (ValueError, TrackerError) as exc:
+            body = loads(await read_limited(receive, TRACKER_BODY, BODY_DEADLINE, scope))
+            held, ignored = self.relay.tracker.announce(client.sid, host, body, self._known_chunk(client))
+        except TrackerError as exc:
+            await _tracker_error(send, "announce", exc)
+            return
+        except ValueError as exc:
             await error(send, 400, f"bad announce: {exc}")
             return
-        await respond(send, 200, {"held": held})
+        await respond(send, 200, {"held": held, "ignored": ignored})
+
+    def _known_chunk(self, client: Downstream) -> Known:
+        """What ``client`` may be listed for, or scheduled: chunks of releases the master sent it
+        through this proxy, and chunks the cache holds (what an agent still holds after a proxy
+        restart, which the new process never saw go down)."""
+        releases, cache = self.relay.releases, self.cache
+
+        def known(sha: str) -> str | None:
+            return releases.known(client.uuid, sha) or (sha if sha in cache else None)
+
+        return known
 
     async def lookup(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Peers holding each chunk asked for, and how many hold it (rarest first)."""
@@ -162,7 +227,8 @@ class ProxyApp:
         if client is None:
             return
         try:
-            found = self.relay.tracker.lookup(client.sid, loads(await read_body(receive, self.max_body)),
+            found = self.relay.tracker.lookup(client.sid, loads(await read_limited(receive, TRACKER_BODY,
+                                                                                   BODY_DEADLINE, scope)),
                                               LiveSessions(self.relay.by_sid))
         except (ValueError, TrackerError) as exc:
             await error(send, 400, f"bad lookup: {exc}")
@@ -178,13 +244,18 @@ class ProxyApp:
             return
         tracker, live = self.relay.tracker, LiveSessions(self.relay.by_sid)
         try:
-            body = loads(await read_body(receive, self.max_body))
-            answer = tracker.next(client.sid, body, live, self.cache.__contains__)
+            body = loads(await read_limited(receive, TRACKER_BODY, BODY_DEADLINE, scope))
+            known = self._known_chunk(client)
+            answer = tracker.next(client.sid, body, live, self.cache.__contains__, known)
             with anyio.move_on_after(NEXT_WAIT):
                 while not answer["grants"] and not client.closed.is_set():
                     await tracker.changed.wait()
-                    answer = tracker.next(client.sid, {**body, "failed": [], "got": []}, live, self.cache.__contains__)
-        except (ValueError, TrackerError) as exc:
+                    answer = tracker.next(client.sid, {**body, "failed": [], "got": []}, live,
+                                          self.cache.__contains__, known)
+        except TrackerError as exc:
+            await _tracker_error(send, "next", exc)
+            return
+        except ValueError as exc:
             await error(send, 400, f"bad next: {exc}")
             return
         await respond(send, 200, answer)
@@ -198,32 +269,85 @@ class ProxyApp:
         accepted in an earlier handshake then still gets what is cached."""
         sha = query(scope).get("sha256", "")
         if self.relay.channel.sid is None and self._known(scope):
-            await self.cache.serve(sha, send, None)
+            authenticated(scope)
+            await self._serve(scope, send, sha, None)
             return
         if await self._client(scope, send) is None:
             return
-        await self.cache.serve(sha, send, self._fetch)
+        await self._serve(scope, send, sha, self._fetch)
+
+    async def _serve(self, scope: Scope, send: Send, sha: str, fetch: Fetch | None) -> None:
+        """At most ``DOWNLOADS_PER_CREDENTIAL`` downloads at once per credential (429 beyond)."""
+        uuid = (_bearer(scope) or "").partition(":")[0]
+        with self._downloads.take(uuid) as ok:
+            if not ok:
+                await error(send, 429, f"{uuid} has {DOWNLOADS_PER_CREDENTIAL} downloads running here already; "
+                                       "retry when one ends", kind="busy")
+                return
+            await self.cache.serve(sha, send, fetch)
 
     async def _fetch(self, sha: str) -> Answer:
+        """Ask the upstream in our own session, on HTTP/1.1 connections of our own beside the
+        channel's (as :meth:`Channel.bulk_request` does), with the body streamed: the cache writes
+        it to disk as it arrives, so a large build passing through is never held in memory."""
+        channel = self.relay.channel
+        url = channel.url
+        if url is None or channel.sid is None:
+            raise UpstreamDown("the proxy has no upstream right now; try again")
+        client = await self._bulk_client(url)
+        stack = AsyncExitStack()
+        timeout = httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=None)
         try:
-            resp = await self.relay.channel.bulk_request(
-                "GET", f"/v1/blob?sha256={quote(sha)}&sid={self.relay.channel.sid or ''}", timeout=120.0)
+            resp = await stack.enter_async_context(
+                client.stream("GET", f"{url}/v1/blob", params={"sha256": sha}, timeout=timeout,
+                              headers={"x-zy-sid": channel.sid}))  # a header: never in an access log
+        except httpx.ConnectError:  # no new connection now: the channel's own can still carry it
+            await stack.aclose()
+            return await self._fetch_on_channel(sha)
+        except httpx.HTTPError as exc:
+            await stack.aclose()
+            raise UpstreamDown(f"the proxy's upstream request failed ({exc!r}); try again") from None
+        ctype = (resp.headers.get("content-type") or "application/octet-stream").encode("latin-1")
+        if resp.status_code == 200:
+            return Answer(200, b"", ctype, stream=_body(resp, stack))
+        try:
+            body = await _capped(resp, _ERROR_BODY)
+        finally:
+            await stack.aclose()
+        return Answer(resp.status_code, body, ctype)
+
+    async def _fetch_on_channel(self, sha: str) -> Answer:
+        try:
+            resp = await self.relay.channel.request("GET", f"/v1/blob?sha256={quote(sha)}", timeout=120.0,
+                                                    headers={"x-zy-sid": self.relay.channel.sid or ""})
         except (ChannelLost, httpx.HTTPError) as exc:
             raise UpstreamDown(f"the proxy has no upstream right now ({exc}); try again") from None
         ctype = resp.headers.get("content-type") or "application/octet-stream"
         return Answer(resp.status_code, resp.content, ctype.encode("latin-1"))
 
+    async def _bulk_client(self, url: str) -> httpx.AsyncClient:
+        """Our HTTP/1.1 connections to ``url`` (new ones when the channel moved to another)."""
+        if self._bulk is not None and self._bulk_url == url:
+            return self._bulk
+        old, channel = self._bulk, self.relay.channel
+        limits = httpx.Limits(max_connections=8, max_keepalive_connections=8, keepalive_expiry=60.0)
+        transport = httpx.AsyncHTTPTransport(verify=shared_client_context(channel.ca_pem, False), http2=False,
+                                             limits=limits, local_address=channel.settings.local_address)
+        self._bulk, self._bulk_url = httpx.AsyncClient(transport=transport, headers=channel.headers), url
+        if old is not None:
+            await old.aclose()
+        return self._bulk
+
     def _remember(self, uuid: str, cred: str) -> None:
         self._accepted.pop(uuid, None)
-        self._accepted[uuid] = hashlib.sha256(cred.encode()).digest()
+        self._accepted[uuid] = _digest(cred)
         while len(self._accepted) > _MAX_ACCEPTED:
             del self._accepted[next(iter(self._accepted))]
 
     def _known(self, scope: Scope) -> bool:
-        scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")
-        known = self._accepted.get(cred.partition(":")[0])
-        return (scheme.lower() == "bearer" and known is not None
-                and hmac.compare_digest(known, hashlib.sha256(cred.encode()).digest()))
+        cred = _bearer(scope)
+        known = self._accepted.get(cred.partition(":")[0]) if cred is not None else None
+        return cred is not None and known is not None and hmac.compare_digest(known, _digest(cred))
 
     async def report_stats(self, key: bytes, every: float) -> None:
         """Send the cache's counters up the channel every ``every`` seconds when they changed (or
@@ -243,11 +367,17 @@ class ProxyApp:
             last = (sid, stats)
 
     async def _client(self, scope: Scope, send: Send) -> Downstream | None:
-        scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")
-        client = self.relay.by_sid.get(query(scope).get("sid", ""))
-        if client is None or client.closed.is_set() or client.uuid != cred.partition(":")[0]:
+        """The session a channel or tracker request belongs to: its id (``x-zy-sid`` or the
+        ``sid`` query parameter) and the credential the master accepted when it was opened. The
+        id alone, which may be in a middlebox's access log, admits nobody."""
+        client = self.relay.by_sid.get(header(scope, b"x-zy-sid") or query(scope).get("sid", ""))
+        if client is None or client.closed.is_set():
             await error(send, 409, "session is gone or superseded; handshake again", kind="session")
             return None
+        if not _matches(client, _bearer(scope) or ""):
+            await error(send, 401, "agent credential is not valid for this session", kind="auth")
+            return None
+        authenticated(scope)
         return client
 
     async def down(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -279,7 +409,8 @@ class ProxyApp:
             return
         decoder = FrameDecoder(self.max_frame, UP_TYPES)
         try:
-            await self.relay.from_client(client, decoder.feed(await read_body(receive, self.max_body)))
+            body = await read_limited(receive, self.max_body, BODY_DEADLINE, scope)
+            await self.relay.from_client(client, decoder.feed(body))
             if decoder.pending:
                 raise FrameError("request ends inside a frame")
         except FrameError as exc:
@@ -309,6 +440,58 @@ class LiveSessions:
     def __contains__(self, sid: object) -> bool:
         client = self.by_sid.get(sid) if isinstance(sid, str) else None
         return client is not None and not client.closed.is_set()
+
+
+async def _body(resp: httpx.Response, stack: AsyncExitStack) -> AsyncIterator[bytes]:
+    """A streamed upstream body, its connection released when it ends or is abandoned."""
+    try:
+        async for block in resp.aiter_bytes():
+            yield block
+    except httpx.HTTPError as exc:
+        raise UpstreamDown(f"the upstream transfer broke off ({exc!r}); try again") from None
+    finally:
+        await stack.aclose()
+
+
+async def _capped(resp: httpx.Response, limit: int) -> bytes:
+    body = bytearray()
+    async for block in resp.aiter_bytes():
+        body += block[:limit - len(body)]
+        if len(body) >= limit:
+            break
+    return bytes(body)
+
+
+async def _tracker_error(send: Send, what: str, exc: TrackerError) -> None:
+    if isinstance(exc, TrackerFull):
+        await error(send, 413, f"{what} refused: {exc}", kind="tracker")
+    elif isinstance(exc, NotGranted):
+        await error(send, 403, f"{what} refused: {exc}", kind="tracker")
+    else:
+        await error(send, 400, f"bad {what}: {exc}")
+
+
+def _bearer(scope: Scope) -> str | None:
+    """``UUID:SECRET`` from ``Authorization: Bearer``, or None."""
+    scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")
+    return cred if scheme.lower() == "bearer" and ":" in cred else None
+
+
+def _digest(cred: str) -> bytes:
+    return hashlib.sha256(cred.encode()).digest()
+
+
+def _matches(client: Downstream, cred: str) -> bool:
+    """Whether ``cred`` is the credential the master accepted for ``client``'s session."""
+    return bool(client.cred_hash) and hmac.compare_digest(client.cred_hash, _digest(cred))
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _names_handover(body: bytes) -> bool:

@@ -17,8 +17,11 @@ once. Content addressing makes the cache simple and safe:
   others wait for it and are answered with the same bytes;
 - a blob larger than the whole cache is passed through, not kept.
 
-Memory: at most the blobs being transferred (a cached file up to ``_WHOLE`` bytes is read once,
-checked and sent; a larger one is checked and then sent in pieces from the same open file).
+Memory: a blob fetched from upstream as a stream (``Answer.stream``: what the proxy's own fetch
+gives) goes to a temporary file as it arrives, hashed on the way, and is then sent from that
+file, so a 200 MiB build passing through holds a block, not the build; a cached file up to
+``_WHOLE`` bytes is read once, checked and sent, a larger one is checked and then sent in
+pieces from the same open file.
 """
 
 from __future__ import annotations
@@ -28,16 +31,18 @@ import logging
 import os
 import re
 import secrets
+import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import anyio
 
 from hcsdk._asgi import Send
+from hcsdk._limits import send_file
 from hcsdk._wire import dumps
 
 log = logging.getLogger("zy.proxy.cache")
@@ -74,12 +79,20 @@ class Answer:
     content_type: bytes = b"application/octet-stream"
     #: the body is (now) in the cache: requests that shared it count as hits
     cached: bool = False
+    #: a 200's body as it arrives (instead of ``body``): written to disk, never held whole
+    stream: AsyncIterator[bytes] | None = None
+    #: the checked body on disk (in the cache, or a temporary file when passed through)
+    path: Path | None = None
+    temporary: bool = False
 
 
 @dataclass(eq=False)
 class _Flight:
     done: anyio.Event = field(default_factory=anyio.Event)
     answer: Answer | None = None
+    #: requests that will send this answer (the fetching one and those waiting on it): the
+    #: last one removes a temporary file
+    users: int = 1
 
 
 Fetch = Callable[[str], Awaitable[Answer]]
@@ -157,22 +170,29 @@ class ChunkCache:
                 return
             flight = self._flights.get(sha)
             if flight is not None:  # another request is fetching it: wait and share its answer
-                await flight.done.wait()
-                if flight.answer is None:
-                    continue  # that request was cancelled before it had an answer
-                self.counters["coalesced"] += 1
-                await self._answer(send, flight.answer)
+                flight.users += 1
+                try:
+                    await flight.done.wait()
+                    if flight.answer is None:
+                        continue  # that request was cancelled before it had an answer
+                    self.counters["coalesced"] += 1
+                    await self._answer(send, flight.answer)
+                finally:
+                    self._release(flight)
                 self.counters["hits" if flight.answer.cached else "misses"] += 1
                 return
             if fetch is None:
                 break
             flight = self._flights[sha] = _Flight()
             try:
-                flight.answer = await self._fetch(sha, fetch)
+                try:
+                    flight.answer = await self._fetch(sha, fetch)
+                finally:
+                    del self._flights[sha]
+                    flight.done.set()
+                await self._answer(send, flight.answer)
             finally:
-                del self._flights[sha]
-                flight.done.set()
-            await self._answer(send, flight.answer)
+                self._release(flight)
             self.counters["misses"] += 1
             return
         await _send(send, _problem(503, f"the proxy has no upstream right now and chunk {sha} is not in its "
@@ -188,6 +208,8 @@ class ChunkCache:
             return _problem(503, str(exc), "upstream")
         if answer.status != 200:
             return answer  # the next tier's own answer (404: no such file; 409: session), as it is
+        if answer.stream is not None:
+            return await self._fetch_to_disk(sha, answer.stream)
         body = answer.body
         self.counters["bytes_from_upstream"] += len(body)
         actual = await _sha256(body)
@@ -202,6 +224,58 @@ class ChunkCache:
             return answer
         cached = await self._store(sha, body)
         return Answer(200, body, cached=cached)
+
+    async def _fetch_to_disk(self, sha: str, stream: AsyncIterator[bytes]) -> Answer:
+        """Write a streamed body to a temporary file, hashing it on the way; then keep it (renamed
+        into the cache) or pass it through from the temporary file."""
+        tmp = self._spool(sha) / f".tmp-{sha[:16]}-{secrets.token_hex(4)}"
+        try:
+            actual, size = await _drain(stream, tmp)
+        except UpstreamDown as exc:
+            _unlink(tmp)
+            self.counters["upstream_errors"] += 1
+            return _problem(503, str(exc), "upstream")
+        except BaseException:
+            _unlink(tmp)
+            raise
+        self.counters["bytes_from_upstream"] += size
+        if actual != sha:
+            _unlink(tmp)
+            self.counters["corrupt_upstream"] += 1
+            log.warning("blob %s arrived from upstream corrupt (SHA-256 %s, %d bytes): not cached", sha, actual, size)
+            return _problem(502, f"chunk {sha} arrived from upstream corrupt: its {size} bytes hash to "
+                                 f"{actual}; it was not cached or served, try again", "blob")
+        if not self.enabled or size > self.limit:
+            self.counters["passthrough"] += 1
+            return Answer(200, b"", path=tmp, temporary=True)
+        self._evict(size)
+        try:
+            await anyio.to_thread.run_sync(_rename_into_place, tmp, self.path(sha))
+        except OSError as exc:  # a full or failing disk: serve it from where it is, keep nothing
+            self.counters["write_errors"] += 1
+            log.warning("could not cache chunk %s: %s", sha, exc)
+            return Answer(200, b"", path=tmp, temporary=True)
+        if sha not in self._lru:
+            self._lru[sha] = size
+            self._size += size
+        self._evict(0, keep=sha)
+        return Answer(200, b"", path=self.path(sha), cached=True)
+
+    def _spool(self, sha: str) -> Path:
+        """Where a body arriving from upstream is written: beside where it will be kept (a crash
+        leaves a ``.tmp-`` file that the next start removes), or with the cache off, the
+        system's temporary directory."""
+        if self.enabled:
+            where = self.path(sha).parent
+            where.mkdir(parents=True, exist_ok=True)
+            return where
+        return Path(tempfile.gettempdir())
+
+    def _release(self, flight: _Flight) -> None:
+        flight.users -= 1
+        answer = flight.answer
+        if flight.users == 0 and answer is not None and answer.temporary and answer.path is not None:
+            _unlink(answer.path)
 
     async def _from_disk(self, sha: str, send: Send) -> bool:
         """Serve ``sha`` from disk after checking it; False when it is gone or was corrupt
@@ -244,6 +318,13 @@ class ChunkCache:
         return True
 
     async def _answer(self, send: Send, answer: Answer) -> None:
+        if answer.path is not None:
+            try:
+                self.counters["bytes_served"] += await send_file(send, answer.path)
+            except FileNotFoundError:  # evicted since it arrived (a tiny cache): it is gone
+                await _send(send, _problem(503, "the blob was evicted from the proxy's cache as it arrived; "
+                                                "try again", "upstream"))
+            return
         if answer.status == 200:
             self.counters["bytes_served"] += len(answer.body)
         await _send(send, answer)
@@ -329,6 +410,54 @@ def _open_checked(path: Path, sha: str) -> tuple[bool, bytes | None, IO[bytes] |
     return ok, None, fh, size
 
 
+async def _drain(stream: AsyncIterator[bytes], tmp: Path) -> tuple[str, int]:
+    """Write ``stream`` to ``tmp`` (fsynced), a megabyte at a time off the event loop:
+    (its SHA-256, its size)."""
+    digest, size = hashlib.sha256(), 0
+    pending: list[bytes] = []
+    held = 0
+    fh = await anyio.to_thread.run_sync(open, tmp, "wb")
+    try:
+        try:
+            async for block in stream:
+                pending.append(block)
+                held += len(block)
+                if held >= _BLOCK:
+                    size += await anyio.to_thread.run_sync(_write_blocks, fh, digest, pending)
+                    pending, held = [], 0
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        size += await anyio.to_thread.run_sync(_write_blocks, fh, digest, pending)
+        await anyio.to_thread.run_sync(_sync, fh)
+    finally:
+        fh.close()
+    return digest.hexdigest(), size
+
+
+def _sync(fh: IO[bytes]) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _write_blocks(fh: IO[bytes], digest: Any, blocks: list[bytes]) -> int:
+    for block in blocks:
+        digest.update(block)
+        fh.write(block)
+    return sum(len(b) for b in blocks)
+
+
+def _rename_into_place(tmp: Path, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a crash
+    finally:
+        os.close(fd)
+
+
 def _write_atomically(path: Path, body: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name[:16]}-{secrets.token_hex(4)}"
@@ -354,4 +483,4 @@ async def _send(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": answer.body})
 
 
-__all__ = ["COUNTERS", "Answer", "ChunkCache", "UpstreamDown", "parse_size"]
+__all__ = ["COUNTERS", "Answer", "ChunkCache", "Fetch", "UpstreamDown", "parse_size"]

@@ -21,22 +21,48 @@ from hcsdk._mailbox import Mailbox
 from hcsdk._wire import encode_frame
 
 from .tamper import Tamper
-from .tracker import Tracker
+from .tracker import Releases, Tracker
 
 log = logging.getLogger("zy.proxy")
+
+#: messages for a uuid kept while its handshake is in flight (the master's redelivery of its
+#: open tasks, acks); beyond this they are dropped, and the master redelivers after a handshake
+MAX_HELD = 10_000
 
 
 class Downstream(Mailbox):
     """A client connected to this proxy. ``routes`` holds its own uuid and the uuids of the
-    clients behind it (when it is a proxy itself)."""
+    clients behind it (when it is a proxy itself). ``cred_hash`` is SHA-256 of the credential the
+    master accepted in its handshake: every request in the session must carry that credential,
+    so a session id alone (which travels in query strings) admits nobody."""
 
-    def __init__(self, uuid: str, sid: str, mode: str):
+    def __init__(self, uuid: str, sid: str, mode: str, cred_hash: bytes = b""):
         super().__init__(uuid)
         self.sid = sid
         self.mode = mode
+        self.cred_hash = cred_hash
         self.routes = {uuid}
         #: the connection this one took over from in an online update
         self.retired: Downstream | None = None
+
+
+class Pending:
+    """A handshake for ``uuid`` forwarded upstream and not answered yet. The master redelivers
+    the uuid's open tasks while it handles the handshake, so what comes down for the uuid
+    meanwhile is held here; the answer decides where it goes: to the new session or route when
+    the master accepts, else to the old one, which nothing has touched (a forged or garbage
+    handshake then costs the real client a round trip's delay, not its session)."""
+
+    def __init__(self, uuid: str) -> None:
+        self.uuid = uuid
+        self.held: list[dict[str, Any]] = []
+        self.dropped = 0
+
+    def hold(self, msg: dict[str, Any]) -> None:
+        if len(self.held) < MAX_HELD:
+            self.held.append(msg)
+        else:
+            self.dropped += 1
 
 
 class UpstreamQueue:
@@ -97,15 +123,30 @@ class Relay:
         self.routes: dict[str, Downstream] = {}
         self.tamper = tamper or Tamper("")
         self.stats = {"up_frames": 0, "down_frames": 0, "clients": 0}
+        #: uuid -> its handshake in flight upstream (one at a time per uuid)
+        self.pending: dict[str, Pending] = {}
         #: who holds which release chunk, among the clients here (P2P)
         self.tracker = Tracker()
+        #: which chunks belong to releases the master sent each uuid (what the tracker accepts)
+        self.releases = Releases()
         self.channel: Channel = channel_factory(self)
 
     # -- upstream -----------------------------------------------------------------------------
     def from_upstream(self, msg: dict[str, Any]) -> None:
-        target = self.routes.get(str(msg.get("uuid")))
-        if target is None or msg.get("uuid") == self.uuid:
-            return  # our own heartbeats, or a client that left: the master redelivers later
+        uuid = str(msg.get("uuid"))
+        if uuid == self.uuid:
+            return  # our own heartbeats
+        self.releases.note(msg)
+        pending = self.pending.get(uuid)
+        if pending is not None:
+            pending.hold(msg)
+            return
+        self._deliver(uuid, msg)
+
+    def _deliver(self, uuid: str, msg: dict[str, Any]) -> None:
+        target = self.routes.get(uuid)
+        if target is None:
+            return  # a client that left: the master redelivers after its next handshake
         self.stats["down_frames"] += 1
         target.send(self.tamper.down(msg))
 
@@ -116,13 +157,47 @@ class Relay:
         self.routes.clear()
         self.queue.clear()
 
+    # -- handshakes ---------------------------------------------------------------------------
+    def begin(self, uuid: str) -> Pending | None:
+        """A handshake for ``uuid`` is about to go upstream; None while another one is in flight
+        (one at a time per uuid: a flood of them holds nothing more)."""
+        if uuid in self.pending:
+            return None
+        pending = self.pending[uuid] = Pending(uuid)
+        return pending
+
+    def settle(self, pending: Pending) -> None:
+        """The handshake is over. Unless it was accepted (then :meth:`accept` or
+        :meth:`accept_route` already took what was held), what came down meanwhile goes where
+        the uuid was routed before, or nowhere."""
+        if self.pending.get(pending.uuid) is not pending:
+            return
+        del self.pending[pending.uuid]
+        if pending.dropped:
+            log.warning("%d messages for %s dropped while its handshake was in flight", pending.dropped, pending.uuid)
+        for msg in pending.held:
+            self._deliver(pending.uuid, msg)
+        pending.held.clear()
+
+    def accept(self, pending: Pending, mode: str, cred_hash: bytes, handover: bool = False) -> Downstream:
+        """The master accepted a client's own handshake: give it a session here, replacing the
+        uuid's old one (only now), with what came down while the handshake was in flight."""
+        client = self.attach(pending.uuid, mode, handover, cred_hash)
+        self.settle(pending)
+        return client
+
+    def accept_route(self, pending: Pending, via: Downstream) -> None:
+        """The master accepted a handshake that the proxy ``via`` forwarded for a client behind it."""
+        self.route(pending.uuid, via)
+        self.settle(pending)
+
     # -- clients ------------------------------------------------------------------------------
-    def attach(self, uuid: str, mode: str, handover: bool = False) -> Downstream:
+    def attach(self, uuid: str, mode: str, handover: bool = False, cred_hash: bytes = b"") -> Downstream:
         """A client handshook. With ``handover`` (a new build of an agent taking over) the old
         connection keeps its session, so its uplink still reports what it runs; what comes down
         goes to the new one."""
         old = self.by_uuid.get(uuid)
-        client = Downstream(uuid, secrets.token_hex(8), mode)
+        client = Downstream(uuid, secrets.token_urlsafe(24), mode, cred_hash)
         if old is not None and handover:
             client.retired = old
         elif old is not None:
@@ -133,16 +208,11 @@ class Relay:
         self.stats["clients"] = len(self.by_uuid)
         return client
 
-    def refused(self, client: Downstream) -> None:
-        """The master refused ``client``'s handshake: forget it, and give back what it was to
-        take over from."""
-        self.end(client, "handshake refused upstream", notify=False)
-        old = client.retired
-        if old is not None and not old.closed.is_set() and old.uuid not in self.by_uuid:
-            self.by_uuid[old.uuid] = self.routes[old.uuid] = old
-
     def route(self, uuid: str, via: Downstream) -> None:
         """A client behind the proxy ``via`` handshook through us."""
+        before = self.routes.get(uuid)
+        if before is not None and before is not via and before.uuid != uuid:
+            before.routes.discard(uuid)  # that proxy no longer speaks for it
         self.routes[uuid] = via
         via.routes.add(uuid)
 

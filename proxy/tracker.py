@@ -12,6 +12,11 @@ yet waits for its seed rather than being pulled from the proxy again (for ``SLOW
 at most: a stuck agent does not hold up the swarm). Chunks the proxy does not
 hold yet are handed out ``upstream_parallel`` at a time and in the order asked for, so they cross
 a thin upstream link one after the other instead of all arriving together at the end.
+
+What a client says it holds is not trusted: the proxy lists it only for chunks of releases the
+master sent that uuid (:class:`Releases`, learnt from the ``zy.release.fetch`` commands that
+pass down through the proxy) or chunks the proxy's own cache holds, and the listings have hard
+caps per session and in all (:class:`TrackerFull`, a 413), so invented hashes cost nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -36,10 +42,84 @@ UPSTREAM_GRANT_TTL = 600.0
 #: a chunk the proxy holds, that nobody has delivered for this long since it was last handed
 #: out, is given by the proxy again: one slow or stuck agent does not hold up the swarm
 SLOW_SEED = 10.0
+#: (session, chunk) listings kept for one session, and for all of them: about 100 bytes each
+MAX_PER_SESSION = MAX_ANNOUNCE
+MAX_LISTINGS = 2_000_000
+#: chunk names of releases remembered (all releases together), and releases per uuid
+MAX_RELEASE_CHUNKS = 1_000_000
+MAX_RELEASES_PER_UUID = 32
+MAX_UUIDS = 100_000
+FETCH_CMD = "zy.release.fetch"
 
 
 class TrackerError(ValueError):
     pass
+
+
+class NotGranted(TrackerError):
+    """A client asked to be scheduled a chunk of no release the master sent it (a 403)."""
+
+
+#: sha -> the canonical string when the asking client may be listed for (or fetch) it, else None
+Known = Callable[[str], "str | None"]
+
+
+class TrackerFull(TrackerError):
+    """A listing cap is reached: the request is refused whole (a 413); the agent fetches from
+    the upstream instead, as it does with no tracker."""
+
+
+class Releases:
+    """Which chunks belong to the releases the master sent each uuid. Learnt from the signed
+    ``zy.release.fetch`` commands that pass down through the proxy (its upstream is trusted;
+    clients are not). Each release's chunk names are kept once, whatever the number of agents
+    given it, as the canonical strings the tracker then stores; the oldest releases are
+    forgotten beyond ``MAX_RELEASE_CHUNKS`` names in all."""
+
+    def __init__(self, max_chunks: int = MAX_RELEASE_CHUNKS) -> None:
+        self.max_chunks = max_chunks
+        #: release digest -> {sha: sha} (the one copy of each name), least recently sent first
+        self.chunks: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._names = 0
+        #: uuid -> digests of the releases sent to it, oldest first
+        self.granted: OrderedDict[str, list[str]] = OrderedDict()
+
+    def note(self, msg: dict[str, Any]) -> None:
+        """Look at a message going down: remember a release fetch's chunks for its uuid."""
+        if msg.get("t") != "task" or msg.get("cmd") != FETCH_CMD:
+            return
+        args = (msg.get("p") or {}).get("args") if isinstance(msg.get("p"), dict) else None
+        manifest = args.get("manifest") if isinstance(args, dict) else None
+        digest = args.get("digest") if isinstance(args, dict) else None
+        chunks = manifest.get("chunks") if isinstance(manifest, dict) else None
+        if not isinstance(digest, str) or not _SHA.match(digest) or not isinstance(chunks, list):
+            return
+        self.grant(str(msg.get("uuid")), digest, [c for c in chunks if isinstance(c, str) and _SHA.match(c)])
+
+    def grant(self, uuid: str, digest: str, chunks: list[str]) -> None:
+        if digest in self.chunks:
+            self.chunks.move_to_end(digest)
+        else:
+            names = {sha: sha for sha in chunks}
+            self.chunks[digest] = names
+            self._names += len(names)
+            while self._names > self.max_chunks and len(self.chunks) > 1:
+                self._names -= len(self.chunks.popitem(last=False)[1])
+        mine = self.granted.pop(uuid, [])
+        if digest in mine:
+            mine.remove(digest)
+        mine.append(digest)
+        self.granted[uuid] = mine[-MAX_RELEASES_PER_UUID:]
+        while len(self.granted) > MAX_UUIDS:
+            self.granted.popitem(last=False)
+
+    def known(self, uuid: str, sha: str) -> str | None:
+        """``sha`` as the canonical string when it is a chunk of a release sent to ``uuid``."""
+        for digest in self.granted.get(uuid, ()):
+            name = self.chunks.get(digest, {}).get(sha)
+            if name is not None:
+                return name
+        return None
 
 
 @dataclass
@@ -70,9 +150,16 @@ class Tracker:
         #: (fetching session id, sha, serving session id) that failed: not granted again
         self.bad: set[tuple[str, str, str]] = set()
         self.changed = anyio.Event()
+        #: (session, chunk) listings held now, over all sessions
+        self.listings = 0
+        self.max_per_session = MAX_PER_SESSION
+        self.max_listings = MAX_LISTINGS
 
     # -- what agents hold ------------------------------------------------------------------------
-    def announce(self, sid: str, host: str, body: Any) -> int:
+    def announce(self, sid: str, host: str, body: Any, known: Known | None = None) -> tuple[int, int]:
+        """List ``sid`` as a holder of the chunks it names: (chunks it is listed for now, chunks
+        of its list ignored because ``known`` does not know them). An announce naming chunks of
+        which ``known`` knows none is refused whole (NotGranted)."""
         if not isinstance(body, dict):
             raise TrackerError("announce wants a JSON object")
         port, chunks, slots = body.get("port"), body.get("chunks", []), body.get("slots", 4)
@@ -83,15 +170,35 @@ class Tracker:
         _check_shas(chunks, "announce 'chunks'")
         dropped = body.get("dropped", [])
         _check_shas(dropped, "announce 'dropped'")
+        named = len(chunks)
+        chunks, ignored = _only_known(chunks, known)
+        if named and not chunks:  # nothing of it could be true: refuse it, plainly
+            raise NotGranted(f"none of the {named} chunks announced is part of a release the master sent this "
+                             "agent through this proxy, nor held by the proxy")
         _, held = self.peers.get(sid, ("", set()))
+        self._check_room(sid, held, chunks, dropped)
         self.peers[sid] = (f"{host}:{port}" if port else "", held)
         self.slots[sid] = slots
         self._drop(sid, dropped)
-        return self._hold(sid, chunks)
+        return self._hold(sid, chunks), ignored
+
+    def _check_room(self, sid: str, held: set[str], chunks: list[str], dropped: Iterable[str] = ()) -> None:
+        """Refuse (whole, before any change) what would take a session or the tracker past its cap."""
+        gone = set(dropped) & held
+        new = len({c for c in chunks if c not in held or c in gone})
+        if len(held) - len(gone) + new > self.max_per_session:
+            raise TrackerFull(f"a session may be listed for at most {self.max_per_session} chunks; "
+                              f"this would make it {len(held) - len(gone) + new}")
+        if self.listings - len(gone) + new > self.max_listings:
+            raise TrackerFull(f"the tracker is full ({self.listings} chunk listings, at most {self.max_listings}); "
+                              "fetch from the proxy without peers")
 
     def _drop(self, sid: str, chunks: list[str]) -> None:
         """Chunks this client no longer holds (it removed an old release)."""
-        self.peers.get(sid, ("", set()))[1].difference_update(chunks)
+        held = self.peers.get(sid, ("", set()))[1]
+        before = len(held)
+        held.difference_update(chunks)
+        self.listings -= before - len(held)
         self._unlist(sid, chunks)
 
     def _unlist(self, sid: str, chunks: Iterable[str]) -> None:
@@ -104,8 +211,11 @@ class Tracker:
 
     def _hold(self, sid: str, chunks: list[str]) -> int:
         address, held = self.peers.get(sid, ("", set()))
+        self._check_room(sid, held, chunks)
         self.peers[sid] = (address, held)
+        before = len(held)
         held.update(chunks)
+        self.listings += len(held) - before
         for sha in chunks:
             if address:
                 self.holders.setdefault(sha, set()).add(sid)
@@ -132,6 +242,7 @@ class Tracker:
 
     def forget(self, sid: str) -> None:
         _, held = self.peers.pop(sid, ("", set()))
+        self.listings -= len(held)
         self.slots.pop(sid, None)
         self._unlist(sid, held)
         for (fetcher, sha), grant in list(self.grants.items()):
@@ -141,7 +252,8 @@ class Tracker:
         self._wake()
 
     # -- scheduling ------------------------------------------------------------------------------
-    def next(self, sid: str, body: Any, live: Container[str], cached: Callable[[str], bool]) -> dict[str, Any]:
+    def next(self, sid: str, body: Any, live: Container[str], cached: Callable[[str], bool],
+             known: Known | None = None) -> dict[str, Any]:
         """Up to ``max`` chunks of ``want`` for this agent to fetch now, and from where:
         ``{"grants": [{"sha", "peer": "host:port" or "" (the proxy)}, ...]}``, none when every
         chunk it wants is on its way to someone it can take it from soon. The same call reports
@@ -246,7 +358,8 @@ class Tracker:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"peers": len(self.peers), "chunks": len(self.holders), "grants": len(self.grants)}
+        return {"peers": len(self.peers), "chunks": len(self.holders), "grants": len(self.grants),
+                "listings": self.listings}
 
 
 def _count(counts: dict[str, int], key: str, step: int) -> None:
@@ -261,6 +374,15 @@ def _check_shas(chunks: Any, what: str) -> None:
     if not isinstance(chunks, list) or len(chunks) > MAX_ANNOUNCE or not all(
             isinstance(c, str) and _SHA.match(c) for c in chunks):
         raise TrackerError(f"{what} must be a list of SHA-256 hex digests")
+
+
+def _only_known(chunks: list[str], known: Known | None) -> tuple[list[str], int]:
+    """The chunks ``known`` knows (as its canonical strings), and how many it did not."""
+    if known is None:
+        return chunks, 0
+    names = [known(sha) for sha in chunks]
+    kept = [name for name in names if name is not None]
+    return kept, len(chunks) - len(kept)
 
 
 def _next_body(body: Any) -> tuple[list[str], list[tuple[str, str]], list[str], int]:
