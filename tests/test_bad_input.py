@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import ssl
 import struct
+import subprocess
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
 
-from fleet import ZY, Fleet, Proc
+from fleet import ZY, Fleet, Proc, wait_for
 from hcsdk import AuthError, Client, JoinToken, RequestError, TargetError
 from hcsdk._e2e import b64, new_keypair
 from hcsdk._tls import client_context
@@ -178,14 +185,121 @@ def test_expired_and_revoked_join_tokens_are_refused(fl: Fleet) -> None:
     assert "revoked" in proc.output()
 
 
+class Impostor:
+    """A TLS server with a CA of its own, posing as a master: it serves that CA at /v1/ca and
+    answers an enrollment as a master would, keeping every request it gets (method, path, and
+    the authorization header and body, where a credential would be)."""
+
+    def __init__(self, root: Path):
+        from hcsdk._tls import issue_server_cert, make_ca
+
+        self.ca, ca_key = make_ca()  # the same name a real master's CA has
+        cert, key = issue_server_cert(self.ca, ca_key, ["127.0.0.1", "localhost"])
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "cert.pem").write_bytes(cert)
+        (root / "key.pem").write_bytes(key)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(root / "cert.pem", root / "key.pem")
+        self.seen: list[tuple[str, str, bytes]] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        impostor = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                impostor.seen.append(("GET", self.path, self.headers.get("authorization", "").encode()))
+                self._answer(impostor.ca if self.path == "/v1/ca" else b"{}")
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                impostor.seen.append(("POST", self.path, self.headers.get("authorization", "").encode() + body))
+                self._answer(json.dumps({"credential": "captured", "cert": ""}).encode())
+
+            def _answer(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        return Handler
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def impostor(tmp_path: Path) -> Iterator[Impostor]:
+    server = Impostor(tmp_path / "impostor")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _exit_code(proc: Proc, timeout: float = 30) -> int | None:
+    """How ``proc`` exited, or None if it still runs after ``timeout`` (an agent that enrolled)."""
+    try:
+        return proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _never_enrolled(fl: Fleet, name: str) -> None:
+    """``name`` holds no credential and no CA, and the master does not know it."""
+    state = fl.root / "agents" / name
+    ident = json.loads((state / "identity.json").read_text()) if (state / "identity.json").exists() else {}
+    assert not ident.get("credential") and not (state / "ca.pem").exists(), sorted(p.name for p in state.iterdir())
+    assert name not in set(fl.client.inventory()["hostname"])
+
+
 def test_a_token_pinning_another_ca_is_refused(fl: Fleet) -> None:
+    """The real master, but the token pins another (real) CA: the agent refuses to enroll."""
+    from hcsdk._tls import ca_fingerprint, make_ca
+
     real = JoinToken.decode(fl.token)
-    forged = JoinToken(urls=real.urls, ca_fingerprint="sha256:" + "0" * 64, e2e_public=real.e2e_public,
-                       token_id=real.token_id,
-                       secret=real.secret)
+    forged = dataclasses.replace(real, ca_fingerprint=ca_fingerprint(make_ca()[0]))
     proc = _agent_with_token(fl, "mitm-1", forged.encode())
-    assert proc.popen.wait(30) == 2
-    assert "does not match the join token" in proc.output()
+    assert _exit_code(proc) == 2, proc.output()
+    assert (f"the CA served by {real.urls[0]} does not match the join token's fingerprint: refusing to enroll"
+            in proc.output()), proc.output()
+    _never_enrolled(fl, "mitm-1")
+    _still_works(fl)
+
+
+def test_an_agent_sends_its_join_token_only_to_the_pinned_ca(fl: Fleet, impostor: Impostor) -> None:
+    """Someone in between (or a wrong URL) answers with another CA: the agent reads that CA,
+    refuses it, and the join token's secret never leaves the agent."""
+    real = JoinToken.decode(fl.token)
+    proc = _agent_with_token(fl, "mitm-2", dataclasses.replace(real, urls=(impostor.url,)).encode())
+    assert _exit_code(proc) == 2, (impostor.seen, proc.output())
+    assert (f"the CA served by {impostor.url} does not match the join token's fingerprint: refusing to enroll"
+            in proc.output()), proc.output()
+    assert [(method, path) for method, path, _ in impostor.seen] == [("GET", "/v1/ca")]
+    assert not any(real.secret.encode() in body for _, _, body in impostor.seen)
+    _never_enrolled(fl, "mitm-2")
+
+
+def test_an_enrolled_agent_refuses_a_master_its_ca_did_not_sign(fl: Fleet, impostor: Impostor) -> None:
+    """The identity pins the master's CA: an enrolled agent sent to a server with another CA
+    fails the TLS handshake and never sends it a request, so its credential stays its own."""
+    agent = fl.start_agent("pin-1")
+    fl.wait_online("pin-1")
+    agent.stop()
+    fl.wait_offline("pin-1")
+    agent = fl.start_agent("pin-1", extra=["--master", impostor.url])
+    refused = re.compile(rf"channel to {re.escape(impostor.url)} ended: .*CERTIFICATE_VERIFY_FAILED")
+    wait_for(lambda: impostor.seen or refused.search(agent.output()), 30, "the agent to refuse the certificate")
+    assert impostor.seen == [], f"the agent sent {impostor.seen} to a server its CA did not sign"
+    assert agent.alive  # it keeps retrying (the real master may come back there), sending nothing
+    agent.stop()
 
 
 def test_revoked_agent_is_dropped_and_cannot_reconnect(fl: Fleet) -> None:
