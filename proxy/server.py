@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -79,11 +80,19 @@ def _cert_names(token: JoinToken, host: str, advertised: list[str]) -> list[str]
         return server_names(host, advertised)  # a token from an older master: let it decide
     allowed = {norm_name(n) for n in token.proxy_names}
     wanted = [n for n in [host, *advertised] if n and n not in ("0.0.0.0", "::")]
-    missing = [n for n in wanted if norm_name(n) not in allowed]
+    # a loopback listener (behind a local forwarder) is reached by the advertised names
+    missing = [n for n in wanted if norm_name(n) not in allowed and not (n == host and _loopback(n))]
     if missing:
         raise StartupError(f"this proxy serves {', '.join(missing)}, which its join token does not name "
                            f"(it allows {', '.join(token.proxy_names)}): create a token with --proxy-name for each")
     return list(token.proxy_names)
+
+
+def _loopback(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return name == "localhost"
 
 
 async def _enroll_once(settings: ProxySettings, state: StateDir) -> Any:
