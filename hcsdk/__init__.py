@@ -27,6 +27,7 @@ del _os, _sys
 
 from ._client import AsyncClient, Client, Run
 from ._config import ClientConfig, load_client_config
+from ._display import ResultView, view
 from ._errors import (
     AuthError,
     ConfigError,
@@ -54,9 +55,11 @@ __all__ = [
     "JoinTokenError",
     "MasterUnreachable",
     "RequestError",
+    "ResultView",
     "Run",
     "TargetError",
     "ZyError",
     "__version__",
     "load_client_config",
+    "view",
 ]

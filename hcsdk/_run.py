@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._backoff import Backoff
+from ._display import ResultView
 from ._errors import MasterUnreachable, ZyError
 from ._wire import loads
 
@@ -182,6 +183,11 @@ class AsyncRun:
         """Stop the command on every target still running it (the process group is killed)."""
         body = await self._client._request("POST", f"/api/v1/runs/{self.id}/cancel")
         return int(body["cancelling"])
+
+    def view(self, **options: Any) -> ResultView:
+        """The results so far as a person reads them (see :class:`ResultView`); the data stays
+        in :meth:`snapshot` / :meth:`to_dataframe`."""
+        return ResultView(self.snapshot(), **options)
 
     def snapshot(self) -> pd.DataFrame:
         """The results so far, one row per target (status None where not finished)."""

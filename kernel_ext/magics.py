@@ -17,6 +17,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 
+from hcsdk._display import readable
+
 from .follow import BackgroundRun, Follower
 from .interpolate import InterpolationError, interpolate
 from .views import NullView, TextView, View, WidgetView, grouped_output
@@ -32,7 +34,9 @@ comma-separated list, or the name of a variable holding one of those, a list of 
 DataFrame with a 'uuid' column. {name} in the options and the body is replaced from your namespace; {{ and }}
 are literal braces; ${VAR} and $VAR are left to the shell.
 
-The DataFrame is shown at the end, and bound to _zy (and to VAR with -o). Interrupting the
+The results are shown at the end in a readable view (hostname first, short uuids, output with
+its line breaks, local times, status in colour); the DataFrame behind it, exactly as
+run.to_dataframe() makes it, is bound to _zy (and to VAR with -o). Interrupting the
 kernel cancels the run on every target. --bg returns at once with a handle: handle.df fills
 in as results arrive, handle.wait() returns the final DataFrame.
 """
@@ -219,7 +223,7 @@ class ZyRun(Magics):
             view = self._view(run, args.quiet or (args.bg and not widgets), widgets)
             follower = Follower(run, view, self.update_interval, render_in_thread=args.bg)
             if args.bg:
-                handle = BackgroundRun(run, follower)
+                handle = BackgroundRun(_Readable(run), follower)
                 self._bind(args, handle)
                 return handle
             follower.wait_rendering()
@@ -227,14 +231,15 @@ class ZyRun(Magics):
             self._interrupted(run, follower)
             raise
         except ZyError as exc:
-            self._ns["_zy"] = run.snapshot()  # what arrived before the trouble is kept
+            self._ns["_zy"] = readable(run.snapshot())  # what arrived before the trouble is kept
             raise UsageError(f"run {run.id}: {exc} (results so far are in _zy)") from None
         except Exception:
             # a bug of ours must not leave commands running on the targets
-            self._ns["_zy"] = run.snapshot()
+            self._ns["_zy"] = readable(run.snapshot())
             _cancel_quietly(run)
             raise
-        df = run.snapshot()
+        # the DataFrame as to_dataframe() makes it; only how IPython shows it is the readable view
+        df = readable(run.snapshot())
         self._bind(args, df)
         if args.show_output or self.show_output:
             print(grouped_output(df))
@@ -268,7 +273,7 @@ class ZyRun(Magics):
             self._cancel_and_wait(run, follower)
         except KeyboardInterrupt:  # impatient second Ctrl-C: the cancel has been sent already
             print(f"zyrun: interrupted; cancel of run {run.id} sent to the master")
-        self._ns["_zy"] = run.snapshot()
+        self._ns["_zy"] = readable(run.snapshot())
 
     def _cancel_and_wait(self, run: Any, follower: Follower | None) -> None:
         try:
@@ -306,6 +311,20 @@ def split_line(line: str) -> tuple[str, str]:
     elif rest.startswith("-"):  # an unknown option: let argparse say so
         return line, ""
     return line[:pos], rest
+
+
+class _Readable:
+    """The run as --bg's handle sees it: its snapshots (handle.df, handle.wait()) show as the
+    readable view, like the DataFrame a foreground %%zyrun returns."""
+
+    def __init__(self, run: Any):
+        self._run = run
+
+    def snapshot(self) -> Any:
+        return readable(self._run.snapshot())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._run, name)
 
 
 def _cancel_quietly(run: Any) -> None:

@@ -7,14 +7,14 @@ bundle, so where widgets cannot render (nbconvert, papermill) the final line sta
 
 from __future__ import annotations
 
-import html
 import sys
 import threading
 import time
 from typing import Any
 
-STATUS_COLORS = {"ok": "#2e7d32", "failed": "#c62828", "timeout": "#ef6c00", "offline": "#757575",
-                 "cancelled": "#6a1b9a", "error": "#ad1457", "running": "#1565c0"}
+from hcsdk._display import STATUS_COLORS, results_table, status_chip
+
+__all__ = ["STATUS_COLORS", "NullView", "TextView", "View", "WidgetView", "grouped_output", "progress_line"]
 
 
 def _secs(elapsed: float) -> str:
@@ -124,35 +124,17 @@ class WidgetView(View):
 
 
 def _counts_html(counts: dict[str, int], done: bool, elapsed: float) -> str:
-    chips = " ".join(
-        f'<span style="color:{STATUS_COLORS.get(k, "#000")};font-weight:600">{html.escape(k)} {v}</span>'
-        for k, v in sorted(counts.items()) if k != "pending"
-    )
+    chips = " ".join(status_chip(k, f"{k} {v}") for k, v in sorted(counts.items()) if k != "pending")
     state = "done" if done else f"running, {counts.get('pending', 0)} pending"
     return f"&nbsp;{chips} &nbsp;<span style='color:#555'>{state} · {_secs(elapsed)}</span>"
 
 
 def _table_html(df: Any, max_rows: int) -> str:
+    """The live table: the same readable rows as the final view (problems first), unfinished
+    targets as running."""
     if df.empty:
         return ""
-    order = {"failed": 0, "error": 0, "timeout": 1, "offline": 2, "cancelled": 2, None: 3, "ok": 4}
-    df = df.assign(_o=df["status"].map(lambda s: order.get(s, 3))).sort_values(["_o", "hostname"])
-    rows = []
-    for r in df.head(max_rows).itertuples():
-        status = r.status or "running"
-        first = ((r.stdout or "") + (r.stderr or "")).strip().splitlines()
-        out = first[0] if first else (r.error or "")
-        dur = "" if r.duration_s != r.duration_s else f"{r.duration_s:.2f}s"
-        code = "" if str(r.exit_code) == "<NA>" else str(r.exit_code)
-        rows.append(
-            f"<tr><td>{html.escape(r.hostname)}</td>"
-            f"<td style='color:{STATUS_COLORS.get(status, '#000')}'>{status}</td>"
-            f"<td>{code}</td><td>{dur}</td><td style='text-align:left'>{html.escape(out[:160])}</td></tr>"
-        )
-    more = len(df) - max_rows
-    tail = f"<tr><td colspan=5>… and {more} more</td></tr>" if more > 0 else ""
-    head = "<tr><th>hostname</th><th>status</th><th>exit</th><th>duration</th><th>output</th></tr>"
-    return f"<table class='zyrun-table'>{head}{''.join(rows)}{tail}</table>"
+    return results_table(df, max_rows=max_rows, table_class="zyrun-table")
 
 
 def grouped_output(df: Any) -> str:
