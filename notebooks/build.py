@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import nbformat as nbf
@@ -64,17 +65,28 @@ uptime
     md("A label selector picks servers by what they are, not by name:"),
     code("""
 %zyrun -t label:role=web,idc=hk --quiet -- echo "{len(inv)} agents in the fleet; this is $ZY_HOSTNAME"
-_zy[["hostname", "stdout"]]
+_zy
+"""),
+    md("""
+What `%%zyrun` shows is a readable view: hostname first, a short uuid, output with its line breaks
+(long output folded: click to unfold), local times and the status in colour. Underneath, `res` and `_zy`
+are plain DataFrames, the columns of `run.to_dataframe()`, to filter, group and plot:
 """),
     code("""
-res[["hostname", "status", "exit_code", "duration_s", "stdout"]]
+res[["hostname", "status", "exit_code", "duration_s"]]
 """),
-    md("## Everywhere, with a failure\n`db-1` fails on purpose; group the results by how they ended."),
+    md("## Everywhere, with a failure\n`db-1` fails on purpose; problems are listed first."),
     code("""
 %%zyrun -t * -o mixed --quiet
 if [ "$ZY_HOSTNAME" = db-1 ]; then echo "disk check failed" >&2; exit 3; fi
 echo healthy
 """),
+    code("""
+import hcsdk
+
+hcsdk.view(mixed)  # the readable view of any results DataFrame (or of a run: run.view())
+"""),
+    md("Group the results by how they ended:"),
     code("""
 summary = mixed.groupby(["status", "exit_code"], dropna=False).size().rename("targets")
 summary
@@ -271,6 +283,8 @@ rel.info["message"]
 
 
 def write(name: str, cells: list[nbf.NotebookNode]) -> None:
+    for i, cell in enumerate(cells):  # stable ids: rebuilding an unchanged notebook leaves its file unchanged
+        cell.id = hashlib.sha1(f"{name}:{i}:{cell.source}".encode()).hexdigest()[:8]
     nb = nbf.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
