@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = sub.add_parser(
         "proxy", help="run a proxy: agents behind it reach the master through one shared channel",
-        description="Run a proxy. It enrolls with the master once (--join), then relays for every agent (or "
+        description="Run a proxy. It enrolls with the master once (a proxy token from `zy token create --kind proxy "
+        "--proxy-name HOST`, in --join-file or ZY_JOIN_TOKEN), then relays for every agent (or "
         "proxy) that connects to it, over a single upstream channel to --upstream (the master or another proxy).",
     )
     p.add_argument("--upstream", action="append", default=[], metavar="URL",
