@@ -24,6 +24,8 @@ from ._tls import client_context
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ._display import ResultView
+
 __all__ = ["AsyncClient", "Client", "Run"]
 
 INVENTORY_COLUMNS = ["uuid", "hostname", "kind", "os", "os_version", "kernel", "arch", "cpus", "mem_total", "ips",
@@ -278,6 +280,10 @@ class Run:
 
     def snapshot(self) -> pd.DataFrame:
         return self._arun.snapshot()
+
+    def view(self, **options: Any) -> ResultView:
+        """The results so far as a person reads them; the data stays in :meth:`to_dataframe`."""
+        return self._arun.view(**options)
 
     def cancel(self) -> int:
         return portal().call(self._arun.cancel)
