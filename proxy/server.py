@@ -49,6 +49,8 @@ class ProxySettings:
     join_file: Path | None = None
     #: the token from ZY_JOIN_TOKEN (already removed from the environment)
     join_env: str | None = None
+    #: this process is the `zy proxy` command line: once enrolled it replaces itself without the token
+    restart: bool = False
     advertise: list[str] = field(default_factory=list)
     hostname: str | None = None
     http2: bool = True
@@ -118,11 +120,21 @@ async def _enroll_once(settings: ProxySettings, state: StateDir) -> Any:
     return ident
 
 
-async def serve(settings: ProxySettings) -> None:
+#: what ``run`` returns when the proxy should start over without its join token
+RESTART = -1
+
+
+async def serve(settings: ProxySettings) -> bool:
+    """Runs the proxy until SIGINT/SIGTERM. True: enrolled, now restart without the join token
+    (it must not stay in this process's command line or environment)."""
     lock = lock_dir(settings.data_dir, "proxy")
     check_port_free(settings.host, settings.port)
     state = StateDir(settings.data_dir)
     ident = await _enroll_once(settings, state)
+    if settings.restart and (settings.join or settings.join_env):
+        lock.close()
+        print("zy proxy: restarting without the join token", flush=True)
+        return True
     upstreams = settings.upstreams or ident.urls
     channel_settings = ChannelSettings(heartbeat=settings.heartbeat, dead_after=settings.dead_after,
                                        http2=True, h2_retry=settings.h2_retry, backoff_cap=settings.backoff_cap,
@@ -160,11 +172,13 @@ async def serve(settings: ProxySettings) -> None:
             tg.cancel_scope.cancel()
     finally:
         lock.close()
+    return False
 
 
 def run(settings: ProxySettings) -> int:
     try:
-        anyio.run(serve, settings)
+        if anyio.run(serve, settings):
+            return RESTART
     except StartupError as exc:
         print(f"zy proxy: {exc}", file=sys.stderr)
         return 2

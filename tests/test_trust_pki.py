@@ -356,19 +356,27 @@ def test_join_on_the_command_line_warns_and_is_not_passed_on_even_to_a_new_build
             os.kill(new_pid, signal.SIGKILL)  # it runs in a session of its own
 
 
-def test_a_proxy_takes_its_token_from_the_environment_and_warns_on_join(fl: Fleet) -> None:
+def test_a_proxy_keeps_its_token_out_of_its_process(fl: Fleet) -> None:
     token = _proxy_token(fl, "127.0.0.1", uses=1)
     argv = [*ZY, "proxy", "--data-dir", str(fl.root / "proxies" / "env-proxy"), "--listen", "127.0.0.1:0",
             "--hostname", "env-proxy", "--upstream", fl.url]
     proxy = Proc("env-proxy", argv, fl.root / "proxy-env-proxy.log", {**fl.env, "ZY_JOIN_TOKEN": token})
     fl.agents["env-proxy"] = proxy
     fl.wait_online("env-proxy")
-    assert not any(s in _proc_text(proxy.popen.pid, "cmdline") for s in _secrets(token))
+    _assert_clean(proxy.popen.pid, token)  # re-executed (same pid) without it
     assert "warning: --join" not in proxy.output()
+    token = _proxy_token(fl, "127.0.0.1", uses=1)
+    argv = [*ZY, "proxy", "--data-dir", str(fl.root / "proxies" / "argv-proxy"), "--listen", "127.0.0.1:0",
+            "--hostname", "argv-proxy", "--upstream", fl.url, "--join", token]
+    proxy = Proc("argv-proxy", argv, fl.root / "proxy-argv-proxy.log", fl.env)
+    fl.agents["argv-proxy"] = proxy
+    fl.wait_online("argv-proxy")
+    assert "warning: --join puts the join token" in proxy.output()
+    _assert_clean(proxy.popen.pid, token)
     # a proxy token's names must cover where the proxy is reached, or it says so before enrolling
     other = _proxy_token(fl, "p2.example")
     proc = subprocess.run([*ZY, "proxy", "--data-dir", str(fl.root / "proxies" / "p2"), "--listen", "127.0.0.1:0",
-                           "--advertise", "https://p3.example:8444", "--join", other, "--upstream", fl.url],
-                          capture_output=True, text=True, timeout=60, env=fl.env)
-    assert proc.returncode == 2 and "warning: --join puts the join token" in proc.stderr
+                           "--advertise", "https://p3.example:8444", "--join-file", str(fl.join_file(other)),
+                           "--upstream", fl.url], capture_output=True, text=True, timeout=60, env=fl.env)
+    assert proc.returncode == 2
     assert "this proxy serves p3.example, which its join token does not name" in proc.stderr
