@@ -92,9 +92,15 @@ def test_a_miss_then_a_hit_and_the_counters(fleet: Fleet, tmp_path: Path, client
     assert (c["cache_entries"], c["cache_bytes"], c["limit"]) == (1, len(data), 10 * 1024**3)
     assert c["hit_ratio"] == pytest.approx(1 / 3, abs=1e-3)
     assert c["corrupt_upstream"] == c["corrupt_cached"] == c["evictions"] == 0
-    df = fleet.client.proxies() if hasattr(fleet.client, "proxies") else proxies_sync(fleet.client)
-    assert list(df.columns) == PROXY_COLUMNS
-    assert bool(df.set_index("hostname").loc["edge", "online"])
+    # the Client method and the module function are the same table, with the counters above
+    for df in (fleet.client.proxies(), proxies_sync(fleet.client)):
+        assert list(df.columns) == PROXY_COLUMNS
+        assert list(df["hostname"]) == ["edge"]
+        edge_row = df.set_index("hostname").loc["edge"]
+        assert bool(edge_row["online"]) and edge_row["via"] == []
+        counters = [col for col in PROXY_COLUMNS if col not in ("uuid", "hostname", "online", "via", "stats_at",
+                                                                 "last_seen")]
+        assert {col: edge_row[col] for col in counters} == {col: c[col] for col in counters}
 
 
 def test_ten_clients_asking_at_once_cause_one_upstream_fetch(fleet: Fleet, tmp_path: Path,
