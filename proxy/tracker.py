@@ -258,8 +258,16 @@ class Tracker:
         ``{"grants": [{"sha", "peer": "host:port" or "" (the proxy)}, ...]}``, none when every
         chunk it wants is on its way to someone it can take it from soon. The same call reports
         chunks the agent ``got`` since it last said (as :meth:`announce` does) and sources that
-        ``failed`` it."""
+        ``failed`` it. With ``known``, a wanted chunk it does not know is refused (NotGranted:
+        the agent then fetches from the upstream without the tracker), and unknown ``got`` is
+        ignored: grants and the per-chunk counters are only ever kept for chunks it knows."""
         want, failed, got, most = _next_body(body)
+        if known is not None:
+            stranger = next((sha for sha in want if known(sha) is None), None)
+            if stranger is not None:
+                raise NotGranted(f"chunk {stranger} is not part of a release the master sent this agent "
+                                 "through this proxy; fetch it from the upstream")
+            got, _ = _only_known(got, known)
         for sha, source in failed:
             self._fail(sid, sha, source)
         if got:
