@@ -234,6 +234,8 @@ def test_widget_table_is_the_readable_one_and_escaped(fleet4: Fleet) -> None:
     for uuid in run.snapshot()["uuid"]:
         assert f">{uuid[:8]}<" in table
     assert table.count("<tr>") == 4  # a header and 3 targets (tests/test_browser.py counts them)
+    shown = run.view().to_html()  # the sync Run's own view: the same rows
+    assert all(f">{uuid[:8]}<" in shown for uuid in run.snapshot()["uuid"]) and "<script" not in shown
 
 
 def test_zyrun_in_a_kernel_shows_the_readable_view_and_binds_the_dataframe(fleet4: Fleet) -> None:
@@ -259,5 +261,11 @@ def test_zyrun_in_a_kernel_shows_the_readable_view_and_binds_the_dataframe(fleet
                                      " res is _zy, sorted(set(res['stdout'])))")
         text = "".join(m["content"].get("text", "") for m in msgs if m["msg_type"] == "stream")
         assert text.strip() == "DataFrame True True ['first\\n<b>second</b>\\n']", text
+        # --bg: what the handle's wait() returns shows the same way
+        reply, _ = kernel.execute("%%zyrun -t db-1 --bg -o job\necho later")
+        assert reply["status"] == "ok", reply
+        reply, msgs = kernel.execute("job.wait(30)")
+        results = [m["content"]["data"] for m in msgs if m["msg_type"] == "execute_result"]
+        assert results and "zy-result-view" in results[0]["text/html"] and "later" in results[0]["text/html"]
     finally:
         kernel.close()
