@@ -17,7 +17,7 @@ import json
 import re
 import weakref
 from datetime import UTC, datetime, tzinfo
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -97,12 +97,12 @@ class _Row:
             value = rec.get(key)
             return None if _missing(value) else value
 
-        self.hostname = str(get("hostname") or "")
-        self.uuid = str(get("uuid") or "")
+        self.hostname = clean(str(get("hostname") or ""))  # agents report their own: hostile too
+        self.uuid = clean(str(get("uuid") or ""))
         started, finished = get("started_at"), get("finished_at")
         self.started = _local(started, tz) if started is not None else None
         status = get("status")
-        self.status = "running" if status is None else str(status)
+        self.status = "running" if status is None else clean(str(status))
         code = get("exit_code")
         self.exit = "" if code is None else str(int(code))
         duration = get("duration_s")
@@ -122,8 +122,8 @@ class _Row:
 
 
 def _local(value: Any, tz: tzinfo | None) -> datetime:
-    """A timestamp (aware, or naive meaning UTC as to_dataframe's are) in the local timezone."""
-
+    """A timestamp (aware, as to_dataframe's are, in UTC; naive taken as UTC) in timezone ``tz``
+    (None: this machine's, with its own DST rules for each timestamp)."""
     when = value.to_pydatetime(warn=False) if hasattr(value, "to_pydatetime") else value  # drops the ns
     if isinstance(when, (int, float)):
         when = datetime.fromtimestamp(when, UTC)
@@ -177,9 +177,10 @@ def _block_html(text: str, style: str, opts: _Opts) -> str:
     return out
 
 
-class _Opts:
-    def __init__(self, fold_lines: int, fold_chars: int, max_chars: int):
-        self.fold_lines, self.fold_chars, self.max_chars = fold_lines, fold_chars, max_chars
+class _Opts(NamedTuple):
+    fold_lines: int  # a longer output is folded after this many lines...
+    fold_chars: int  # ...or characters
+    max_chars: int  # past this, not even the fold holds it (the page would choke): the DataFrame does
 
 
 def _output_html(row: _Row, opts: _Opts) -> str:
@@ -326,7 +327,7 @@ def _output_lines(r: _Row, fold_lines: int) -> list[str]:
     lines += ["(output truncated by the agent)"] if r.truncated else []
     if len(lines) > fold_lines + 1:
         lines = lines[:fold_lines] + [f"… {len(lines) - fold_lines} more lines"]
-    return lines or ["(no output)"]
+    return [line.expandtabs() for line in lines] or ["(no output)"]  # a tab would break the columns
 
 
 def text_table(rows: list[_Row], summary: str, max_rows: int | None, fold_lines: int, width: int) -> str:
