@@ -65,8 +65,12 @@ class Middlebox:
         (root / "key.pem").write_bytes(key)
         self.port = _free_port()
         upstream_port = int(upstream_url.rsplit(":", 1)[1])
+        # the upstream is a master (master CA) or a proxy (its certificate is from the proxy CA)
+        trusted = root / "upstream-ca.pem"
+        trusted.write_bytes(b"".join(p.read_bytes() for p in (master_dir / "ca.pem", master_dir / "proxy-ca.pem")
+                                     if p.exists()))
         (root / "nginx.conf").write_text(CONF.format(root=root, port=self.port, upstream_port=upstream_port,
-                                                     ca=master_dir / "ca.pem"))
+                                                     ca=trusted))
         self.root = root
         self.proc = subprocess.Popen([NGINX, "-c", str(root / "nginx.conf"), "-p", str(root), "-e",
                                       str(root / "error.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
