@@ -222,37 +222,52 @@ def _print_results(df: Any, mode: str) -> None:
 
 def _cmd_inventory(args: argparse.Namespace) -> int:
     df = _client().inventory(args.selector)
-    from rich import box
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
     shared = {h for h, n in df["hostname"].value_counts().items() if n > 1}
     now = time.time()
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     cols = (["hostname", "uuid", "kind", "online", "mode", "via", "os", "last_seen", "version", "labels"]
             if args.wide else ["hostname", "uuid", "online", "seen", "via", "labels"])
-    for col in cols:
-        # one line per agent: a narrow terminal shortens cells (…), it never wraps a row
-        table.add_column(col, no_wrap=True, overflow="ellipsis", min_width=3 if col == "labels" else None,
-                         max_width=None if args.wide or col in ("uuid", "labels") else 24)
+    rows = []
     for row in df.itertuples():
         cells = {
-            "hostname": escape(row.hostname) + ("*" if row.hostname in shared else ""),
+            "hostname": row.hostname + ("*" if row.hostname in shared else ""),
             "uuid": row.uuid if args.wide else row.uuid[:8],
             "kind": row.kind, "online": "yes" if row.online else "no", "mode": row.mode or "",
-            "via": escape(" > ".join(row.via or [])) or ("-" if not args.wide else ""),
-            "os": escape(row.os or ""), "version": escape(str(row.agent_version or "")),
+            "via": " > ".join(row.via or []) or "-", "os": row.os or "", "version": str(row.agent_version or ""),
             "last_seen": "" if str(row.last_seen) == "NaT" else row.last_seen.strftime("%Y-%m-%d %H:%M:%S"),
             "seen": "" if str(row.last_seen) == "NaT" else _ago(now - row.last_seen.timestamp()),
-            "labels": escape(",".join(f"{k}={v}" for k, v in (row.labels or {}).items())),
+            "labels": ",".join(f"{k}={v}" for k, v in (row.labels or {}).items()),
         }
-        table.add_row(*(cells[c] for c in cols))
-    (Console(width=max(_console().width, 400)) if args.wide else _console()).print(table)
-    print(f"{len(df)} agents, {int(df['online'].sum()) if len(df) else 0} online")
+        rows.append([cells[c] for c in cols])
+    width = None if args.wide else _console().width
+    for line in _fit_table(cols, rows, width, flexible=("hostname", "via", "labels")):
+        print(line)
+    print(f"{len(df)} agent{'' if len(df) == 1 else 's'}, {int(df['online'].sum()) if len(df) else 0} online")
     for host in sorted(shared):
         print(f"* {int((df['hostname'] == host).sum())} agents share the hostname {host!r}; target them by uuid")
     return 0
+
+
+def _fit_table(header: list[str], rows: list[list[str]], width: int | None,
+               flexible: tuple[str, ...]) -> list[str]:
+    """Plain columns, two spaces apart, one line per row. With ``width``, the ``flexible``
+    columns give way (widest first, cut with …) until a line fits; the others never shrink."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    if width is not None:
+        floor = {i: max(len(header[i]), 4) for i, h in enumerate(header) if h in flexible}
+        excess = sum(widths) + 2 * (len(widths) - 1) - width
+        while excess > 0:
+            shrinkable = [i for i in floor if widths[i] > floor[i]]
+            if not shrinkable:
+                break
+            widest = max(shrinkable, key=lambda i: widths[i])
+            widths[widest] -= 1
+            excess -= 1
+
+    def line(cells: list[str]) -> str:
+        cut = [c if len(c) <= w else c[: w - 1] + "…" for c, w in zip(cells, widths, strict=True)]
+        return "  ".join(c.ljust(w) for c, w in zip(cut, widths, strict=True)).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
 def _ago(seconds: float) -> str:
