@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +329,23 @@ def test_a_large_blob_passes_through_the_proxy_without_being_held(proxied: tuple
           f"{peak_after:.0f} after")
     assert got == [sha] * 4
     assert peak_after - peak_before < 48, f"peak RSS grew {peak_after - peak_before:.0f} MiB"
+
+    # one credential, 33 downloads at once that it does not read: the 33rd is refused at once
+    from proxy.app import DOWNLOADS_PER_CREDENTIAL
+
+    with ExitStack() as stack:
+        statuses = []
+        for _ in range(DOWNLOADS_PER_CREDENTIAL + 1):
+            http = stack.enter_context(_http(client))
+            resp = stack.enter_context(http.stream("GET", f"{bulk}/v1/blob", params={"sha256": sha, "sid": client.sid}))
+            statuses.append(resp.status_code)
+    assert statuses == [200] * DOWNLOADS_PER_CREDENTIAL + [429], statuses
+
+    def served() -> bool:  # once they are gone, the proxy notices and serves the next one
+        with _http(client) as http:
+            return http.get(f"{bulk}/v1/blob", params={"sha256": "0" * 64, "sid": client.sid}).status_code != 429
+
+    wait_for(served, 30, "the abandoned downloads to give their places back")
 
 
 def _state(fleet: Fleet) -> Path:
