@@ -154,6 +154,7 @@ def _console() -> Any:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ._cliargs import arg_pairs
+    from ._errors import RequestError
 
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
     cmd = args.cmd
@@ -163,8 +164,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if "," in targets and not targets.startswith("label:"):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     payload: Any = (" ".join(script) if cmd == "shell" else script) or None
+    try:
+        cmd_args = arg_pairs(args.arg)  # before the client: a typo is a usage error, master or not
+    except RequestError as exc:
+        raise UsageError(str(exc)) from None
     client = _client()
-    run = client.run(payload, targets=targets, cmd=cmd, args=arg_pairs(args.arg), timeout=args.timeout)
+    run = client.run(payload, targets=targets, cmd=cmd, args=cmd_args, timeout=args.timeout)
     try:
         _follow(run)
     except KeyboardInterrupt:

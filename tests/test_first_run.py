@@ -69,6 +69,9 @@ def test_usage_errors_exit_2_with_the_subcommands_own_usage() -> None:
     ttl = _zy(None, "token", "create", "--ttl", "soon", env={"ZY_MASTER": "https://127.0.0.1:9", "ZY_TOKEN": "t"})
     assert ttl.returncode == 2 and ttl.stderr.startswith("usage: zy token create"), ttl
     assert "cannot read 'soon' as a duration" in ttl.stderr
+    arg = _zy(None, "run", "-t", "web-*", "--cmd", "log.tail", "--arg", "lines")
+    assert arg.returncode == 2 and arg.stderr.startswith("usage: zy run "), arg
+    assert "--arg wants KEY=TEXT or KEY:=JSON, got 'lines'" in arg.stderr
     inv = _zy(None, "inventory", "--bogus")
     assert inv.returncode == 2 and inv.stderr.startswith("usage: zy inventory"), inv
     for argv in (["bogus"], ["run"], ["master", "--listen", "nowhere"], ["fleet"]):
