@@ -296,7 +296,8 @@ def _cmd_token_create(args: argparse.Namespace) -> int:
     if args.kind == "agent" and args.proxy_names:
         print("zy token create: --proxy-name is for --kind proxy", file=sys.stderr)
         return 2
-    token = _client().create_join_token(parse_duration(args.ttl), args.description, args.proxy, kind=args.kind,
+    ttl = parse_duration(args.ttl)  # a bad --ttl is a usage error before any master is asked
+    token = _client().create_join_token(ttl, args.description, args.proxy, kind=args.kind,
                                         proxy_names=args.proxy_names, uses=args.uses)
     print(token["token"])
     expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(token["expires_at"]))
