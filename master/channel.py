@@ -87,7 +87,21 @@ class ChannelApp:
         if (declared_length(scope) or 0) > cap and scope["path"] != "/v1/channel/up":
             await error(send, 413, f"request body exceeds {cap} bytes")
             return
+        if scope["path"] == "/v1/enroll" and await self._forwarding_proxy(scope):
+            authenticated(scope)  # a proxy relaying its agents' enrollments: not one address's flood
         await dispatch(self.routes, scope, receive, send)
+
+    async def _forwarding_proxy(self, scope: Scope) -> bool:
+        """Whether a request carries a valid proxy credential (a proxy forwards enrollments on
+        its own channel, with its credential; a swarm of new agents behind it all enroll
+        through it)."""
+        scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")
+        uuid, _, secret = cred.partition(":")
+        if scheme.lower() != "bearer" or not uuid or not secret:
+            return False
+        row = await self.hub.db(self.hub.db.store.agent, uuid)
+        return bool(row and row.get("kind") == "proxy" and not row["revoked"]
+                    and hmac.compare_digest(row["credential_hash"], secret_hash(secret)))
 
     # -- public ------------------------------------------------------------------------------
     async def ca(self, scope: Scope, receive: Receive, send: Send) -> None:
