@@ -141,6 +141,13 @@ class ProxyApp:
         if not claimed or not secret:
             await error(send, 401, "agent credential missing", kind="auth")
             return
+        live = self.relay.by_uuid.get(claimed)
+        if (via_proxy is None and live is not None and not live.closed.is_set() and live.cred_hash
+                and not _matches(live, cred)):
+            # an agent's credential never changes once it has connected (it cannot enroll again),
+            # so this one would be refused upstream: say so here, without holding anything
+            await error(send, 401, f"agent credential is not valid for {claimed}", kind="auth")
+            return
         body = await read_limited(receive, HANDSHAKE_BODY, UNAUTHENTICATED_DEADLINE, scope)
         pending = self.relay.begin(claimed)
         if pending is None:

@@ -140,6 +140,11 @@ def test_the_tracker_schedules_over_http_and_refuses_bad_asks(fleet: Fleet, tmp_
     for cc, port in ((a, 7001), (b, 7002)):
         cc.handshake()
         assert cc.post("/v1/tracker/announce", {"port": port, "chunks": []}).status_code == 200
+    # the tracker schedules only chunks it can know of: of a release sent down to that agent, or
+    # cached here (as this one is once fetched); an invented one is refused
+    stranger = a.post("/v1/tracker/next", {"want": [sha]})
+    assert stranger.status_code == 403 and "not part of a release" in stranger.text
+    a.fetch(sha)
     assert a.post("/v1/tracker/next", {"want": [sha], "max": 2}).json() == {"grants": [{"sha": sha, "peer": ""}]}
     assert b.post("/v1/tracker/next", {"want": [sha]}).json() == {"grants": []}  # on its way to a: wait
     a.post("/v1/tracker/next", {"want": [], "got": [sha]})

@@ -350,3 +350,28 @@ def test_a_large_blob_passes_through_the_proxy_without_being_held(proxied: tuple
 
 def _state(fleet: Fleet) -> Path:
     return fleet.root / "agents" / "mallory"
+
+
+def test_what_comes_down_during_a_handshake_waits_for_its_answer() -> None:
+    """The relay's pending state (in process; the attacks above drive it through real processes):
+    one handshake in flight per uuid; what comes down meanwhile is held, and goes to the old
+    session when the master refuses, to the new one when it accepts."""
+    from proxy.relay import Relay
+
+    relay = Relay("proxy-uuid", lambda r: None)
+    old = relay.attach("u1", "h2", cred_hash=b"old")
+    task = {"t": "task", "uuid": "u1", "cmd": "shell", "taskid": "t1", "seq": 0, "p": {}}
+
+    pending = relay.begin("u1")
+    assert pending is not None and relay.begin("u1") is None  # one at a time
+    relay.from_upstream(task)
+    assert not old.outbox  # held, not yet anybody's
+    relay.settle(pending)  # refused upstream
+    assert list(old.outbox) == [task] and relay.by_uuid["u1"] is old and not old.closed.is_set()
+
+    pending = relay.begin("u1")
+    assert pending is not None
+    relay.from_upstream({**task, "taskid": "t2"})
+    new = relay.accept(pending, "h2", b"new")
+    assert [m["taskid"] for m in new.outbox] == ["t2"] and old.closed.is_set()
+    assert relay.routes["u1"] is new and "u1" not in relay.pending
