@@ -39,15 +39,24 @@ async def _fetch_ca(url: str) -> bytes:
     return resp.content
 
 
+def _short(fingerprint: str) -> str:
+    """``sha256:`` and the first 16 hex digits: enough to tell two CAs apart by eye, and to find
+    the right one with `openssl x509 -noout -fingerprint -sha256` (colons aside)."""
+    algo, _, digest = fingerprint.partition(":")
+    return f"{algo}:{digest[:16]}..." if len(digest) > 16 else fingerprint
+
+
 def pinned_bundle(pem: bytes, token: JoinToken, url: str) -> bytes:
     """What to trust from a CA bundle: the master CA, which must match the token's pin, and the
     proxy CA when it matches the token's other pin (a proxy serves both; the master only its
     own). Anything else is dropped: only pinned certificates are ever trusted."""
     certs = {ca_fingerprint(c): c for c in split_certs(pem)}
     if token.ca_fingerprint not in certs:
+        got = ", ".join(_short(f) for f in certs) or "no certificate"
         raise EnrollError(
             f"the CA served by {url} does not match the join token's fingerprint: "
-            "refusing to enroll (wrong master, or someone in between)")
+            f"refusing to enroll (wrong master, or someone in between); the token expects "
+            f"{_short(token.ca_fingerprint)}, the server sent {got}")
     return b"".join(certs[f] for f in (token.ca_fingerprint, token.proxy_ca_fingerprint) if f in certs)
 
 

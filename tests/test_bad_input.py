@@ -270,6 +270,11 @@ def test_a_token_pinning_another_ca_is_refused(fl: Fleet) -> None:
     assert _exit_code(proc) == 2, proc.output()
     assert (f"the CA served by {real.urls[0]} does not match the join token's fingerprint: refusing to enroll"
             in proc.output()), proc.output()
+    # both fingerprints, shortened to sha256: and 16 hex digits, so the operator can tell which CA is which
+    short = len("sha256:") + 16
+    assert (f"the token expects {forged.ca_fingerprint[:short]}..., the server sent {real.ca_fingerprint[:short]}..."
+            in proc.output()), proc.output()
+    assert forged.ca_fingerprint not in proc.output() and real.ca_fingerprint not in proc.output()
     _never_enrolled(fl, "mitm-1")
     _still_works(fl)
 
