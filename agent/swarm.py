@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,7 +30,7 @@ from hcsdk._channel import ChannelSettings, Rejected
 from hcsdk._enroll import EnrollError, enroll
 from hcsdk._errors import JoinTokenError
 from hcsdk._identity import StateDir
-from hcsdk._jointoken import JoinToken
+from hcsdk._jointoken import JOIN_ENV, JoinToken
 
 from .core import Agent
 from .memspool import MemorySpool
@@ -54,9 +55,12 @@ def all_loopback(urls: list[str]) -> bool:
 
 
 class Swarm:
-    def __init__(self, root: Path, count: int, join: str | None, urls: list[str], labels: dict[str, str],
-                 name: str = "swarm", http2: bool = True, heartbeat: float = 5.0, dead_after: float = 12.0,
-                 spread_source: bool = True) -> None:
+    """``join`` is the join token, or a function reading it (see ``hcsdk._jointoken.read_join``),
+    called only when some agent is not enrolled yet."""
+
+    def __init__(self, root: Path, count: int, join: str | Callable[[], str | None] | None, urls: list[str],
+                 labels: dict[str, str], name: str = "swarm", http2: bool = True, heartbeat: float = 5.0,
+                 dead_after: float = 12.0, spread_source: bool = True) -> None:
         self.root = root
         self.count = count
         self.join = join
@@ -87,12 +91,16 @@ class Swarm:
         missing = [i for i in range(self.count) if not self.state(i).load().enrolled]
         if not missing:
             return 0
-        if not self.join:
-            raise SwarmError(f"{len(missing)} of {self.count} agents are not enrolled yet: pass --join TOKEN")
         try:
-            token = JoinToken.decode(self.join)
+            text = self.join() if callable(self.join) else self.join
+            if not text:
+                raise SwarmError(f"{len(missing)} of {self.count} agents are not enrolled yet: pass "
+                                 f"--join-file PATH (or {JOIN_ENV}=TOKEN)")
+            token = JoinToken.decode(text)
         except JoinTokenError as exc:
             raise SwarmError(str(exc)) from None
+        if token.kind != "agent":
+            raise SwarmError(f"this is a {token.kind} token; swarm agents need one from `zy token create`")
         limiter = anyio.CapacityLimiter(concurrency)
         failures: list[str] = []
         done = 0

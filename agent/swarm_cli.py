@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import signal
 import sys
 from pathlib import Path
 
 import anyio
+
+from hcsdk._jointoken import JOIN_ENV, pop_env_token, read_join, strip_join_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -18,9 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Run N agents in one process, each with its own identity, credential and TLS connection, "
         "built from the real agent code (see `pydoc agent.swarm` for what they share). Identities are kept in "
         "--state-dir, so the next run reconnects the same agents without enrolling them again. "
-        "Stop with Ctrl-C or SIGTERM.",
+        f"While some are not enrolled yet it needs a join token: in a file (--join-file), in {JOIN_ENV}, or "
+        "(visible to other users) --join; once they are, it restarts without it. Stop with Ctrl-C or SIGTERM.",
     )
-    p.add_argument("--join", metavar="TOKEN", help="join token, needed while some agents are not enrolled yet")
+    p.add_argument("--join-file", type=Path, metavar="PATH",
+                   help="file holding the join token, needed while some agents are not enrolled yet")
+    p.add_argument("--join", metavar="TOKEN",
+                   help=f"join token on the command line (other users can read it there: prefer --join-file or "
+                   f"{JOIN_ENV})")
     p.add_argument("--agents", type=int, required=True, metavar="N", help="how many agents to run")
     p.add_argument("--proxy", "--master", dest="urls", action="append", default=[], metavar="URL",
                    help="master or proxy URL instead of the token's (repeatable: agents spread over them)")
@@ -61,7 +69,12 @@ def _raise_fd_limit() -> int:
     return hard
 
 
+#: what _amain returns once every agent is enrolled and the token must be shed: start over without it
+_RESTART = -1
+
+
 def _main(args: argparse.Namespace) -> int:
+    args.join_env = pop_env_token()  # first: no command the agents run inherits it
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
@@ -77,7 +90,27 @@ def _main(args: argparse.Namespace) -> int:
         print(f"zy swarm: the open-file limit is {hard}; {args.agents} agents need more (raise `ulimit -Hn`)",
               file=sys.stderr)
         return 2
-    return anyio.run(_amain, args, labels, backend_options=_loop_options())
+    code = anyio.run(_amain, args, labels, _can_restart(), backend_options=_loop_options())
+    if code == _RESTART:
+        _restart()
+    return code
+
+
+def _can_restart() -> bool:
+    """Whether this process is the `zy swarm` command line itself (not a test calling the CLI in
+    process), so replacing it with a copy of that command line runs the same swarm."""
+    return (bool(sys.executable) and sys.argv[1:2] == ["swarm"]
+            and sys.orig_argv[len(sys.orig_argv) - len(sys.argv) + 1:] == sys.argv[1:])
+
+
+def _restart() -> None:
+    """Replace this process (same pid) with its command line minus --join/--join-file: the
+    identities are saved, so nothing enrolls again, and the token leaves /proc/PID/cmdline and
+    (ZY_JOIN_TOKEN being out of os.environ already) /proc/PID/environ, which keep what the
+    process was started with for its whole life."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *strip_join_args(sys.orig_argv[1:])])
 
 
 def _loop_options() -> dict[str, bool]:
@@ -88,17 +121,22 @@ def _loop_options() -> dict[str, bool]:
     return {"use_uvloop": True}
 
 
-async def _amain(args: argparse.Namespace, labels: dict[str, str]) -> int:
+async def _amain(args: argparse.Namespace, labels: dict[str, str], restart: bool = False) -> int:
     from .swarm import Swarm, SwarmError
 
-    swarm = Swarm(args.state_dir, args.agents, args.join, args.urls, labels, name=args.name,
-                  http2=not args.no_http2, heartbeat=args.heartbeat, dead_after=args.dead_after,
-                  spread_source=not args.no_spread_source)
+    # read only when some agent needs it (so --join warns only then, as `zy agent` does)
+    swarm = Swarm(args.state_dir, args.agents, lambda: read_join("zy swarm", args.join, args.join_file, args.join_env),
+                  args.urls, labels, name=args.name, http2=not args.no_http2, heartbeat=args.heartbeat,
+                  dead_after=args.dead_after, spread_source=not args.no_spread_source)
     try:
         enrolled = await swarm.enroll_missing(args.enroll_concurrency)
     except SwarmError as exc:
         print(f"zy swarm: {exc}", file=sys.stderr)
         return 2
+    if restart and (args.join or args.join_env):  # the token in argv or environ: shed it before running
+        print(f"zy swarm: {args.agents} agents enrolled ({enrolled} newly); restarting without the join token",
+              flush=True)
+        return _RESTART
     print(f"zy swarm: {args.agents} agents ({enrolled} newly enrolled), starting at {args.ramp:g}/s", flush=True)
     async with anyio.create_task_group() as tg:
         tg.start_soon(swarm.start_all, tg, args.ramp)

@@ -64,7 +64,7 @@ def test_swarm_without_a_token_for_new_agents_says_so(tmp_path: Path) -> None:
     proc = subprocess.run([*ZY, "swarm", "--agents", "3", "--state-dir", str(tmp_path),
                            "--proxy", "https://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "3 of 3 agents are not enrolled yet: pass --join TOKEN" in proc.stderr
+    assert "3 of 3 agents are not enrolled yet: pass --join-file PATH (or ZY_JOIN_TOKEN=TOKEN)" in proc.stderr
 
 
 def test_memory_spool_keeps_the_spool_contract() -> None:
