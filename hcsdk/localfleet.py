@@ -203,7 +203,7 @@ class LocalFleet:
                     extra: list[str] | None = None, wrap: list[str] | None = None) -> Proc:
         """Start ``zy swarm``: ``count`` agents in one process, reporting NAME-00000, ...
         Its identities stay under the fleet root, so a restarted swarm reconnects the same agents."""
-        argv = [*(wrap or []), *ZY, "swarm", "--join", self.token, "--agents", str(count),
+        argv = [*(wrap or []), *ZY, "swarm", "--join-file", str(self.join_file(self.token)), "--agents", str(count),
                 "--state-dir", str(self.root / "swarms" / name), "--name", name, "--status-every", "2",
                 *[arg for url in urls or [] for arg in ("--proxy", url)], *(extra or [])]
         proc = Proc(name, argv, self.root / f"swarm-{name}.log", self.env)
