@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "built from the real agent code (see `pydoc agent.swarm` for what they share). Identities are kept in "
         "--state-dir, so the next run reconnects the same agents without enrolling them again. "
         f"While some are not enrolled yet it needs a join token: in a file (--join-file), in {JOIN_ENV}, or "
-        "(visible to other users) --join; once they are, it restarts without it. Stop with Ctrl-C or SIGTERM.",
+        "(visible to other users) --join; once they are, a swarm given it in either of the last two ways restarts "
+        "(same pid) without it. Stop with Ctrl-C or SIGTERM.",
     )
     p.add_argument("--join-file", type=Path, metavar="PATH",
                    help="file holding the join token, needed while some agents are not enrolled yet")
