@@ -5,7 +5,7 @@
 
 - ``DIR/zy-agent.pyz``: a zipapp of the agent's pure-Python code and dependencies, copied from the
   running interpreter's packages (no network, a second or two). Runs on any stdlib Python 3.11+:
-  ``python3 zy-agent.pyz --join TOKEN --state-dir D``. Enrollment uses the pure-Python X25519 in
+  ``python3 zy-agent.pyz --join-file PATH --state-dir D``. Enrollment uses the pure-Python X25519 in
   ``hcsdk/_x25519.py`` there, since the compiled ``cryptography`` cannot load from a zip.
 - ``DIR/zy-agent``: a PyInstaller one-file executable bundling the interpreter (and ``orjson``,
   but not ``cryptography``: it enrolls as the zipapp does); needs only a glibc at least as new as
