@@ -143,15 +143,16 @@ class ChannelApp:
             await error(send, 403, f"this join token is {theirs} token; it cannot enroll {asked} "
                         f"(create one with `zy token create --kind {kind}`)", kind="auth")
             return
-        if row["max_uses"] and row["uses"] >= row["max_uses"]:  # checked again, atomically, in the store
-            await error(send, 403, f"join token has been used up ({row['uses']} of {row['max_uses']} "
-                        "enrollments); create a new one", kind="auth")
-            return
         existing = await self.hub.db(self.hub.db.store.agent, uuid)
         # Re-enrolling is for an agent that crashed before saving its credential; once an agent
         # has connected, its uuid belongs to it and a token holder cannot take it over.
         if existing and (existing["revoked"] or existing["token_id"] != token_id or existing["connects"] > 0):
             await error(send, 403, f"agent {uuid} is already enrolled; it cannot enroll again", kind="auth")
+            return
+        # a re-enrollment of the same uuid is not another use (the store says the same, atomically)
+        if not existing and row["max_uses"] and row["uses"] >= row["max_uses"]:
+            await error(send, 403, f"join token has been used up ({row['uses']} of {row['max_uses']} "
+                        "enrollments); create a new one", kind="auth")
             return
         answer: dict[str, Any] = {"uuid": uuid, "proxy_ca": self.paths.proxy_ca_cert.read_text()}
         if kind == "proxy":  # a proxy serves agents over TLS: the proxy CA (never the master's) vouches for it

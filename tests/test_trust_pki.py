@@ -223,6 +223,20 @@ def test_a_single_use_token_enrolls_exactly_once(fl: Fleet) -> None:
     assert row[1] == "agent" and row[2] == "1/1" and row[5] == "used" and row[-1] == "once"
 
 
+def test_a_single_use_token_lets_its_one_uuid_enroll_again_after_a_crash(fl: Fleet) -> None:
+    """An agent that crashed before saving its credential enrolls again with the same uuid:
+    not another use, so a --uses 1 token must not strand it; any other uuid is still refused."""
+    proc = _zy(fl, "token", "create", "--uses", "1")
+    assert proc.returncode == 0, proc.stderr
+    token, me = proc.stdout.strip(), str(uuidlib.uuid4())
+    with _raw(fl) as raw:
+        assert _enroll(raw, token, "agent", uuid=me).status_code == 200
+        again = _enroll(raw, token, "agent", uuid=me)
+        assert again.status_code == 200, again.text
+        other = _enroll(raw, token, "agent")
+        assert other.status_code == 403 and "used up" in other.json()["error"]
+
+
 def test_a_proxy_token_shows_in_the_list_and_a_proxy_with_an_agent_token_is_refused(fl: Fleet) -> None:
     token = _proxy_token(fl, "127.0.0.1", "localhost", uses=2)
     listing = _zy(fl, "token", "list").stdout
