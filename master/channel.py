@@ -53,6 +53,8 @@ log = logging.getLogger("zy.master.channel")
 ENROLL_BODY = 64 * 1024
 #: the largest handshake body (facts, labels, the schedules the agent runs)
 HANDSHAKE_BODY = 1024 * 1024
+#: a handshake body is facts, labels and schedule digests: sent at once by an honest client
+HANDSHAKE_BODY_TIMEOUT = 5.0
 
 
 class ChannelApp:
@@ -243,28 +245,40 @@ class ChannelApp:
         The credential is checked from the headers, and the body read (bounded, with a
         deadline) before a processing slot is taken: a slot is held only for work, never while
         a client trickles its body in, and each uuid has one handshake in flight at most."""
-        if self._handshakes_waiting >= self.settings.handshake_queue:
-            self.hub.stats["busy"] += 1
-            await error(send, 503, "the master is busy with reconnecting agents; retry after a backoff", kind="busy")
+        if self._busy():  # shed a storm before even the credential lookup
+            await self._refuse_busy(send)
             return
-        self._handshakes_waiting += 1
-        try:
-            who = await self._handshake_auth(scope, send)
-            if who is None:
+        who = await self._handshake_auth(scope, send)
+        if who is None:
+            return
+        with self._handshaking.take(who[0]["uuid"]) as mine:
+            if not mine:
+                self.hub.stats["busy"] += 1
+                await error(send, 409, f"a handshake for agent {who[0]['uuid']} is already in progress; "
+                                       "retry after a backoff", kind="busy")
                 return
-            with self._handshaking.take(who[0]["uuid"]) as mine:
-                if not mine:
-                    self.hub.stats["busy"] += 1
-                    await error(send, 409, f"a handshake for agent {who[0]['uuid']} is already in progress; "
-                                           "retry after a backoff", kind="busy")
-                    return
-                body = await self._json(receive, send, HANDSHAKE_BODY, scope)
-                if body is None:
-                    return
+            # The body is read before the handshake joins the admission queue: clients that
+            # trickle their bodies (many enrolled uuids from one token) must not fill the queue
+            # that honest reconnects wait in. Each read is bounded and has a short deadline.
+            body = await self._json(receive, send, HANDSHAKE_BODY, scope, HANDSHAKE_BODY_TIMEOUT)
+            if body is None:
+                return
+            if self._busy():
+                await self._refuse_busy(send)
+                return
+            self._handshakes_waiting += 1
+            try:
                 async with self._handshake_slots:
                     await self._handshake(scope, send, *who, body)
-        finally:
-            self._handshakes_waiting -= 1
+            finally:
+                self._handshakes_waiting -= 1
+
+    def _busy(self) -> bool:
+        return self._handshakes_waiting >= self.settings.handshake_queue
+
+    async def _refuse_busy(self, send: Send) -> None:
+        self.hub.stats["busy"] += 1
+        await error(send, 503, "the master is busy with reconnecting agents; retry after a backoff", kind="busy")
 
     async def _handshake_auth(self, scope: Scope,
                               send: Send) -> tuple[dict[str, Any], Session | None, list[str]] | None:
@@ -407,10 +421,11 @@ class ChannelApp:
         return self.settings.body_timeout + self.settings.max_body / (64 * 1024)
 
     async def _json(self, receive: Receive, send: Send, limit: int = ENROLL_BODY,
-                    scope: Scope | None = None) -> dict[str, Any] | None:
+                    scope: Scope | None = None, timeout: float | None = None) -> dict[str, Any] | None:
         """A JSON object body of at most ``limit`` bytes (by default the enrollment's), within
         the body deadline; 413/408 beyond (see hcsdk._asgi.dispatch)."""
-        raw = await read_limited(receive, limit, self.settings.body_timeout, scope)
+        deadline = min(timeout or self.settings.body_timeout, self.settings.body_timeout)
+        raw = await read_limited(receive, limit, deadline, scope)
         try:
             body = loads(raw)
         except ValueError as exc:

@@ -273,6 +273,57 @@ def test_slow_handshakes_of_one_credential_do_not_keep_an_honest_agent_out(fl: F
         thread.join(10)
 
 
+def test_slow_handshakes_of_many_enrolled_uuids_do_not_fill_the_admission_queue(tmp_path: Path) -> None:
+    """One join token enrolls as many uuids as it likes; each trickling a handshake body used
+    to count in the admission queue, so a queue-full of them answered every honest reconnect
+    503 (a hostile review kept an agent out for over 90 s with 560). Bodies are now read
+    before a handshake joins the queue."""
+    queue = 8
+    fleet = Fleet(tmp_path, ["--handshake-queue", str(queue), "--body-timeout", "30"])
+    fleet.start_master()
+    fleet.start_agent("honest-1")
+    fakes = [FakeAgent(fleet, f"q{i}") for i in range(3 * queue)]
+    stop = threading.Event()
+
+    def trickle(fake: FakeAgent) -> ssl.SSLSocket:
+        sock = _tls(fleet, src="127.0.4.2")
+        sock.sendall(_head("POST", "/v1/handshake", f"authorization: {fake.auth}\r\ncontent-length: 100000\r\n")
+                     + b"{")
+        return sock
+
+    def attack() -> None:  # every fake keeps one trickling handshake open, reopened as it ends
+        live: dict[int, ssl.SSLSocket] = {}
+        while not stop.is_set():
+            for i, fake in enumerate(fakes):
+                try:
+                    if i not in live:
+                        live[i] = trickle(fake)
+                    live[i].sendall(b" ")
+                except (OSError, ssl.SSLError):
+                    live.pop(i).close()
+            stop.wait(0.3)
+        for sock in live.values():
+            sock.close()
+
+    thread = threading.Thread(target=attack, daemon=True)
+    try:
+        fleet.wait_online()
+        thread.start()
+        time.sleep(2.0)
+        fleet.agents["honest-1"].stop()
+        started = time.monotonic()
+        fleet.start_agent("honest-1")
+        fleet.wait_online("honest-1", timeout=30)
+        df = fleet.client.run("echo fine", targets="honest-1", timeout=30).to_dataframe()
+        assert list(df["status"]) == ["ok"]
+        print(f"honest agent back {time.monotonic() - started:.1f} s after its restart, under "
+              f"{len(fakes)} trickled handshakes against a queue of {queue}")
+    finally:
+        stop.set()
+        thread.join(10)
+        fleet.close()
+
+
 # -- hole 7: parallel downloads of a big build ---------------------------------------------------
 
 def test_parallel_downloads_are_streamed_and_capped_per_credential(fl: Fleet) -> None:
