@@ -141,12 +141,13 @@ class KeyedSlots:
 
 
 async def send_file(send: Send, path: Path, headers: list[tuple[bytes, bytes]] | None = None,
-                    chunk: int = 256 * 1024) -> int:
+                    chunk: int = 256 * 1024, send_timeout: float | None = None) -> int:
     """Answer 200 with a file's bytes, read from disk a chunk at a time (off the event loop), so
     a download holds one chunk in memory however large the file. Returns the bytes sent.
 
     The size is taken from the open file, so a file replaced meanwhile (by rename) is still
-    sent whole and consistent. Raises ClientGone when the client leaves mid-way."""
+    sent whole and consistent. Raises ClientGone when the client leaves mid-way, or when one
+    chunk takes longer than ``send_timeout`` to leave (a reader that stopped reading)."""
     async with await anyio.open_file(path, "rb") as fh:
         size = os.fstat(fh.wrapped.fileno()).st_size
         await send({"type": "http.response.start", "status": 200,
@@ -159,8 +160,9 @@ async def send_file(send: Send, path: Path, headers: list[tuple[bytes, bytes]] |
                 break
             sent += len(data)
             try:
-                await send({"type": "http.response.body", "body": data, "more_body": sent < size})
-            except Exception as exc:  # granian raises when the peer is gone
+                with anyio.fail_after(send_timeout):
+                    await send({"type": "http.response.body", "body": data, "more_body": sent < size})
+            except Exception as exc:  # granian raises when the peer is gone; TimeoutError when stalled
                 raise ClientGone() from exc
         if sent < size:
             raise ClientGone()

@@ -84,7 +84,7 @@ class BlobStore:
         self.hub.stats["blobs_served"] = self.hub.stats.get("blobs_served", 0) + 1
         # streamed from disk a chunk at a time: eight downloads of a 200 MiB build held 1.4 GiB
         # when each was read whole
-        sent = await send_file(send, path)
+        sent = await send_file(send, path, send_timeout=self.hub.settings.send_timeout)
         self.hub.stats["blob_bytes_served"] = self.hub.stats.get("blob_bytes_served", 0) + sent
 
     async def admin(self, scope: Scope, send: Send) -> bool:

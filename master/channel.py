@@ -73,6 +73,7 @@ class ChannelApp:
         #: a proxy fetches for everyone behind it
         self._downloads = KeyedSlots(self.settings.downloads_per_credential)
         self._proxy_downloads = KeyedSlots(8 * self.settings.downloads_per_credential)
+        self._all_downloads = KeyedSlots(self.settings.downloads_total)
         self.routes = {
             ("GET", "/v1/ca"): self.ca,
             ("POST", "/v1/enroll"): self.enroll,
@@ -215,7 +216,12 @@ class ChannelApp:
         if row is None:
             return
         slots = self._proxy_downloads if row.get("kind") == "proxy" else self._downloads
-        with slots.take(row["uuid"]) as mine:
+        with self._all_downloads.take("") as room, slots.take(row["uuid"]) as mine:
+            if not room:
+                self.hub.stats["busy"] += 1
+                await error(send, 429, f"the master has {self._all_downloads.limit} downloads in flight; "
+                                       "retry after a backoff", kind="busy")
+                return
             if not mine:
                 self.hub.stats["busy"] += 1
                 await error(send, 429, f"{row.get('kind') or 'agent'} {row['uuid']} already has {slots.limit} "

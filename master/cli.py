@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--downloads-per-credential", type=int, default=8, metavar="N",
                    help="blob downloads (release chunks, builds) one agent may have in flight, a proxy 8 times "
                    "that; beyond, 429 (default 8)")
+    p.add_argument("--downloads-total", type=int, default=256, metavar="N",
+                   help="blob downloads in flight from all agents and proxies together; beyond, 429 (default 256)")
+    p.add_argument("--send-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds one 256 KiB piece of a download may take to leave before the reader is dropped "
+                   "(default 60)")
     p.add_argument("--ssh-proxy", action="append", default=[], metavar="USER@HOST[:PORT]",
                    help="reach a proxy's host over SSH and forward a port there back to this master "
                    "(for sites that accept only inbound SSH; repeatable)")
@@ -84,6 +89,7 @@ def _main(args: argparse.Namespace) -> int:
         ssh_remote_port=args.ssh_remote_port, sample_retention_days=args.sample_retention,
         header_timeout=max(1.0, args.header_timeout), body_timeout=max(1.0, args.body_timeout),
         address_limit=max(0, args.address_limit), downloads_per_credential=max(1, args.downloads_per_credential),
+        downloads_total=max(1, args.downloads_total), send_timeout=max(1.0, args.send_timeout),
     )
     if settings.ssh_proxies and not (settings.ssh_key and settings.ssh_known_hosts):
         print("zy master: --ssh-proxy needs --ssh-key and --ssh-known-hosts (the host key to expect)",

@@ -49,6 +49,12 @@ class MasterSettings:
     #: blob downloads (release chunks, agent builds) one agent may have in flight (a release
     #: fetches 4 chunks at a time); a proxy, which fetches for everyone behind it, gets 8 times this
     downloads_per_credential: int = 8
+    #: blob downloads in flight from everyone together: one join token enrolls as many
+    #: credentials as it likes, and each stalled download holds a few MiB of send buffers
+    downloads_total: int = 256
+    #: seconds one 256 KiB piece of a download may take to leave (a reader that stops reading is
+    #: dropped; 60 s is about 4 KiB/s, far below any link a release runs over)
+    send_timeout: float = 60.0
     write_user_config: bool = True
     #: SSH downlinks: (user@host[:port], remote port) pairs, with one key and known_hosts file
     ssh_proxies: list[str] = field(default_factory=list)

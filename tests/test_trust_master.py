@@ -362,6 +362,42 @@ def test_parallel_downloads_are_streamed_and_capped_per_credential(fl: Fleet) ->
     wait_for(whole, 30, "a full download once the others are gone")
 
 
+def test_stalled_downloads_of_many_credentials_are_capped_in_all_and_dropped(tmp_path: Path) -> None:
+    """One join token buys any number of credentials, each with its own share of downloads: a
+    hostile review parked 1,200 stalled downloads (2.8 GiB) in the master with 150 of them. Now
+    downloads in flight are capped in all, and a reader that stops reading is dropped."""
+    fleet = Fleet(tmp_path, ["--downloads-total", "4", "--downloads-per-credential", "2", "--send-timeout", "2"])
+    fleet.start_master()
+    try:
+        with _api(fleet) as api:
+            resp = api.post("/api/v1/blobs", content=os.urandom(MiB) * 32)
+            assert resp.status_code == 200, resp.text
+            sha = resp.json()["sha256"]
+        fakes = [FakeAgent(fleet, f"tot{i}") for i in range(3)]
+        socks = []
+        for fake in fakes[:2]:
+            for _ in range(2):
+                sock = _tls(fleet, src="127.0.6.1", timeout=30)
+                sock.sendall(_head("GET", f"/v1/blob?sha256={sha}", f"authorization: {fake.auth}\r\n"))
+                assert _status(sock, 30) == 200
+                socks.append(sock)  # and never read on
+        fifth = _tls(fleet, src="127.0.6.2")
+        fifth.sendall(_head("GET", f"/v1/blob?sha256={sha}", f"authorization: {fakes[2].auth}\r\n"))
+        assert _status(fifth, 10) == 429, "a download past the master's total was not refused"
+        fifth.close()
+
+        # the stalled readers are dropped after the send timeout, and their places come back
+        def whole() -> bool:
+            got = fakes[2].http.get("/v1/blob", params={"sha256": sha}, timeout=60)
+            return got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == sha
+
+        wait_for(whole, 60, "a full download once the stalled readers were dropped")
+        for sock in socks:
+            sock.close()
+    finally:
+        fleet.close()
+
+
 # -- hole 8: schedule names in a handshake -------------------------------------------------------
 
 def test_handshake_schedule_names_are_validated_capped_and_only_given_ones_cancelled(fl: Fleet) -> None:
