@@ -162,7 +162,9 @@ class ProxyApp:
     async def _forward_handshake(self, scope: Scope, send: Send, pending: Pending, cred: str, body: bytes,
                                  via_proxy: Downstream | None) -> None:
         claimed = pending.uuid
-        via = ",".join(v for v in [self.relay.uuid, header(scope, b"x-zy-via") or ""] if v)
+        # only a proxy we carry may name the proxies further out; a plain client's claim is dropped
+        further = (header(scope, b"x-zy-via") or "") if via_proxy is not None else ""
+        via = ",".join(v for v in [self.relay.uuid, further] if v)
         resp = await self._upstream(send, "/v1/handshake", body,
                                     {"x-zy-agent-auth": cred, "x-zy-sid": self.relay.channel.sid or "",
                                      "x-zy-via": via, "content-type": "application/json"})

@@ -96,6 +96,18 @@ def test_a_forged_forwarded_handshake_does_not_blackhole_the_agent(proxied: tupl
     assert row["status"] == "ok" and row["stdout"] == "still reachable\n", row
 
 
+def test_a_plain_client_cannot_invent_proxies_on_its_path(proxied: tuple[Fleet, str, ChunkClient]) -> None:
+    """``via`` in the inventory is the path the master trusts for a client: only a proxy the
+    edge carries may name the proxies further out, so a plain agent's own x-zy-via is dropped."""
+    fleet, edge, mallory = proxied
+    with _http(mallory, {"x-zy-via": "evil-proxy-that-does-not-exist"}) as http:
+        resp = http.post(f"{edge}/v1/handshake", json={"facts": {"hostname": "mallory"}, "labels": {}})
+    assert resp.status_code == 200, resp.text
+    inv = fleet.client.inventory()
+    via = list(inv.loc[inv["uuid"] == mallory.uuid, "via"].iloc[0])
+    assert via == ["edge"], via  # the inventory names proxies on the path by hostname
+
+
 def test_garbage_handshakes_for_its_uuid_do_not_disconnect_the_agent(proxied: tuple[Fleet, str, ChunkClient]) -> None:
     """Anyone who knows the victim's uuid sends handshakes with a garbage secret, five a second,
     while it runs a 3-second task: the task finishes in about its 3 seconds and the victim
