@@ -10,6 +10,7 @@ address has in flight are the application's to bound.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from pathlib import Path
 import anyio
 
 from hcsdk._asgi import BodyTimeout, BodyTooLarge, ClientGone, Receive, Scope, Send, error, header
+from hcsdk._reaper import REAPER_KEY
 
 __all__ = ["AddressGate", "BodyTimeout", "KeyedSlots", "authenticated", "client_address", "declared_length",
            "read_limited", "send_file"]
@@ -73,29 +75,45 @@ class AddressGate:
     limit. Requests that never authenticate (enrollment, public routes, refusals) count for
     their whole life. ``limit <= 0`` turns the gate off."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], limit: int) -> None:
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], limit: int,
+                 total: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        #: all addresses together: an attacker with many addresses (an IPv6 prefix, a botnet)
+        #: must not multiply the per-address share without bound
+        self.total = 8 * limit if total is None else total
         self.pending: dict[str, int] = {}
+        self.in_flight = 0
         self.refused = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.limit <= 0:
             await self.app(scope, receive, send)
             return
-        addr = client_address(scope)
+        addr = address_group(client_address(scope))
         if self.pending.get(addr, 0) >= self.limit:
             self.refused += 1
             await error(send, 429, f"too many unauthenticated requests in flight from {addr} "
                                    f"(at most {self.limit}); retry after a backoff", kind="busy")
             return
+        # the total binds only requests that bring no credential at all (enrollments, the CA):
+        # one with a credential is checked from its headers at once, and the SDK and agents
+        # must keep getting in while the anonymous share is full
+        anonymous = not any(k == b"authorization" for k, _ in scope["headers"])
+        if anonymous and self.in_flight >= self.total > 0:
+            self.refused += 1
+            await error(send, 503, f"too many unauthenticated requests in flight (at most {self.total} from all "
+                                   "addresses); retry after a backoff", kind="busy")
+            return
         self.pending[addr] = self.pending.get(addr, 0) + 1
+        self.in_flight += anonymous
         held = True
 
         def release() -> None:
             nonlocal held
             if held:
                 held = False
+                self.in_flight -= anonymous
                 left = self.pending[addr] - 1
                 if left:
                     self.pending[addr] = left
@@ -109,11 +127,28 @@ class AddressGate:
             release()
 
 
+def address_group(addr: str) -> str:
+    """What one party is taken to hold: an IPv4 address, or an IPv6 /64 (one host or LAN gets a
+    whole /64, so counting single IPv6 addresses would count nothing)."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return addr
+
+
 def authenticated(scope: Scope) -> None:
     """The request's credential checked out: it no longer counts against its address."""
     release = scope.pop(_GATE_KEY, None)
     if release is not None:
         release()
+    mark = scope.get(REAPER_KEY)  # and its connection is never closed as idle (hcsdk._reaper)
+    if mark is not None:
+        mark(scope)
 
 
 class KeyedSlots:

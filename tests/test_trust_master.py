@@ -221,6 +221,34 @@ def test_one_address_cannot_hold_more_than_its_share_of_unauthenticated_requests
         sock.close()
 
 
+def test_many_addresses_cannot_multiply_their_share_without_bound(tmp_path: Path) -> None:
+    """Each address has its share of requests not yet authenticated; a hostile review held
+    3,000 stalled enrollments (426 MiB) from 12 addresses. Anonymous requests now have a total
+    as well, while requests with a credential (the SDK, agents) still get in."""
+    limit = 4
+    fleet = Fleet(tmp_path, ["--address-limit", str(limit), "--body-timeout", "60"])
+    fleet.start_master()
+    fleet.start_agent("honest-1")
+    held = []
+    try:
+        fleet.wait_online()
+        for a in range(8):  # 8 addresses x their share = the total (8 x the share by default)
+            for _ in range(limit):
+                sock = _tls(fleet, src=f"127.0.7.{a + 1}")
+                sock.sendall(_head("POST", "/v1/enroll", "content-length: 5000\r\n") + b"{")
+                held.append(sock)
+        time.sleep(0.5)
+        extra = _tls(fleet, src="127.0.7.100")
+        extra.sendall(_head("POST", "/v1/enroll", "content-length: 2\r\n") + b"{}")
+        held.append(extra)
+        assert _status(extra, 5) == 503, "an anonymous request past the total was not refused"
+        _still_works(fleet)
+    finally:
+        for sock in held:
+            sock.close()
+        fleet.close()
+
+
 # -- hole 6: slow handshakes of one credential -------------------------------------------------
 
 def test_slow_handshakes_of_one_credential_do_not_keep_an_honest_agent_out(fl: Fleet) -> None:
