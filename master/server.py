@@ -13,6 +13,7 @@ import anyio
 
 from hcsdk._asgi import error
 from hcsdk._limits import AddressGate
+from hcsdk._reaper import ConnectionReaper
 from hcsdk._serve import (
     StartupError,
     bound_port,
@@ -36,7 +37,8 @@ from .store import Store
 log = logging.getLogger("zy.master")
 
 
-def build_app(hub: Hub, paths: Paths, urls: list[str], e2e_private: bytes) -> Any:
+def build_app(hub: Hub, paths: Paths, urls: list[str], e2e_private: bytes,
+              reaper: ConnectionReaper | None = None) -> Any:
     blobs = BlobStore(paths.root / "blobs", hub)
     channel = ChannelApp(hub, paths, e2e_private, blobs)
     api = BodyLimit(build_api(hub, paths, urls, e2e_private), hub.settings.max_body)
@@ -56,7 +58,9 @@ def build_app(hub: Hub, paths: Paths, urls: list[str], e2e_private: bytes) -> An
             await error(send, 404, f"no route {path}")
 
     # requests not yet authenticated, per source address (issue 13): see hcsdk._limits
-    return AddressGate(app, hub.settings.address_limit)
+    gated = AddressGate(app, hub.settings.address_limit)
+    # connections nobody authenticated on (issue 13 hole 5): see hcsdk._reaper
+    return reaper.wrap(gated) if reaper is not None else gated
 
 
 #: the port this data dir's master last listened on: agents enrolled here dial it
@@ -108,7 +112,8 @@ async def serve(settings: MasterSettings) -> None:
     e2e_private = ensure_e2e_key(paths)
     hub = Hub(Db(store), settings)
     urls: list[str] = []
-    server = granian_server(build_app(hub, paths, urls, e2e_private), settings.host, settings.port, paths.cert,
+    reaper = ConnectionReaper(settings.idle_connection_grace, settings.connections_per_address)
+    server = granian_server(build_app(hub, paths, urls, e2e_private, reaper), settings.host, settings.port, paths.cert,
                             paths.key, http2=settings.http2, heartbeat=settings.heartbeat,
                             dead_after=settings.dead_after, header_timeout=settings.header_timeout)
     try:
@@ -116,6 +121,7 @@ async def serve(settings: MasterSettings) -> None:
             await hub.run(tg)
             tg.start_soon(server.serve)
             port = await bound_port()
+            tg.start_soon(reaper.run, port)
             (paths.root / PORT_FILE).write_text(f"{port}\n")
             urls.extend(_urls(settings, port))
             written = write_client_configs(paths, urls[0], admin_token, settings.write_user_config)

@@ -1,0 +1,202 @@
+"""Closes connections that never authenticate (issue 13, hole 5).
+
+granian bounds how long an HTTP/1 request head may take, but not a TLS connection that
+completes its handshake (ALPN h2 or http/1.1) and then sends nothing: each such connection
+holds ~10 KiB and one file descriptor forever. Nothing at the ASGI level ever sees it, so the
+reaper looks at the process's own sockets (/proc/self/fd, /proc/self/net/tcp{,6}) and shuts
+down, from outside granian, accepted connections that no request has authenticated on:
+those older than ``grace``, and per source address the oldest beyond ``per_address``.
+
+A request marks its connection as authenticated through ``hcsdk._limits.authenticated``
+(the scope carries ``self.mark`` under ``REAPER_KEY``); an authenticated connection (an
+agent's h2 channel, an SDK keep-alive) is never cut. Outbound connections are never touched:
+only sockets whose local port is the listening port count. Linux only; elsewhere a no-op.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from hcsdk._asgi import Receive, Scope, Send
+
+__all__ = ["REAPER_KEY", "ConnectionReaper", "Conn", "scan_connections"]
+
+log = logging.getLogger("zy.reaper")
+
+#: the scope key under which the reaper leaves its ``mark`` for ``authenticated``
+REAPER_KEY = "zy.reaper_mark"
+#: TCP states of an accepted connection that still holds an fd: ESTABLISHED, CLOSE_WAIT
+_LIVE_STATES = {"01", "08"}
+
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Conn:
+    """One accepted TCP connection of this process."""
+
+    inode: int
+    fd: int
+    peer: str
+    peer_port: int
+
+
+def _norm(address: str) -> str:
+    """IPv4-mapped IPv6 as plain IPv4, so marks and /proc entries compare equal."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _socket_fds() -> dict[int, int]:
+    """inode -> fd for this process's sockets."""
+    out: dict[int, int] = {}
+    fd_dir = Path("/proc/self/fd")
+    for entry in os.listdir(fd_dir):
+        try:
+            target = os.readlink(fd_dir / entry)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            out[int(target[8:-1])] = int(entry)
+    return out
+
+
+def _hex_address(text: str) -> str:
+    """/proc/net/tcp addresses are 32-bit words in host byte order, printed in hex."""
+    words = [int(text[i:i + 8], 16) for i in range(0, len(text), 8)]
+    raw = b"".join(struct.pack("=I", w) for w in words)
+    return _norm(socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw))
+
+
+def scan_connections(port: int) -> list[Conn]:
+    """This process's live accepted connections on local ``port``."""
+    fds = _socket_fds()
+    found: list[Conn] = []
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) < 10 or cols[3] not in _LIVE_STATES:
+                continue
+            local, remote, inode = cols[1], cols[2], int(cols[9])
+            if int(local.rsplit(":", 1)[1], 16) != port or inode not in fds:
+                continue  # another port (an outbound connection), or not this process's
+            peer_hex, peer_port = remote.rsplit(":", 1)
+            found.append(Conn(inode, fds[inode], _hex_address(peer_hex), int(peer_port, 16)))
+    return found
+
+
+def cut(conn: Conn) -> bool:
+    """Shut ``conn`` down (granian then sees EOF and closes its fd). Through a dup checked to
+    be the same socket, in case the fd was closed and reused since the scan."""
+    try:
+        dup = os.dup(conn.fd)
+    except OSError:
+        return False
+    try:
+        same = os.fstat(dup).st_ino == conn.inode
+    except OSError:
+        same = False
+    if not same:
+        os.close(dup)
+        return False
+    sock = socket.socket(fileno=dup)  # owns the dup from here: closing it twice could hit a reused fd
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
+    finally:
+        sock.close()
+    return True
+
+
+class ConnectionReaper:
+    """Cuts accepted connections nobody authenticated on. ``wrap`` the ASGI app, then
+    ``run(port)`` in the server's task group once the port is bound."""
+
+    def __init__(self, grace: float = 45.0, per_address: int = 256, interval: float = 2.0) -> None:
+        self.grace = grace
+        self.per_address = per_address
+        self.interval = interval
+        self._marks: dict[tuple[str, int], float] = {}
+        self._authed: set[int] = set()
+        self._first_seen: dict[int, float] = {}
+        self.cut_count = 0
+
+    def wrap(self, app: App) -> App:
+        async def marked(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                scope[REAPER_KEY] = self.mark
+            await app(scope, receive, send)
+
+        return marked
+
+    def mark(self, scope: Scope) -> None:
+        """The request on this connection authenticated: never cut the connection."""
+        client = scope.get("client")
+        if client:
+            self._marks[(_norm(str(client[0])), int(client[1]))] = time.monotonic()
+
+    async def run(self, port: int) -> None:
+        if not sys.platform.startswith("linux") or self.grace <= 0:
+            return  # not Linux, or disabled
+        while True:
+            await anyio.sleep(self.interval)
+            start = time.monotonic()
+            conns = await anyio.to_thread.run_sync(scan_connections, port)
+            doomed = self.select(conns, start)
+            if doomed:
+                done = await anyio.to_thread.run_sync(_cut_all, doomed)
+                self.cut_count += done
+                log.info("closed %d connections that did not authenticate", done)
+
+    def select(self, conns: list[Conn], start: float) -> list[Conn]:
+        """Update what is known from one scan taken at ``start``; the connections to cut."""
+        by_peer = {(c.peer, c.peer_port): c.inode for c in conns}
+        for key, stamp in list(self._marks.items()):
+            inode = by_peer.get(key)
+            if inode is not None:
+                self._authed.add(inode)
+                del self._marks[key]
+            elif stamp < start:
+                del self._marks[key]  # its connection is gone already
+        live = {c.inode for c in conns}
+        self._authed &= live
+        self._first_seen = {i: t for i, t in self._first_seen.items() if i in live}
+        for inode in live:
+            self._first_seen.setdefault(inode, start)
+        pending = sorted((c for c in conns if c.inode not in self._authed),
+                         key=lambda c: self._first_seen[c.inode])
+        doomed = {c.inode: c for c in pending if start - self._first_seen[c.inode] > self.grace}
+        per: dict[str, list[Conn]] = {}
+        for c in pending:
+            per.setdefault(c.peer, []).append(c)
+        for group in per.values() if self.per_address > 0 else ():
+            for c in group[:max(0, len(group) - self.per_address)]:  # the oldest ones
+                doomed[c.inode] = c
+        return list(doomed.values())
+
+
+def _cut_all(conns: list[Conn]) -> int:
+    return sum(cut(c) for c in conns)
+
