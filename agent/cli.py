@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 import anyio
 
 from hcsdk._errors import JoinTokenError
-from hcsdk._jointoken import JOIN_ENV, JoinToken, pop_env_token, read_join, strip_join_args
+from hcsdk._jointoken import JOIN_ENV, JoinToken, pop_env_token, read_join, reexec_without_join
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -97,7 +96,9 @@ def _main(args: argparse.Namespace) -> int:
         switch_to_current(args.state_dir)  # an online update installed another build: run that one
     code = anyio.run(_amain, args, _can_restart())
     if code == _RESTART:
-        _restart()
+        # the identity is saved: the new image skips enrollment and never loads what only
+        # enrollment needs (cryptography for X25519, ~12 MiB resident)
+        reexec_without_join()
     return code
 
 
@@ -112,19 +113,6 @@ def _can_restart() -> bool:
            or getattr(getattr(main, "__spec__", None), "name", None) == "agent.__main__")
     return (bool(sys.executable) and len(sys.argv) > 1 and (sys.argv[1] == "agent" or own)
             and sys.orig_argv[len(sys.orig_argv) - len(sys.argv) + 1:] == sys.argv[1:])
-
-
-def _restart() -> None:
-    """Replace this process with the same command line (same pid). The identity is saved, so the
-    new process skips enrollment, and it never loads what only enrollment needs (cryptography for
-    X25519, ~12 MiB resident) and would otherwise keep for the agent's whole life."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # an enrolled agent never needs the join token again: it is not passed on (ZY_JOIN_TOKEN is
-    # already out of the environment), so it leaves /proc/PID/cmdline and /proc/PID/environ
-    if getattr(sys, "frozen", False):  # the one-file build is its own interpreter
-        os.execv(sys.executable, [sys.executable, *strip_join_args(sys.argv[1:])])
-    os.execv(sys.executable, [sys.executable, *strip_join_args(sys.orig_argv[1:])])
 
 
 async def _amain(args: argparse.Namespace, restart: bool = False) -> int:

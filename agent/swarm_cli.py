@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import resource
 import signal
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import anyio
 
-from hcsdk._jointoken import JOIN_ENV, pop_env_token, read_join, strip_join_args
+from hcsdk._jointoken import JOIN_ENV, pop_env_token, read_join, reexec_without_join, running_as
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -91,27 +90,10 @@ def _main(args: argparse.Namespace) -> int:
         print(f"zy swarm: the open-file limit is {hard}; {args.agents} agents need more (raise `ulimit -Hn`)",
               file=sys.stderr)
         return 2
-    code = anyio.run(_amain, args, labels, _can_restart(), backend_options=_loop_options())
+    code = anyio.run(_amain, args, labels, running_as("swarm"), backend_options=_loop_options())
     if code == _RESTART:
-        _restart()
+        reexec_without_join()
     return code
-
-
-def _can_restart() -> bool:
-    """Whether this process is the `zy swarm` command line itself (not a test calling the CLI in
-    process), so replacing it with a copy of that command line runs the same swarm."""
-    return (bool(sys.executable) and sys.argv[1:2] == ["swarm"]
-            and sys.orig_argv[len(sys.orig_argv) - len(sys.argv) + 1:] == sys.argv[1:])
-
-
-def _restart() -> None:
-    """Replace this process (same pid) with its command line minus --join/--join-file: the
-    identities are saved, so nothing enrolls again, and the token leaves /proc/PID/cmdline and
-    (ZY_JOIN_TOKEN being out of os.environ already) /proc/PID/environ, which keep what the
-    process was started with for its whole life."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *strip_join_args(sys.orig_argv[1:])])
 
 
 def _loop_options() -> dict[str, bool]:

@@ -22,10 +22,13 @@ import sys
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from ._errors import JoinTokenError
 
-__all__ = ["JOIN_ENV", "JoinToken", "pop_env_token", "read_join", "strip_join_args"]
+__all__ = [
+    "JOIN_ENV", "JoinToken", "pop_env_token", "read_join", "reexec_without_join", "running_as", "strip_join_args",
+]
 
 #: the environment variable a join token may come in (removed once read, so children never see it)
 JOIN_ENV = "ZY_JOIN_TOKEN"
@@ -125,3 +128,22 @@ def strip_join_args(argv: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
+
+
+def running_as(command: str) -> bool:
+    """Whether this process is the ``zy COMMAND`` command line itself (not a test calling the CLI
+    in process), so replacing it with a copy of that command line runs the same service."""
+    return (bool(sys.executable) and sys.argv[1:2] == [command]
+            and sys.orig_argv[len(sys.orig_argv) - len(sys.argv) + 1:] == sys.argv[1:])
+
+
+def reexec_without_join() -> NoReturn:
+    """Replace this process (same pid) with its own command line minus ``--join``/``--join-file``.
+    Once enrolled a client never needs the token again, and /proc/PID/cmdline and environ keep
+    what a process started with for its whole life; ZY_JOIN_TOKEN is out of os.environ already
+    (:func:`pop_env_token`), so the new image holds neither."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if getattr(sys, "frozen", False):  # a one-file build is its own interpreter
+        os.execv(sys.executable, [sys.executable, *strip_join_args(sys.argv[1:])])
+    os.execv(sys.executable, [sys.executable, *strip_join_args(sys.orig_argv[1:])])

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 from pathlib import Path
 
-from hcsdk._jointoken import JOIN_ENV, pop_env_token, strip_join_args
+from hcsdk._jointoken import JOIN_ENV, pop_env_token, reexec_without_join, running_as
 from hcsdk._serve import parse_listen
 
 
@@ -69,7 +67,7 @@ def _main(args: argparse.Namespace) -> int:
 
     host, port = args.listen
     code = run(ProxySettings(
-        restart=_can_restart(),
+        restart=running_as("proxy"),
         data_dir=args.data_dir, host=host, port=port, upstreams=args.upstream, join=args.join,
         join_file=args.join_file, join_env=join_env,
         advertise=args.advertise, hostname=args.hostname, http2=not args.no_http2, heartbeat=args.heartbeat,
@@ -78,24 +76,8 @@ def _main(args: argparse.Namespace) -> int:
         upstream_parallel=args.upstream_parallel,
     ))
     if code == RESTART:
-        _restart()
+        reexec_without_join()
     return code
-
-
-def _can_restart() -> bool:
-    """Whether this process is the `zy proxy` command line itself (not a test calling the CLI in
-    process), so replacing it with a copy of that command line runs the same proxy."""
-    return (bool(sys.executable) and sys.argv[1:2] == ["proxy"]
-            and sys.orig_argv[len(sys.orig_argv) - len(sys.argv) + 1:] == sys.argv[1:])
-
-
-def _restart() -> None:
-    """Replace this process (same pid) with its command line minus --join/--join-file; the
-    identity is saved, so it does not enroll again. ZY_JOIN_TOKEN is already out of the
-    environment, so the new image's /proc/PID/environ does not hold it either."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *strip_join_args(sys.orig_argv[1:])])
 
 
 def _size(text: str) -> int:
