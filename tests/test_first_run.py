@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from requires import require
 
 from fleet import ZY, Fleet, wait_for
 from hcsdk import RequestError, TargetError
@@ -263,11 +264,11 @@ def test_readme_five_minutes_and_python_work_as_written(tmp_path: Path) -> None:
 
 
 # -- setup.sh -------------------------------------------------------------------------------------
-@pytest.mark.skipif(os.geteuid() != 0 or not Path("/var/lib/dpkg/lock-frontend").exists(),
-                    reason="needs root and dpkg (setup.sh installs apt packages only as root)")
 def test_setup_waits_for_a_held_dpkg_lock_then_says_plainly_what_failed() -> None:
     """Another apt holds dpkg's lock the whole time: setup says it waits, waits APT_WAIT
     seconds, then stops with one plain sentence (not apt's raw 'E: Could not get lock')."""
+    require(os.geteuid() == 0 and Path("/var/lib/dpkg/lock-frontend").exists(),
+            "needs root and dpkg (setup.sh installs apt packages only as root)")
     fd = os.open("/var/lib/dpkg/lock-frontend", os.O_RDWR)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
