@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from hcsdk._jointoken import strip_join_args
+from hcsdk.common.jointoken import strip_join_args
 
 from .jsonfile import write_json
 from .worker_process import launcher

@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from hcsdk._manifest import Manifest, ManifestError
-from hcsdk._safenames import digest_dir, is_digest_dir
+from hcsdk.protocol.manifest import Manifest, ManifestError
+from hcsdk.protocol.names import digest_dir, is_digest_dir
 
 from .jsonfile import write_json
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import anyio
 
-from hcsdk._errors import JoinTokenError
-from hcsdk._jointoken import JOIN_ENV, JoinToken, pop_env_token, read_join, reexec_without_join
+from hcsdk.common.errors import JoinTokenError
+from hcsdk.common.jointoken import JOIN_ENV, JoinToken, pop_env_token, read_join, reexec_without_join
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -116,14 +116,14 @@ def _can_restart() -> bool:
 
 
 async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
-    from hcsdk._identity import StateDir
+    from hcsdk.common.identity import StateDir
 
     state = StateDir(args.state_dir)
     ident = state.load()
     labels = dict(args.label)
     if not ident.enrolled:
-        from hcsdk import _facts as facts
-        from hcsdk._enroll import EnrollError, enroll
+        from hcsdk.common import facts as facts
+        from hcsdk.net.enroll import EnrollError, enroll
 
         try:
             text = read_join("zy agent", args.join, args.join_file, args.join_env)
@@ -151,7 +151,7 @@ async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
         if restart and (args.join or args.join_env):  # a unit file that still passes the token: shed it
             print("zy agent: already enrolled; restarting without the join token", flush=True)
             return _RESTART
-    from hcsdk._channel import ChannelSettings, Rejected
+    from hcsdk.net.channel import ChannelSettings, Rejected
 
     from .core import Agent
     from .peer import PeerSettings

@@ -11,10 +11,10 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from hcsdk import _facts as facts_mod
-from hcsdk._channel import Channel, ChannelSettings, Rejected
-from hcsdk._e2e import sign, verify
-from hcsdk._identity import Identity, StateDir
+from hcsdk.common import facts as facts_mod
+from hcsdk.common.identity import Identity, StateDir
+from hcsdk.net.channel import Channel, ChannelSettings, Rejected
+from hcsdk.protocol.e2e import sign, verify
 
 from .chunkstore import ChunkStore
 from .executor import Executor, Task, TaskFailed

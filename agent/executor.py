@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import ByteReceiveStream, Process, TaskGroup
 
-from hcsdk import _facts as facts_mod
-from hcsdk._version import __version__
+from hcsdk.common import facts as facts_mod
+from hcsdk.common.version import __version__
 
 from .plugins.api import Arg, ArgError, validate
 from .worker_process import WorkerGone

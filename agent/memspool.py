@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from hcsdk._wire import encode_frame
+from hcsdk.protocol.wire import encode_frame
 
 CLAIMED_KEPT = 4096  # taskids each swarm agent remembers (a real agent keeps 30 days in SQLite)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 
-from hcsdk._version import __version__
+from hcsdk.common.version import __version__
 
 from .jsonfile import write_json
 from .plugins import BUNDLED

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from hcsdk._manifest import Manifest, ManifestError
-from hcsdk._safenames import UnsafeName, check_sha256, is_digest_dir
+from hcsdk.protocol.manifest import Manifest, ManifestError
+from hcsdk.protocol.names import UnsafeName, check_sha256, is_digest_dir
 
 from .chunkstore import (
     MANIFEST,

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from hcsdk._manifest import Manifest, ManifestError
+from hcsdk.protocol.manifest import Manifest, ManifestError
 
 from .chunkstore import PART_SUFFIX, ChunkStore, start_writeback
 from .executor import TaskFailed

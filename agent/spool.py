@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hcsdk._wire import encode_frame
+from hcsdk.protocol.wire import encode_frame
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, taskid TEXT NOT NULL,

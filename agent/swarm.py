@@ -25,12 +25,12 @@ from urllib.parse import urlsplit
 import anyio
 from anyio.abc import TaskGroup
 
-from hcsdk import _facts as facts_mod
-from hcsdk._channel import ChannelSettings, Rejected
-from hcsdk._enroll import EnrollError, enroll
-from hcsdk._errors import JoinTokenError
-from hcsdk._identity import StateDir
-from hcsdk._jointoken import JOIN_ENV, JoinToken
+from hcsdk.common import facts as facts_mod
+from hcsdk.common.errors import JoinTokenError
+from hcsdk.common.identity import StateDir
+from hcsdk.common.jointoken import JOIN_ENV, JoinToken
+from hcsdk.net.channel import ChannelSettings, Rejected
+from hcsdk.net.enroll import EnrollError, enroll
 
 from .core import Agent
 from .memspool import MemorySpool
@@ -55,7 +55,7 @@ def all_loopback(urls: list[str]) -> bool:
 
 
 class Swarm:
-    """``join`` is the join token, or a function reading it (see ``hcsdk._jointoken.read_join``),
+    """``join`` is the join token, or a function reading it (see ``hcsdk.common.jointoken.read_join``),
     called only when some agent is not enrolled yet."""
 
     def __init__(self, root: Path, count: int, join: str | Callable[[], str | None] | None, urls: list[str],

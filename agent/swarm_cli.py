@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anyio
 
-from hcsdk._jointoken import JOIN_ENV, pop_env_token, read_join, reexec_without_join, running_as
+from hcsdk.common.jointoken import JOIN_ENV, pop_env_token, read_join, reexec_without_join, running_as
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
-from hcsdk._http import error_message
-from hcsdk._version import __version__
+from hcsdk.common.version import __version__
+from hcsdk.net.http import error_message
 
 from . import builds
 from .executor import Task, TaskFailed

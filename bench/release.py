@@ -58,9 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _netns
 from _netns import Lan, Topology
 
-from hcsdk._manifest import CHUNK_SIZE
 from hcsdk._proxies import proxies_sync
 from hcsdk.localfleet import ZY, LocalFleet, Proc, wait_for
+from hcsdk.protocol.manifest import CHUNK_SIZE
 
 MASTER_PORT, PROXY_PORT = 8443, 8444  # their namespaces are new: nothing else listens there
 MODES = {"a": "master direct", "b": "proxy cache", "c": "cache + P2P"}

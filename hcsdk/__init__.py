@@ -25,10 +25,11 @@ if "httpx" not in _sys.modules and (
     _sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 del _os, _sys
 
-from ._client import AsyncClient, Client, Run
-from ._config import ClientConfig, load_client_config
-from ._display import ResultView, view
-from ._errors import (
+from hcsdk._client import AsyncClient, Client, Run
+from hcsdk._display import ResultView, view
+from hcsdk._run import COLUMNS, STATUSES, AsyncRun, Event
+from hcsdk.common.config import ClientConfig, load_client_config
+from hcsdk.common.errors import (
     AuthError,
     ConfigError,
     JoinTokenError,
@@ -37,9 +38,8 @@ from ._errors import (
     TargetError,
     ZyError,
 )
-from ._jointoken import JoinToken
-from ._run import COLUMNS, STATUSES, AsyncRun, Event
-from ._version import __version__
+from hcsdk.common.jointoken import JoinToken
+from hcsdk.common.version import __version__
 
 __all__ = [
     "COLUMNS",

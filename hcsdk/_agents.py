@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._errors import RequestError
-from ._http import map_exceptions
-from ._portal import portal
-from ._targets import TargetsLike
+from hcsdk._portal import portal
+from hcsdk._targets import TargetsLike
+from hcsdk.common.errors import RequestError
+from hcsdk.net.http import map_exceptions
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ._client import AsyncClient
+    from hcsdk._client import AsyncClient
 
 __all__ = ["UPDATE_COLUMNS", "Agents", "AsyncAgents"]
 
@@ -106,7 +106,7 @@ class AsyncAgents:
 
     async def _targets(self, targets: TargetsLike) -> list[dict[str, Any]]:
         """The agents ``targets`` names, resolved by the master as a run would."""
-        from ._targets import target_spec
+        from hcsdk._targets import target_spec
 
         spec = target_spec(targets)
         rows = await self._inventory()

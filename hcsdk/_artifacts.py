@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._errors import RequestError
-from ._http import map_exceptions
-from ._manifest import CHUNK_SIZE, Manifest, build_manifest
-from ._portal import portal
-from ._safenames import UnsafeName, check_file_name
+from hcsdk._portal import portal
+from hcsdk.common.errors import RequestError
+from hcsdk.net.http import map_exceptions
+from hcsdk.protocol.manifest import CHUNK_SIZE, Manifest, build_manifest
+from hcsdk.protocol.names import UnsafeName, check_file_name
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ._client import AsyncClient
+    from hcsdk._client import AsyncClient
 
 __all__ = ["ARTIFACT_COLUMNS", "Artifacts", "AsyncArtifacts"]
 

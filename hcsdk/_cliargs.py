@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ._errors import RequestError
+from hcsdk.common.errors import RequestError
 
 __all__ = ["ARG_HELP", "arg_pairs"]
 

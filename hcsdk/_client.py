@@ -9,22 +9,22 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from . import _proxies, _release, _schedules
-from ._agents import Agents, AsyncAgents
-from ._artifacts import Artifacts, AsyncArtifacts
-from ._config import load_client_config
-from ._errors import RequestError
-from ._http import check, map_exceptions
-from ._plugins import AsyncPlugins, Plugins
-from ._portal import portal
-from ._run import AsyncRun, Event
-from ._targets import TargetsLike, target_spec
-from ._tls import client_context
+from hcsdk import _proxies, _release, _schedules
+from hcsdk._agents import Agents, AsyncAgents
+from hcsdk._artifacts import Artifacts, AsyncArtifacts
+from hcsdk._plugins import AsyncPlugins, Plugins
+from hcsdk._portal import portal
+from hcsdk._run import AsyncRun, Event
+from hcsdk._targets import TargetsLike, target_spec
+from hcsdk.common.config import load_client_config
+from hcsdk.common.errors import RequestError
+from hcsdk.net.http import check, map_exceptions
+from hcsdk.net.tls import client_context
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ._display import ResultView
+    from hcsdk._display import ResultView
 
 __all__ = ["AsyncClient", "Client", "Run"]
 

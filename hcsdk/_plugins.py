@@ -19,15 +19,15 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._errors import RequestError
-from ._portal import portal
-from ._targets import TargetsLike
+from hcsdk._portal import portal
+from hcsdk._targets import TargetsLike
+from hcsdk.common.errors import RequestError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ._client import AsyncClient
-    from ._run import AsyncRun
+    from hcsdk._client import AsyncClient
+    from hcsdk._run import AsyncRun
 
 __all__ = ["INSTALL_COLUMNS", "LIST_COLUMNS", "AsyncPlugins", "Plugins", "bundle"]
 

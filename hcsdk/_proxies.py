@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._portal import portal
+from hcsdk._portal import portal
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ._client import AsyncClient, Client
+    from hcsdk._client import AsyncClient, Client
 
 __all__ = ["PROXY_COLUMNS", "proxies", "proxies_sync"]
 

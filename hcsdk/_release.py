@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._errors import RequestError
-from ._portal import portal
-from ._schedules import every_seconds
-from ._targets import TargetsLike, target_spec
+from hcsdk._portal import portal
+from hcsdk._schedules import every_seconds
+from hcsdk._targets import TargetsLike, target_spec
+from hcsdk.common.errors import RequestError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ._client import AsyncClient
+    from hcsdk._client import AsyncClient
 
 __all__ = ["FINISHED", "PROGRESS_COLUMNS", "AsyncRelease", "Release"]
 

@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._backoff import Backoff
-from ._display import ResultView
-from ._errors import MasterUnreachable, ZyError
-from ._wire import loads
+from hcsdk._display import ResultView
+from hcsdk.common.backoff import Backoff
+from hcsdk.common.errors import MasterUnreachable, ZyError
+from hcsdk.protocol.wire import loads
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ._client import AsyncClient
+    from hcsdk._client import AsyncClient
 
 __all__ = ["COLUMNS", "STATUSES", "AsyncRun", "Event"]
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._duration import seconds as duration_seconds
-from ._errors import RequestError
-from ._targets import TargetsLike, target_spec
+from hcsdk._targets import TargetsLike, target_spec
+from hcsdk.common.duration import seconds as duration_seconds
+from hcsdk.common.errors import RequestError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ._client import AsyncClient
+    from hcsdk._client import AsyncClient
 
 __all__ = ["SCHEDULE_COLUMNS", "SERIES_COLUMNS", "every_seconds"]
 
@@ -92,7 +92,7 @@ class AsyncSchedule:
     """What :meth:`AsyncClient.schedule` returns: the schedule's name, and ways to its data."""
 
     def __init__(self, client: AsyncClient, info: dict[str, Any]) -> None:
-        from ._run import AsyncRun
+        from hcsdk._run import AsyncRun
 
         self._client = client
         self.name: str = info["schedule"]["name"]
@@ -133,16 +133,16 @@ class Schedule:
         return repr(self._a)
 
     def agents(self) -> pd.DataFrame:
-        from ._portal import portal
+        from hcsdk._portal import portal
 
         return portal().call(self._a.agents)
 
     def series(self, since: Any = None, until: Any = None) -> pd.DataFrame:
-        from ._portal import portal
+        from hcsdk._portal import portal
 
         return portal().call(self._a.series, since, until)
 
     def cancel(self) -> dict[str, Any]:
-        from ._portal import portal
+        from hcsdk._portal import portal
 
         return portal().call(self._a.cancel)

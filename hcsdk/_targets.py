@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ._errors import TargetError
+from hcsdk.common.errors import TargetError
 
 __all__ = ["TargetsLike", "target_spec"]
 

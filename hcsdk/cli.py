@@ -11,7 +11,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
+from hcsdk.common.version import __version__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         a = asub.add_parser(action, help=text)
         a.add_argument("uuid")
         a.set_defaults(func=_cmd_agent_action, agent_action=action)
-    from . import cli_lifecycle
+    from hcsdk import cli_lifecycle
 
     cli_lifecycle.register(sub, asub)
 
@@ -98,7 +98,7 @@ class UsageError(Exception):
 
 
 def parse_duration(text: str) -> float:
-    from ._duration import seconds
+    from hcsdk.common.duration import seconds
 
     try:
         return seconds(text)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from ._errors import ZyError
+    from hcsdk.common.errors import ZyError
 
     try:
         return int(args.func(args) or 0)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _client() -> Any:
-    from ._client import Client
+    from hcsdk._client import Client
 
     return Client()
 
@@ -153,8 +153,8 @@ def _console() -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ._cliargs import arg_pairs
-    from ._errors import RequestError
+    from hcsdk._cliargs import arg_pairs
+    from hcsdk.common.errors import RequestError
 
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
     cmd = args.cmd
@@ -331,7 +331,7 @@ def _cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
-    from . import localfleet
+    from hcsdk import localfleet
 
     if args.action == "up":
         agents = localfleet.DEFAULT_AGENTS[: args.agents] + [

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._cliargs import ARG_HELP, arg_pairs
+from hcsdk._cliargs import ARG_HELP, arg_pairs
 
 TARGETS_HELP = "a uuid or hostname, a glob ('web-*'), a label selector ('label:role=web'), or a comma-separated list"
 
@@ -82,7 +82,7 @@ def _targets(text: str) -> Any:
 
 
 def _client() -> Any:
-    from ._client import Client
+    from hcsdk._client import Client
 
     return Client()
 

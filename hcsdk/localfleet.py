@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._client import Client
+from hcsdk._client import Client
 
 ZY = [sys.executable, "-m", "hcsdk.cli"]
 

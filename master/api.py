@@ -17,11 +17,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hcsdk._e2e import b64, public_key
-from hcsdk._jointoken import JoinToken
-from hcsdk._tls import ca_fingerprint, norm_name
-from hcsdk._version import __version__
-from hcsdk._wire import dumps, loads
+from hcsdk.common.jointoken import JoinToken
+from hcsdk.common.version import __version__
+from hcsdk.net.tls import ca_fingerprint, norm_name
+from hcsdk.protocol.e2e import b64, public_key
+from hcsdk.protocol.wire import dumps, loads
 
 from .artifacts_api import artifact_routes
 from .blobs import SHA_RE

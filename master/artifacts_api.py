@@ -15,9 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from hcsdk._manifest import Manifest, ManifestError
-from hcsdk._safenames import is_sha256
-from hcsdk._wire import dumps, loads
+from hcsdk.protocol.manifest import Manifest, ManifestError
+from hcsdk.protocol.names import is_sha256
+from hcsdk.protocol.wire import dumps, loads
 
 from .bootstrap import Paths
 from .hub import Hub, RequestRejected
@@ -54,7 +54,7 @@ def artifact_routes(hub: Hub, paths: Paths, admin: Any) -> APIRouter:
 
     @router.post("/api/v1/artifacts")
     async def register(req: ArtifactRequest) -> dict[str, Any]:
-        # the manifest's own checks (hcsdk._safenames) refuse a name that is not a plain file name
+        # the manifest's own checks (hcsdk.protocol.names) refuse a name that is not a plain file name
         # or is one of the agent's own (.zy-*): it would name a file beside the agent's metadata
         try:
             manifest = Manifest.from_dict(req.manifest)

@@ -17,8 +17,8 @@ from typing import Any
 
 import anyio
 
-from hcsdk._asgi import Receive, Scope, Send, error, header, query, respond
-from hcsdk._limits import authenticated, send_file
+from hcsdk.net.asgi import Receive, Scope, Send, error, header, query, respond
+from hcsdk.net.limits import authenticated, send_file
 
 from .bootstrap import secret_hash
 from .hub import Hub

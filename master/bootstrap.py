@@ -8,8 +8,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from hcsdk._config import ClientConfig, user_config_path, write_client_config
-from hcsdk._tls import issue_server_cert, make_ca
+from hcsdk.common.config import ClientConfig, user_config_path, write_client_config
+from hcsdk.net.tls import issue_server_cert, make_ca
 
 from .store import Store
 
@@ -106,7 +106,7 @@ def master_only_names(paths: Paths) -> set[str]:
     """The master's own names that no proxy may have a certificate for. Loopback names are left
     out: a proxy on the master's own host legitimately serves them, and reaching them takes a
     foothold on that host already."""
-    from hcsdk._tls import norm_name
+    from hcsdk.net.tls import norm_name
 
     try:
         names = {norm_name(n) for n in paths.server_names.read_text().split()}
@@ -138,7 +138,7 @@ def ensure_admin_token(store: Store, paths: Paths) -> tuple[str, bool]:
 
 def ensure_e2e_key(paths: Paths) -> bytes:
     """The master's X25519 private key for end-to-end message keys (made once, 0600)."""
-    from hcsdk._e2e import new_keypair
+    from hcsdk.protocol.e2e import new_keypair
 
     if not paths.e2e_key.exists():
         private, _ = new_keypair()

@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from hcsdk._asgi import (
+from hcsdk.net.asgi import (
     Receive,
     Scope,
     Send,
@@ -32,11 +32,11 @@ from hcsdk._asgi import (
     query,
     respond,
 )
-from hcsdk._e2e import derive_key, unb64
-from hcsdk._limits import KeyedSlots, authenticated, declared_length, read_limited
-from hcsdk._mailbox import stream_mailbox
-from hcsdk._tls import norm_name, sign_csr
-from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, loads
+from hcsdk.net.limits import KeyedSlots, authenticated, declared_length, read_limited
+from hcsdk.net.mailbox import stream_mailbox
+from hcsdk.net.tls import norm_name, sign_csr
+from hcsdk.protocol.e2e import derive_key, unb64
+from hcsdk.protocol.wire import UP_TYPES, FrameDecoder, FrameError, loads
 
 from . import proxy_stats
 from .blobs import BlobStore
@@ -429,7 +429,7 @@ class ChannelApp:
     async def _json(self, receive: Receive, send: Send, limit: int = ENROLL_BODY,
                     scope: Scope | None = None, timeout: float | None = None) -> dict[str, Any] | None:
         """A JSON object body of at most ``limit`` bytes (by default the enrollment's), within
-        the body deadline; 413/408 beyond (see hcsdk._asgi.dispatch)."""
+        the body deadline; 413/408 beyond (see hcsdk.net.asgi.dispatch)."""
         deadline = min(timeout or self.settings.body_timeout, self.settings.body_timeout)
         raw = await read_limited(receive, limit, deadline, scope)
         try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import anyio
 
-from hcsdk._serve import parse_listen
+from hcsdk.net.serve import parse_listen
 
 from .settings import MasterSettings
 
@@ -103,7 +103,7 @@ def _main(args: argparse.Namespace) -> int:
         print("zy master: --ssh-proxy needs --ssh-key and --ssh-known-hosts (the host key to expect)",
               file=sys.stderr)
         return 2
-    from hcsdk._serve import StartupError
+    from hcsdk.net.serve import StartupError
 
     from .server import serve
 

@@ -17,9 +17,9 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from hcsdk._e2e import sign, verify
-from hcsdk._mailbox import Mailbox
-from hcsdk._wire import dumps
+from hcsdk.net.mailbox import Mailbox
+from hcsdk.protocol.e2e import sign, verify
+from hcsdk.protocol.wire import dumps
 
 from .db import Db
 from .schedule_spec import schedule_args
@@ -430,7 +430,7 @@ class Hub:
 
 
 def _loads(text: str) -> Any:
-    from hcsdk._wire import loads
+    from hcsdk.protocol.wire import loads
 
     return loads(text)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from hcsdk._wire import dumps, loads
+from hcsdk.protocol.wire import dumps, loads
 
 from .hub import Hub, RequestRejected
 

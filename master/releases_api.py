@@ -8,7 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from hcsdk._manifest import Manifest, ManifestError
+from hcsdk.protocol.manifest import Manifest, ManifestError
 
 from .hub import Hub, RequestRejected
 from .releases import Releases
@@ -58,7 +58,7 @@ def release_routes(hub: Hub, releases: Releases, admin: Any) -> APIRouter:
             agents = resolve(req.targets, await hub.db(hub.db.store.target_rows))
         except ValueError as exc:
             raise RequestRejected(str(exc), kind="target") from None
-        from hcsdk._wire import loads
+        from hcsdk.protocol.wire import loads
 
         artifact = {"id": row[0], "name": row[1], "manifest": loads(row[2])}
         try:  # one registered before names were checked (a reserved name, say) goes to no agent

@@ -7,7 +7,7 @@ import hashlib
 import re
 from typing import Any
 
-from hcsdk._wire import dumps
+from hcsdk.protocol.wire import dumps
 
 #: what a schedule (and so its series) may be called: the API's rule, and a handshake's
 NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"

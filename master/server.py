@@ -11,10 +11,10 @@ from typing import Any
 
 import anyio
 
-from hcsdk._asgi import error
-from hcsdk._limits import AddressGate
-from hcsdk._reaper import ConnectionReaper
-from hcsdk._serve import (
+from hcsdk.net.asgi import error
+from hcsdk.net.limits import AddressGate
+from hcsdk.net.reaper import ConnectionReaper
+from hcsdk.net.serve import (
     StartupError,
     bound_port,
     check_port_free,
@@ -57,9 +57,9 @@ def build_app(hub: Hub, paths: Paths, urls: list[str], e2e_private: bytes,
         else:
             await error(send, 404, f"no route {path}")
 
-    # requests not yet authenticated, per source address (issue 13): see hcsdk._limits
+    # requests not yet authenticated, per source address (issue 13): see hcsdk.net.limits
     gated = AddressGate(app, hub.settings.address_limit)
-    # connections nobody authenticated on (issue 13 hole 5): see hcsdk._reaper
+    # connections nobody authenticated on (issue 13 hole 5): see hcsdk.net.reaper
     return reaper.wrap(gated) if reaper is not None else gated
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hcsdk._wire import DEFAULT_MAX_FRAME
+from hcsdk.protocol.wire import DEFAULT_MAX_FRAME
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import anyio
 
-from hcsdk._backoff import Backoff
+from hcsdk.common.backoff import Backoff
 
 log = logging.getLogger("zy.master.ssh")
 

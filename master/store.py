@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hcsdk._wire import dumps, loads
+from hcsdk.protocol.wire import dumps, loads
 
 FINAL = ("ok", "failed", "timeout", "offline", "cancelled", "error")
 _FINAL_SQL = "('ok','failed','timeout','offline','cancelled','error')"

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 
-from hcsdk._asgi import (
+from hcsdk.net.asgi import (
     Receive,
     Scope,
     Send,
@@ -28,13 +28,13 @@ from hcsdk._asgi import (
     query,
     respond,
 )
-from hcsdk._channel import ChannelLost
-from hcsdk._e2e import sign
-from hcsdk._h2conn import Response
-from hcsdk._limits import KeyedSlots, authenticated, read_limited
-from hcsdk._mailbox import stream_mailbox
-from hcsdk._tls import shared_client_context
-from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_frame, loads
+from hcsdk.net.channel import ChannelLost
+from hcsdk.net.h2conn import Response
+from hcsdk.net.limits import KeyedSlots, authenticated, read_limited
+from hcsdk.net.mailbox import stream_mailbox
+from hcsdk.net.tls import shared_client_context
+from hcsdk.protocol.e2e import sign
+from hcsdk.protocol.wire import UP_TYPES, FrameDecoder, FrameError, encode_frame, loads
 
 from .cache import Answer, ChunkCache, Fetch, UpstreamDown
 from .relay import Downstream, Pending, Relay

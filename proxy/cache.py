@@ -41,9 +41,9 @@ from typing import IO, Any
 
 import anyio
 
-from hcsdk._asgi import Send
-from hcsdk._limits import send_file
-from hcsdk._wire import dumps
+from hcsdk.net.asgi import Send
+from hcsdk.net.limits import send_file
+from hcsdk.protocol.wire import dumps
 
 log = logging.getLogger("zy.proxy.cache")
 

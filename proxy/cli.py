@@ -6,8 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from hcsdk._jointoken import JOIN_ENV, pop_env_token, reexec_without_join, running_as
-from hcsdk._serve import parse_listen
+from hcsdk.common.jointoken import JOIN_ENV, pop_env_token, reexec_without_join, running_as
+from hcsdk.net.serve import parse_listen
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -16,9 +16,9 @@ from typing import Any
 
 import anyio
 
-from hcsdk._channel import Channel
-from hcsdk._mailbox import Mailbox
-from hcsdk._wire import encode_frame
+from hcsdk.net.channel import Channel
+from hcsdk.net.mailbox import Mailbox
+from hcsdk.protocol.wire import encode_frame
 
 from .tamper import Tamper
 from .tracker import Releases, Tracker

@@ -13,13 +13,13 @@ from typing import Any
 
 import anyio
 
-from hcsdk import _facts as facts
-from hcsdk._channel import Channel, ChannelSettings
-from hcsdk._enroll import enroll
-from hcsdk._identity import StateDir
-from hcsdk._jointoken import JOIN_ENV, JoinToken, read_join
-from hcsdk._limits import AddressGate
-from hcsdk._serve import (
+from hcsdk.common import facts as facts
+from hcsdk.common.identity import StateDir
+from hcsdk.common.jointoken import JOIN_ENV, JoinToken, read_join
+from hcsdk.net.channel import Channel, ChannelSettings
+from hcsdk.net.enroll import enroll
+from hcsdk.net.limits import AddressGate
+from hcsdk.net.serve import (
     StartupError,
     bound_port,
     check_port_free,
@@ -28,7 +28,7 @@ from hcsdk._serve import (
     server_names,
     stop_server,
 )
-from hcsdk._tls import make_csr, norm_name
+from hcsdk.net.tls import make_csr, norm_name
 
 from .app import ProxyApp
 from .cache import ChunkCache
@@ -183,8 +183,8 @@ def run(settings: ProxySettings) -> int:
         print(f"zy proxy: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # enrollment trouble and the like: one line, not a traceback
-        from hcsdk._enroll import EnrollError
-        from hcsdk._errors import JoinTokenError
+        from hcsdk.common.errors import JoinTokenError
+        from hcsdk.net.enroll import EnrollError
 
         if isinstance(exc, (EnrollError, JoinTokenError)):
             print(f"zy proxy: {exc}", file=sys.stderr)

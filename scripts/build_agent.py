@@ -6,13 +6,13 @@
 - ``DIR/zy-agent.pyz``: a zipapp of the agent's pure-Python code and dependencies, copied from the
   running interpreter's packages (no network, a second or two). Runs on any stdlib Python 3.11+:
   ``python3 zy-agent.pyz --join-file PATH --state-dir D``. Enrollment uses the pure-Python X25519 in
-  ``hcsdk/_x25519.py`` there, since the compiled ``cryptography`` cannot load from a zip.
+  ``hcsdk/protocol/x25519.py`` there, since the compiled ``cryptography`` cannot load from a zip.
 - ``DIR/zy-agent``: a PyInstaller one-file executable bundling the interpreter (and ``orjson``,
   but not ``cryptography``: it enrolls as the zipapp does); needs only a glibc at least as new as
   the build host's.
 
 Both take ``zy agent``'s options, and ``--zy-worker`` (the plugin worker the agent starts).
-``--version V`` stamps V into the built copy of ``hcsdk/_version.py`` only (self-update tests
+``--version V`` stamps V into the built copy of ``hcsdk/common/version.py`` only (self-update tests
 need an agent whose version differs from the running one's). Run it with the interpreter whose
 packages are to be shipped (``make agent`` uses .venv/bin/python).
 """
@@ -44,10 +44,10 @@ OPTIONAL = ["sniffio", "typing_extensions"]
 
 #: never bundled into the one-file build: what only the SDK, the services, the notebooks or the
 #: httpx command line use (imports the agent never reaches at run time). `cryptography` (~5 MiB of
-#: the executable) served only the one X25519 exchange at enrollment, which hcsdk/_x25519.py does.
+#: the executable) served only the one X25519 exchange at enrollment, which hcsdk/protocol/x25519.py does.
 EXCLUDES = [
     "cryptography", "_cffi_backend", "cffi", "_pytest", "packaging",
-    "master", "proxy", "kernel_ext", "hcsdk.localfleet", "hcsdk.cli", "hcsdk._serve",
+    "master", "proxy", "kernel_ext", "hcsdk.localfleet", "hcsdk.cli", "hcsdk.net.serve",
     "pandas", "numpy", "pyarrow", "IPython", "ipykernel", "ipywidgets", "jupyter_client", "jupyter_core",
     "jupyterlab", "notebook", "nbformat", "nbclient", "nbconvert", "papermill", "matplotlib", "traitlets",
     "fastapi", "starlette", "pydantic", "pydantic_core", "granian", "psutil", "asyncssh", "uvloop",
@@ -134,7 +134,7 @@ def stage(dest: Path, version: str | None = None) -> Path:
     if version:
         if not re.fullmatch(r"[0-9A-Za-z.+!_-]+", version):
             raise BuildError(f"--version {version!r}: use letters, digits and . + ! _ - only")
-        (dest / "hcsdk" / "_version.py").write_text(f'__version__ = "{version}"\n')
+        (dest / "hcsdk" / "common" / "version.py").write_text(f'__version__ = "{version}"\n')
     (dest / "__main__.py").write_text(ENTRY)
     return dest
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "and zy-agent.pyz (zipapp for a stdlib Python 3.11+).")
     parser.add_argument("--out", type=Path, default=ROOT / "dist", help="output directory (default dist/)")
     parser.add_argument("--only", choices=["pyz", "onefile"], help="build just one form")
-    parser.add_argument("--version", help="stamp this version into the built copy of hcsdk/_version.py")
+    parser.add_argument("--version", help="stamp this version into the built copy of hcsdk/common/version.py")
     parser.add_argument("--no-pyc", action="store_true",
                         help="leave compiled bytecode out of the zipapp (smaller; slower start on every Python)")
     parser.add_argument("--work", type=Path, help="keep PyInstaller's work files here (default: a temporary dir)")

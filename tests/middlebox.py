@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from hcsdk._tls import issue_server_cert
+from hcsdk.net.tls import issue_server_cert
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 

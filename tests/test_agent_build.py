@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from fleet import Fleet, Proc
-from hcsdk import _e2e, _x25519
+from hcsdk.protocol import e2e as _e2e
+from hcsdk.protocol import x25519 as _x25519
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "scripts" / "build_agent.py"
@@ -100,7 +101,7 @@ def test_zipapp_on_a_bare_python_enrolls_and_runs(master: Fleet, pyz: Path, tmp_
 def test_zipapp_holds_only_what_the_agent_needs(pyz: Path) -> None:
     with zipfile.ZipFile(pyz) as zf:
         top = {name.split("/")[0].removesuffix(".pyc").removesuffix(".py") for name in zf.namelist()}
-        version = zf.read("hcsdk/_version.py").decode()
+        version = zf.read("hcsdk/common/version.py").decode()
         names = set(zf.namelist())
         assert not [n for n in names if n.endswith((".so", ".pyd", ".dll", ".dylib"))]
         # bytecode beside every module, for a Python of the building one's version
@@ -127,10 +128,10 @@ archive, version = sys.argv[1:3]
 sys.path.insert(0, archive)
 sys.modules.setdefault("httpx._main", None)
 import agent.__main__, agent.cli, agent.core, agent.executor, agent.worker
-import hcsdk._channel, hcsdk._enroll, hcsdk._e2e, hcsdk._facts, hcsdk._version
+import hcsdk.net.channel, hcsdk.net.enroll, hcsdk.protocol.e2e, hcsdk.common.facts, hcsdk.common.version
 stdlib = sysconfig.get_paths()["stdlib"]
 print(json.dumps({
-    "version": hcsdk._version.__version__,
+    "version": hcsdk.common.version.__version__,
     "loaded": sorted({name.split(".")[0] for name in sys.modules}),
     "outside": sorted(name for name, mod in list(sys.modules.items())
                       if getattr(mod, "__file__", None) and not mod.__file__.startswith((archive, stdlib))),

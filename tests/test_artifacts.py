@@ -13,7 +13,7 @@ import pytest
 
 from fleet import ZY, Fleet
 from hcsdk import RequestError
-from hcsdk._manifest import CHUNK_SIZE, Manifest, ManifestError, build_manifest
+from hcsdk.protocol.manifest import CHUNK_SIZE, Manifest, ManifestError, build_manifest
 
 
 class Interrupted(Exception):

@@ -20,8 +20,8 @@ import pytest
 
 from fleet import ZY, Fleet, Proc, wait_for
 from hcsdk import AuthError, Client, JoinToken, RequestError, TargetError
-from hcsdk._e2e import b64, new_keypair
-from hcsdk._tls import client_context
+from hcsdk.net.tls import client_context
+from hcsdk.protocol.e2e import b64, new_keypair
 
 
 def _frame(msg: dict) -> bytes:
@@ -191,7 +191,7 @@ class Impostor:
     the authorization header and body, where a credential would be)."""
 
     def __init__(self, root: Path):
-        from hcsdk._tls import issue_server_cert, make_ca
+        from hcsdk.net.tls import issue_server_cert, make_ca
 
         self.ca, ca_key = make_ca()  # the same name a real master's CA has
         cert, key = issue_server_cert(self.ca, ca_key, ["127.0.0.1", "localhost"])
@@ -262,7 +262,7 @@ def _never_enrolled(fl: Fleet, name: str) -> None:
 
 def test_a_token_pinning_another_ca_is_refused(fl: Fleet) -> None:
     """The real master, but the token pins another (real) CA: the agent refuses to enroll."""
-    from hcsdk._tls import ca_fingerprint, make_ca
+    from hcsdk.net.tls import ca_fingerprint, make_ca
 
     real = JoinToken.decode(fl.token)
     forged = dataclasses.replace(real, ca_fingerprint=ca_fingerprint(make_ca()[0]))
@@ -358,7 +358,7 @@ def test_a_connected_agent_cannot_be_taken_over_by_re_enrolling(fl: Fleet) -> No
 
 
 def test_ca_pin_refuses_a_bundle_that_smuggles_a_second_ca() -> None:
-    from hcsdk._tls import ca_fingerprint, make_ca
+    from hcsdk.net.tls import ca_fingerprint, make_ca
 
     real, _ = make_ca()
     evil, _ = make_ca("evil")

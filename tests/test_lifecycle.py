@@ -256,7 +256,7 @@ def test_a_silent_dead_link_is_noticed_by_both_sides_and_healed(tmp_path: Path) 
 @pytest.mark.anyio
 async def test_polling_agent_probes_for_http2_in_the_background(fleet: Fleet) -> None:
     """The probe the agent runs while polling: against a master that speaks h2 it asks to switch."""
-    from hcsdk._channel import Channel, ChannelSettings, SwitchToH2
+    from hcsdk.net.channel import Channel, ChannelSettings, SwitchToH2
 
     ca = (fleet.root / "master" / "ca.pem").read_bytes()
     channel = Channel("probe", "x", [fleet.url], ca, facts=dict, labels={}, outbox=lambda _: [],

@@ -12,7 +12,7 @@ import pytest
 from chunkclient import ChunkClient, enroll_clients
 
 from fleet import Fleet, wait_for
-from hcsdk._manifest import CHUNK_SIZE
+from hcsdk.protocol.manifest import CHUNK_SIZE
 
 NAMES = ("pp-1", "pp-2", "pp-3")
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from fleet import Fleet, wait_for
-from hcsdk._manifest import CHUNK_SIZE
+from hcsdk.protocol.manifest import CHUNK_SIZE
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def test_services_do_not_import_each_other() -> None:
 def test_agent_loads_without_pandas_or_server_libraries() -> None:
     """What `zy agent` imports once enrolled: no SDK, server or enrollment-only libraries (the
     idle agent's 35 MiB depend on it: docs/performance.md)."""
-    code = ("import sys; sys.argv = ['zy', 'agent']; import hcsdk.cli, agent.cli, agent.core, hcsdk._channel; "
+    code = ("import sys; sys.argv = ['zy', 'agent']; import hcsdk.cli, agent.cli, agent.core, hcsdk.net.channel; "
             "bad = {'pandas', 'numpy', 'fastapi', 'granian', 'starlette', 'IPython', 'rich', 'pygments', 'click', "
             "'cryptography'} & {m.split('.')[0] for m in sys.modules}; "
             "print(', '.join(sorted(bad))); sys.exit(1 if bad else 0)")

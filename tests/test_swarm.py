@@ -99,8 +99,8 @@ def test_one_h2_connection_carries_more_requests_than_the_server_stream_limit(fl
     at once than the master's 256-stream limit must wait for a slot, not fail."""
     import asyncio
 
-    from hcsdk._h2conn import H2Connection
-    from hcsdk._tls import shared_client_context
+    from hcsdk.net.h2conn import H2Connection
+    from hcsdk.net.tls import shared_client_context
 
     async def burst() -> tuple[int, set[int]]:
         ca = (fleet.root / "master" / "ca.pem").read_bytes()

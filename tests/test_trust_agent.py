@@ -27,8 +27,8 @@ from agent.chunkstore import ChunkStore
 from agent.peer import CLOCK_SKEW, HEAD_DEADLINE, PER_ADDRESS, PeerServer, fetch_from_peer, token
 from fleet import Fleet
 from hcsdk import RequestError
-from hcsdk._manifest import CHUNK_SIZE
 from hcsdk._portal import portal
+from hcsdk.protocol.manifest import CHUNK_SIZE
 
 KEY = "ab" * 32
 

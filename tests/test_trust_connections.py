@@ -1,7 +1,7 @@
 """Attack on a real master (issue 13, hole 5, per-address connections): connections that complete
 TLS (ALPN h2 or http/1.1) and then send nothing. granian closes raw TCP that sends nothing
 (its header timeout) but holds these forever, ~10 KiB and one fd each; the master's connection
-reaper (hcsdk._reaper) closes them once no request authenticated on them within
+reaper (hcsdk.net.reaper) closes them once no request authenticated on them within
 ``--idle-connection-grace``. Authenticated connections (the honest agent's h2 channel, the
 SDK's) are never cut. Fails without the reaper: the idle connections stay open.
 

@@ -24,9 +24,9 @@ import pytest
 
 from fleet import Fleet, wait_for
 from hcsdk import JoinToken
-from hcsdk._e2e import b64, derive_key, new_keypair, sign, unb64
-from hcsdk._tls import client_context
-from hcsdk._wire import DOWN_TYPES, FrameDecoder, dumps
+from hcsdk.net.tls import client_context
+from hcsdk.protocol.e2e import b64, derive_key, new_keypair, sign, unb64
+from hcsdk.protocol.wire import DOWN_TYPES, FrameDecoder, dumps
 
 MiB = 1024 * 1024
 ADDRESS_LIMIT = 8

@@ -32,10 +32,10 @@ import pytest
 
 from fleet import ZY, Fleet, Proc, wait_for
 from hcsdk import Client
-from hcsdk._e2e import b64, new_keypair
-from hcsdk._errors import MasterUnreachable
-from hcsdk._jointoken import JoinToken
-from hcsdk._tls import client_context, issue_server_cert, make_csr
+from hcsdk.common.errors import MasterUnreachable
+from hcsdk.common.jointoken import JoinToken
+from hcsdk.net.tls import client_context, issue_server_cert, make_csr
+from hcsdk.protocol.e2e import b64, new_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from agent.spool import Spool
 from hcsdk import JoinToken, JoinTokenError
-from hcsdk._backoff import Backoff
-from hcsdk._duration import seconds
 from hcsdk._targets import target_spec
-from hcsdk._wire import UP_TYPES, FrameDecoder, FrameError, encode_batch, encode_frame
+from hcsdk.common.backoff import Backoff
+from hcsdk.common.duration import seconds
+from hcsdk.protocol.wire import UP_TYPES, FrameDecoder, FrameError, encode_batch, encode_frame
 from master.targets import TargetError, resolve
 
 json_values = st.recursive(
@@ -149,8 +149,8 @@ def test_spool_claims_a_taskid_once_and_forgets_only_acknowledged(tmp_path: Path
 
 
 def test_e2e_keys_agree_and_macs_catch_alteration() -> None:
-    from hcsdk._e2e import derive_key, new_keypair, sign, verify
-    from hcsdk._wire import loads
+    from hcsdk.protocol.e2e import derive_key, new_keypair, sign, verify
+    from hcsdk.protocol.wire import loads
 
     m_priv, m_pub = new_keypair()
     a_priv, a_pub = new_keypair()

@@ -21,7 +21,7 @@ import pytest
 
 from fleet import Fleet, wait_for
 from hcsdk import Client
-from hcsdk._version import __version__
+from hcsdk.common.version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW = "9.9.9+update-test"
@@ -78,7 +78,7 @@ def _events(fl: Fleet, run_id: str) -> list[dict[str, Any]]:
     """Every event the master stored for a run, as its event stream gives them."""
     import httpx
 
-    from hcsdk._wire import loads
+    from hcsdk.protocol.wire import loads
 
     resp = httpx.get(f"{fl.url}/api/v1/runs/{run_id}/events", headers={"authorization": f"Bearer {fl.admin_token}"},
                      verify=ssl.create_default_context(cafile=str(fl.root / "master" / "ca.pem")), timeout=30)

@@ -2,7 +2,7 @@
 
 The zipapp agent (``zy-agent.pyz``) runs on any stdlib Python 3.11+, where the compiled
 `cryptography` package cannot be loaded from the archive. Enrollment needs one X25519 key pair
-and one Diffie-Hellman exchange (see ``hcsdk._e2e``); that is all this module does, and only
+and one Diffie-Hellman exchange (see ``hcsdk.protocol.e2e``); that is all this module does, and only
 where `cryptography` cannot be imported.
 
 Python integers are not constant-time, so this leaks timing in principle. It runs once per agent,

@@ -8,8 +8,8 @@ from typing import Any
 
 import anyio
 
-from ._asgi import Receive, Send
-from ._wire import encode_frame
+from hcsdk.net.asgi import Receive, Send
+from hcsdk.protocol.wire import encode_frame
 
 __all__ = ["Mailbox", "stream_mailbox"]
 

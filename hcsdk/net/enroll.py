@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import httpx
 
-from ._e2e import b64, derive_key, new_keypair, unb64
-from ._http import error_message
-from ._identity import Identity, StateDir
-from ._jointoken import JoinToken
-from ._tls import ca_fingerprint, shared_client_context, split_certs
+from hcsdk.common.identity import Identity, StateDir
+from hcsdk.common.jointoken import JoinToken
+from hcsdk.net.http import error_message
+from hcsdk.net.tls import ca_fingerprint, shared_client_context, split_certs
+from hcsdk.protocol.e2e import b64, derive_key, new_keypair, unb64
 
 
 class EnrollError(Exception):

@@ -49,7 +49,7 @@ def granian_server(app: Any, host: str, port: int, cert: Path, key: Path, *, htt
         max_headers_size=MAX_HEADERS,
     )
     # a deadline on the request head: a client that opens a connection and trickles its
-    # headers holds nothing for long (bodies get theirs from the handlers: hcsdk._limits)
+    # headers holds nothing for long (bodies get theirs from the handlers: hcsdk.net.limits)
     h1 = HTTP1Settings(header_read_timeout=max(1, int(header_timeout * 1000)), keep_alive=True)
     return Server(
         app, address=host, port=port, interface=Interfaces.ASGINL,

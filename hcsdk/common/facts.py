@@ -7,7 +7,7 @@ import platform
 import socket
 from typing import Any
 
-from ._version import __version__
+from hcsdk.common.version import __version__
 
 
 def _os_release() -> dict[str, str]:

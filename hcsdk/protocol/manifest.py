@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._safenames import UnsafeName, check_file_name, is_sha256
+from hcsdk.protocol.names import UnsafeName, check_file_name, is_sha256
 
 __all__ = ["CHUNK_SIZE", "Manifest", "ManifestError", "build_manifest", "iter_chunks"]
 

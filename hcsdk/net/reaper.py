@@ -7,7 +7,7 @@ reaper looks at the process's own sockets (/proc/self/fd, /proc/self/net/tcp{,6}
 down, from outside granian, accepted connections that no request has authenticated on:
 those older than ``grace``, and per source address the oldest beyond ``per_address``.
 
-A request marks its connection as authenticated through ``hcsdk._limits.authenticated``
+A request marks its connection as authenticated through ``hcsdk.net.limits.authenticated``
 (the scope carries ``self.mark`` under ``REAPER_KEY``); an authenticated connection (an
 agent's h2 channel, an SDK keep-alive) is never cut. Outbound connections are never touched:
 only sockets whose local port is the listening port count. Linux only; elsewhere a no-op.
@@ -29,7 +29,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from hcsdk._asgi import Receive, Scope, Send
+from hcsdk.net.asgi import Receive, Scope, Send
 
 __all__ = ["REAPER_KEY", "ConnectionReaper", "Conn", "scan_connections"]
 

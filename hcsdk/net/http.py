@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from ._errors import AuthError, MasterUnreachable, RequestError, TargetError, ZyError
+from hcsdk.common.errors import AuthError, MasterUnreachable, RequestError, TargetError, ZyError
 
 
 @contextmanager

@@ -26,7 +26,7 @@ _INFO = b"zy e2e v1 "
 
 def _crypto() -> bool:
     """Whether `cryptography` can be imported; without it (the zipapp agent on a bare Python)
-    ``hcsdk._x25519`` computes the same keys in pure Python."""
+    ``hcsdk.protocol.x25519`` computes the same keys in pure Python."""
     try:
         import cryptography.hazmat.primitives.asymmetric.x25519  # noqa: F401
     except ImportError:
@@ -37,7 +37,7 @@ def _crypto() -> bool:
 def new_keypair() -> tuple[bytes, bytes]:
     """(private, public) raw X25519 keys."""
     if not _crypto():
-        from . import _x25519
+        from hcsdk.protocol import x25519 as _x25519
 
         private = _x25519.new_private()
         return private, _x25519.public_key(private)
@@ -52,7 +52,7 @@ def new_keypair() -> tuple[bytes, bytes]:
 
 def public_key(private: bytes) -> bytes:
     if not _crypto():
-        from . import _x25519
+        from hcsdk.protocol import x25519 as _x25519
 
         return _x25519.public_key(private)
     from cryptography.hazmat.primitives import serialization
@@ -65,7 +65,7 @@ def public_key(private: bytes) -> bytes:
 def derive_key(private: bytes, peer_public: bytes, agent_uuid: str) -> bytes:
     """The shared 32-byte MAC key of one agent (the same on both ends)."""
     if not _crypto():
-        from . import _x25519
+        from hcsdk.protocol import x25519 as _x25519
 
         shared = _x25519.derive_shared(private, peer_public)
         return _x25519.hkdf_sha256(shared, 32, _INFO + agent_uuid.encode())

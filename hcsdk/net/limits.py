@@ -18,8 +18,8 @@ from pathlib import Path
 
 import anyio
 
-from hcsdk._asgi import BodyTimeout, BodyTooLarge, ClientGone, Receive, Scope, Send, error, header
-from hcsdk._reaper import REAPER_KEY
+from hcsdk.net.asgi import BodyTimeout, BodyTooLarge, ClientGone, Receive, Scope, Send, error, header
+from hcsdk.net.reaper import REAPER_KEY
 
 __all__ = ["AddressGate", "BodyTimeout", "KeyedSlots", "authenticated", "client_address", "declared_length",
            "read_limited", "send_file"]
@@ -146,7 +146,7 @@ def authenticated(scope: Scope) -> None:
     release = scope.pop(_GATE_KEY, None)
     if release is not None:
         release()
-    mark = scope.get(REAPER_KEY)  # and its connection is never closed as idle (hcsdk._reaper)
+    mark = scope.get(REAPER_KEY)  # and its connection is never closed as idle (hcsdk.net.reaper)
     if mark is not None:
         mark(scope)
 

@@ -23,11 +23,11 @@ from typing import Any
 import anyio
 import httpx
 
-from ._backoff import Backoff
-from ._h2conn import H2Connection, H2Error, NotH2, Response
-from ._http import error_message
-from ._tls import shared_client_context
-from ._wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder, encode_frame
+from hcsdk.common.backoff import Backoff
+from hcsdk.net.h2conn import H2Connection, H2Error, NotH2, Response
+from hcsdk.net.http import error_message
+from hcsdk.net.tls import shared_client_context
+from hcsdk.protocol.wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder, encode_frame
 
 log = logging.getLogger("zy.channel")
 #: HTTP/1.1 connections for bulk transfers at once (a release fetches 4 chunks at a time)

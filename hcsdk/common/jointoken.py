@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from ._errors import JoinTokenError
+from hcsdk.common.errors import JoinTokenError
 
 __all__ = [
     "JOIN_ENV", "JoinToken", "pop_env_token", "read_join", "reexec_without_join", "running_as", "strip_join_args",

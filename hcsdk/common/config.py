@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._errors import ConfigError
+from hcsdk.common.errors import ConfigError
 
 __all__ = ["ClientConfig", "load_client_config", "user_config_path", "write_client_config"]
 
