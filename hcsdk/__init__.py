@@ -36,6 +36,7 @@ from hcsdk.common.errors import (
     MasterUnreachable,
     RequestError,
     TargetError,
+    UsageError,
     ZyError,
 )
 from hcsdk.common.jointoken import JoinToken
@@ -58,6 +59,7 @@ __all__ = [
     "ResultView",
     "Run",
     "TargetError",
+    "UsageError",
     "ZyError",
     "__version__",
     "load_client_config",

@@ -19,7 +19,7 @@ import anyio
 
 from hcsdk._portal import portal
 from hcsdk._targets import TargetsLike
-from hcsdk.common.errors import RequestError
+from hcsdk.common.errors import TargetError, UsageError
 from hcsdk.net.http import map_exceptions
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class AsyncAgents:
         """Store a build on the master (streamed); returns its ``sha256`` and ``size``."""
         path = Path(build)
         if not await anyio.Path(path).is_file():
-            raise RequestError(f"no build at {path} (make agent writes dist/zy-agent and dist/zy-agent.pyz)", 0)
+            raise UsageError(f"no build at {path} (make agent writes dist/zy-agent and dist/zy-agent.pyz)")
 
         async def chunks() -> AsyncIterator[bytes]:
             async with await anyio.open_file(path, "rb") as fh:
@@ -65,7 +65,7 @@ class AsyncAgents:
         import pandas as pd
 
         if batch_size < 1 or max_failures < 0:
-            raise RequestError("batch_size must be at least 1 and max_failures at least 0", 0)
+            raise UsageError("batch_size must be at least 1 and max_failures at least 0")
         agents = await self._targets(targets)
         blob = await self.upload_build(build)
         args = {"sha256": blob["sha256"], "size": blob["size"], "filename": Path(build).name,
@@ -118,7 +118,7 @@ class AsyncAgents:
             chosen = list(await self._client._request("GET", "/api/v1/inventory", params=params))
         agents = [r for r in chosen if r.get("kind", "agent") == "agent"]
         if not agents:
-            raise RequestError(f"no agents match {targets!r}", 0)
+            raise TargetError(f"no agents match {targets!r}")
         return agents
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from hcsdk._portal import portal
-from hcsdk.common.errors import RequestError
+from hcsdk.common.errors import UsageError
 from hcsdk.net.http import map_exceptions
 from hcsdk.protocol.manifest import CHUNK_SIZE, Manifest, build_manifest
 from hcsdk.protocol.names import UnsafeName, check_file_name
@@ -45,9 +45,9 @@ class AsyncArtifacts:
         try:  # before reading a byte: the master and every agent refuse these names too
             check_file_name(name or path.name, "artifact name")
         except UnsafeName as exc:
-            raise RequestError(f"cannot upload {path}: {exc} (pass name=... to store it under another)", 0) from None
+            raise UsageError(f"cannot upload {path}: {exc} (pass name=... to store it under another)") from None
         if not await anyio.Path(path).is_file():
-            raise RequestError(f"no file at {path}", 0)
+            raise UsageError(f"no file at {path}")
         manifest = await anyio.to_thread.run_sync(build_manifest, path, name, chunk_size)
         missing = set(await self._missing(manifest))
         first = {sha: i for i, sha in reversed(list(enumerate(manifest.chunks)))}  # a chunk twice: sent once
@@ -81,7 +81,7 @@ class AsyncArtifacts:
                                                  headers={"content-type": "application/octet-stream"})
         stored = self._client._check(resp)
         if stored["sha256"] != manifest.chunks[index]:
-            raise RequestError(f"{path} changed while it was uploaded (chunk {index} differs); upload it again", 0)
+            raise UsageError(f"{path} changed while it was uploaded (chunk {index} differs); upload it again")
 
     async def list(self) -> pd.DataFrame:
         import pandas as pd

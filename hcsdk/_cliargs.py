@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hcsdk.common.errors import RequestError
+from hcsdk.common.errors import UsageError
 
 __all__ = ["ARG_HELP", "arg_pairs"]
 
@@ -20,13 +20,13 @@ def arg_pairs(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip(":").strip():
-            raise RequestError(f"--arg wants KEY=TEXT or KEY:=JSON, got {item!r}", 0)
+            raise UsageError(f"--arg wants KEY=TEXT or KEY:=JSON, got {item!r}")
         if key.endswith(":"):
             key = key[:-1]
             try:
                 out[key.strip()] = json.loads(raw)
             except ValueError as exc:
-                raise RequestError(f"--arg {item!r}: the value after := is not JSON ({exc})", 0) from None
+                raise UsageError(f"--arg {item!r}: the value after := is not JSON ({exc})") from None
         else:
             out[key.strip()] = raw
     return out

@@ -17,7 +17,7 @@ from hcsdk._portal import portal
 from hcsdk._run import AsyncRun, Event
 from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.config import load_client_config
-from hcsdk.common.errors import RequestError
+from hcsdk.common.errors import ConfigError, UsageError
 from hcsdk.net.http import check, map_exceptions
 from hcsdk.net.tls import client_context
 
@@ -38,8 +38,8 @@ def _script_args(script: str | bytes | Sequence[str] | None, cmd: str | None,
         try:
             script = script.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise RequestError(f"the script is not valid UTF-8 (byte {exc.start}): pass text, "
-                               "or encode binary content (e.g. base64) inside the script", 0) from None
+            raise UsageError(f"the script is not valid UTF-8 (byte {exc.start}): pass text, "
+                               "or encode binary content (e.g. base64) inside the script") from None
     if cmd is None:
         cmd = "exec" if script is not None and not isinstance(script, str) else "shell"
     merged = dict(args or {})
@@ -54,13 +54,13 @@ def _script_args(script: str | bytes | Sequence[str] | None, cmd: str | None,
 def _argv(script: str | Sequence[str]) -> list[str]:
     # list("echo hi") would be ['e', 'c', ...]: a string is never an argv, so say what to pass
     if isinstance(script, str):
-        raise RequestError(f"cmd='exec' takes an argv list, e.g. {script.split() or ['echo', 'hi']!r}, "
-                           f"not the string {script!r} (for a shell script use cmd='shell', the default)", 0)
+        raise UsageError(f"cmd='exec' takes an argv list, e.g. {script.split() or ['echo', 'hi']!r}, "
+                           f"not the string {script!r} (for a shell script use cmd='shell', the default)")
     argv = list(script)
     bad = next((a for a in argv if not isinstance(a, str)), None)
     if bad is not None or not argv:
-        raise RequestError("cmd='exec' takes a non-empty list of strings (program and arguments)"
-                           + (f"; got {type(bad).__name__} {bad!r}" if bad is not None else ""), 0)
+        raise UsageError("cmd='exec' takes a non-empty list of strings (program and arguments)"
+                           + (f"; got {type(bad).__name__} {bad!r}" if bad is not None else ""))
     return argv
 
 
@@ -78,7 +78,7 @@ class AsyncClient:
             cfg = load_client_config()
             url, token, ca = cfg.url, token or cfg.token, ca or cfg.ca
         if not token:
-            raise RequestError("a token is needed to talk to the master", 0)
+            raise ConfigError("a token is needed to talk to the master")
         self.url = url.rstrip("/")
         self._stream_timeout = httpx.Timeout(timeout, read=60.0)
         self._http = httpx.AsyncClient(

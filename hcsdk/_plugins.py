@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from hcsdk._portal import portal
 from hcsdk._targets import TargetsLike
-from hcsdk.common.errors import RequestError
+from hcsdk.common.errors import UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,22 +44,22 @@ def bundle(path_or_package: str | Path) -> tuple[str, str, bytes]:
     if not path.exists() and isinstance(path_or_package, str) and "/" not in path_or_package:
         spec = importlib.util.find_spec(path_or_package)
         if spec is None or spec.origin is None:
-            raise RequestError(f"no plugin file, directory or importable module {path_or_package!r}", 0)
+            raise UsageError(f"no plugin file, directory or importable module {path_or_package!r}")
         path = Path(spec.origin)
         if path.name == "__init__.py":
             path = path.parent
     if path.is_dir():
         if not (path / "__init__.py").is_file():
-            raise RequestError(f"{path} is a directory without __init__.py: a plugin is a .py file or a package", 0)
+            raise UsageError(f"{path} is a directory without __init__.py: a plugin is a .py file or a package")
         name, kind, data = path.name, "zip", _zip_package(path)
     elif path.suffix == ".py" and path.is_file():
         name, kind, data = path.stem, "py", path.read_bytes()
     else:
-        raise RequestError(f"{path} is not a plugin: give a .py file or a package directory", 0)
+        raise UsageError(f"{path} is not a plugin: give a .py file or a package directory")
     if not _NAME_RE.match(name):
-        raise RequestError(f"plugin name {name!r} (from {path.name}) must be lowercase letters, digits and _", 0)
+        raise UsageError(f"plugin name {name!r} (from {path.name}) must be lowercase letters, digits and _")
     if len(data) > MAX_BUNDLE:
-        raise RequestError(f"{path} makes a bundle of {len(data)} bytes; plugins are limited to {MAX_BUNDLE}", 0)
+        raise UsageError(f"{path} makes a bundle of {len(data)} bytes; plugins are limited to {MAX_BUNDLE}")
     return name, kind, data
 
 

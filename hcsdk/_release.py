@@ -21,7 +21,7 @@ import anyio
 from hcsdk._portal import portal
 from hcsdk._schedules import every_seconds
 from hcsdk._targets import TargetsLike, target_spec
-from hcsdk.common.errors import RequestError
+from hcsdk.common.errors import UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -45,7 +45,7 @@ def _duration(value: str | float | None) -> float:
 
 async def create(client: AsyncClient, artifact: str, targets: TargetsLike, dest: str, **options: Any) -> AsyncRelease:
     if not dest.startswith("/"):
-        raise RequestError(f"dest={dest!r} must be an absolute path on the targets", 0)
+        raise UsageError(f"dest={dest!r} must be an absolute path on the targets")
     options["pause_between"] = _duration(options.get("pause_between"))
     body = {"artifact": artifact, "targets": target_spec(targets), "dest": dest,
             **{k: v for k, v in options.items() if v is not None}}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.duration import seconds as duration_seconds
-from hcsdk.common.errors import RequestError
+from hcsdk.common.errors import UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,9 +35,9 @@ def every_seconds(every: str | float) -> float:
     try:
         seconds = duration_seconds(every)
     except ValueError:
-        raise RequestError(f"every={every!r}: give a period like '10s', '5m', '1h' or a number of seconds", 0) from None
+        raise UsageError(f"every={every!r}: give a period like '10s', '5m', '1h' or a number of seconds") from None
     if seconds < 1:
-        raise RequestError(f"every={every!r} is under a second; schedules run at most once a second", 0)
+        raise UsageError(f"every={every!r} is under a second; schedules run at most once a second")
     return seconds
 
 

@@ -93,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(Exception):
-    """A command line that cannot work: shown with that subcommand's usage, exit status 2."""
+class CommandLineError(Exception):
+    """A command line that cannot work: shown with that subcommand's usage, exit status 2 (the
+    SDK's own ``UsageError`` raised later, by a call, prints as ``zy: ...`` like every ZyError)."""
 
 
 def parse_duration(text: str) -> float:
@@ -103,7 +104,7 @@ def parse_duration(text: str) -> float:
     try:
         return seconds(text)
     except ValueError:
-        raise UsageError(f"cannot read {text!r} as a duration (use seconds or 30m, 24h, 7d)") from None
+        raise CommandLineError(f"cannot read {text!r} as a duration (use seconds or 30m, 24h, 7d)") from None
 
 
 def _own_parsers(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except UsageError as exc:
+    except CommandLineError as exc:
         leaf.error(str(exc))  # exits 2, like every other usage error
     except ZyError as exc:
         print(f"zy: {exc}", file=sys.stderr)
@@ -154,20 +155,20 @@ def _console() -> Any:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from hcsdk._cliargs import arg_pairs
-    from hcsdk.common.errors import RequestError
+    from hcsdk.common.errors import UsageError
 
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
     cmd = args.cmd
     if not script and cmd in ("shell", "exec"):
-        raise UsageError("give the script after --, e.g. zy run -t 'web-*' -- 'uptime'")
+        raise CommandLineError("give the script after --, e.g. zy run -t 'web-*' -- 'uptime'")
     targets: Any = args.targets
     if "," in targets and not targets.startswith("label:"):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     payload: Any = (" ".join(script) if cmd == "shell" else script) or None
     try:
         cmd_args = arg_pairs(args.arg)  # before the client: a typo is a usage error, master or not
-    except RequestError as exc:
-        raise UsageError(str(exc)) from None
+    except UsageError as exc:
+        raise CommandLineError(str(exc)) from None
     client = _client()
     run = client.run(payload, targets=targets, cmd=cmd, args=cmd_args, timeout=args.timeout)
     try:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from fleet import ZY, Fleet
-from hcsdk import RequestError
+from hcsdk import RequestError, UsageError
 from hcsdk.protocol.manifest import CHUNK_SIZE, Manifest, ManifestError, build_manifest
 
 
@@ -77,7 +77,7 @@ def test_bad_manifests_and_changing_files_are_refused(fleet: Fleet, tmp_path: Pa
         if done == 0:
             path.write_bytes(os.urandom(CHUNK_SIZE + 1))
 
-    with pytest.raises(RequestError, match="changed while it was uploaded"):
+    with pytest.raises(UsageError, match="changed while it was uploaded"):
         client.artifacts.upload(path, progress=change)
     with pytest.raises(ManifestError, match="plain file name"):
         Manifest(name="../x", size=0, sha256="0" * 64, chunk_size=CHUNK_SIZE, chunks=())

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from fleet import ZY, Fleet, Proc, wait_for
-from hcsdk import AuthError, Client, JoinToken, RequestError, TargetError
+from hcsdk import AuthError, Client, JoinToken, RequestError, TargetError, UsageError
 from hcsdk.net.tls import client_context
 from hcsdk.protocol.e2e import b64, new_keypair
 
@@ -84,7 +84,7 @@ def test_arguments_too_large_for_one_message_are_413(fl: Fleet) -> None:
 
 
 def test_non_utf8_script_is_refused_by_the_sdk(fl: Fleet) -> None:
-    with pytest.raises(RequestError, match="not valid UTF-8"):
+    with pytest.raises(UsageError, match="not valid UTF-8"):
         fl.client.run(b"echo \xff\xfe", targets="ok-1")
 
 

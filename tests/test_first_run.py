@@ -23,7 +23,7 @@ import pytest
 from requires import require
 
 from fleet import ZY, Fleet, wait_for
-from hcsdk import RequestError, TargetError
+from hcsdk import TargetError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -125,9 +125,9 @@ def test_inventory_wide_shows_every_column_and_full_uuids(dup: Fleet) -> None:
 
 # -- exec and label selectors ---------------------------------------------------------------------
 def test_exec_refuses_a_string_instead_of_splitting_it(dup: Fleet) -> None:
-    with pytest.raises(RequestError, match=r"cmd='exec' takes an argv list, e\.g\. \['echo', 'hi'\], not the string"):
+    with pytest.raises(UsageError, match=r"cmd='exec' takes an argv list, e\.g\. \['echo', 'hi'\], not the string"):
         dup.client.run("echo hi", cmd="exec", targets="twin", timeout=20)
-    with pytest.raises(RequestError, match="non-empty list of strings"):
+    with pytest.raises(UsageError, match="non-empty list of strings"):
         dup.client.run(["echo", 1], cmd="exec", targets="twin", timeout=20)  # type: ignore[list-item]
     df = dup.client.run(["echo", "hi"], cmd="exec", targets="twin", timeout=30).to_dataframe()
     assert list(df["stdout"]) == ["hi\n", "hi\n"] and (df["status"] == "ok").all()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fleet import Fleet, wait_for
-from hcsdk import RequestError
+from hcsdk import RequestError, UsageError
 
 NAMES = ("rl-1", "rl-2", "rl-3", "rl-4")
 
@@ -120,7 +120,7 @@ def test_bad_releases_are_clear_errors(fl: Fleet, artifact: tuple[str, bytes]) -
         fl.client.release("nope", "rl-1", dest="/tmp/x")
     with pytest.raises(RequestError, match="batch='half'"):
         fl.client.release(art, "rl-1", dest="/tmp/x", batch="half")
-    with pytest.raises(RequestError, match="must be an absolute path"):
+    with pytest.raises(UsageError, match="must be an absolute path"):
         fl.client.release(art, "rl-1", dest="relative/x")
 
 

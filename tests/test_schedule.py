@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fleet import Fleet, wait_for
-from hcsdk import Client, RequestError, TargetError
+from hcsdk import Client, RequestError, TargetError, UsageError
 
 COUNTER = 'n=$(cat "$ZY_STATE" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "$ZY_STATE"; echo "{\\"n\\": $n}"'
 
@@ -74,9 +74,9 @@ def test_a_plugin_result_is_a_samples_fields(fl: Fleet, tmp_path: Path) -> None:
 
 def test_bad_schedules_are_clear_errors(fl: Fleet) -> None:
     client = fl.client
-    with pytest.raises(RequestError, match="under a second"):
+    with pytest.raises(UsageError, match="under a second"):
         client.schedule("echo", every="500ms", targets="s-1")
-    with pytest.raises(RequestError, match="give a period like"):
+    with pytest.raises(UsageError, match="give a period like"):
         client.schedule("echo", every="often", targets="s-1")
     with pytest.raises(RequestError, match="cannot be scheduled"):
         client.schedule("zy.plugins", every="5s", targets="s-1")

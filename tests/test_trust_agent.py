@@ -26,7 +26,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from agent.chunkstore import ChunkStore
 from agent.peer import CLOCK_SKEW, HEAD_DEADLINE, PER_ADDRESS, PeerServer, fetch_from_peer, token
 from fleet import Fleet
-from hcsdk import RequestError
+from hcsdk import RequestError, UsageError
 from hcsdk._portal import portal
 from hcsdk.protocol.manifest import CHUNK_SIZE
 
@@ -223,12 +223,12 @@ def test_a_digest_that_is_not_hex_names_nothing_on_the_agent(fl: Fleet, tmp_path
 def test_the_agents_own_names_are_refused_by_sdk_master_and_agent(fl: Fleet, tmp_path: Path) -> None:
     meta = tmp_path / ".zy-manifest.json"
     meta.write_bytes(os.urandom(1000))
-    with pytest.raises(RequestError, match=r"'.zy-manifest.json' is reserved"):
+    with pytest.raises(UsageError, match=r"'.zy-manifest.json' is reserved"):
         fl.client.artifacts.upload(meta)
     plain = tmp_path / "app.bin"
     plain.write_bytes(os.urandom(1000))
     for name in (".zy-verified.json", ".app.bin.zy-part", "app.bin.zy-prev", "a\nb"):
-        with pytest.raises(RequestError, match="cannot upload"):
+        with pytest.raises(UsageError, match="cannot upload"):
             fl.client.artifacts.upload(plain, name=name)
     art = fl.client.artifacts.upload(plain)  # its one chunk is on the master now
 
