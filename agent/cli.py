@@ -11,6 +11,7 @@ import anyio
 
 from hcsdk.common.errors import JoinTokenError
 from hcsdk.common.jointoken import JOIN_ENV, JoinToken, pop_env_token, read_join, reexec_without_join
+from hcsdk.common.sizes import parse_size
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -21,11 +22,11 @@ def _label(text: str) -> tuple[str, str]:
 
 
 def _rate(text: str) -> float:
-    units = {"K": 1e3, "M": 1e6, "G": 1e9}
     try:
-        return float(text[:-1]) * units[text[-1].upper()] if text[-1:].upper() in units else float(text)
+        return float(parse_size(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--peer-rate wants bytes a second like 20M, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--peer-rate wants bytes a second like 20M (binary units), got {text!r}") \
+            from None
 
 
 def _handover(text: str) -> tuple[str, int]:

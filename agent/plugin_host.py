@@ -28,13 +28,13 @@ from typing import Any
 import anyio
 
 from hcsdk.common.version import __version__
+from hcsdk.protocol.names import is_sha256
 
 from .jsonfile import write_json
 from .plugins import BUNDLED
 from .worker_process import WorkerGone, WorkerProcess
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_BUNDLE = 2 * 1024 * 1024
 MAX_UNPACKED = 16 * 1024 * 1024
 #: cmd words the agent serves itself, which no plugin may take over
@@ -118,7 +118,7 @@ class PluginHost:
         name, sha, kind = args.get("name"), args.get("sha256"), args.get("kind", "py")
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise InstallError(f"plugin name {name!r} must be lowercase letters, digits and _ (at most 40)")
-        if not isinstance(sha, str) or not SHA_RE.match(sha):
+        if not is_sha256(sha):
             raise InstallError("args.sha256 must be 64 lowercase hex digits")
         if kind not in ("py", "zip"):
             raise InstallError(f"args.kind must be 'py' or 'zip' (got {kind!r})")

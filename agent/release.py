@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from hcsdk.common.files import fsync_dir
 from hcsdk.protocol.manifest import Manifest, ManifestError
 from hcsdk.protocol.names import UnsafeName, check_sha256, is_digest_dir
 
@@ -273,7 +274,7 @@ def _place(source: Path, dest: Path, mode: int, digest: str, sha256: str) -> dic
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return {"dest": str(dest), "sha256": want, "placed": True, "previous_kept": had}
 
 
@@ -298,7 +299,7 @@ def _rollback(dest: Path, digest: str) -> dict[str, Any]:
     else:  # there was no file before the release: there is none after
         dest.unlink(missing_ok=True)
         result = {"dest": str(dest), "sha256": None, "restored": True, "removed": True}
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return result
 
 
@@ -355,14 +356,6 @@ def _read_journal(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _intact(manifest: Manifest, path: Path) -> bool:

@@ -25,13 +25,12 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import contextlib
 import hashlib
 import os
 import stat
-import tempfile
 
 from agent.plugins.api import Arg, Context, PluginError, command
+from hcsdk.common.files import atomic_open, fsync_dir
 
 __all__ = ["allowed_roots", "check_path", "human_size", "open_regular", "os_error", "read", "write"]
 
@@ -283,27 +282,13 @@ def _set_owner_mode(fd: int, existing: os.stat_result | None, mode: int) -> None
 
 
 def _replace(path: str, real: str, data: bytes, mode: int, existing: os.stat_result | None) -> None:
-    parent, name = os.path.split(real)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".zytmp", dir=parent)
-    except OSError as exc:
-        raise os_error(path, exc, "write") from None
-    try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_open(real, prefix=f".{os.path.basename(real)}.", suffix=".zytmp", sync_dir=True) as out:
             out.write(data)
             out.flush()
             _set_owner_mode(out.fileno(), existing, mode)
-            os.fsync(out.fileno())
-        os.replace(tmp, real)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise os_error(path, exc, "write") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(parent)
 
 
 def _append(path: str, real: str, data: bytes, mode: int, existing: os.stat_result | None) -> int:
@@ -327,15 +312,7 @@ def _append(path: str, real: str, data: bytes, mode: int, existing: os.stat_resu
     finally:
         os.close(fd)
     if existing is None:
-        _fsync_dir(os.path.dirname(real))
+        fsync_dir(os.path.dirname(real))
     return size
 
 
-def _fsync_dir(directory: str) -> None:
-    """Make a rename or a new name durable; best effort (some filesystems refuse)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
