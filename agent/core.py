@@ -6,6 +6,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -49,7 +50,7 @@ class Agent:
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         kwargs: dict[str, Any] = {"output_cap": output_cap} if output_cap else {}
-        self.executor = Executor(ident.uuid, self._emit, self.spool.claim, self._finish, hostname,
+        self.executor = Executor(ident.uuid, self.emit, self.spool.claim, self._finish, hostname,
                                  started=self.spool.set_pgid, **kwargs)
         self.executor.plugins.update(plugins or {})
         self.worker = WorkerProcess(ident.uuid, memory_limit_mib=worker_memory_mib)
@@ -57,18 +58,16 @@ class Agent:
         self.executor.host = self.plugins = PluginHost(state.root / "plugins", self.worker,
                                                         builtin=lambda: set(self.executor.plugins))
         self.handover = handover
-        self.updater = Updater(self, handover)
         self.scheduler = Scheduler(self, state.root / "schedules.json")
+        self.updater = Updater(self, self.scheduler, handover)
         self.executor.plugins.update({"zy.plugin.install": self._install_plugin,
                                       "zy.plugin.remove": self._remove_plugin, "zy.plugins": self._list_plugins,
                                       "zy.update": self.updater.update, "zy.schedule.set": self.scheduler.set,
                                       "zy.schedule.cancel": self.scheduler.cancel,
                                       "zy.schedules": self.scheduler.listing})
-        #: serves release chunks to peers once a release is fetched (None: this agent does not)
-        self.chunks = ChunkStore(state.root / "releases")
-        self.peer = PeerServer(self.chunks, **vars(peer)) if peer is not None else None
-        self._peer_port: int | None = None
-        self.releases = Releases(self, keep=keep_releases)
+        chunks = ChunkStore(state.root / "releases")
+        self.releases = Releases(self, chunks, PeerServer(chunks, **vars(peer)) if peer is not None else None,
+                                 keep=keep_releases)
         self.executor.plugins.update({"zy.release.fetch": self.releases.fetch, "zy.release.place": self.releases.place,
                                       "zy.release.rollback": self.releases.rollback})
         self.channel = Channel(
@@ -84,13 +83,25 @@ class Agent:
             # a new build taking over: name the update in the handshake, then tell the old agent
             self.channel.hello_once = {"handover": handover[0]}
 
-    async def start_peer_server(self) -> int:
-        """Start serving chunks to peers (on first use: an agent that never gets a release never
-        listens); the port it listens on."""
-        assert self.peer is not None and self._tg is not None
-        if self._peer_port is None:
-            self._peer_port = await self._tg.start(self.peer.serve)
-        return self._peer_port
+    # -- AgentServices (agent.services): what releases, schedules and the updater are lent ----
+    @property
+    def uuid(self) -> str:
+        return self.ident.uuid
+
+    @property
+    def state_root(self) -> Path:
+        return self.state.root
+
+    @property
+    def task_group(self) -> TaskGroup | None:
+        return self._tg
+
+    def emit(self, msgs: list[dict[str, Any]]) -> None:
+        self.spool.append([sign(self.key, m) for m in msgs])
+        self._wake.set()
+
+    def emit_text(self, task: Task, stream: str, text: str) -> None:
+        self.executor.emit_text(task, stream, text)
 
     def _connected(self) -> None:
         """After each accepted handshake: the release tracker hears again what we serve. After
@@ -119,10 +130,6 @@ class Agent:
         builtin = sorted(c for c in self.executor.plugins if not c.startswith("zy."))
         task.result = {"plugins": self.plugins.listing(builtin)}
         return "ok", 0
-
-    def _emit(self, msgs: list[dict[str, Any]]) -> None:
-        self.spool.append([sign(self.key, m) for m in msgs])
-        self._wake.set()
 
     def _outbox(self, last_id: int) -> list[tuple[int, bytes]]:
         return self.spool.pending_after(last_id, max_bytes=2 * 1024 * 1024)

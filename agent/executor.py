@@ -293,7 +293,7 @@ class Executor:
         if sent + len(text) > self.output_cap:
             text, task.truncated[stream] = text[: max(0, self.output_cap - sent)], True
         task.sent[stream] = sent + len(text)
-        self._emit_text(task, stream, text)
+        self.emit_text(task, stream, text)
 
     async def _ping(self, task: Task) -> tuple[str, int | None]:
         self._emit(task, "out", {"stream": "stdout", "data": "pong\n"})
@@ -307,7 +307,7 @@ class Executor:
     async def _facts(self, task: Task) -> tuple[str, int | None]:
         import json
 
-        self._emit_text(task, "stdout", json.dumps(facts_mod.collect(self.hostname)) + "\n")
+        self.emit_text(task, "stdout", json.dumps(facts_mod.collect(self.hostname)) + "\n")
         return "ok", 0
 
     async def _process(self, task: Task, argv: list[str]) -> tuple[str, int | None]:
@@ -345,10 +345,11 @@ class Executor:
             if len(chunk) > room:
                 chunk, task.truncated[name] = chunk[:room], True
             sent += len(chunk)
-            self._emit_text(task, name, decoder.decode(chunk))
-        self._emit_text(task, name, decoder.decode(b"", final=True))
+            self.emit_text(task, name, decoder.decode(chunk))
+        self.emit_text(task, name, decoder.decode(b"", final=True))
 
-    def _emit_text(self, task: Task, stream: str, text: str) -> None:
+    def emit_text(self, task: Task, stream: str, text: str) -> None:
+        """``text`` as the task's output on ``stream`` (a collection keeps it, others send it)."""
         # JSON can grow a character to six bytes (\u0000): pieces this size always fit a frame
         for i in range(0, len(text), OUT_PIECE_CHARS):
             self._emit(task, "out", {"stream": stream, "data": text[i : i + OUT_PIECE_CHARS]})

@@ -43,13 +43,13 @@ from .chunkstore import (
 )
 from .executor import Task, TaskFailed
 from .jsonfile import write_json
-from .peer import RateLimit
+from .peer import PeerServer, RateLimit
 from .plugins.api import Arg, PluginError, validate
 from .plugins.file import check_path
 from .release_fetch import Job, Swarm, fetch_missing
 
 if TYPE_CHECKING:
-    from .core import Agent
+    from .services import AgentServices
 
 FETCH_ARGS = {"manifest": Arg(dict), "digest": Arg(str, min=64, max=64), "parallel": Arg(int, default=4, min=1, max=16),
               "peer_key": Arg(str, default="", max=64), "p2p": Arg(bool, default=True),
@@ -62,11 +62,23 @@ PREV_SUFFIX = ".zy-prev"
 
 
 class Releases:
-    def __init__(self, agent: Agent, keep: int = 3) -> None:
-        self.agent = agent
+    def __init__(self, services: AgentServices, store: ChunkStore, peer: PeerServer | None, keep: int = 3) -> None:
+        self.services = services
         self.keep = max(1, keep)
-        self.store: ChunkStore = agent.chunks
+        self.store = store
+        #: serves release chunks to peers once a release is fetched (None: this agent does not)
+        self.peer = peer
+        self._peer_port: int | None = None
         self.swarm: Swarm | None = None  # made at the first release fetched through a tracker
+
+    async def start_peer_server(self) -> int:
+        """Start serving chunks to peers (on first use: an agent that never gets a release never
+        listens); the port it listens on."""
+        tg = self.services.task_group
+        assert self.peer is not None and tg is not None
+        if self._peer_port is None:
+            self._peer_port = await tg.start(self.peer.serve)
+        return self._peer_port
 
     # -- fetch ----------------------------------------------------------------------------------
     async def fetch(self, task: Task) -> tuple[str, int | None]:
@@ -90,7 +102,7 @@ class Releases:
                        "bytes_peers": stats["bytes_peers"], "corrupt": len(stats["corrupt"]),
                        "seconds": round(time.monotonic() - started, 3)}
         if stats["corrupt"]:
-            self.agent.executor._emit_text(task, "stderr", "".join(f"{c}\n" for c in stats["corrupt"]))
+            self.services.emit_text(task, "stderr", "".join(f"{c}\n" for c in stats["corrupt"]))
         return "ok", 0
 
     def _open(self, manifest: Manifest, digest: str) -> Job:
@@ -159,12 +171,12 @@ class Releases:
     async def _fetch_missing(self, task: Task, job: Job, args: dict[str, Any]) -> None:
         job.swarm = await self._join(args, job) if args["p2p"] and args["peer_key"] else None
         try:
-            await fetch_missing(job, self.agent.channel, args["parallel"], RateLimit(args["rate"]))
+            await fetch_missing(job, self.services.channel, args["parallel"], RateLimit(args["rate"]))
         except BaseExceptionGroup as group:
             failed = group.subgroup(TaskFailed)
             if failed is None:
                 raise
-            self.agent.executor._emit_text(task, "stderr", "".join(f"{c}\n" for c in job.stats["corrupt"]))
+            self.services.emit_text(task, "stderr", "".join(f"{c}\n" for c in job.stats["corrupt"]))
             raise failed.exceptions[0] from None
 
     async def _join(self, args: dict[str, Any], job: Job) -> Swarm | None:
@@ -173,20 +185,21 @@ class Releases:
         job.peer_key = args["peer_key"]
         if self.swarm is None:
             port = 0
-            if self.agent.peer is not None:  # with --no-peer it only takes from peers
-                port = await self.agent.start_peer_server()
-            slots = self.agent.peer.uploads if self.agent.peer is not None else 1
-            self.swarm = Swarm(self.agent.channel, port, slots)
-        if self.agent.peer is not None:
-            self.agent.peer.keys.add(args["peer_key"])
+            if self.peer is not None:  # with --no-peer it only takes from peers
+                port = await self.start_peer_server()
+            slots = self.peer.uploads if self.peer is not None else 1
+            self.swarm = Swarm(self.services.channel, port, slots)
+        if self.peer is not None:
+            self.peer.keys.add(args["peer_key"])
         self.swarm.note([sha for sha, i in job.first.items() if i not in job.pending])
         return self.swarm if await self.swarm.announce() else None
 
     def reconnected(self) -> None:
         """A new session (after a proxy restart, say): tell the tracker again what we serve;
         a new tracker knows nothing."""
-        if self.swarm is not None and self.swarm.held and self.agent._tg is not None:
-            self.agent._tg.start_soon(self.swarm.announce)
+        tg = self.services.task_group
+        if self.swarm is not None and self.swarm.held and tg is not None:
+            tg.start_soon(self.swarm.announce)
 
     # -- place and rollback ---------------------------------------------------------------------
     async def place(self, task: Task) -> tuple[str, int | None]:
@@ -205,8 +218,8 @@ class Releases:
 
     def _dest(self, text: str) -> Path:
         """``{hostname}`` and ``{uuid}`` in a destination are this agent's."""
-        hostname = self.agent.hostname or socket.gethostname()
-        return _dest(text.replace("{hostname}", hostname).replace("{uuid}", self.agent.ident.uuid))
+        hostname = self.services.hostname or socket.gethostname()
+        return _dest(text.replace("{hostname}", hostname).replace("{uuid}", self.services.uuid))
 
     def _fetched(self, digest: str) -> Path:
         home = self.store.home(digest)

@@ -30,7 +30,7 @@ from .plugins.api import Arg, ArgError, PluginError, validate
 from .worker import check_result
 
 if TYPE_CHECKING:
-    from .core import Agent
+    from .services import AgentServices
 
 log = logging.getLogger("zy.agent.schedule")
 
@@ -47,8 +47,8 @@ MAX_TEXT = 64 * 1024
 
 
 class Scheduler:
-    def __init__(self, agent: Agent, path: Path) -> None:
-        self.agent = agent
+    def __init__(self, services: AgentServices, path: Path) -> None:
+        self.services = services
         self.path = path
         self.schedules: dict[str, dict[str, Any]] = self._load()
         self._scopes: dict[str, anyio.CancelScope] = {}
@@ -85,7 +85,7 @@ class Scheduler:
     # -- system commands --------------------------------------------------------------------
     async def set(self, task: Task) -> tuple[str, int | None]:
         spec = validate(SCHEDULE_ARGS, task.args)
-        if spec["cmd"].startswith("zy.") or not self.agent.executor.knows(spec["cmd"]):
+        if spec["cmd"].startswith("zy.") or not self.services.executor.knows(spec["cmd"]):
             raise TaskFailed(f"cannot schedule cmd {spec['cmd']!r}: this agent has no such command")
         if spec["cmd"] in BUILTIN_ARGS:  # a plugin's arguments are checked by the worker, at each run
             try:
@@ -141,14 +141,14 @@ class Scheduler:
     async def _collect(self, name: str, spec: dict[str, Any], tick: float) -> None:
         day, ms = divmod(int(round(tick * 1000)), 86_400_000)
         taskid = f"sample:{name}:{day}"
-        outcome = await self.agent.executor.collect(f"{taskid}:{ms}", spec["cmd"], spec.get("args") or {},
-                                                    float(spec["timeout"]))
+        outcome = await self.services.executor.collect(f"{taskid}:{ms}", spec["cmd"], spec.get("args") or {},
+                                                       float(spec["timeout"]))
         payload: dict[str, Any] = {"series": name, "time": tick, "taken_at": time.time(),
                                    "status": outcome["status"], "fields": _fields(outcome)}
         if outcome["error"]:
             payload["error"] = outcome["error"][:4096]
-        self.agent._emit([{"t": "sample", "uuid": self.agent.ident.uuid, "cmd": spec["cmd"], "taskid": taskid,
-                           "seq": ms, "p": payload}])
+        self.services.emit([{"t": "sample", "uuid": self.services.uuid, "cmd": spec["cmd"], "taskid": taskid,
+                             "seq": ms, "p": payload}])
 
 
 def _fields(outcome: dict[str, Any]) -> dict[str, Any]:

@@ -46,7 +46,8 @@ from .plugins.api import Arg, validate
 from .systemd import notify
 
 if TYPE_CHECKING:
-    from .core import Agent
+    from .scheduler import Scheduler
+    from .services import AgentServices
 
 log = logging.getLogger("zy.agent.update")
 
@@ -61,9 +62,11 @@ SETTLE = 2.0
 
 
 class Updater:
-    def __init__(self, agent: Agent, handover: tuple[str, int] | None = None) -> None:
-        self.agent = agent
-        self.root = agent.state.root
+    def __init__(self, services: AgentServices, scheduler: Scheduler, handover: tuple[str, int] | None = None) -> None:
+        self.services = services
+        #: paused while this agent hands over, resumed if the new build dies after taking over
+        self.scheduler = scheduler
+        self.root = services.state_root
         #: on a new agent: (the update's taskid, the old agent's pid)
         self.handover = handover
         self.busy = False
@@ -92,7 +95,7 @@ class Updater:
 
     async def _update(self, task: Task, args: dict[str, Any]) -> tuple[str, int | None]:
         build = await self._fetch(args["sha256"], args["size"], args["filename"])
-        self.agent.executor.hold = []
+        self.services.executor.hold = []
         held_from = time.time()
         self.confirmed, self.taskid, self.outcome, self.drained = anyio.Event(), task.taskid, None, anyio.Event()
         self.proc = None
@@ -121,7 +124,7 @@ class Updater:
         is cut off there."""
         import httpx
 
-        channel = self.agent.channel
+        channel = self.services.channel
         if Path(filename).name != filename or filename.startswith("."):
             raise TaskFailed(f"args.filename {filename!r} must be a plain file name", status="failed")
         if channel.url is None:
@@ -205,14 +208,15 @@ class Updater:
         if builds.own_build(self.root) is None or builds.own_build(self.root) != build.resolve():
             shutil.rmtree(build.parent, ignore_errors=True)
         self.confirmed = None
-        executor = self.agent.executor
+        executor = self.services.executor
         held, executor.hold = executor.hold or [], None
         if reconnect:
             # the new agent may have handshaken before it died: be this uuid's channel again
-            self.agent.channel.reconnect("an update was aborted")
-        if self.agent._tg is not None:
+            self.services.channel.reconnect("an update was aborted")
+        tg = self.services.task_group
+        if tg is not None:
             for msg in held:
-                executor.submit(msg, self.agent._tg)
+                executor.submit(msg, tg)
 
     def took_over(self) -> bool:
         """Whether a SIGTERM now comes from our new agent (its record names this update and
@@ -227,16 +231,16 @@ class Updater:
     async def hand_over(self, tg: TaskGroup) -> None:
         """Steps 5 and 6: take no more work, let running tasks finish and report them; exit if
         the new agent lives on, else take the channel back."""
-        agent, executor = self.agent, self.agent.executor
+        services, executor = self.services, self.services.executor
         assert self.confirmed is not None
         log.info("handing over to the new build: finishing %d running task(s)", len(executor.running) - 1)
-        agent.channel.retire()
-        agent.scheduler.stop()
+        services.channel.retire()
+        self.scheduler.stop()
         executor.accepting, executor.hold = False, None
         self.confirmed.set()
         others = set(executor.running) - {self.taskid}
         while set(executor.running) - {self.taskid}:
-            for taskid in agent.spool.take_cancels():  # cancels the master sent the new build
+            for taskid in services.spool.take_cancels():  # cancels the master sent the new build
                 executor.cancel(taskid)
             await anyio.sleep(0.1)
         await self._acked(others)
@@ -246,21 +250,21 @@ class Updater:
             # the master has given this channel back (the new one's ended): serve on
             log.error("%s: serving on", self.outcome)
             executor.accepting = True
-            agent.channel.resume()
-            await agent.scheduler.run(tg)
+            services.channel.resume()
+            await self.scheduler.run(tg)
         self.drained.set()
         while self.taskid in executor.running:  # noqa: ASYNC110 - the update task reports now
             await anyio.sleep(0.05)
         await self._acked({self.taskid})
         if self.outcome is None:
-            agent.channel.finish()
+            services.channel.finish()
             await anyio.sleep(0.5)  # the end of the uplink reaches the master
             log.info("handed over; exiting")
             tg.cancel_scope.cancel()
 
     async def _acked(self, taskids: set[str]) -> None:
         with anyio.move_on_after(30):  # past that the new agent sends them: the spool is shared
-            while self.agent.spool.pending_for(taskids):  # noqa: ASYNC110 - acks arrive on the channel
+            while self.services.spool.pending_for(taskids):  # noqa: ASYNC110 - acks arrive on the channel
                 await anyio.sleep(0.1)
 
     # -- the new agent: step 5 -----------------------------------------------------------------
@@ -269,7 +273,7 @@ class Updater:
         the takeover, become the current build, and tell the old agent to stop taking work."""
         assert self.handover is not None
         taskid, old_pid = self.handover
-        channel = self.agent.channel
+        channel = self.services.channel
         while True:
             await anyio.sleep(SETTLE)
             if channel.sid is not None:
