@@ -16,6 +16,8 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
+from .errors import ProtocolError
+
 try:  # orjson is several times faster; the agent must still run without it.
     import orjson
 
@@ -58,7 +60,7 @@ DOWN_TYPES = frozenset({"task", "cancel", "ack", "hb"})
 UP_TYPES = frozenset({"start", "out", "done", "hb", "bye", "sample", "stats"})
 
 
-class FrameError(ValueError):
+class FrameError(ProtocolError):
     """The peer sent bytes that are not a valid frame; the connection must be dropped."""
 
 

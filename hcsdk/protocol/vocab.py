@@ -1,0 +1,69 @@
+"""The channel's vocabularies: cmd words and the built-in commands' arguments, defined once for
+the master (which checks a request before it makes a run) and the agent (which checks a task
+before it runs it)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .args import Arg, validate
+from .errors import MessageError
+
+__all__ = ["BUILTIN_ARGS", "BUILTIN_CMDS", "CMD_RE", "SYSTEM_CMDS", "check_cmd", "check_request_args",
+           "is_cmd_word", "validate_args"]
+
+#: built into every agent; any other cmd word names a plugin, which the agent may or may not have
+BUILTIN_CMDS = ("shell", "exec", "ping", "facts", "echo")
+#: what the agent itself does, on the master's signed word (plugins, updates, schedules, releases)
+SYSTEM_CMDS = ("zy.plugin.install", "zy.plugin.remove", "zy.plugins", "zy.update", "zy.schedule.set",
+               "zy.schedule.cancel", "zy.schedules", "zy.release.fetch", "zy.release.place", "zy.release.rollback")
+#: a cmd word: lowercase letters, digits and _ in dot-separated parts (at most 64 characters)
+CMD_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+_MAX_CMD = 64
+
+#: the built-in commands' argument schemas, checked like any plugin's before they run
+BUILTIN_ARGS: dict[str, dict[str, Arg]] = {
+    "shell": {"script": Arg(str, help="the script, run by `shell -c`"),
+              "shell": Arg(str, default="/bin/sh", help="the shell that runs it")},
+    "exec": {"argv": Arg(list, items=str, min=1, help="program and arguments as a list, not one string; no shell")},
+    "ping": {},
+    "facts": {},
+    "echo": {"text": Arg(str, default="", help="printed back, in-process (measures the channel)")},
+}
+
+
+def is_cmd_word(cmd: str) -> bool:
+    return len(cmd) <= _MAX_CMD and CMD_RE.match(cmd) is not None
+
+
+def check_cmd(cmd: str) -> None:
+    """Refuse a cmd the master must not send: an unknown system word, or no cmd word at all
+    (whether an agent has the plugin is the agent's to say)."""
+    if cmd.startswith("zy."):
+        if cmd not in SYSTEM_CMDS:
+            raise MessageError(f"unknown system cmd {cmd!r} (known: {', '.join(SYSTEM_CMDS)})")
+    elif not is_cmd_word(cmd):
+        raise MessageError(f"cmd {cmd!r} is not a cmd word: lowercase letters, digits and _ in dot-separated "
+                           f"parts (built in: {', '.join(BUILTIN_CMDS)}; others name plugins)")
+
+
+def check_request_args(cmd: str, args: dict[str, Any]) -> None:
+    """The master's early check of a request's arguments (the agent validates fully, with
+    :func:`validate_args`, when the task runs): the one argument shell and exec cannot do without."""
+    if cmd == "shell" and not isinstance(args.get("script"), str):
+        raise MessageError("cmd 'shell' needs args.script, a string")
+    if cmd == "exec":
+        argv = args.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise MessageError("cmd 'exec' needs args.argv, a non-empty list of strings")
+
+
+def validate_args(cmd: str, args: Any) -> dict[str, Any]:
+    """A built-in command's arguments checked against its schema, defaults filled in (raises
+    ``args.ArgError``); the arguments of any other cmd are returned as they are (a plugin's
+    schema is checked in the worker that runs it)."""
+    schema = BUILTIN_ARGS.get(cmd)
+    if schema is None:
+        return args  # type: ignore[no-any-return]
+    return validate(schema, args)
