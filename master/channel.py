@@ -36,13 +36,13 @@ from hcsdk.net.limits import KeyedSlots, authenticated, declared_length, read_li
 from hcsdk.net.mailbox import stream_mailbox
 from hcsdk.net.tls import norm_name, sign_csr
 from hcsdk.protocol.e2e import derive_key, unb64
+from hcsdk.protocol.messages import problem
 from hcsdk.protocol.wire import UP_TYPES, FrameDecoder, FrameError, loads
 
 from . import proxy_stats
 from .blobs import BlobStore
 from .bootstrap import Paths, master_only_names, secret_hash
 from .hub import Hub, Session
-from .messages import problem
 from .schedule_spec import reported_problem
 from .store import TokenUsedUp
 
