@@ -26,7 +26,8 @@ from hcsdk.protocol.wire import dumps, loads
 from .artifacts_api import artifact_routes
 from .blobs import SHA_RE
 from .bootstrap import Paths, master_only_names, secret_hash
-from .hub import Hub, RequestRejected
+from .errors import RequestRejected
+from .hub import Hub
 from .proxy_stats import proxy_routes
 from .releases import Releases
 from .releases_api import release_routes
@@ -311,7 +312,8 @@ class BodyLimit:
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
+            after: dict[str, Any] = await receive()  # the disconnect, when the app reads on
+            return after
 
         await self.app(scope, replay, send)
 
