@@ -21,23 +21,13 @@ from typing import Any
 
 import anyio
 
-from hcsdk.net.asgi import (
-    Receive,
-    Scope,
-    Send,
-    body_chunks,
-    dispatch,
-    error,
-    header,
-    query,
-    respond,
-)
+from hcsdk.net.asgi import Receive, Scope, Send, dispatch, error, header, query, respond
+from hcsdk.net.channel_server import ChannelServer, Credential, Refusal, bearer
 from hcsdk.net.limits import KeyedSlots, authenticated, declared_length, read_limited
-from hcsdk.net.mailbox import stream_mailbox
 from hcsdk.net.tls import norm_name, sign_csr
 from hcsdk.protocol.e2e import derive_key, unb64
 from hcsdk.protocol.messages import problem
-from hcsdk.protocol.wire import UP_TYPES, FrameDecoder, FrameError, loads
+from hcsdk.protocol.wire import FrameError, loads
 
 from . import proxy_stats
 from .blobs import BlobStore
@@ -74,13 +64,16 @@ class ChannelApp:
         self._downloads = KeyedSlots(self.settings.downloads_per_credential)
         self._proxy_downloads = KeyedSlots(8 * self.settings.downloads_per_credential)
         self._all_downloads = KeyedSlots(self.settings.downloads_total)
+        self.sessions = HubSessions(hub)
+        # a poll batch may be megabytes from a thin link: the deadline allows 64 KiB/s for the
+        # largest, beyond the base one (the sender has authenticated; this only ends stalls)
+        poll_timeout = self.settings.body_timeout + self.settings.max_body / (64 * 1024)
+        self.channel = ChannelServer(self.sessions, self.settings, self.settings.max_body, poll_timeout)
         self.routes = {
             ("GET", "/v1/ca"): self.ca,
             ("POST", "/v1/enroll"): self.enroll,
             ("POST", "/v1/handshake"): self.handshake,
-            ("GET", "/v1/channel/down"): self.down,
-            ("POST", "/v1/channel/up"): self.up,
-            ("POST", "/v1/channel/poll"): self.poll,
+            **self.channel.routes,
             ("GET", "/v1/blob"): self.blob,
         }
 
@@ -98,13 +91,8 @@ class ChannelApp:
         """Whether a request carries a valid proxy credential (a proxy forwards enrollments on
         its own channel, with its credential; a swarm of new agents behind it all enroll
         through it)."""
-        scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")
-        uuid, _, secret = cred.partition(":")
-        if scheme.lower() != "bearer" or not uuid or not secret:
-            return False
-        row = await self.hub.db(self.hub.db.store.agent, uuid)
-        return bool(row and row.get("kind") == "proxy" and not row["revoked"]
-                    and hmac.compare_digest(row["credential_hash"], secret_hash(secret)))
+        row = await self.sessions.check(bearer(scope))
+        return not isinstance(row, Refusal) and row.get("kind") == "proxy"
 
     # -- public ------------------------------------------------------------------------------
     async def ca(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -182,27 +170,17 @@ class ChannelApp:
 
     # -- agent -------------------------------------------------------------------------------
     async def _agent(self, scope: Scope, send: Send) -> dict[str, Any] | None:
-        auth = header(scope, b"authorization") or ""
-        scheme, _, cred = auth.partition(" ")
-        if scheme.lower() != "bearer":
-            await error(send, 401, "agent credential missing", kind="auth")
-            return None
-        row = await self._credential(cred, send)
+        """The enrolled agent or proxy whose credential the request carries, or None once the
+        refusal is answered."""
+        row = await self._credential(bearer(scope), send)
         if row is not None:
             authenticated(scope)  # from here on the request no longer counts against its address
         return row
 
-    async def _credential(self, cred: str, send: Send) -> dict[str, Any] | None:
-        uuid, _, secret = cred.partition(":")
-        if not uuid or not secret:
-            await error(send, 401, "agent credential missing", kind="auth")
-            return None
-        row = await self.hub.db(self.hub.db.store.agent, uuid)
-        if row is None or not hmac.compare_digest(row["credential_hash"], secret_hash(secret)):
-            await error(send, 401, "agent credential is not valid", kind="auth")
-            return None
-        if row["revoked"]:
-            await error(send, 403, f"agent {uuid} has been revoked", kind="auth")
+    async def _credential(self, cred: Credential | None, send: Send) -> dict[str, Any] | None:
+        row = await self.sessions.check(cred)
+        if isinstance(row, Refusal):
+            await row.send(send)
             return None
         return row
 
@@ -228,20 +206,6 @@ class ChannelApp:
                                        "downloads in flight; retry when one ends", kind="busy")
                 return
             await self.blobs.download(scope, receive, send, row)
-
-    async def _session(self, scope: Scope, send: Send) -> Session | None:
-        row = await self._agent(scope, send)
-        if row is None:
-            return None
-        sid = query(scope).get("sid")
-        session = self.hub.sessions.get(row["uuid"])
-        if session is None or session.sid != sid:
-            session = self.hub.retiring.get(row["uuid"])  # handing over to its new build: still reports
-        if (session is None or session.carrier is not None or session.sid != sid
-                or session.closed.is_set()):
-            await error(send, 409, "session is gone or superseded; handshake again", kind="session")
-            return None
-        return session
 
     async def handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Admission first: a reconnect storm (a master restart under 10,000 agents) must not
@@ -306,7 +270,7 @@ class ChannelApp:
                     or carrier.sid != header(scope, b"x-zy-sid")):
                 await error(send, 409, "forwarding proxy has no live session here; handshake again", kind="session")
                 return None
-            row = await self._credential(relayed, send)
+            row = await self._credential(Credential(relayed), send)
             if row is None:
                 return None
             via = [v for v in (header(scope, b"x-zy-via") or "").split(",") if v]
@@ -333,59 +297,68 @@ class ChannelApp:
                                   "idle_beat": s.idle_beat, "dead_after": s.dead_after, "poll_wait": s.poll_wait,
                                   "max_frame": s.max_frame})
 
-    async def down(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session = await self._session(scope, send)
-        if session is None:
-            return
+    async def _json(self, receive: Receive, send: Send, limit: int = ENROLL_BODY,
+                    scope: Scope | None = None, timeout: float | None = None) -> dict[str, Any] | None:
+        """A JSON object body of at most ``limit`` bytes (by default the enrollment's), within
+        the body deadline; 413/408 beyond (see hcsdk.net.asgi.dispatch)."""
+        deadline = min(timeout or self.settings.body_timeout, self.settings.body_timeout)
+        raw = await read_limited(receive, limit, deadline, scope)
         try:
-            beat = self.settings.idle_beat if session.mode == "h2" else self.settings.heartbeat
-            await stream_mailbox(session, receive, send, beat, self.settings.max_frame)
-        finally:
-            self.hub.session_ended(session)
+            body = loads(raw)
+        except ValueError as exc:
+            await error(send, 400, f"malformed JSON: {exc}")
+            return None
+        if not isinstance(body, dict):
+            await error(send, 400, "request body must be a JSON object")
+            return None
+        return body
 
-    async def up(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session = await self._session(scope, send)
-        if session is None:
-            return
-        decoder = FrameDecoder(self.settings.max_frame, UP_TYPES)
-        try:
-            async for chunk in body_chunks(receive):
-                await self._ingest(session, decoder.feed(chunk))
-        except FrameError as exc:
-            await self._drop(session, send, exc)
-            return
-        await respond(send, 200, {"ok": True})
 
-    async def _drop(self, session: Session, send: Send, exc: FrameError) -> None:
-        """An agent that sends garbage loses its session; the others are not affected."""
+class HubSessions:
+    """The master's session table for the channel routes (hcsdk.net.channel_server.SessionTable):
+    credentials are checked against the store, sessions are the hub's, and what comes up is
+    checked (shape, route, end-to-end MAC) and ingested."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def check(self, cred: Credential | None) -> dict[str, Any] | Refusal:
+        """The enrolled agent's (or proxy's) row for ``cred``, or why not."""
+        if cred is None or not cred.complete:
+            return Refusal(401, "agent credential missing")
+        row = await self.hub.db(self.hub.db.store.agent, cred.uuid)
+        if row is None or not hmac.compare_digest(row["credential_hash"], secret_hash(cred.secret)):
+            return Refusal(401, "agent credential is not valid")
+        if row["revoked"]:
+            return Refusal(403, f"agent {cred.uuid} has been revoked")
+        return row
+
+    async def attach(self, scope: Scope, credential: Credential | None) -> Session | Refusal:
+        row = await self.check(credential)
+        if isinstance(row, Refusal):
+            return row
+        authenticated(scope)  # from here on the request no longer counts against its address
+        sid = query(scope).get("sid")
+        session = self.hub.sessions.get(row["uuid"])
+        if session is None or session.sid != sid:
+            session = self.hub.retiring.get(row["uuid"])  # handing over to its new build: still reports
+        if (session is None or session.carrier is not None or session.sid != sid
+                or session.closed.is_set()):
+            return Refusal(409, "session is gone or superseded; handshake again", "session")
+        return session
+
+    def heartbeat(self, session: Session) -> float:
+        return self.hub.settings.downlink_beat(session.mode)
+
+    def ended(self, session: Session) -> None:
+        self.hub.session_ended(session)
+
+    def drop(self, session: Session, exc: FrameError) -> None:
         log.warning("dropping agent %s: %s", session.uuid, exc)
         session.close(f"bad frame: {exc}")
         self.hub.session_ended(session)
-        await error(send, 400, f"bad frame: {exc}", kind="frame")
 
-    async def poll(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session = await self._session(scope, send)
-        if session is None:
-            return
-        decoder = FrameDecoder(self.settings.max_frame, UP_TYPES)
-        try:
-            raw = await read_limited(receive, self.settings.max_body, self._poll_body_timeout, scope)
-            await self._ingest(session, decoder.feed(raw))
-            if decoder.pending:
-                raise FrameError("request ends inside a frame")
-        except FrameError as exc:
-            await self._drop(session, send, exc)
-            return
-        if query(scope).get("mode") == "up":
-            # an uplink-only request: answer at once, and leave downlink messages to the
-            # held poll so they reach the agent in order
-            await respond(send, 200, b"")
-            return
-        with anyio.move_on_after(self.settings.poll_wait):
-            await session.wake.wait()
-        await respond(send, 200, session.take_frames(self.settings.max_frame, 1024 * 1024))
-
-    async def _ingest(self, session: Session, msgs: list[dict[str, Any]]) -> None:
+    async def deliver(self, session: Session, msgs: list[dict[str, Any]]) -> None:
         self.hub.touch(session)
         for msg in msgs:
             reason = problem(msg)
@@ -419,28 +392,6 @@ class ChannelApp:
                 self.hub.refuse_sample(session, uuid, msg)
                 continue
             await self.hub.ingest(uuid, msg)
-
-    @property
-    def _poll_body_timeout(self) -> float:
-        # a poll batch may be megabytes from a thin link: the deadline allows 64 KiB/s for the
-        # largest, beyond the base one (the sender has authenticated; this only ends stalls)
-        return self.settings.body_timeout + self.settings.max_body / (64 * 1024)
-
-    async def _json(self, receive: Receive, send: Send, limit: int = ENROLL_BODY,
-                    scope: Scope | None = None, timeout: float | None = None) -> dict[str, Any] | None:
-        """A JSON object body of at most ``limit`` bytes (by default the enrollment's), within
-        the body deadline; 413/408 beyond (see hcsdk.net.asgi.dispatch)."""
-        deadline = min(timeout or self.settings.body_timeout, self.settings.body_timeout)
-        raw = await read_limited(receive, limit, deadline, scope)
-        try:
-            body = loads(raw)
-        except ValueError as exc:
-            await error(send, 400, f"malformed JSON: {exc}")
-            return None
-        if not isinstance(body, dict):
-            await error(send, 400, "request body must be a JSON object")
-            return None
-        return body
 
 
 def _str_map(value: Any) -> bool:

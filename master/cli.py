@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 
 from hcsdk.net.serve import parse_listen
+from hcsdk.net.settings import add_channel_options, channel_options
 
 from .settings import MasterSettings
 
@@ -28,14 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--advertise", action="append", default=[], metavar="URL",
                    help="URL agents should use (repeatable); default: from --listen, or this host's name "
                    "when listening on 0.0.0.0")
-    p.add_argument("--no-http2", action="store_true", help="refuse HTTP/2 (agents fall back to HTTP/1.1 polling)")
     p.add_argument("--no-user-config", action="store_true",
                    help="do not write client.toml into the user's config dir ($XDG_CONFIG_HOME/zy or ~/.config/zy)")
-    p.add_argument("--heartbeat", type=float, default=5.0,
-                   help="seconds between heartbeats on an idle channel; agents beat at least twice as often "
-                   "(default 5)")
-    p.add_argument("--dead-after", type=float, default=15.0,
-                   help="drop an agent's channel after this many silent seconds (default 15)")
+    add_channel_options(p, "master", MasterSettings)  # --no-http2, --heartbeat, --dead-after, --max-frame
     p.add_argument("--offline-grace", type=float, default=15.0,
                    help="seconds an agent may be gone before its open tasks end (default 15)")
     p.add_argument("--startup-grace", type=float, default=40.0,
@@ -47,8 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "reconnect storm cannot swamp the master (default 512)")
     p.add_argument("--sample-retention", type=float, default=30.0, metavar="DAYS",
                    help="keep scheduled samples this many days (default 30)")
-    p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024,
-                   help="largest channel message in bytes (default %(default)s)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close an HTTP/1 connection whose request head is not in within this time (default 10)")
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -86,11 +80,11 @@ def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = args.listen
     settings = MasterSettings(
-        data_dir=args.data_dir, host=host, port=port, http2=not args.no_http2, advertise=args.advertise,
-        heartbeat=args.heartbeat, dead_after=args.dead_after, offline_grace=args.offline_grace,
+        data_dir=args.data_dir, host=host, port=port, advertise=args.advertise, **channel_options(args),
+        offline_grace=args.offline_grace,
         startup_grace=args.startup_grace, handshake_concurrency=max(1, args.handshake_concurrency),
         handshake_queue=max(0, args.handshake_queue),
-        max_frame=args.max_frame, write_user_config=not args.no_user_config,
+        write_user_config=not args.no_user_config,
         ssh_proxies=args.ssh_proxy, ssh_key=args.ssh_key, ssh_known_hosts=args.ssh_known_hosts,
         ssh_remote_port=args.ssh_remote_port, sample_retention_days=args.sample_retention,
         header_timeout=max(1.0, args.header_timeout), body_timeout=max(1.0, args.body_timeout),

@@ -5,23 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hcsdk.protocol.wire import DEFAULT_MAX_FRAME
+from hcsdk.net.settings import ChannelSettings
 
 
 @dataclass(kw_only=True)
-class MasterSettings:
+class MasterSettings(ChannelSettings):
+    """The channel's settings (heartbeat, idle beat, poll wait, max frame: see ChannelSettings)
+    and the master's own."""
+
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 8443
-    http2: bool = True
     advertise: list[str] = field(default_factory=list)
-    #: seconds between heartbeats each way on an idle channel
-    heartbeat: float = 5.0
     #: a channel silent this long is dead (under 30 s by default)
     dead_after: float = 15.0
-    #: seconds between application heartbeats on a quiet HTTP/2 channel: HTTP/2 PINGs, answered
-    #: below Python, keep it alive, so 10,000 idle agents cost the master almost nothing
-    idle_beat: float = 60.0
     #: handshakes processed at once, and how many may wait before the rest get 503 (retry later)
     handshake_concurrency: int = 32
     handshake_queue: int = 512
@@ -32,11 +29,8 @@ class MasterSettings:
     startup_grace: float = 40.0
     #: slack after a task's timeout before the master stops waiting for its result
     result_grace: float = 30.0
-    #: how long a poll request waits for something to deliver
-    poll_wait: float = 2.0
     #: scheduled samples older than this are deleted (hourly)
     sample_retention_days: float = 30.0
-    max_frame: int = DEFAULT_MAX_FRAME
     max_body: int = 16 * 1024 * 1024
     #: seconds a client has to send an HTTP/1 request head, and a request body (enrollment,
     #: handshake, API; a poll batch gets more for its size): slow senders hold nothing for long

@@ -5,8 +5,6 @@ and the credential the master accepted for it."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -17,24 +15,15 @@ from urllib.parse import quote
 import anyio
 import httpx
 
-from hcsdk.net.asgi import (
-    Receive,
-    Scope,
-    Send,
-    body_chunks,
-    dispatch,
-    error,
-    header,
-    query,
-    respond,
-)
+from hcsdk.net.asgi import Receive, Scope, Send, dispatch, error, header, query, respond
 from hcsdk.net.channel import ChannelLost
+from hcsdk.net.channel_server import ChannelServer, Credential, Refusal, bearer
 from hcsdk.net.h2conn import Response
 from hcsdk.net.limits import KeyedSlots, authenticated, read_limited
-from hcsdk.net.mailbox import stream_mailbox
+from hcsdk.net.settings import ChannelSettings
 from hcsdk.net.tls import shared_client_context
 from hcsdk.protocol.e2e import sign
-from hcsdk.protocol.wire import UP_TYPES, FrameDecoder, FrameError, encode_frame, loads
+from hcsdk.protocol.wire import FrameError, encode_frame, loads
 
 from .cache import Answer, ChunkCache, Fetch, UpstreamDown
 from .relay import Downstream, Pending, Relay
@@ -61,8 +50,8 @@ _ERROR_BODY = 64 * 1024
 
 
 class ProxyApp:
-    def __init__(self, relay: Relay, ca_path: Path, heartbeat: float, poll_wait: float, max_frame: int,
-                 max_body: int = 16 * 1024 * 1024, idle_beat: float = 60.0, cache: ChunkCache | None = None):
+    def __init__(self, relay: Relay, ca_path: Path, settings: ChannelSettings,
+                 max_body: int = 16 * 1024 * 1024, cache: ChunkCache | None = None):
         self.relay = relay
         #: the CDN edge: every blob served here is kept (``limit`` 0: passed through, not kept)
         self.cache = cache if cache is not None else ChunkCache(Path("/nonexistent"), 0)
@@ -70,11 +59,8 @@ class ProxyApp:
         #: client: while the proxy has no upstream (and so no sessions), it may still read the cache
         self._accepted: dict[str, bytes] = {}
         self.ca_path = ca_path
-        self.heartbeat = heartbeat
-        self.idle_beat = idle_beat
-        self.poll_wait = poll_wait
-        self.max_frame = max_frame
-        self.max_body = max_body
+        self.settings = settings
+        self.channel = ChannelServer(RelaySessions(relay, settings), settings, max_body, BODY_DEADLINE)
         self._downloads = KeyedSlots(DOWNLOADS_PER_CREDENTIAL)
         #: HTTP/1.1 connections of our own to the upstream for blobs (see :meth:`_fetch`)
         self._bulk: httpx.AsyncClient | None = None
@@ -83,9 +69,7 @@ class ProxyApp:
             ("GET", "/v1/ca"): self.ca,
             ("POST", "/v1/enroll"): self.enroll,
             ("POST", "/v1/handshake"): self.handshake,
-            ("GET", "/v1/channel/down"): self.down,
-            ("POST", "/v1/channel/up"): self.up,
-            ("POST", "/v1/channel/poll"): self.poll,
+            **self.channel.routes,
             ("GET", "/v1/blob"): self.blob,
             ("POST", "/v1/tracker/announce"): self.announce,
             ("POST", "/v1/tracker/lookup"): self.lookup,
@@ -121,7 +105,7 @@ class ProxyApp:
         secret, or one forwarded by a client that is no proxy, must not cut the real client off.
         What comes down for the uuid meanwhile (the master redelivers its open tasks while it
         handles the handshake) is held and goes where the answer says (:class:`Pending`)."""
-        cred = _bearer(scope)
+        cred = bearer(scope)
         if cred is None:
             await error(send, 401, "agent credential missing", kind="auth")
             return
@@ -132,18 +116,18 @@ class ProxyApp:
             if via_proxy is None or via_proxy.closed.is_set():
                 await error(send, 409, "forwarding proxy has no live session here; handshake again", kind="session")
                 return
-            if not _matches(via_proxy, cred):
+            if not cred.matches(via_proxy.cred_hash):
                 await error(send, 401, "the forwarding proxy's credential is not the one of its session", kind="auth")
                 return
             authenticated(scope)  # a proxy we carry: its many clients' handshakes come from its address
-            cred = header(scope, b"x-zy-agent-auth") or ""
-        claimed, _, secret = cred.partition(":")
-        if not claimed or not secret:
+            cred = Credential(header(scope, b"x-zy-agent-auth") or "")
+        if not cred.complete:
             await error(send, 401, "agent credential missing", kind="auth")
             return
+        claimed = cred.uuid
         live = self.relay.by_uuid.get(claimed)
         if (via_proxy is None and live is not None and not live.closed.is_set() and live.cred_hash
-                and not _matches(live, cred)):
+                and not cred.matches(live.cred_hash)):
             # an agent's credential never changes once it has connected (it cannot enroll again),
             # so this one would be refused upstream: say so here, without holding anything
             await error(send, 401, f"agent credential is not valid for {claimed}", kind="auth")
@@ -159,14 +143,14 @@ class ProxyApp:
         finally:
             self.relay.settle(pending)  # not accepted: what was held goes to the old route
 
-    async def _forward_handshake(self, scope: Scope, send: Send, pending: Pending, cred: str, body: bytes,
+    async def _forward_handshake(self, scope: Scope, send: Send, pending: Pending, cred: Credential, body: bytes,
                                  via_proxy: Downstream | None) -> None:
         claimed = pending.uuid
         # only a proxy we carry may name the proxies further out; a plain client's claim is dropped
         further = (header(scope, b"x-zy-via") or "") if via_proxy is not None else ""
         via = ",".join(v for v in [self.relay.uuid, further] if v)
         resp = await self._upstream(send, "/v1/handshake", body,
-                                    {"x-zy-agent-auth": cred, "x-zy-sid": self.relay.channel.sid or "",
+                                    {"x-zy-agent-auth": cred.text, "x-zy-sid": self.relay.channel.sid or "",
                                      "x-zy-via": via, "content-type": "application/json"})
         if resp is None:
             return
@@ -187,18 +171,18 @@ class ProxyApp:
             await respond(send, 200, info)
             return
         mode = "h2" if scope.get("http_version") == "2" else "poll"
-        client = self.relay.accept(pending, mode, _digest(cred), handover=_names_handover(body))
-        self._remember(claimed, cred)
-        await respond(send, 200, {**info, "sid": client.sid, "mode": mode, "heartbeat": self.heartbeat,
-                                  "idle_beat": self.idle_beat,
-                                  "poll_wait": self.poll_wait, "max_frame": self.max_frame})
+        client = self.relay.accept(pending, mode, cred.digest(), handover=_names_handover(body))
+        self._remember(cred)
+        s = self.settings
+        await respond(send, 200, {**info, "sid": client.sid, "mode": mode, "heartbeat": s.heartbeat,
+                                  "idle_beat": s.idle_beat, "poll_wait": s.poll_wait, "max_frame": s.max_frame})
 
-    def _refused(self, uuid: str, cred: str, status: int) -> None:
+    def _refused(self, uuid: str, cred: Credential, status: int) -> None:
         """The upstream refused a handshake. A revoked agent (403) reads no more from the cache;
         a wrong credential (401) only forgets the one remembered if it was that one (anybody can
         send a garbage secret for any uuid)."""
         known = self._accepted.get(uuid)
-        if status == 403 or (status == 401 and known is not None and hmac.compare_digest(known, _digest(cred))):
+        if status == 403 or (status == 401 and known is not None and cred.matches(known)):
             self._accepted.pop(uuid, None)
 
     async def announce(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -287,7 +271,7 @@ class ProxyApp:
 
     async def _serve(self, scope: Scope, send: Send, sha: str, fetch: Fetch | None) -> None:
         """At most ``DOWNLOADS_PER_CREDENTIAL`` downloads at once per credential (429 beyond)."""
-        uuid = (_bearer(scope) or "").partition(":")[0]
+        uuid = (bearer(scope) or Credential("")).uuid
         with self._downloads.take(uuid) as ok:
             if not ok:
                 await error(send, 429, f"{uuid} has {DOWNLOADS_PER_CREDENTIAL} downloads running here already; "
@@ -347,16 +331,16 @@ class ProxyApp:
             await old.aclose()
         return self._bulk
 
-    def _remember(self, uuid: str, cred: str) -> None:
-        self._accepted.pop(uuid, None)
-        self._accepted[uuid] = _digest(cred)
+    def _remember(self, cred: Credential) -> None:
+        self._accepted.pop(cred.uuid, None)
+        self._accepted[cred.uuid] = cred.digest()
         while len(self._accepted) > _MAX_ACCEPTED:
             del self._accepted[next(iter(self._accepted))]
 
     def _known(self, scope: Scope) -> bool:
-        cred = _bearer(scope)
-        known = self._accepted.get(cred.partition(":")[0]) if cred is not None else None
-        return cred is not None and known is not None and hmac.compare_digest(known, _digest(cred))
+        cred = bearer(scope)
+        known = self._accepted.get(cred.uuid) if cred is not None else None
+        return cred is not None and known is not None and cred.matches(known)
 
     async def report_stats(self, key: bytes, every: float) -> None:
         """Send the cache's counters up the channel every ``every`` seconds when they changed (or
@@ -376,68 +360,41 @@ class ProxyApp:
             last = (sid, stats)
 
     async def _client(self, scope: Scope, send: Send) -> Downstream | None:
-        """The session a channel or tracker request belongs to: its id (``x-zy-sid`` or the
-        ``sid`` query parameter) and the credential the master accepted when it was opened. The
-        id alone, which may be in a middlebox's access log, admits nobody."""
+        """The session a tracker or blob request belongs to (see :class:`RelaySessions`)."""
+        return await self.channel.session(scope, send)
+
+
+class RelaySessions:
+    """The proxy's session table for the channel routes (hcsdk.net.channel_server.SessionTable):
+    the relay's clients. A request names its session by id (``x-zy-sid`` or the ``sid`` query
+    parameter) and carries the credential the master accepted when it was opened: the id alone,
+    which may be in a middlebox's access log, admits nobody. What comes up is forwarded."""
+
+    def __init__(self, relay: Relay, settings: ChannelSettings) -> None:
+        self.relay = relay
+        self.settings = settings
+
+    async def attach(self, scope: Scope, credential: Credential | None) -> Downstream | Refusal:
         client = self.relay.by_sid.get(header(scope, b"x-zy-sid") or query(scope).get("sid", ""))
         if client is None or client.closed.is_set():
-            await error(send, 409, "session is gone or superseded; handshake again", kind="session")
-            return None
-        if not _matches(client, _bearer(scope) or ""):
-            await error(send, 401, "agent credential is not valid for this session", kind="auth")
-            return None
+            return Refusal(409, "session is gone or superseded; handshake again", "session")
+        if credential is None or not credential.matches(client.cred_hash):
+            return Refusal(401, "agent credential is not valid for this session")
         authenticated(scope)
         return client
 
-    async def down(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client = await self._client(scope, send)
-        if client is None:
-            return
-        try:
-            beat = self.idle_beat if client.mode == "h2" else self.heartbeat
-            await stream_mailbox(client, receive, send, beat, self.max_frame)
-        finally:
-            self.relay.end(client, "channel ended")
+    def heartbeat(self, session: Downstream) -> float:
+        return self.settings.downlink_beat(session.mode)
 
-    async def up(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client = await self._client(scope, send)
-        if client is None:
-            return
-        decoder = FrameDecoder(self.max_frame, UP_TYPES)
-        try:
-            async for chunk in body_chunks(receive):
-                await self.relay.from_client(client, decoder.feed(chunk))
-        except FrameError as exc:
-            await self._drop(client, send, exc)
-            return
-        await respond(send, 200, {"ok": True})
+    async def deliver(self, session: Downstream, msgs: list[dict[str, Any]]) -> None:
+        await self.relay.from_client(session, msgs)
 
-    async def poll(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client = await self._client(scope, send)
-        if client is None:
-            return
-        decoder = FrameDecoder(self.max_frame, UP_TYPES)
-        try:
-            body = await read_limited(receive, self.max_body, BODY_DEADLINE, scope)
-            await self.relay.from_client(client, decoder.feed(body))
-            if decoder.pending:
-                raise FrameError("request ends inside a frame")
-        except FrameError as exc:
-            await self._drop(client, send, exc)
-            return
-        if query(scope).get("mode") == "up":
-            await respond(send, 200, b"")
-            return
-        with anyio.move_on_after(self.poll_wait):
-            await client.wake.wait()
-        await respond(send, 200, client.take_frames(self.max_frame, 1024 * 1024))
+    def ended(self, session: Downstream) -> None:
+        self.relay.end(session, "channel ended")
 
-    async def _drop(self, client: Downstream, send: Send, exc: FrameError) -> None:
-        log.warning("dropping client %s: %s", client.uuid, exc)
-        self.relay.end(client, f"bad frame: {exc}")
-        await error(send, 400, f"bad frame: {exc}", kind="frame")
-
-
+    def drop(self, session: Downstream, exc: FrameError) -> None:
+        log.warning("dropping client %s: %s", session.uuid, exc)
+        self.relay.end(session, f"bad frame: {exc}")
 
 
 class LiveSessions:
@@ -478,21 +435,6 @@ async def _tracker_error(send: Send, what: str, exc: TrackerError) -> None:
         await error(send, 403, f"{what} refused: {exc}", kind="tracker")
     else:
         await error(send, 400, f"bad {what}: {exc}")
-
-
-def _bearer(scope: Scope) -> str | None:
-    """``UUID:SECRET`` from ``Authorization: Bearer``, or None."""
-    scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")
-    return cred if scheme.lower() == "bearer" and ":" in cred else None
-
-
-def _digest(cred: str) -> bytes:
-    return hashlib.sha256(cred.encode()).digest()
-
-
-def _matches(client: Downstream, cred: str) -> bool:
-    """Whether ``cred`` is the credential the master accepted for ``client``'s session."""
-    return bool(client.cred_hash) and hmac.compare_digest(client.cred_hash, _digest(cred))
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

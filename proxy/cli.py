@@ -8,11 +8,10 @@ from pathlib import Path
 
 from hcsdk.common.jointoken import JOIN_ENV, pop_env_token, reexec_without_join, running_as
 from hcsdk.net.serve import parse_listen
+from hcsdk.net.settings import add_channel_options, channel_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from .tamper import MODES
-
     p = sub.add_parser(
         "proxy", help="run a proxy: agents behind it reach the master through one shared channel",
         description="Run a proxy. It enrolls with the master once (a proxy token from `zy token create --kind proxy "
@@ -34,14 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--advertise", action="append", default=[], metavar="URL",
                    help="URL agents use to reach this proxy (its host goes into the certificate)")
     p.add_argument("--hostname", help="name to report instead of the system hostname")
-    p.add_argument("--no-http2", action="store_true", help="serve agents over HTTP/1.1 only (they poll)")
-    p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats (default 5)")
-    p.add_argument("--dead-after", type=float, default=12.0,
-                   help="a silent channel is dead after this many seconds (default 12)")
-    p.add_argument("--h2-retry", type=float, default=60.0,
-                   help="while polling upstream over HTTP/1.1, retry HTTP/2 this often (default 60)")
-    p.add_argument("--backoff-cap", type=float, default=30.0,
-                   help="longest wait between reconnects upstream (default 30)")
+    # --no-http2, --heartbeat, --dead-after, --h2-retry, --backoff-cap
+    add_channel_options(p, "proxy")  # ProxySettings keeps ChannelSettings's defaults
     p.add_argument("--cache-size", type=_size, default=10 * 1024**3, metavar="SIZE",
                    help="disk space for the chunk cache under DATA_DIR/cache, in bytes or with K/M/G/T "
                    "(binary units); 0 keeps nothing (default 10G)")
@@ -54,7 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--upstream-parallel", type=_positive, default=2, metavar="N",
                    help="P2P: chunks not yet cached that agents fetch through this proxy at once, so they "
                    "cross a thin upstream link in order (default 2)")
-    p.add_argument("--tamper", default="", choices=MODES, help=argparse.SUPPRESS)  # tests: a compromised relay
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
 
@@ -70,8 +62,7 @@ def _main(args: argparse.Namespace) -> int:
         restart=running_as("proxy"),
         data_dir=args.data_dir, host=host, port=port, upstreams=args.upstream, join=args.join,
         join_file=args.join_file, join_env=join_env,
-        advertise=args.advertise, hostname=args.hostname, http2=not args.no_http2, heartbeat=args.heartbeat,
-        dead_after=args.dead_after, h2_retry=args.h2_retry, backoff_cap=args.backoff_cap, tamper=args.tamper,
+        advertise=args.advertise, hostname=args.hostname, **channel_options(args),
         cache_size=args.cache_size, stats_every=args.stats_every, seed_copies=args.seed_copies,
         upstream_parallel=args.upstream_parallel,
     ))

@@ -20,7 +20,6 @@ from hcsdk.net.channel import Channel
 from hcsdk.net.mailbox import Mailbox
 from hcsdk.protocol.wire import encode_frame
 
-from .tamper import Tamper
 from .tracker import Releases, Tracker
 
 log = logging.getLogger("zy.proxy")
@@ -115,13 +114,12 @@ class UpstreamQueue:
 
 
 class Relay:
-    def __init__(self, uuid: str, channel_factory: Any, tamper: Tamper | None = None):
+    def __init__(self, uuid: str, channel_factory: Any):
         self.uuid = uuid
         self.queue = UpstreamQueue()
         self.by_sid: dict[str, Downstream] = {}
         self.by_uuid: dict[str, Downstream] = {}
         self.routes: dict[str, Downstream] = {}
-        self.tamper = tamper or Tamper("")
         self.stats = {"up_frames": 0, "down_frames": 0, "clients": 0}
         #: uuid -> its handshake in flight upstream (one at a time per uuid)
         self.pending: dict[str, Pending] = {}
@@ -148,7 +146,7 @@ class Relay:
         if target is None:
             return  # a client that left: the master redelivers after its next handshake
         self.stats["down_frames"] += 1
-        target.send(self.tamper.down(msg))
+        target.send([msg])
 
     def upstream_lost(self) -> None:
         """What was queued or in flight is gone: make every client reconnect and resend."""
@@ -241,8 +239,7 @@ class Relay:
                     self._up(msg)
                 continue
             await self.queue.room()
-            for out in self.tamper.up(msg):
-                self._up(out)
+            self._up(msg)
 
     def _up(self, msg: dict[str, Any]) -> None:
         self.stats["up_frames"] += 1

@@ -16,7 +16,7 @@ import anyio
 from hcsdk.common import facts as facts
 from hcsdk.common.identity import StateDir
 from hcsdk.common.jointoken import JOIN_ENV, JoinToken, read_join
-from hcsdk.net.channel import Channel, ChannelSettings
+from hcsdk.net.channel import Channel
 from hcsdk.net.enroll import enroll
 from hcsdk.net.limits import AddressGate
 from hcsdk.net.serve import (
@@ -28,19 +28,22 @@ from hcsdk.net.serve import (
     server_names,
     stop_server,
 )
+from hcsdk.net.settings import ChannelSettings
 from hcsdk.net.tls import make_csr, norm_name
 
 from .app import ProxyApp
 from .cache import ChunkCache
 from .relay import Relay
-from .tamper import Tamper
 from .tracker import Tracker
 
 log = logging.getLogger("zy.proxy")
 
 
 @dataclass(kw_only=True)
-class ProxySettings:
+class ProxySettings(ChannelSettings):
+    """The channel's settings (both ways: ``http2`` is what agents are served, the upstream is
+    always tried over HTTP/2 first) and the proxy's own."""
+
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 8444
@@ -53,15 +56,6 @@ class ProxySettings:
     restart: bool = False
     advertise: list[str] = field(default_factory=list)
     hostname: str | None = None
-    http2: bool = True
-    heartbeat: float = 5.0
-    idle_beat: float = 60.0
-    dead_after: float = 12.0
-    h2_retry: float = 60.0
-    backoff_cap: float = 30.0
-    poll_wait: float = 2.0
-    max_frame: int = 4 * 1024 * 1024
-    tamper: str = ""
     #: bytes of chunks kept under data_dir/cache (0: keep none)
     cache_size: int = 10 * 1024**3
     #: seconds between reports of the cache counters to the master (when they changed)
@@ -136,9 +130,8 @@ async def serve(settings: ProxySettings) -> bool:
         print("zy proxy: restarting without the join token", flush=True)
         return True
     upstreams = settings.upstreams or ident.urls
-    channel_settings = ChannelSettings(heartbeat=settings.heartbeat, dead_after=settings.dead_after,
-                                       http2=True, h2_retry=settings.h2_retry, backoff_cap=settings.backoff_cap,
-                                       spread=False)
+    # upstream: HTTP/2 whatever agents are served with, and the first URL preferred (see spread)
+    channel_settings = settings.channel(http2=True, spread=False)
 
     def channel_for(relay: Relay) -> Channel:
         return Channel(ident.uuid, ident.credential, upstreams, state.ca_path.read_bytes(),
@@ -146,11 +139,10 @@ async def serve(settings: ProxySettings) -> bool:
                        outbox=relay.queue.pending_after, on_message=relay.from_upstream,
                        wake=relay.queue.current_wake, settings=channel_settings, on_lost=relay.upstream_lost)
 
-    relay = Relay(ident.uuid, channel_for, Tamper(settings.tamper))
+    relay = Relay(ident.uuid, channel_for)
     relay.tracker = Tracker(settings.seed_copies, settings.upstream_parallel)
     cache = ChunkCache(settings.data_dir / "cache", settings.cache_size)
-    app = ProxyApp(relay, state.ca_path, settings.heartbeat, settings.poll_wait, settings.max_frame,
-                   idle_beat=settings.idle_beat, cache=cache)
+    app = ProxyApp(relay, state.ca_path, settings, cache=cache)
     gated = AddressGate(app, settings.max_unauthenticated)
     server = granian_server(gated, settings.host, settings.port, state.root / "tls.pem", state.root / "tls.key",
                             http2=settings.http2, heartbeat=settings.heartbeat, dead_after=settings.dead_after)

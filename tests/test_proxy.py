@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fleet import Fleet, wait_for
+
+#: a real proxy whose relay lies (test-only: wraps the relay, see the module)
+TAMPERING_PROXY = Path(__file__).with_name("tampering_proxy.py")
 
 
 def _via(fleet: Fleet, name: str) -> list[str]:
@@ -97,7 +101,7 @@ def _started(fleet: Fleet, run_id: str) -> int:
 def evil(fleet: Fleet, request: pytest.FixtureRequest) -> Fleet:
     """An agent whose only way to the master is a relay that lies in the given way."""
     fleet.master_args = [*fleet.master_args]
-    url = fleet.start_proxy("evil", extra=["--tamper", request.param])
+    url = fleet.start_proxy("evil", wrap=[sys.executable, str(TAMPERING_PROXY), request.param])
     fleet.start_agent("victim", extra=["--master", url])
     fleet.wait_online("victim")
     return fleet

@@ -17,7 +17,6 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -26,6 +25,7 @@ import httpx
 from hcsdk.common.backoff import Backoff
 from hcsdk.net.h2conn import H2Connection, H2Error, NotH2, Response
 from hcsdk.net.http import error_message
+from hcsdk.net.settings import ChannelSettings  # one declaration, for both ends of the channel
 from hcsdk.net.tls import shared_client_context
 from hcsdk.protocol.wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder, encode_frame
 
@@ -44,21 +44,6 @@ class SwitchToH2(Exception):
 
 class Rejected(Exception):
     """The master refused this agent's credential: retrying cannot help."""
-
-
-@dataclass
-class ChannelSettings:
-    heartbeat: float = 5.0
-    dead_after: float = 12.0
-    http2: bool = True
-    h2_retry: float = 60.0
-    backoff_base: float = 0.5
-    backoff_cap: float = 30.0
-    #: start at a random URL (agents spread over proxies) or at the first (a proxy prefers its
-    #: direct uplink and keeps an SSH tunnel as the fallback)
-    spread: bool = True
-    #: bind outgoing connections to this source address (a swarm spreads over 127.0.0.0/8)
-    local_address: str | None = None
 
 
 class Channel:

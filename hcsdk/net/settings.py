@@ -1,0 +1,129 @@
+"""The channel's settings, declared once for both ends, and the one function that puts them on a
+command line (``zy master``, ``zy proxy``, ``zy agent``, ``zy swarm``).
+
+Each side uses the part it needs: a dialing side (agent, swarm, a proxy upstream) heartbeats,
+notices silence, retries HTTP/2 and backs off; a serving side (master, a proxy downstream) also
+tells its clients the idle beat, how long a poll is held and the largest frame. ``MasterSettings``
+and ``ProxySettings`` extend :class:`ChannelSettings`, so the fields and their defaults exist once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from hcsdk.protocol.wire import DEFAULT_MAX_FRAME
+
+__all__ = ["ChannelSettings", "Role", "add_channel_options", "channel_options"]
+
+
+@dataclass(kw_only=True)
+class ChannelSettings:
+    #: dialing: try HTTP/2 (else poll over HTTP/1.1); serving: offer it
+    http2: bool = True
+    #: most seconds between heartbeats each way on an idle channel
+    heartbeat: float = 5.0
+    #: a channel silent this long is dead (the dialing side reconnects)
+    dead_after: float = 12.0
+    #: dialing, while polling: retry HTTP/2 this often
+    h2_retry: float = 60.0
+    #: dialing: reconnects back off from ``backoff_base`` to at most ``backoff_cap`` seconds (full jitter)
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    #: dialing: start at a random URL (agents spread over proxies) or at the first (a proxy prefers
+    #: its direct uplink and keeps an SSH tunnel as the fallback)
+    spread: bool = True
+    #: dialing: bind outgoing connections to this source address (a swarm spreads over 127.0.0.0/8)
+    local_address: str | None = None
+    #: serving: seconds between application heartbeats on a quiet HTTP/2 channel: HTTP/2 PINGs,
+    #: answered below Python, keep it alive, so 10,000 idle agents cost the server almost nothing
+    idle_beat: float = 60.0
+    #: serving: how long a poll request waits for something to deliver
+    poll_wait: float = 2.0
+    #: the largest channel message in bytes
+    max_frame: int = DEFAULT_MAX_FRAME
+
+    def downlink_beat(self, mode: str) -> float:
+        """Seconds between heartbeats on a served downlink: HTTP/2 has PINGs below Python, a
+        polling client only has our heartbeats to tell the channel is alive."""
+        return self.idle_beat if mode == "h2" else self.heartbeat
+
+    def channel(self, **changes: Any) -> ChannelSettings:
+        """Just the channel's part of these settings (a subclass's own fields left behind), with
+        ``changes``: what a proxy dials its upstream with."""
+        mine = {f.name: getattr(self, f.name) for f in fields(ChannelSettings)}
+        return ChannelSettings(**{**mine, **changes})
+
+
+#: who puts the channel options on its command line
+Role = Literal["master", "proxy", "agent", "swarm"]
+
+_CHANNEL_FIELDS = {f.name for f in fields(ChannelSettings)}
+
+#: the flags each role has
+_FLAGS: dict[str, tuple[str, ...]] = {
+    "master": ("no_http2", "heartbeat", "dead_after", "max_frame"),
+    "proxy": ("no_http2", "heartbeat", "dead_after", "h2_retry", "backoff_cap"),
+    "agent": ("no_http2", "heartbeat", "dead_after", "h2_retry", "backoff_cap"),
+    "swarm": ("no_http2", "heartbeat", "dead_after"),
+}
+
+#: help texts: one per flag, with the words that differ by role
+_NO_HTTP2 = {
+    "master": "refuse HTTP/2 (agents fall back to HTTP/1.1 polling)",
+    "proxy": "serve agents over HTTP/1.1 only (they poll)",
+    "agent": "never try HTTP/2; poll over HTTP/1.1",
+    "swarm": "poll over HTTP/1.1",
+}
+_HEARTBEAT = {
+    "master": "seconds between heartbeats on an idle channel; agents beat at least twice as often (default 5)",
+    "proxy": "seconds between heartbeats (default 5)",
+    "agent": "most seconds between heartbeats; the master may ask for more often (default 5)",
+    "swarm": "most seconds between heartbeats (default 5)",
+}
+_DEAD_AFTER = {
+    "master": "drop an agent's channel after this many silent seconds (default 15)",
+    "proxy": "a silent channel is dead after this many seconds (default 12)",
+    "agent": "reconnect (or fail over to another proxy) after this many silent seconds (default 12)",
+    "swarm": "reconnect after this many silent seconds (default 12)",
+}
+_H2_RETRY = {
+    "proxy": "while polling upstream over HTTP/1.1, retry HTTP/2 this often (default 60)",
+    "agent": "while polling over HTTP/1.1, retry HTTP/2 this often, in seconds (default 60)",
+}
+_BACKOFF_CAP = {
+    "proxy": "longest wait between reconnects upstream (default 30)",
+    "agent": "longest wait between reconnect attempts, in seconds (default 30)",
+}
+
+
+def add_channel_options(parser: argparse.ArgumentParser, role: Role,
+                        settings: type[ChannelSettings] = ChannelSettings) -> None:
+    """Add the channel flags ``role``'s command has (``--no-http2``, ``--heartbeat``,
+    ``--dead-after``, and ``--h2-retry``/``--backoff-cap`` where it dials, ``--max-frame`` on
+    the master), with the defaults of the ``settings`` class it fills (MasterSettings has its
+    own ``dead_after``); read them back with :func:`channel_options`."""
+    have = _FLAGS[role]
+    own: dict[str, Any] = {f.name: f.default for f in fields(settings) if f.name in _CHANNEL_FIELDS}
+    d = ChannelSettings(**own)
+    parser.add_argument("--no-http2", action="store_true", help=_NO_HTTP2[role])
+    parser.add_argument("--heartbeat", type=float, default=d.heartbeat, help=_HEARTBEAT[role])
+    parser.add_argument("--dead-after", type=float, default=d.dead_after, help=_DEAD_AFTER[role])
+    if "h2_retry" in have:
+        parser.add_argument("--h2-retry", type=float, default=d.h2_retry, help=_H2_RETRY[role])
+    if "backoff_cap" in have:
+        parser.add_argument("--backoff-cap", type=float, default=d.backoff_cap, help=_BACKOFF_CAP[role])
+    if "max_frame" in have:
+        parser.add_argument("--max-frame", type=int, default=d.max_frame,
+                            help="largest channel message in bytes (default %(default)s)")
+
+
+def channel_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ChannelSettings fields the flags of :func:`add_channel_options` set, by name (pass
+    them to ChannelSettings, MasterSettings or ProxySettings)."""
+    out: dict[str, Any] = {"http2": not args.no_http2}
+    for name in ("heartbeat", "dead_after", "h2_retry", "backoff_cap", "max_frame"):
+        if hasattr(args, name):
+            out[name] = getattr(args, name)
+    return out
