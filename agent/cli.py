@@ -155,7 +155,7 @@ async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
     from hcsdk.net.channel import ChannelSettings, Rejected
 
     from .core import Agent
-    from .peer import PeerSettings
+    from .release.peer import PeerSettings
 
     if args.master:
         ident.urls = list(args.master)

@@ -17,12 +17,12 @@ from hcsdk.common.identity import Identity, StateDir
 from hcsdk.net.channel import Channel, ChannelSettings, Rejected
 from hcsdk.protocol.e2e import sign, verify
 
-from .chunkstore import ChunkStore
 from .executor import Executor, Task, TaskFailed
 from .memspool import MemorySpool
-from .peer import PeerServer, PeerSettings
 from .plugin_host import InstallError, PluginHost
-from .release import Releases
+from .release.chunkstore import ChunkStore
+from .release.commands import Releases
+from .release.peer import PeerServer, PeerSettings
 from .scheduler import Scheduler
 from .spool import Spool
 from .systemd import notify

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from agent.chunkstore import ChunkStore
-from agent.peer import CLOCK_SKEW, HEAD_DEADLINE, PER_ADDRESS, PeerServer, fetch_from_peer, token
+from agent.release.chunkstore import ChunkStore
+from agent.release.peer import CLOCK_SKEW, HEAD_DEADLINE, PER_ADDRESS, PeerServer, fetch_from_peer, token
 from fleet import Fleet
 from hcsdk import RequestError, UsageError
 from hcsdk._portal import portal

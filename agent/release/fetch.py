@@ -21,8 +21,8 @@ import anyio
 
 from hcsdk.protocol.manifest import Manifest, ManifestError
 
+from ..executor import TaskFailed
 from .chunkstore import PART_SUFFIX, ChunkStore, start_writeback
-from .executor import TaskFailed
 from .peer import RateLimit, fetch_from_peer
 
 #: what a chunk arrives in: the proxy's answer, or a reused buffer (from a peer)

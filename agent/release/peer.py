@@ -1,7 +1,7 @@
 """Agents share release chunks with agents near them (P2P within a cluster).
 
 Each agent that has fetched a release serves its chunks over plain HTTP on ``--peer-port``
-(``GET /chunk/SHA?t=TOKEN``), read from its release files (:mod:`agent.chunkstore`). What travels
+(``GET /chunk/SHA?t=TOKEN``), read from its release files (:mod:`agent.release.chunkstore`). What travels
 is checked by the receiver against the signed manifest, so integrity never rests on the peer;
 the token keeps strangers on the LAN from pulling release content. It is ``EXP.NONCE.MAC``: an
 expiry (unix seconds, ``TOKEN_TTL`` ahead), a random nonce and the HMAC of chunk, expiry and

@@ -23,7 +23,7 @@ from typing import Any
 from hcsdk.protocol.manifest import Manifest, ManifestError
 from hcsdk.protocol.names import digest_dir, is_digest_dir
 
-from .jsonfile import write_json
+from ..jsonfile import write_json
 
 MANIFEST = ".zy-manifest.json"
 PART_SUFFIX = ".zy-part"

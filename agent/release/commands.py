@@ -4,35 +4,32 @@ Fetch: the signed command carries the manifest and its digest. Each missing chun
 by its SHA-256 from where the proxy's tracker says (a peer holding it, or the proxy, which seeds
 each chunk to a few agents only), or straight from the upstream when there is no tracker, and
 checked against the manifest before it is written, once, at its offset in the release file
-(:mod:`agent.chunkstore`). A chunk that fails the check is asked for again and the bad source
+(:mod:`agent.release.chunkstore`). A chunk that fails the check is asked for again and the bad source
 noted and reported; chunks held already (a resumed fetch, or a release sharing chunks with an
 earlier one) are not fetched again.
 
-Place: the file goes to ``dest`` atomically (a hard link or copy under a temp name, fsync,
-rename); the previous file is kept as ``dest.zy-prev`` (hard-linked first, so ``dest`` is never
-missing). Rollback puts it back.
+Place: the file goes to ``dest`` atomically, the previous one kept for a rollback
+(:mod:`agent.release.place`).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import json
 import os
-import secrets
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from hcsdk.common.files import fsync_dir
 from hcsdk.protocol.manifest import Manifest, ManifestError
 from hcsdk.protocol.names import UnsafeName, check_sha256, is_digest_dir
 
+from ..executor import Task, TaskFailed
+from ..jsonfile import write_json
+from ..plugins.api import Arg, validate
 from .chunkstore import (
     MANIFEST,
     PART_SUFFIX,
@@ -41,15 +38,12 @@ from .chunkstore import (
     read_manifest,
     verified_sha256,
 )
-from .executor import Task, TaskFailed
-from .jsonfile import write_json
+from .fetch import Job, Swarm, fetch_missing
 from .peer import PeerServer, RateLimit
-from .plugins.api import Arg, PluginError, validate
-from .plugins.file import check_path
-from .release_fetch import Job, Swarm, fetch_missing
+from .place import checked_dest, place, rollback
 
 if TYPE_CHECKING:
-    from .services import AgentServices
+    from ..services import AgentServices
 
 FETCH_ARGS = {"manifest": Arg(dict), "digest": Arg(str, min=64, max=64), "parallel": Arg(int, default=4, min=1, max=16),
               "peer_key": Arg(str, default="", max=64), "p2p": Arg(bool, default=True),
@@ -58,7 +52,6 @@ PLACE_ARGS = {"digest": Arg(str, min=64, max=64), "dest": Arg(str, min=1, max=40
               "mode": Arg(int, default=0o644, min=0, max=0o7777),
               "sha256": Arg(str, default="", max=64, help="the file's SHA-256 (from the manifest): checked on disk")}
 ROLLBACK_ARGS = {"dest": Arg(str, min=1, max=4096), "digest": Arg(str, min=64, max=64)}
-PREV_SUFFIX = ".zy-prev"
 
 
 class Releases:
@@ -206,20 +199,20 @@ class Releases:
         args = _checked(validate(PLACE_ARGS, task.args), "digest", "sha256")
         dest = self._dest(args["dest"])
         source = self._fetched(args["digest"])
-        task.result = await anyio.to_thread.run_sync(_place, source, dest, args["mode"], args["digest"],
+        task.result = await anyio.to_thread.run_sync(place, source, dest, args["mode"], args["digest"],
                                                      args["sha256"] or verified_sha256(source) or "")
         return "ok", 0
 
     async def rollback(self, task: Task) -> tuple[str, int | None]:
         args = _checked(validate(ROLLBACK_ARGS, task.args), "digest")
         dest = self._dest(args["dest"])
-        task.result = await anyio.to_thread.run_sync(_rollback, dest, args["digest"])
+        task.result = await anyio.to_thread.run_sync(rollback, dest, args["digest"])
         return "ok", 0
 
     def _dest(self, text: str) -> Path:
         """``{hostname}`` and ``{uuid}`` in a destination are this agent's."""
         hostname = self.services.hostname or socket.gethostname()
-        return _dest(text.replace("{hostname}", hostname).replace("{uuid}", self.services.uuid))
+        return checked_dest(text.replace("{hostname}", hostname).replace("{uuid}", self.services.uuid))
 
     def _fetched(self, digest: str) -> Path:
         home = self.store.home(digest)
@@ -253,124 +246,6 @@ def _manifest(data: dict[str, Any], digest: str) -> Manifest:
     return manifest
 
 
-def _dest(text: str) -> Path:
-    try:
-        check_path(text)
-    except PluginError as exc:
-        raise TaskFailed(str(exc)) from None
-    dest = Path(text)
-    if not dest.parent.is_dir():
-        raise TaskFailed(f"cannot place {dest}: its directory {dest.parent} does not exist")
-    return dest
-
-
-def _place(source: Path, dest: Path, mode: int, digest: str, sha256: str) -> dict[str, Any]:
-    """Put ``source`` at ``dest`` atomically, keeping what was there for a rollback, and note
-    in a journal beside it which release did so (a rollback undoes only its own release)."""
-    trusted = bool(sha256) and verified_sha256(source) == sha256  # checked whole, unchanged since
-    want = sha256 or _sha256_file(source)
-    journal = _journal(dest)
-    if dest.is_file() and ((trusted and os.path.samefile(dest, source)) or _sha256_file(dest) == want):
-        # already there: placed by this release before a restart (its journal says so), or not ours to undo
-        ours = _read_journal(journal).get("digest") == digest
-        return {"dest": str(dest), "sha256": want, "placed": ours, "unchanged": True}
-    tmp = _stage(source, dest.parent, f".{dest.name}.zy-new.", mode, want, trusted)
-    try:
-        prev = dest.with_name(dest.name + PREV_SUFFIX)
-        had = dest.is_file() and not dest.is_symlink()
-        if had:
-            link = Path(tempfile.mktemp(dir=dest.parent, prefix=f".{dest.name}.zy-prevlink."))
-            os.link(dest, link)  # dest stays in place until the new file replaces it
-            os.replace(link, prev)
-        write_json(journal, {"digest": digest, "prev": "kept" if had else "none", "sha256": want})
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(dest.parent)
-    return {"dest": str(dest), "sha256": want, "placed": True, "previous_kept": had}
-
-
-def _rollback(dest: Path, digest: str) -> dict[str, Any]:
-    """Put back what the release replaced. The journal says "rolled back" before the file moves,
-    so asking again (a master restarted mid-rollback) finishes the job or finds it done."""
-    journal = _journal(dest)
-    entry = _read_journal(journal)
-    if entry.get("digest") != digest:
-        raise TaskFailed(f"{dest} was not placed by this release (nothing to roll back here)")
-    prev = dest.with_name(dest.name + PREV_SUFFIX)
-    kept = entry.get("prev") == "kept"
-    if entry.get("rolled_back") and not (kept and prev.is_file()):
-        return {"dest": str(dest), "sha256": _sha256_file(dest) if dest.is_file() else None, "restored": True,
-                "already": True}
-    if kept and not prev.is_file():
-        raise TaskFailed(f"the previous version of {dest} is gone ({prev} is missing)")
-    write_json(journal, {**entry, "rolled_back": True})
-    if kept:
-        os.replace(prev, dest)
-        result: dict[str, Any] = {"dest": str(dest), "sha256": _sha256_file(dest), "restored": True}
-    else:  # there was no file before the release: there is none after
-        dest.unlink(missing_ok=True)
-        result = {"dest": str(dest), "sha256": None, "restored": True, "removed": True}
-    fsync_dir(dest.parent)
-    return result
-
-
-def _stage(source: Path, directory: Path, prefix: str, mode: int, sha256: str, trusted: bool) -> Path:
-    """The release under a fresh name in the destination's directory, checked against ``sha256``
-    and on disk: a hard link to the fetched file where the filesystem allows (no byte copied or
-    written again; the fetched file is never modified after it is whole), a copy otherwise.
-    A ``trusted`` source (checked whole and unchanged since) that is linked is not hashed again.
-    The name is new and created exclusively, so nothing planted in the directory is followed."""
-    tmp = directory / f"{prefix}{secrets.token_hex(8)}"
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
-                raise
-            _copy_new(source, tmp)
-            trusted = False
-        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if not trusted and _sha256_file(tmp) != sha256:
-            raise TaskFailed(f"the release at {tmp} does not match its SHA-256: not placed")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _copy_new(source: Path, target: Path) -> None:
-    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with open(source, "rb") as src:
-            size, done = os.fstat(src.fileno()).st_size, 0
-            while done < size:
-                sent = os.sendfile(out, src.fileno(), done, size - done)
-                if sent == 0:
-                    raise TaskFailed(f"{source} shrank while it was being copied to {target}")
-                done += sent
-    finally:
-        os.close(out)
-
-
-def _journal(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.zy-release")
-
-
-def _read_journal(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _intact(manifest: Manifest, path: Path) -> bool:
     """Whether ``path`` is the manifest's file, chunk by chunk."""
     try:
@@ -381,11 +256,3 @@ def _intact(manifest: Manifest, path: Path) -> bool:
                        for i in range(len(manifest.chunks)))
     except OSError:
         return False
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
