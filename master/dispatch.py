@@ -15,7 +15,7 @@ from hcsdk.protocol.wire import dumps, loads
 from .db import Db
 from .errors import RequestRejected
 from .run_events import RunEvents
-from .sessions import Session, SessionTable
+from .sessions import Session, Sessions
 from .settings import MasterSettings
 from .targets import resolve
 
@@ -39,7 +39,7 @@ def check_cmd(cmd: str) -> None:
 
 
 class Dispatch:
-    def __init__(self, db: Db, settings: MasterSettings, table: SessionTable, events: RunEvents,
+    def __init__(self, db: Db, settings: MasterSettings, table: Sessions, events: RunEvents,
                  stats: dict[str, int]) -> None:
         self.db = db
         self.settings = settings

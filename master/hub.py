@@ -25,7 +25,7 @@ from .errors import RequestRejected
 from .ingest import Ingest
 from .run_events import RunEvents
 from .schedules import Schedules
-from .sessions import Session, SessionTable, is_handover
+from .sessions import Session, Sessions, is_handover
 from .settings import MasterSettings
 from .store import FINAL
 
@@ -38,7 +38,7 @@ class Hub:
         self.settings = settings
         #: counters shown by /api/v1/status; the channel server and the blob store add their own
         self.stats: dict[str, int] = {"ingested": 0, "dispatched": 0, "rejected": 0, "busy": 0}
-        self.table = SessionTable()
+        self.table = Sessions()
         self.events = RunEvents()
         self.dispatch = Dispatch(db, settings, self.table, self.events, self.stats)
         self.results = Ingest(db, self.table, self.events, self.stats)

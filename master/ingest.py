@@ -13,7 +13,7 @@ import anyio
 
 from .db import Db
 from .run_events import RunEvents
-from .sessions import Session, SessionTable
+from .sessions import Session, Sessions
 
 __all__ = ["Ingest"]
 
@@ -24,7 +24,7 @@ _BATCH = 5000
 
 
 class Ingest:
-    def __init__(self, db: Db, table: SessionTable, events: RunEvents, stats: dict[str, int]) -> None:
+    def __init__(self, db: Db, table: Sessions, events: RunEvents, stats: dict[str, int]) -> None:
         self.db = db
         self.table = table
         self.events = events

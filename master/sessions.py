@@ -18,7 +18,7 @@ from hcsdk.protocol.e2e import sign, verify
 from .db import Db
 from .store import FINAL
 
-__all__ = ["Session", "SessionTable", "is_handover"]
+__all__ = ["Session", "Sessions", "is_handover"]
 
 log = logging.getLogger("zy.master.hub")
 
@@ -57,7 +57,7 @@ async def is_handover(db: Db, uuid: str, taskid: str) -> bool:
     return bool(task and task["uuid"] == uuid and task["cmd"] == "zy.update" and task["status"] not in FINAL)
 
 
-class SessionTable:
+class Sessions:
     """Sessions by uuid (``sessions``: what commands go to), the old builds still reporting
     during an update (``retiring``), the agents' end-to-end keys, and offline clocks."""
 
