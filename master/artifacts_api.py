@@ -17,17 +17,9 @@ from pydantic import BaseModel, Field
 
 from hcsdk.protocol.manifest import Manifest, ManifestError
 from hcsdk.protocol.names import is_sha256
-from hcsdk.protocol.wire import dumps, loads
 
 from .bootstrap import Paths
 from .hub import Hub, RequestRejected
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS artifacts (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
-    manifest TEXT NOT NULL, created_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS artifacts_name ON artifacts(name, created_at);
-"""
 
 
 class MissingRequest(BaseModel):
@@ -41,8 +33,7 @@ class ArtifactRequest(BaseModel):
 def artifact_routes(hub: Hub, paths: Paths, admin: Any) -> APIRouter:
     router = APIRouter(dependencies=[Depends(admin)])
     blobs = paths.root / "blobs"
-    db = hub.db.store.db
-    db.executescript(SCHEMA)
+    store = hub.db.store
 
     def size_of(sha: str) -> int | None:
         path = blobs / sha
@@ -64,34 +55,25 @@ def artifact_routes(hub: Hub, paths: Paths, admin: Any) -> APIRouter:
         if absent:
             raise RequestRejected(f"{len(absent)} of {len(manifest.chunks)} chunks are not on the master (first: "
                                   f"chunk {absent[0]}); upload them first", kind="chunks", status=409)
-        row = _row(manifest)
-        await hub.db(lambda: db.execute("INSERT OR IGNORE INTO artifacts VALUES(?,?,?,?,?,?)", row))
+        await hub.db(store.add_artifact, manifest.digest(), manifest.name, manifest.size, manifest.sha256,
+                     manifest.to_dict(), time.time())
         return await get(manifest.digest())
 
     @router.get("/api/v1/artifacts")
     async def listing() -> list[dict[str, Any]]:
-        rows = await hub.db(lambda: db.execute(
-            "SELECT id, name, size, sha256, manifest, created_at FROM artifacts ORDER BY created_at").fetchall())
-        return [_info(r) for r in rows]
+        return [_info(a) for a in await hub.db(store.artifacts)]
 
     @router.get("/api/v1/artifacts/{ref}")
     async def get(ref: str) -> dict[str, Any]:
         """An artifact by id (its manifest's digest), or the newest of that name."""
-        row = await hub.db(lambda: db.execute(
-            "SELECT id, name, size, sha256, manifest, created_at FROM artifacts WHERE id=? OR name=? "
-            "ORDER BY created_at DESC LIMIT 1", (ref, ref)).fetchone())
-        if row is None:
+        artifact = await hub.db(store.artifact, ref)
+        if artifact is None:
             raise RequestRejected(f"no artifact {ref!r} (give its id or its name)", kind="artifact", status=404)
-        return {**_info(row), "manifest": loads(row[4])}
+        return {**_info(artifact), "manifest": artifact["manifest"]}
 
     return router
 
 
-def _row(manifest: Manifest) -> tuple[Any, ...]:
-    return (manifest.digest(), manifest.name, manifest.size, manifest.sha256, dumps(manifest.to_dict()).decode(),
-            time.time())
-
-
-def _info(row: Any) -> dict[str, Any]:
-    return {"id": row[0], "name": row[1], "size": row[2], "sha256": row[3], "chunks": len(loads(row[4])["chunks"]),
-            "created_at": row[5]}
+def _info(artifact: dict[str, Any]) -> dict[str, Any]:
+    return {"id": artifact["id"], "name": artifact["name"], "size": artifact["size"], "sha256": artifact["sha256"],
+            "chunks": len(artifact["manifest"]["chunks"]), "created_at": artifact["created_at"]}

@@ -1,22 +1,8 @@
-"""Runs store calls in one worker thread at a time, so SQLite never blocks the event loop."""
+"""Moved: the store's thread offloader is ``master.store.StoreThread`` (offload.py). This name
+stays until the modules that import it (hub, dispatch, ingest, sessions) import that instead."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from .store.offload import StoreThread as Db
 
-import anyio
-import anyio.to_thread
-
-from .store import Store
-
-T = TypeVar("T")
-
-
-class Db:
-    def __init__(self, store: Store):
-        self.store = store
-        self._limiter = anyio.CapacityLimiter(1)
-
-    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+__all__ = ["Db"]

@@ -20,24 +20,10 @@ from typing import Any
 
 import anyio
 
-from hcsdk.protocol.wire import dumps, loads
-
 from .hub import Hub, RequestRejected
 
 log = logging.getLogger("zy.master.releases")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS releases (
-    id TEXT PRIMARY KEY, artifact_id TEXT NOT NULL, name TEXT NOT NULL, manifest TEXT NOT NULL,
-    dest TEXT NOT NULL, options TEXT NOT NULL, shards TEXT NOT NULL, state TEXT NOT NULL,
-    shard INTEGER NOT NULL DEFAULT 0, step TEXT NOT NULL DEFAULT '', step_run TEXT NOT NULL DEFAULT '',
-    message TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, updated_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS release_targets (
-    release_id TEXT NOT NULL, uuid TEXT NOT NULL, hostname TEXT NOT NULL, shard INTEGER NOT NULL,
-    phase TEXT NOT NULL, status TEXT NOT NULL, error TEXT, bytes INTEGER, bytes_upstream INTEGER,
-    bytes_peers INTEGER, reused INTEGER, fetch_s REAL, started_at REAL, finished_at REAL,
-    placed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (release_id, uuid));
-"""
 STEPS = ("fetch", "pre", "place", "post", "health")
 ACTIVE = ("running", "rolling_back")
 
@@ -67,16 +53,13 @@ class Releases:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.db = hub.db
-        self.sql = hub.db.store.db
-        self.sql.executescript(SCHEMA)
+        self.store = hub.db.store
         self._driving: set[str] = set()
         self._woken: dict[str, anyio.Event] = {}
 
     async def start(self) -> None:
         """After a master restart: carry on with every release that was under way."""
-        rows = await self.db(lambda: self.sql.execute(
-            f"SELECT id FROM releases WHERE state IN {ACTIVE}").fetchall())
-        for (release_id,) in rows:
+        for release_id in await self.db(self.store.release_ids, ACTIVE):
             self._drive(release_id)
 
     # -- what the API asks for ----------------------------------------------------------------
@@ -88,32 +71,20 @@ class Releases:
         options["peer_key"] = await self._peer_key(artifact["id"])
         now = time.time()
         shard_of = {uuid: i for i, shard in enumerate(shards) for uuid in shard}
-
-        def insert() -> None:
-            self.sql.execute("BEGIN")
-            self.sql.execute("INSERT INTO releases(id, artifact_id, name, manifest, dest, options, shards, state, "
-                             "created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
-                             (release_id, artifact["id"], artifact["name"], dumps(artifact["manifest"]).decode(),
-                              dest, dumps(options).decode(), dumps(shards).decode(), "running", now, now))
-            self.sql.executemany("INSERT INTO release_targets(release_id, uuid, hostname, shard, phase, status) "
-                                 "VALUES(?,?,?,?,?,?)",
-                                 [(release_id, a["uuid"], a["hostname"], shard_of[a["uuid"]], "queued", "pending")
-                                  for a in agents])
-            self.sql.execute("COMMIT")
-
-        await self.db(insert)
+        release = {"id": release_id, "artifact_id": artifact["id"], "name": artifact["name"],
+                   "manifest": artifact["manifest"], "dest": dest, "options": options, "shards": shards,
+                   "state": "running", "created_at": now, "updated_at": now}
+        targets = [(a["uuid"], a["hostname"], shard_of[a["uuid"]]) for a in agents]
+        await self.db(self.store.add_release, release, targets)
         self._drive(release_id)
         return release_id
 
     async def _peer_key(self, artifact_id: str) -> str:
         """What agents given this artifact prove to each other to share its chunks: one key per
         artifact (so agents that got it in an earlier release serve it too), from a master secret."""
-        store = self.hub.db.store
-        secret = await self.db(store.get_meta, "peer_secret")
+        secret = await self.db(self.store.get_meta, "peer_secret")
         if secret is None:  # the first of two releases created at once wins: both use its secret
-            await self.db(lambda: self.sql.execute("INSERT OR IGNORE INTO meta(k, v) VALUES('peer_secret', ?)",
-                                                   (secrets.token_hex(32),)))
-            secret = str(await self.db(store.get_meta, "peer_secret"))
+            secret = await self.db(self.store.init_meta, "peer_secret", secrets.token_hex(32))
         return hmac.new(bytes.fromhex(secret), artifact_id.encode(), hashlib.sha256).hexdigest()
 
     async def act(self, release_id: str, action: str) -> dict[str, Any]:
@@ -129,7 +100,7 @@ class Releases:
             failed = sum(t["status"] == "failed" for t in rel["targets"])
             options = {**rel["options"], "limit": failed + failure_limit(rel["options"]["max_failures"],
                                                                         len(rel["targets"]))}
-            await self._set(release_id, options=dumps(options).decode())
+            await self._set(release_id, options=options)
         await self._set(release_id, state=new, message=f"{action} requested")
         if action in ("abort", "rollback") and rel["step_run"]:
             await self.hub.cancel_run(rel["step_run"])  # stop the step the agents are running now
@@ -139,26 +110,20 @@ class Releases:
         return await self.get(release_id)
 
     async def get(self, release_id: str) -> dict[str, Any]:
-        def read() -> tuple[Any, list[Any]]:
-            rel = self.sql.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone()
-            targets = self.sql.execute("SELECT * FROM release_targets WHERE release_id=? ORDER BY shard, hostname",
-                                       (release_id,)).fetchall()
-            return rel, targets
+        def read() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+            return self.store.release(release_id), self.store.release_targets(release_id)
 
-        rel, targets = await self.db(read)
-        if rel is None:
+        out, targets = await self.db(read)
+        if out is None:
             raise RequestRejected(f"no release {release_id!r}", kind="release", status=404)
-        out = dict(rel)
-        out["options"], out["shards"] = loads(out["options"]), len(loads(out["shards"]))
+        out["shards"] = len(out["shards"])
         out.pop("manifest")
-        out["targets"] = [dict(t) for t in targets]
+        out["targets"] = targets
         return out
 
     async def listing(self) -> list[dict[str, Any]]:
-        rows = await self.db(lambda: self.sql.execute(
-            "SELECT id, name, dest, state, shard, shards, message, created_at, updated_at FROM releases "
-            "ORDER BY created_at").fetchall())
-        return [{**dict(r), "shards": len(loads(r["shards"]))} for r in rows]
+        rows = await self.db(self.store.releases)
+        return [{**r, "shards": len(r["shards"])} for r in rows]
 
     # -- the driver ---------------------------------------------------------------------------
     def _drive(self, release_id: str) -> None:
@@ -194,7 +159,7 @@ class Releases:
             return False
         if rel["state"] != "running":
             return False
-        shards = loads(rel["shards"])
+        shards = rel["shards"]
         if rel["shard"] >= len(shards):
             await self._set(release_id, state="done", message="every shard passed its health checks", expect="running")
             return False
@@ -211,7 +176,7 @@ class Releases:
         return True
 
     async def _do_step(self, rel: dict[str, Any], shard: list[str], step: str) -> None:
-        options = loads(rel["options"])
+        options = rel["options"]
         live = await self._live(rel["id"], shard)
         command = self._command(rel, step, options)
         if command is None or not live:
@@ -238,109 +203,69 @@ class Releases:
 
     def _command(self, rel: dict[str, Any], step: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         if step == "fetch":
-            return "zy.release.fetch", {"manifest": loads(rel["manifest"]), "digest": rel["artifact_id"],
+            return "zy.release.fetch", {"manifest": rel["manifest"], "digest": rel["artifact_id"],
                                         "peer_key": options["peer_key"], "p2p": bool(options.get("p2p", True)),
                                         "rate": float(options.get("rate", 0))}
         if step == "place":
             return "zy.release.place", {"digest": rel["artifact_id"], "dest": rel["dest"], "mode": options["mode"],
-                                        "sha256": loads(rel["manifest"])["sha256"]}
+                                        "sha256": rel["manifest"]["sha256"]}
         script = options.get(step)
         return ("shell", {"script": script}) if script else None
 
     async def _wait_run(self, run_id: str) -> dict[str, dict[str, Any]]:
-        store = self.hub.db.store
         while True:
             changed = self.hub.run_changed(run_id)
-            if not await self.db(store.run_open_count, run_id):
+            if not await self.db(self.store.run_open_count, run_id):
                 break
             with anyio.move_on_after(2):
                 await changed.wait()
-        return await self.db(self._outcomes, run_id)
-
-    def _outcomes(self, run_id: str) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for t in self.sql.execute("SELECT taskid, uuid, status, error FROM tasks WHERE run_id=?", (run_id,)):
-            out[t["uuid"]] = {"status": t["status"], "error": t["error"], "result": None}
-        for e in self.sql.execute("SELECT uuid, data FROM events WHERE run_id=? AND kind='done' AND seq>=0 "
-                                  "ORDER BY id", (run_id,)):
-            if e["uuid"] in out:
-                out[e["uuid"]]["result"] = loads(e["data"]).get("result")
-        return out
+        return await self.db(self.store.run_outcomes, run_id)
 
     async def _record(self, release_id: str, step: str, outcomes: dict[str, dict[str, Any]]) -> None:
-        now = time.time()
-
-        def write() -> None:
-            for uuid, o in outcomes.items():
-                if o["status"] != "ok":
-                    self.sql.execute("UPDATE release_targets SET status='failed', error=?, finished_at=? "
-                                     "WHERE release_id=? AND uuid=?",
-                                     (f"{step}: {o['error'] or o['status']}", now, release_id, uuid))
-                elif step == "place" and (o["result"] or {}).get("placed"):  # what a rollback may undo
-                    self.sql.execute("UPDATE release_targets SET placed=1 WHERE release_id=? AND uuid=?",
-                                     (release_id, uuid))
-                elif step == "fetch" and o["result"]:
-                    r = o["result"]
-                    self.sql.execute("UPDATE release_targets SET bytes=?, bytes_upstream=?, bytes_peers=?, reused=?, "
-                                     "fetch_s=? WHERE release_id=? AND uuid=?",
-                                     (r.get("size"), r.get("bytes_upstream"), r.get("bytes_peers", 0), r.get("reused"),
-                                      r.get("seconds"), release_id, uuid))
-
-        await self.db(write)
+        failed: list[tuple[str, str]] = []
+        placed: list[str] = []
+        fetched: list[tuple[str, dict[str, Any]]] = []
+        for uuid, o in outcomes.items():
+            if o["status"] != "ok":
+                failed.append((uuid, f"{step}: {o['error'] or o['status']}"))
+            elif step == "place" and (o["result"] or {}).get("placed"):  # what a rollback may undo
+                placed.append(uuid)
+            elif step == "fetch" and o["result"]:
+                fetched.append((uuid, o["result"]))
+        await self.db(self.store.record_release_step, release_id, time.time(), failed, placed, fetched)
 
     async def _live(self, release_id: str, shard: list[str]) -> list[str]:
-        rows = await self.db(lambda: self.sql.execute(
-            "SELECT uuid FROM release_targets WHERE release_id=? AND status='pending'", (release_id,)).fetchall())
-        pending = {r[0] for r in rows}
+        pending = set(await self.db(self.store.pending_release_targets, release_id))
         return [u for u in shard if u in pending]
 
     async def _targets(self, release_id: str, uuids: list[str], phase: str, started: bool = False) -> None:
-        now = time.time()
-
-        def write() -> None:
-            for uuid in uuids:
-                self.sql.execute("UPDATE release_targets SET phase=?, started_at=COALESCE(started_at, ?) "
-                                 "WHERE release_id=? AND uuid=? AND status='pending'",
-                                 (phase, now if started else None, release_id, uuid))
-
-        await self.db(write)
+        await self.db(self.store.start_release_step, release_id, uuids, phase, time.time() if started else None)
 
     async def _over_limit(self, rel: dict[str, Any]) -> bool:
-        failed = await self.db(lambda: self.sql.execute(
-            "SELECT COUNT(*) FROM release_targets WHERE release_id=? AND status='failed'", (rel["id"],)).fetchone()[0])
-        return int(failed) > int(loads(rel["options"])["limit"])
+        failed = await self.db(self.store.failed_release_targets, rel["id"])
+        return failed > int(rel["options"]["limit"])
 
     async def _pause_message(self, rel: dict[str, Any]) -> str:
-        limit = loads(rel["options"])["limit"]
+        limit = rel["options"]["limit"]
         return f"paused: more than {limit} target(s) failed (see progress); resume, abort or rollback"
 
     async def _shard_done(self, rel: dict[str, Any]) -> None:
-        shards = loads(rel["shards"])
-        now = time.time()
-        shard = shards[rel["shard"]]
-
-        def write() -> None:
-            for uuid in shard:
-                self.sql.execute("UPDATE release_targets SET phase='done', status='ok', finished_at=? "
-                                 "WHERE release_id=? AND uuid=? AND status='pending'", (now, rel["id"], uuid))
-
-        await self.db(write)
+        shards = rel["shards"]
+        await self.db(self.store.finish_release_shard, rel["id"], shards[rel["shard"]], time.time())
         await self._set(rel["id"], shard=rel["shard"] + 1, step="", step_run="",
                         message=f"shard {rel['shard'] + 1} of {len(shards)} passed")
-        pause = float(loads(rel["options"])["pause_between"])
+        pause = float(rel["options"]["pause_between"])
         if pause > 0 and rel["shard"] + 1 < len(shards):
             self._woken[rel["id"]] = event = anyio.Event()
             with anyio.move_on_after(pause):
                 await event.wait()  # a pause or abort ends the wait early
 
     async def _roll_back(self, rel: dict[str, Any]) -> None:
-        options = loads(rel["options"])
+        options = rel["options"]
         if rel["step_run"]:  # the step that was under way when the rollback came: let it end first
             await self._record(rel["id"], rel["step"], await self._wait_run(rel["step_run"]))
             await self._set(rel["id"], step_run="")
-        rows = await self.db(lambda: self.sql.execute(
-            "SELECT uuid FROM release_targets WHERE release_id=? AND placed=1", (rel["id"],)).fetchall())
-        placed = [r[0] for r in rows]
+        placed = await self.db(self.store.placed_release_targets, rel["id"])
         failed: list[str] = []
         if placed:
             run = await self.hub.create_run("zy.release.rollback", {"dest": rel["dest"], "digest": rel["artifact_id"]},
@@ -358,23 +283,17 @@ class Releases:
         await self._set(rel["id"], state="rolled_back", message=message)
 
     async def _targets_status(self, release_id: str, uuids: list[str], status: str) -> None:
-        def write() -> None:
-            self.sql.executemany("UPDATE release_targets SET status=?, phase=? WHERE release_id=? AND uuid=?",
-                                 [(status, status, release_id, u) for u in uuids])
-
-        await self.db(write)
+        await self.db(self.store.set_release_targets_status, release_id, uuids, status)
 
     async def _row(self, release_id: str) -> dict[str, Any]:
-        row = await self.db(lambda: self.sql.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone())
-        return dict(row)
+        rel = await self.db(self.store.release, release_id)
+        if rel is None:  # releases are never deleted: only a driver bug gets here
+            raise LookupError(f"release {release_id} is not in the store")
+        return rel
 
     async def _set(self, release_id: str, expect: str | tuple[str, ...] | None = None, **fields: Any) -> bool:
         """Update a release; with ``expect``, only while it is in that state (an operator's
         action meanwhile is not overwritten). Whether it was updated."""
         fields["updated_at"] = time.time()
-        cols = ", ".join(f"{k}=?" for k in fields)
         states = (expect,) if isinstance(expect, str) else expect or ()
-        where = f" AND state IN ({','.join('?' * len(states))})" if states else ""
-        values = (*fields.values(), release_id, *states)
-        cur = await self.db(lambda: self.sql.execute(f"UPDATE releases SET {cols} WHERE id=?{where}", values))
-        return bool(cur.rowcount)
+        return await self.db(self.store.update_release, release_id, fields, states)

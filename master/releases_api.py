@@ -39,7 +39,7 @@ class ReleaseRequest(BaseModel):
 
 def release_routes(hub: Hub, releases: Releases, admin: Any) -> APIRouter:
     router = APIRouter(dependencies=[Depends(admin)])
-    sql = hub.db.store.db
+    store = hub.db.store
 
     @router.post("/api/v1/releases")
     async def create(req: ReleaseRequest) -> dict[str, Any]:
@@ -48,23 +48,19 @@ def release_routes(hub: Hub, releases: Releases, admin: Any) -> APIRouter:
         for name, value in (("batch", req.batch), ("max_failures", req.max_failures)):
             if isinstance(value, str) and not _SHARE.match(value):
                 raise RequestRejected(f"{name}={value!r}: give a number or a percentage like '20%'")
-        row = await hub.db(lambda: sql.execute(
-            "SELECT id, name, manifest FROM artifacts WHERE id=? OR name=? ORDER BY created_at DESC LIMIT 1",
-            (req.artifact, req.artifact)).fetchone())
-        if row is None:
+        found = await hub.db(store.artifact, req.artifact)
+        if found is None:
             raise RequestRejected(f"no artifact {req.artifact!r} (upload it with client.artifacts.upload)",
                                   kind="artifact", status=404)
         try:
-            agents = resolve(req.targets, await hub.db(hub.db.store.target_rows))
+            agents = resolve(req.targets, await hub.db(store.target_rows))
         except ValueError as exc:
             raise RequestRejected(str(exc), kind="target") from None
-        from hcsdk.protocol.wire import loads
-
-        artifact = {"id": row[0], "name": row[1], "manifest": loads(row[2])}
+        artifact = {"id": found["id"], "name": found["name"], "manifest": found["manifest"]}
         try:  # one registered before names were checked (a reserved name, say) goes to no agent
             Manifest.from_dict(artifact["manifest"])
         except ManifestError as exc:
-            raise RequestRejected(f"artifact {row[0]} cannot be released: {exc}", kind="artifact",
+            raise RequestRejected(f"artifact {found['id']} cannot be released: {exc}", kind="artifact",
                                   status=409) from None
         options = req.model_dump(exclude={"artifact", "targets", "dest"})
         release_id = await releases.create(artifact, agents, req.dest, options)

@@ -266,7 +266,7 @@ def test_an_old_data_dir_is_migrated(tmp_path: Path) -> None:
     """A master data dir from before token kinds and the proxy CA: tokens gain the new columns
     (and are agent tokens), the proxy CA is made, the master CA is untouched."""
     from master.bootstrap import Paths, ensure_pki
-    from master.store import Store
+    from master.store import SQLiteStore as Store
 
     db = tmp_path / "master.db"
     with contextlib.closing(sqlite3.connect(db)) as old:

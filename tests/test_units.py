@@ -168,7 +168,7 @@ def test_e2e_keys_agree_and_macs_catch_alteration() -> None:
 
 
 def test_samples_are_stored_once_per_tick_and_forgotten_after_retention(tmp_path: Path) -> None:
-    from master.store import Store
+    from master.store import SQLiteStore as Store
 
     store = Store(tmp_path / "m.db")
 

@@ -1,0 +1,32 @@
+"""The master's durable state behind one interface.
+
+``Store`` (protocol.py) lists every operation the master needs; ``SQLiteStore`` (sqlite*.py)
+holds every SQL statement of the master; ``migrations/`` the numbered schema, applied on open
+(migrate.py); ``StoreThread`` (offload.py) runs store calls off the event loop.
+``open_store(data_dir)`` is how the master opens its store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hcsdk.protocol.tasks import FINAL  # re-exported: the hub imported it from here
+
+from .errors import TokenUsedUp
+from .migrate import SchemaError
+from .offload import StoreThread
+from .protocol import Store
+from .sqlite import SQLiteStore, open_sqlite
+
+__all__ = ["FINAL", "SQLiteStore", "SchemaError", "Store", "StoreThread", "TokenUsedUp", "open_store",
+           "schedules_given"]
+
+
+def open_store(data_dir: Path) -> Store:
+    """The store of the master whose data dir this is (its SQLite file there)."""
+    return open_sqlite(data_dir)
+
+
+def schedules_given(store: Store, uuid: str) -> set[str]:
+    """``store.schedules_given(uuid)``, for callers that take the store as an argument."""
+    return store.schedules_given(uuid)

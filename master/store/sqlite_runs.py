@@ -1,0 +1,205 @@
+"""SQLite: runs, their tasks and the events agents send about them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from hcsdk.protocol.wire import loads
+
+from .sqlite_base import FINAL, FINAL_SQL, SQLiteBase, in_chunks, js
+
+_START_SQL = "UPDATE tasks SET status='running', started_at=? WHERE taskid=? AND status IN ('pending','dispatched')"
+# An agent's own verdict overrides one the master presumed (e.g. "went offline").
+_DONE_SQL = ("UPDATE tasks SET status=?, exit_code=?, started_at=COALESCE(started_at, ?), finished_at=?, error=?, "
+             f"truncated=?, final_source='agent' WHERE taskid=? AND (status NOT IN {FINAL_SQL} "
+             "OR final_source='master')")
+_EVENT_SQL = "INSERT OR IGNORE INTO events(run_id, taskid, uuid, seq, kind, data) VALUES(?,?,?,?,?,?)"
+_SAMPLE_SQL = ("INSERT OR IGNORE INTO samples(series, uuid, taskid, seq, time, status, fields, error) "
+               "VALUES(?,?,?,?,?,?,?,?)")
+
+
+class RunsSQL(SQLiteBase):
+    def create_run(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float,
+                   tasks: list[tuple[str, str, str, float]]) -> list[dict[str, Any]]:
+        """Insert a run and its tasks ``(taskid, uuid, status, deadline)``.
+
+        Tasks created already final (offline targets) get their ``done`` event here, so the
+        SDK sees them like any other result. Returns those events.
+        """
+        now = time.time()
+        events = []
+        with self.transaction() as db:
+            db.execute("INSERT INTO runs(id, cmd, args, timeout, created_at, total) VALUES(?,?,?,?,?,?)",
+                       (run_id, cmd, js(args), timeout, now, len(tasks)))
+            db.executemany(
+                "INSERT INTO tasks(taskid, run_id, uuid, status, deadline, finished_at, final_source) "
+                "VALUES(?,?,?,?,?,?,?)",
+                [(tid, run_id, uuid, st, dl, now if st in FINAL else None, "master" if st in FINAL else None)
+                 for tid, uuid, st, dl in tasks],
+            )
+            for tid, uuid, st, _ in tasks:
+                if st in FINAL:
+                    events.append(self._insert_event(run_id, tid, uuid, 0, "done",
+                                                     {"status": st, "error": "agent is offline"}))
+        return [e for e in events if e]
+
+    def _insert_event(self, run_id: str, taskid: str, uuid: str, seq: int, kind: str,
+                      data: dict[str, Any]) -> dict[str, Any] | None:
+        cur = self.db.execute(_EVENT_SQL, (run_id, taskid, uuid, seq, kind, js(data)))
+        if cur.rowcount == 0:
+            return None
+        return {"id": cur.lastrowid, "run_id": run_id, "taskid": taskid, "uuid": uuid, "seq": seq, "kind": kind}
+
+    def task(self, taskid: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT t.taskid, t.uuid, t.status, r.cmd FROM tasks t JOIN runs r ON r.id = t.run_id "
+                              "WHERE t.taskid=?", (taskid,)).fetchone()
+        return dict(row) if row else None
+
+    def task_runs(self, taskids: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """taskid -> (run_id, uuid) for the given task ids."""
+        out: dict[str, tuple[str, str]] = {}
+        for part, marks in in_chunks(list(set(taskids))):
+            rows = self.db.execute(f"SELECT taskid, run_id, uuid FROM tasks WHERE taskid IN {marks}", part)
+            out.update({r[0]: (r[1], r[2]) for r in rows})
+        return out
+
+    def ingest(self, batch: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, list[list[Any]]], set[str]]:
+        """Persist messages from agents in one transaction, with one statement per kind of row
+        (executemany): per-message statements were the ceiling of the fan-out at 1,000 agents.
+
+        Returns the acknowledgements to send back per agent and the runs that changed.
+        Messages about unknown tasks, or from an agent that is not the task's target, are
+        acknowledged (so the agent stops resending) but not stored; resends already held are
+        acknowledged and skipped.
+        """
+        owners = self.task_runs(m["taskid"] for _, m in batch if isinstance(m.get("taskid"), str))
+        held = self._held_events(owners)
+        acks: dict[str, list[list[Any]]] = {}
+        changed: set[str] = set()
+        events, starts, dones, samples = [], [], [], []
+        for uuid, msg in batch:
+            taskid, seq = msg.get("taskid"), msg.get("seq")
+            acks.setdefault(uuid, []).append([taskid, seq])
+            if not isinstance(taskid, str) or not isinstance(seq, int):
+                continue
+            if msg["t"] == "sample":
+                p = msg["p"]
+                samples.append((p["series"], uuid, taskid, seq, p["time"], p["status"], js(p["fields"]),
+                                p.get("error")))
+                continue
+            owner = owners.get(taskid)
+            if owner is None or owner[1] != uuid or (taskid, seq) in held:
+                continue
+            held.add((taskid, seq))
+            changed.add(owner[0])
+            kind, p = msg["t"], msg.get("p") or {}
+            events.append((owner[0], taskid, uuid, seq, kind, js(p)))
+            if kind == "start":
+                starts.append((p.get("started_at"), taskid))
+            elif kind == "done":
+                dones.append((p.get("status", "error"), p.get("exit_code"), p.get("started_at"), p.get("finished_at"),
+                              p.get("error"), js(p.get("truncated") or {}), taskid))
+        with self.transaction() as db:
+            db.executemany(_EVENT_SQL, events)
+            db.executemany(_START_SQL, starts)
+            db.executemany(_DONE_SQL, dones)
+            db.executemany(_SAMPLE_SQL, samples)
+        return acks, changed
+
+    def _held_events(self, owners: dict[str, tuple[str, str]]) -> set[tuple[str, int]]:
+        """(taskid, seq) already stored for these tasks: resends to skip."""
+        held: set[tuple[str, int]] = set()
+        for part, marks in in_chunks(list(owners)):
+            held.update((r[0], r[1]) for r in self.db.execute(f"SELECT taskid, seq FROM events WHERE taskid IN {marks}",
+                                                              part))
+        return held
+
+    def open_tasks_for(self, uuid: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT t.taskid, t.run_id, t.status, t.cancel_requested, t.deadline, r.cmd, r.args, r.timeout "
+            f"FROM tasks t JOIN runs r ON r.id=t.run_id WHERE t.uuid=? AND t.status NOT IN {FINAL_SQL}",
+            (uuid,),
+        )
+        return [dict(r) for r in rows]
+
+    def mark_dispatched(self, taskids: list[str]) -> None:
+        self.db.executemany(
+            "UPDATE tasks SET status='dispatched' WHERE taskid=? AND status='pending'", [(t,) for t in taskids]
+        )
+
+    def finish_by_master(self, items: list[tuple[str, str, str]]) -> set[str]:
+        """Final status decided by the master ``(taskid, status, error)``; returns changed runs."""
+        owners = self.task_runs(t for t, _, _ in items)
+        changed = set()
+        now = time.time()
+        with self.transaction() as db:
+            for taskid, status, error in items:
+                cur = db.execute(
+                    f"UPDATE tasks SET status=?, error=?, finished_at=?, final_source='master' "
+                    f"WHERE taskid=? AND status NOT IN {FINAL_SQL}",
+                    (status, error, now, taskid),
+                )
+                if cur.rowcount and taskid in owners:
+                    run_id, uuid = owners[taskid]
+                    # seq -1 marks a verdict of the master's; agents' seqs start at 0
+                    self._insert_event(run_id, taskid, uuid, -1, "done", {"status": status, "error": error})
+                    changed.add(run_id)
+        return changed
+
+    def request_cancel(self, run_id: str) -> list[dict[str, Any]]:
+        self.db.execute(f"UPDATE tasks SET cancel_requested=1 WHERE run_id=? AND status NOT IN {FINAL_SQL}",
+                        (run_id,))
+        rows = self.db.execute(
+            f"SELECT taskid, uuid, status FROM tasks WHERE run_id=? AND status NOT IN {FINAL_SQL}", (run_id,)
+        )
+        return [dict(r) for r in rows]
+
+    def overdue_tasks(self, now: float) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            f"SELECT taskid, uuid, status FROM tasks WHERE deadline < ? AND status NOT IN {FINAL_SQL}", (now,)
+        )
+        return [dict(r) for r in rows]
+
+    def open_task_agents(self) -> list[str]:
+        rows = self.db.execute(f"SELECT DISTINCT uuid FROM tasks WHERE status NOT IN {FINAL_SQL}")
+        return [r[0] for r in rows]
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        if not row:
+            return None
+        rec = dict(row)
+        rec["args"] = loads(rec["args"])
+        rec["tasks"] = [dict(r) for r in self.db.execute(
+            "SELECT t.*, a.hostname FROM tasks t LEFT JOIN agents a ON a.uuid=t.uuid WHERE run_id=? ORDER BY taskid",
+            (run_id,))]
+        rec["open"] = sum(1 for t in rec["tasks"] if t["status"] not in FINAL)
+        return rec
+
+    def run_exists(self, run_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM runs WHERE id=?", (run_id,)).fetchone() is not None
+
+    def run_open_count(self, run_id: str) -> int:
+        row = self.db.execute(f"SELECT COUNT(*) FROM tasks WHERE run_id=? AND status NOT IN {FINAL_SQL}", (run_id,))
+        return int(row.fetchone()[0])
+
+    def events_after(self, run_id: str, cursor: int, limit: int = 2000) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT id, taskid, uuid, seq, kind, data FROM events WHERE run_id=? AND id>? ORDER BY id LIMIT ?",
+            (run_id, cursor, limit),
+        )
+        return [dict(r) for r in rows]
+
+    def run_outcomes(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """uuid -> ``{status, error, result}`` of each task of the run; ``result`` from the
+        agent's own ``done`` (a verdict of the master's has none)."""
+        out: dict[str, dict[str, Any]] = {}
+        for t in self.db.execute("SELECT taskid, uuid, status, error FROM tasks WHERE run_id=?", (run_id,)):
+            out[t["uuid"]] = {"status": t["status"], "error": t["error"], "result": None}
+        for e in self.db.execute("SELECT uuid, data FROM events WHERE run_id=? AND kind='done' AND seq>=0 "
+                                 "ORDER BY id", (run_id,)):
+            if e["uuid"] in out:
+                out[e["uuid"]]["result"] = loads(e["data"]).get("result")
+        return out
