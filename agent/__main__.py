@@ -10,7 +10,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--zy-worker"]:
-        from .worker import main as worker_main
+        from .worker_child import main as worker_main
 
         return worker_main()
     import argparse

@@ -21,7 +21,7 @@ from typing import Any
 from hcsdk.common.jointoken import strip_join_args
 
 from .jsonfile import write_json
-from .worker_process import launcher
+from .worker_parent import launcher
 
 log = logging.getLogger("zy.agent.builds")
 SWITCHED = "ZY_BUILD_SWITCHED"

@@ -27,7 +27,7 @@ from .scheduler import Scheduler
 from .spool import Spool
 from .systemd import notify
 from .update import Updater
-from .worker_process import WorkerProcess
+from .worker_parent import WorkerProcess
 
 log = logging.getLogger("zy.agent")
 #: a plugin runs one task and returns (status, exit code)

@@ -25,11 +25,11 @@ from hcsdk.common import facts as facts_mod
 from hcsdk.common.version import __version__
 
 from .plugins.api import Arg, ArgError, validate
-from .worker_process import WorkerGone
+from .worker_parent import WorkerGone
 
 if TYPE_CHECKING:
     from .plugin_host import PluginHost
-    from .worker_process import WorkerProcess
+    from .worker_parent import WorkerProcess
 
 log = logging.getLogger("zy.agent.exec")
 
@@ -263,7 +263,7 @@ class Executor:
         return await self._process(task, task.args["argv"])
 
     async def _in_worker(self, task: Task) -> tuple[str, int | None]:
-        """A plugin command, run in the worker process (see ``worker_process``)."""
+        """A plugin command, run in the worker process (see ``worker_parent``)."""
         ref = self.host.plugin_for(task.cmd) if self.host else None
         if ref is None or self.worker is None:
             raise TaskFailed(f"cmd {task.cmd!r} is no longer installed on this agent")

@@ -32,7 +32,7 @@ from hcsdk.protocol.names import is_sha256
 
 from .jsonfile import write_json
 from .plugins import BUNDLED
-from .worker_process import WorkerGone, WorkerProcess
+from .worker_parent import WorkerGone, WorkerProcess
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 MAX_BUNDLE = 2 * 1024 * 1024

@@ -27,7 +27,7 @@ from anyio.abc import TaskGroup
 from .executor import BUILTIN_ARGS, Task, TaskFailed
 from .jsonfile import write_json
 from .plugins.api import Arg, ArgError, PluginError, validate
-from .worker import check_result
+from .worker_child import check_result
 
 if TYPE_CHECKING:
     from .services import AgentServices

@@ -54,7 +54,7 @@ def all_loopback(urls: list[str]) -> bool:
         return False
 
 
-class Swarm:
+class AgentSwarm:
     """``join`` is the join token, or a function reading it (see ``hcsdk.common.jointoken.read_join``),
     called only when some agent is not enrolled yet."""
 

@@ -105,10 +105,13 @@ def _loop_options() -> dict[str, bool]:
 
 
 async def _amain(args: argparse.Namespace, labels: dict[str, str], restart: bool = False) -> int:
-    from .swarm import Swarm, SwarmError
+    from .swarm import AgentSwarm, SwarmError
 
-    # read only when some agent needs it (so --join warns only then, as `zy agent` does)
-    swarm = Swarm(args.state_dir, args.agents, lambda: read_join("zy swarm", args.join, args.join_file, args.join_env),
+    def join() -> str | None:
+        # read only when some agent needs it (so --join warns only then, as `zy agent` does)
+        return read_join("zy swarm", args.join, args.join_file, args.join_env)
+
+    swarm = AgentSwarm(args.state_dir, args.agents, join,
                   args.urls, labels, name=args.name, http2=not args.no_http2, heartbeat=args.heartbeat,
                   dead_after=args.dead_after, spread_source=not args.no_spread_source)
     try:

@@ -127,7 +127,7 @@ import importlib.util, json, sys, sysconfig
 archive, version = sys.argv[1:3]
 sys.path.insert(0, archive)
 sys.modules.setdefault("httpx._main", None)
-import agent.__main__, agent.cli, agent.core, agent.executor, agent.worker
+import agent.__main__, agent.cli, agent.core, agent.executor, agent.worker_child
 import hcsdk.net.channel, hcsdk.net.enroll, hcsdk.protocol.e2e, hcsdk.common.facts, hcsdk.common.version
 stdlib = sysconfig.get_paths()["stdlib"]
 print(json.dumps({

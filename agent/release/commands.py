@@ -38,7 +38,7 @@ from .chunkstore import (
     read_manifest,
     verified_sha256,
 )
-from .fetch import Job, Swarm, fetch_missing
+from .fetch import Job, TrackerClient, fetch_missing
 from .peer import PeerServer, RateLimit
 from .place import checked_dest, place, rollback
 
@@ -62,7 +62,7 @@ class Releases:
         #: serves release chunks to peers once a release is fetched (None: this agent does not)
         self.peer = peer
         self._peer_port: int | None = None
-        self.swarm: Swarm | None = None  # made at the first release fetched through a tracker
+        self.tracker: TrackerClient | None = None  # made at the first release fetched through a tracker
 
     async def start_peer_server(self) -> int:
         """Start serving chunks to peers (on first use: an agent that never gets a release never
@@ -86,9 +86,9 @@ class Releases:
         finally:
             job.close()
         gone = await anyio.to_thread.run_sync(self._prune, job.final.parent)
-        if gone and self.swarm is not None:
-            self.swarm.forget(gone)
-            await self.swarm.announce()
+        if gone and self.tracker is not None:
+            self.tracker.forget(gone)
+            await self.tracker.announce()
         stats = job.stats
         task.result = {"path": str(job.final), "size": manifest.size, "sha256": manifest.sha256,
                        "chunks": len(job.first), "reused": stats["reused"], "bytes_upstream": stats["bytes_upstream"],
@@ -162,7 +162,7 @@ class Releases:
         return {sha for sha in gone if not self.store.has(sha)}
 
     async def _fetch_missing(self, task: Task, job: Job, args: dict[str, Any]) -> None:
-        job.swarm = await self._join(args, job) if args["p2p"] and args["peer_key"] else None
+        job.tracker = await self._join(args, job) if args["p2p"] and args["peer_key"] else None
         try:
             await fetch_missing(job, self.services.channel, args["parallel"], RateLimit(args["rate"]))
         except BaseExceptionGroup as group:
@@ -172,27 +172,27 @@ class Releases:
             self.services.emit_text(task, "stderr", "".join(f"{c}\n" for c in job.stats["corrupt"]))
             raise failed.exceptions[0] from None
 
-    async def _join(self, args: dict[str, Any], job: Job) -> Swarm | None:
+    async def _join(self, args: dict[str, Any], job: Job) -> TrackerClient | None:
         """Serve what we hold to peers of this release, and find peers; None without a tracker
         (an agent straight on the master)."""
         job.peer_key = args["peer_key"]
-        if self.swarm is None:
+        if self.tracker is None:
             port = 0
             if self.peer is not None:  # with --no-peer it only takes from peers
                 port = await self.start_peer_server()
             slots = self.peer.uploads if self.peer is not None else 1
-            self.swarm = Swarm(self.services.channel, port, slots)
+            self.tracker = TrackerClient(self.services.channel, port, slots)
         if self.peer is not None:
             self.peer.keys.add(args["peer_key"])
-        self.swarm.note([sha for sha, i in job.first.items() if i not in job.pending])
-        return self.swarm if await self.swarm.announce() else None
+        self.tracker.note([sha for sha, i in job.first.items() if i not in job.pending])
+        return self.tracker if await self.tracker.announce() else None
 
     def reconnected(self) -> None:
         """A new session (after a proxy restart, say): tell the tracker again what we serve;
         a new tracker knows nothing."""
         tg = self.services.task_group
-        if self.swarm is not None and self.swarm.held and tg is not None:
-            tg.start_soon(self.swarm.announce)
+        if self.tracker is not None and self.tracker.held and tg is not None:
+            tg.start_soon(self.tracker.announce)
 
     # -- place and rollback ---------------------------------------------------------------------
     async def place(self, task: Task) -> tuple[str, int | None]:

@@ -34,9 +34,9 @@ TRIES = 8
 WANT_WINDOW = 64
 
 
-class Swarm:
-    """This agent in its proxy's swarm: the port it serves chunks on and every chunk it has
-    announced (over all releases), through the tracker."""
+class TrackerClient:
+    """This agent in its proxy's swarm, as the tracker knows it: the port it serves chunks on and
+    every chunk it has announced (over all releases), through the tracker."""
 
     def __init__(self, channel: Any, port: int, slots: int) -> None:
         self.channel = channel
@@ -119,7 +119,7 @@ class Job:
         self.failures: dict[int, tuple[int, int]] = {}  # index -> (from the upstream, from peers)
         self.failed: list[dict[str, str]] = []  # told to the tracker with the next ask
         self.fd: int | None = None
-        self.swarm: Swarm | None = None
+        self.tracker: TrackerClient | None = None
         self.peer_key = ""  # the release's: what peers' tokens are made with
         self.stats: dict[str, Any] = {"reused": 0, "bytes_upstream": 0, "bytes_peers": 0, "corrupt": []}
         self.asking = False
@@ -159,12 +159,13 @@ class Job:
     async def ask(self, most: int) -> list[tuple[int, str]]:
         """Up to ``most`` chunks to start now, each with its source ("host:port" of a peer, ""
         for the upstream)."""
-        if self.swarm is None:
+        if self.tracker is None:
             return [self._take(index, "") for index in self.pending[:most]]
         failed, self.failed = self.failed, []
         self.asking = True
         try:
-            grants = await self.swarm.next([self.manifest.chunks[i] for i in self.pending[:WANT_WINDOW]], failed, most)
+            want = [self.manifest.chunks[i] for i in self.pending[:WANT_WINDOW]]
+            grants = await self.tracker.next(want, failed, most)
         finally:
             self.asking = False
         if grants is None:  # no tracker right now: the upstream, which backs off if it is down too
@@ -225,8 +226,8 @@ async def fetch_missing(job: Job, channel: Any, parallel: int, pace: RateLimit) 
                 tg.start_soon(_fetch_one, job, channel, index, source, pace)
             if not picks:
                 await anyio.sleep(0.05)  # the tracker already waited for a change; do not spin
-    if job.swarm is not None and job.swarm.unsent:
-        await job.swarm.announce()
+    if job.tracker is not None and job.tracker.unsent:
+        await job.tracker.announce()
 
 
 async def _fetch_one(job: Job, channel: Any, index: int, source: str, pace: RateLimit) -> None:
@@ -239,10 +240,10 @@ async def _fetch_one(job: Job, channel: Any, index: int, source: str, pace: Rate
             job.stats["bytes_peers" if source else "bytes_upstream"] += size
             job.store.add(sha, job.part, job.offset(index), size)
             job.inflight.discard(index)
-            if job.swarm is not None:
-                job.swarm.note([sha])
+            if job.tracker is not None:
+                job.tracker.note([sha])
                 if job.asking:  # the dispatcher's ask is waiting on the tracker: say it now
-                    await job.swarm.announce()
+                    await job.tracker.announce()
             return
         if data is not None:
             job.stats["corrupt"].append(f"corrupt chunk {index} from {source or 'upstream'}")
@@ -256,7 +257,7 @@ async def _fetch_one(job: Job, channel: Any, index: int, source: str, pace: Rate
 async def _from(job: Job, channel: Any, source: str, index: int, buffer: bytearray | None) -> Buffer | None:
     sha, size = job.manifest.chunks[index], job.manifest.chunk_length(index)
     if source:
-        assert job.swarm is not None and buffer is not None
+        assert job.tracker is not None and buffer is not None
         try:
             return await fetch_from_peer(source, sha, job.peer_key, memoryview(buffer)[:size])
         except (OSError, ValueError, TimeoutError) as exc:

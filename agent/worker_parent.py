@@ -1,5 +1,6 @@
-"""The agent's side of the plugin worker: starts it when a plugin task comes, routes its
-replies to the tasks waiting for them, and replaces it when it dies, hangs or grows too big.
+"""The agent's side of the plugin worker (what runs inside it is ``worker_child``): starts it
+when a plugin task comes, routes its replies to the tasks waiting for them, and replaces it
+when it dies, hangs or grows too big.
 
 Whatever goes wrong in the worker ends the tasks that were in it as ``error`` with the reason;
 the agent's own process and connection are never touched. An idle worker exits after a while,

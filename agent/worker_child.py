@@ -1,6 +1,7 @@
-"""The plugin worker: the process plugins run in, apart from the agent (``python -m agent
---zy-worker``). A plugin that crashes, hangs or leaks takes this process down, never the agent
-or its connection; the agent notices, reports the tasks that were in here, and starts a new one.
+"""The plugin worker, inside its own process (the agent's side is ``worker_parent``): the
+process plugins run in, apart from the agent (``python -m agent --zy-worker``). A plugin that
+crashes, hangs or leaks takes this process down, never the agent or its connection; the agent
+notices, reports the tasks that were in here, and starts a new one.
 
 It speaks JSON lines: requests on stdin, replies on the file descriptor that was stdout when it
 started (plugins' own prints go to stderr, so they cannot corrupt the protocol).
@@ -162,7 +163,7 @@ def _failure(doing: str, exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     where = ""
     for frame in reversed(frames):
-        if "agent/worker.py" not in frame.filename.replace(os.sep, "/"):
+        if "agent/worker_child.py" not in frame.filename.replace(os.sep, "/"):
             where = f" ({os.path.basename(frame.filename)}:{frame.lineno} in {frame.name})"
             break
     text = str(exc)
