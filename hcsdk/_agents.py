@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from hcsdk._portal import portal
-from hcsdk._targets import TargetsLike
+from hcsdk._sync import SyncFace, blocking
+from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.errors import TargetError, UsageError
-from hcsdk.net.http import map_exceptions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,6 +34,8 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 class AsyncAgents:
+    """Agents in place (``AsyncClient().agents``): builds on the master, online updates."""
+
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
 
@@ -49,11 +50,7 @@ class AsyncAgents:
                 while chunk := await fh.read(1024 * 1024):
                     yield chunk
 
-        with map_exceptions(self._client.url):
-            resp = await self._client._http.post("/api/v1/blobs", content=chunks(),
-                                                 headers={"content-type": "application/octet-stream"},
-                                                 timeout=600.0)
-        return dict(self._client._check(resp))
+        return dict(await self._client._send("/api/v1/blobs", chunks(), timeout=600.0))
 
     async def update(self, targets: TargetsLike, build: str | Path, *, batch_size: int = 10,
                      max_failures: int = 0, timeout: float = 600, handover_timeout: float = 60,
@@ -94,7 +91,7 @@ class AsyncAgents:
         after = {r["uuid"]: r for r in await self._inventory()}
         out = []
         for agent in batch:
-            row = next(r for r in run._rows.values() if r.uuid == agent["uuid"])
+            row = next(r for r in run.outcomes() if r.uuid == agent["uuid"])
             now = after.get(agent["uuid"], {})
             out.append(_row(agent, number, row.status or "error", error=row.error,
                             version_after=(now.get("facts") or {}).get("agent_version"),
@@ -106,8 +103,6 @@ class AsyncAgents:
 
     async def _targets(self, targets: TargetsLike) -> list[dict[str, Any]]:
         """The agents ``targets`` names, resolved by the master as a run would."""
-        from hcsdk._targets import target_spec
-
         spec = target_spec(targets)
         rows = await self._inventory()
         if "uuids" in spec:
@@ -129,17 +124,8 @@ def _row(agent: dict[str, Any], batch: int, status: str, error: str | None = Non
             "error": error, "duration_s": duration}
 
 
-class Agents:
+class Agents(SyncFace[AsyncAgents]):
     """The synchronous face of :class:`AsyncAgents` (``Client().agents``)."""
 
-    def __init__(self, aagents: AsyncAgents) -> None:
-        self._a = aagents
-
-    def upload_build(self, build: str | Path) -> dict[str, Any]:
-        return portal().call(self._a.upload_build, build)
-
-    def update(self, targets: TargetsLike, build: str | Path, *, batch_size: int = 10, max_failures: int = 0,
-               timeout: float = 600, handover_timeout: float = 60, progress: Progress | None = None) -> pd.DataFrame:
-        return portal().call(lambda: self._a.update(targets, build, batch_size=batch_size, max_failures=max_failures,
-                                                    timeout=timeout, handover_timeout=handover_timeout,
-                                                    progress=progress))
+    upload_build = blocking(AsyncAgents.upload_build)
+    update = blocking(AsyncAgents.update)

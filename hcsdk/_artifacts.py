@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from hcsdk._portal import portal
+from hcsdk._sync import SyncFace, blocking
 from hcsdk.common.errors import UsageError
-from hcsdk.net.http import map_exceptions
 from hcsdk.protocol.manifest import CHUNK_SIZE, Manifest, build_manifest
 from hcsdk.protocol.names import UnsafeName, check_file_name
 
@@ -35,6 +34,8 @@ Progress = Callable[[int, int], None]
 
 
 class AsyncArtifacts:
+    """Files on the master (``AsyncClient().artifacts``), the origin of releases."""
+
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
 
@@ -76,14 +77,12 @@ class AsyncArtifacts:
         async with await anyio.open_file(path, "rb") as fh:
             await fh.seek(index * manifest.chunk_size)
             data = await fh.read(manifest.chunk_length(index))
-        with map_exceptions(self._client.url):
-            resp = await self._client._http.post("/api/v1/blobs", content=data,
-                                                 headers={"content-type": "application/octet-stream"})
-        stored = self._client._check(resp)
+        stored = await self._client._send("/api/v1/blobs", data)
         if stored["sha256"] != manifest.chunks[index]:
             raise UsageError(f"{path} changed while it was uploaded (chunk {index} differs); upload it again")
 
     async def list(self) -> pd.DataFrame:
+        """Every artifact, one row each, newest last."""
         import pandas as pd
 
         rows = await self._client._request("GET", "/api/v1/artifacts")
@@ -96,18 +95,9 @@ class AsyncArtifacts:
         return dict(await self._client._request("GET", f"/api/v1/artifacts/{ref}"))
 
 
-class Artifacts:
+class Artifacts(SyncFace[AsyncArtifacts]):
     """The synchronous face of :class:`AsyncArtifacts` (``Client().artifacts``)."""
 
-    def __init__(self, aartifacts: AsyncArtifacts) -> None:
-        self._a = aartifacts
-
-    def upload(self, path: str | Path, *, name: str | None = None, chunk_size: int = CHUNK_SIZE,
-               progress: Progress | None = None) -> dict[str, Any]:
-        return portal().call(lambda: self._a.upload(path, name=name, chunk_size=chunk_size, progress=progress))
-
-    def list(self) -> pd.DataFrame:
-        return portal().call(self._a.list)
-
-    def get(self, ref: str) -> dict[str, Any]:
-        return portal().call(self._a.get, ref)
+    upload = blocking(AsyncArtifacts.upload)
+    list = blocking(AsyncArtifacts.list)
+    get = blocking(AsyncArtifacts.get)

@@ -1,20 +1,30 @@
 """The SDK's clients. :class:`AsyncClient` is the implementation; :class:`Client` is the same
-API for synchronous code, driven through one background event loop (see ``_portal``)."""
+API for synchronous code, derived from it (``_sync``) and driven through one background event
+loop (``_portal``).
+
+The sibling modules (runs, releases, schedules, plugins, agents, artifacts) talk to the master
+only through the client's three internal calls, :meth:`AsyncClient._request` (JSON),
+:meth:`AsyncClient._send` (a body of bytes) and :meth:`AsyncClient._lines` (a stream of lines);
+nothing but this module touches the httpx client.
+"""
 
 from __future__ import annotations
 
-import queue
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from hcsdk import _proxies, _release, _schedules
+from hcsdk import _proxies, _schedules
 from hcsdk._agents import Agents, AsyncAgents
 from hcsdk._artifacts import Artifacts, AsyncArtifacts
 from hcsdk._plugins import AsyncPlugins, Plugins
 from hcsdk._portal import portal
-from hcsdk._run import AsyncRun, Event
+from hcsdk._release import AsyncRelease, Release, create_release
+from hcsdk._run import AsyncRun, Run
+from hcsdk._schedules import AsyncSchedule, Schedule
+from hcsdk._sync import SyncFace, blocking, wrapping
 from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.config import load_client_config
 from hcsdk.common.errors import ConfigError, UsageError
@@ -24,12 +34,12 @@ from hcsdk.net.tls import client_context
 if TYPE_CHECKING:
     import pandas as pd
 
-    from hcsdk._display import ResultView
-
 __all__ = ["AsyncClient", "Client", "Run"]
 
 INVENTORY_COLUMNS = ["uuid", "hostname", "kind", "os", "os_version", "kernel", "arch", "cpus", "mem_total", "ips",
                      "online", "mode", "via", "last_seen", "labels", "agent_version", "connects", "enrolled_at"]
+#: reading a run's event stream: the master sends a keep-alive line well within this
+_STREAM_READ_TIMEOUT = 60.0
 
 
 def _script_args(script: str | bytes | Sequence[str] | None, cmd: str | None,
@@ -70,21 +80,26 @@ class AsyncClient:
     >>> client = AsyncClient()                       # from ZY_CONFIG / ZY_MASTER / ~/.config/zy
     >>> run = await client.run("uptime", targets="label:role=web", timeout=30)
     >>> df = await run.to_dataframe()
+
+    ``transport`` (an ``httpx.AsyncBaseTransport``) replaces the network: with
+    ``httpx.MockTransport(handler)`` a test answers the SDK's requests in-process, no master
+    needed (``ca`` and ``http2`` then do not apply).
     """
 
     def __init__(self, url: str | None = None, *, token: str | None = None, ca: str | None = None,
-                 timeout: float = 30.0, http2: bool = True):
+                 timeout: float = 30.0, http2: bool = True, transport: httpx.AsyncBaseTransport | None = None):
         if url is None:
             cfg = load_client_config()
             url, token, ca = cfg.url, token or cfg.token, ca or cfg.ca
         if not token:
             raise ConfigError("a token is needed to talk to the master")
         self.url = url.rstrip("/")
-        self._stream_timeout = httpx.Timeout(timeout, read=60.0)
-        self._http = httpx.AsyncClient(
-            base_url=self.url, http2=http2, verify=client_context(ca, http2=http2),
-            headers={"authorization": f"Bearer {token}"}, timeout=timeout,
-        )
+        self._stream_timeout = httpx.Timeout(timeout, read=_STREAM_READ_TIMEOUT)
+        network: dict[str, Any] = (
+            {"transport": transport} if transport is not None
+            else {"http2": http2, "verify": client_context(ca, http2=http2)})
+        self._http = httpx.AsyncClient(base_url=self.url, headers={"authorization": f"Bearer {token}"},
+                                       timeout=timeout, **network)
         #: install, list and remove plugins on agents
         self.plugins = AsyncPlugins(self)
         #: update agents online, in batches
@@ -99,17 +114,38 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the connections to the master."""
         await self._http.aclose()
 
-    def _check(self, resp: httpx.Response) -> Any:
-        return check(resp)
-
+    # -- the siblings' interface to the master -------------------------------------------------
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A JSON request; the JSON answer, or the matching ZyError."""
         with map_exceptions(self.url):
             resp = await self._http.request(method, path, **kwargs)
         return check(resp)
 
+    async def _send(self, path: str, content: bytes | AsyncIterable[bytes], *,
+                    timeout: float | None = None) -> Any:
+        """POST a body of bytes (a blob, a build): the JSON answer."""
+        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        with map_exceptions(self.url):
+            resp = await self._http.post(path, content=content,
+                                         headers={"content-type": "application/octet-stream"}, **options)
+        return check(resp)
+
+    @asynccontextmanager
+    async def _lines(self, path: str, params: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
+        """A streamed GET, line by line, once the master answered 200 (else its ZyError).
+        Transport errors are left as httpx raised them: the reader knows how to resume."""
+        async with self._http.stream("GET", path, params=params, timeout=self._stream_timeout) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                check(resp)
+            yield resp.aiter_lines()
+
+    # -- the API -------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
+        """The master's counters: agents enrolled and online, runs, version."""
         return dict(await self._request("GET", "/api/v1/status"))
 
     async def inventory(self, targets: str | None = None) -> pd.DataFrame:
@@ -149,29 +185,34 @@ class AsyncClient:
                       pre: str | None = None, post: str | None = None, health: str | None = None,
                       rollback: str | None = None, max_failures: int | str = 0,
                       pause_between: str | float = 0, mode: int = 0o644, timeout: float = 600, p2p: bool = True,
-                      rate: float = 0) -> _release.AsyncRelease:
+                      rate: float = 0) -> AsyncRelease:
         """Roll ``artifact`` (id or name) out to ``targets`` in shards of ``batch`` (a count or
         ``"20%"``): fetch (proxy cache), ``pre``, place at ``dest`` atomically (previous kept),
         ``post``, ``health``; pause once more than ``max_failures`` (count or ``"5%"``) failed.
         ``p2p`` lets agents share chunks (their proxy tracks who has what); ``rate`` caps each
         agent's download in bytes a second."""
-        return await _release.create(self, artifact, targets, dest, batch=batch, pre=pre, post=post, health=health,
-                                     rollback=rollback, max_failures=max_failures, pause_between=pause_between,
-                                     mode=mode, timeout=timeout, p2p=p2p, rate=rate)
+        return await create_release(self, artifact, targets, dest, batch=batch, pre=pre, post=post, health=health,
+                                    rollback=rollback, max_failures=max_failures, pause_between=pause_between,
+                                    mode=mode, timeout=timeout, p2p=p2p, rate=rate)
+
+    async def get_release(self, release_id: str) -> AsyncRelease:
+        """A release started earlier (by anyone), by its id, to watch or steer."""
+        return AsyncRelease(self, await self._request("GET", f"/api/v1/releases/{release_id}"))
 
     async def releases(self) -> pd.DataFrame:
+        """Every release, one row each, with its state."""
         import pandas as pd
 
         return pd.DataFrame.from_records(await self._request("GET", "/api/v1/releases"))
 
     async def schedule(self, cmd: str, every: str | float, *, targets: TargetsLike,
                        args: dict[str, Any] | None = None, name: str | None = None,
-                       timeout: float | None = None) -> _schedules.AsyncSchedule:
+                       timeout: float | None = None) -> AsyncSchedule:
         """Run ``cmd`` on ``targets`` every ``every`` ("10s", "5m", "1h" or seconds); the agents
         keep the schedule and send one sample per run. ``name`` defaults to ``CMD-EVERY``;
         setting a schedule again under its name replaces it."""
         info = await _schedules.create(self, cmd, every, targets, args, name, timeout)
-        return _schedules.AsyncSchedule(self, info)
+        return AsyncSchedule(self, info)
 
     async def series(self, name: str, since: Any = None, until: Any = None) -> pd.DataFrame:
         """A schedule's samples: indexed by time, with uuid, hostname, status, error and one
@@ -179,6 +220,7 @@ class AsyncClient:
         return await _schedules.series(self, name, since, until)
 
     async def schedules(self) -> pd.DataFrame:
+        """What is scheduled, one row per schedule, with sample counts."""
         return await _schedules.listing(self)
 
     async def cancel_schedule(self, name: str) -> dict[str, Any]:
@@ -203,9 +245,11 @@ class AsyncClient:
         return dict(await self._request("POST", "/api/v1/tokens", json=body))
 
     async def join_tokens(self) -> list[dict[str, Any]]:
+        """Every join token, with its kind, uses and state."""
         return list(await self._request("GET", "/api/v1/tokens"))
 
     async def revoke_join_token(self, token_id: str) -> None:
+        """No more enrollments with this token (agents it enrolled keep their credentials)."""
         await self._request("DELETE", f"/api/v1/tokens/{token_id}")
 
     async def revoke_agent(self, uuid: str) -> None:
@@ -217,79 +261,7 @@ class AsyncClient:
         await self._request("POST", f"/api/v1/agents/{uuid}/disconnect")
 
 
-class Run:
-    """The synchronous face of :class:`AsyncRun`."""
-
-    def __init__(self, arun: AsyncRun):
-        self._arun = arun
-
-    def __repr__(self) -> str:
-        return repr(self._arun).replace("AsyncRun", "Run")
-
-    @property
-    def id(self) -> str:
-        return self._arun.id
-
-    @property
-    def done(self) -> bool:
-        return self._arun.done
-
-    @property
-    def total(self) -> int:
-        return self._arun.total
-
-    def counts(self) -> dict[str, int]:
-        return self._arun.counts()
-
-    def events(self) -> Iterator[Event]:
-        """Yield events as they arrive (output chunks, then a final ``done`` per target)."""
-        # One task in the portal drives the async iterator (it holds the run's lock across
-        # yields); events cross to this thread through a queue.
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-        async def pump() -> None:
-            try:
-                async for event in self._arun.events():
-                    events.put(("event", event))
-                events.put(("end", None))
-            except BaseException as exc:
-                events.put(("error", exc))
-                raise
-
-        future = portal().start_task_soon(pump)
-        try:
-            while True:
-                kind, value = events.get()
-                if kind == "event":
-                    yield value
-                elif kind == "end":
-                    return
-                else:
-                    raise value
-        finally:
-            if not future.done():
-                future.cancel()
-
-    def wait(self, timeout: float | None = None) -> Run:
-        portal().call(self._arun.wait, timeout)
-        return self
-
-    def to_dataframe(self) -> pd.DataFrame:
-        """Wait for every target, then one row per target."""
-        return portal().call(self._arun.to_dataframe)
-
-    def snapshot(self) -> pd.DataFrame:
-        return self._arun.snapshot()
-
-    def view(self, **options: Any) -> ResultView:
-        """The results so far as a person reads them; the data stays in :meth:`to_dataframe`."""
-        return self._arun.view(**options)
-
-    def cancel(self) -> int:
-        return portal().call(self._arun.cancel)
-
-
-class Client:
+class Client(SyncFace[AsyncClient]):
     """The synchronous SDK: the same methods as :class:`AsyncClient`, blocking.
 
     >>> from hcsdk import Client
@@ -298,8 +270,11 @@ class Client:
     """
 
     def __init__(self, url: str | None = None, *, token: str | None = None, ca: str | None = None,
-                 timeout: float = 30.0, http2: bool = True):
-        self._async = portal().call(lambda: _make_async(url, token, ca, timeout, http2))
+                 timeout: float = 30.0, http2: bool = True, transport: httpx.AsyncBaseTransport | None = None):
+        async def make() -> AsyncClient:  # on the portal's loop, which will drive it
+            return AsyncClient(url, token=token, ca=ca, timeout=timeout, http2=http2, transport=transport)
+
+        super().__init__(portal().call(make))
         #: install, list and remove plugins on agents
         self.plugins = Plugins(self._async.plugins)
         #: update agents online, in batches
@@ -307,12 +282,12 @@ class Client:
         #: files on the master, to release
         self.artifacts = Artifacts(self._async.artifacts)
 
+    def __repr__(self) -> str:
+        return f"<Client {self.url}>"
+
     @property
     def url(self) -> str:
         return self._async.url
-
-    def close(self) -> None:
-        portal().call(self._async.aclose)
 
     def __enter__(self) -> Client:
         return self
@@ -320,83 +295,21 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def status(self) -> dict[str, Any]:
-        return portal().call(self._async.status)
-
-    def inventory(self, targets: str | None = None) -> pd.DataFrame:
-        return portal().call(self._async.inventory, targets)
-
-    def run(self, script: str | bytes | Sequence[str] | None = None, *, targets: TargetsLike,
-            cmd: str | None = None, args: dict[str, Any] | None = None, timeout: float = 600) -> Run:
-        async def start() -> AsyncRun:
-            return await self._async.run(script, targets=targets, cmd=cmd, args=args, timeout=timeout)
-
-        future = portal().start_task_soon(start)
-        try:
-            return Run(future.result())
-        except KeyboardInterrupt:
-            # Ctrl-C while the master was creating the run: it may exist already and must not
-            # be left running on the targets.
-            try:
-                created = future.result(timeout=10)
-            except Exception:
-                raise KeyboardInterrupt from None
-            portal().call(created.cancel)
-            raise
-
-    def release(self, artifact: str, targets: TargetsLike, *, dest: str, batch: int | str = 10,
-                pre: str | None = None, post: str | None = None, health: str | None = None,
-                rollback: str | None = None, max_failures: int | str = 0, pause_between: str | float = 0,
-                mode: int = 0o644, timeout: float = 600, p2p: bool = True, rate: float = 0) -> _release.Release:
-        async def start() -> _release.AsyncRelease:
-            return await self._async.release(artifact, targets, dest=dest, batch=batch, pre=pre, post=post,
-                                             health=health, rollback=rollback, max_failures=max_failures,
-                                             pause_between=pause_between, mode=mode, timeout=timeout, p2p=p2p,
-                                             rate=rate)
-
-        return _release.Release(portal().call(start))
-
-    def releases(self) -> pd.DataFrame:
-        return portal().call(self._async.releases)
-
-    def schedule(self, cmd: str, every: str | float, *, targets: TargetsLike, args: dict[str, Any] | None = None,
-                 name: str | None = None, timeout: float | None = None) -> _schedules.Schedule:
-        async def start() -> _schedules.AsyncSchedule:
-            return await self._async.schedule(cmd, every, targets=targets, args=args, name=name, timeout=timeout)
-
-        return _schedules.Schedule(portal().call(start))
-
-    def series(self, name: str, since: Any = None, until: Any = None) -> pd.DataFrame:
-        return portal().call(self._async.series, name, since, until)
-
-    def schedules(self) -> pd.DataFrame:
-        return portal().call(self._async.schedules)
-
-    def cancel_schedule(self, name: str) -> dict[str, Any]:
-        return portal().call(self._async.cancel_schedule, name)
-
-    def proxies(self) -> pd.DataFrame:
-        return portal().call(self._async.proxies)
-
-    def create_join_token(self, ttl: float = 86400, description: str = "",
-                          proxies: list[str] | None = None, *, kind: str = "agent",
-                          proxy_names: list[str] | None = None, uses: int = 0) -> dict[str, Any]:
-        return portal().call(lambda: self._async.create_join_token(ttl, description, proxies, kind=kind,
-                                                                   proxy_names=proxy_names, uses=uses))
-
-    def join_tokens(self) -> list[dict[str, Any]]:
-        return portal().call(self._async.join_tokens)
-
-    def revoke_join_token(self, token_id: str) -> None:
-        portal().call(self._async.revoke_join_token, token_id)
-
-    def revoke_agent(self, uuid: str) -> None:
-        portal().call(self._async.revoke_agent, uuid)
-
-    def disconnect_agent(self, uuid: str) -> None:
-        portal().call(self._async.disconnect_agent, uuid)
-
-
-async def _make_async(url: str | None, token: str | None, ca: str | None, timeout: float,
-                      http2: bool) -> AsyncClient:
-    return AsyncClient(url, token=token, ca=ca, timeout=timeout, http2=http2)
+    close = blocking(AsyncClient.aclose)
+    status = blocking(AsyncClient.status)
+    inventory = blocking(AsyncClient.inventory)
+    # a Ctrl-C while the master creates the run cancels it once it exists
+    run = wrapping(AsyncClient.run, Run, undo=AsyncRun.cancel)
+    release = wrapping(AsyncClient.release, Release)
+    get_release = wrapping(AsyncClient.get_release, Release)
+    releases = blocking(AsyncClient.releases)
+    schedule = wrapping(AsyncClient.schedule, Schedule)
+    series = blocking(AsyncClient.series)
+    schedules = blocking(AsyncClient.schedules)
+    cancel_schedule = blocking(AsyncClient.cancel_schedule)
+    proxies = blocking(AsyncClient.proxies)
+    create_join_token = blocking(AsyncClient.create_join_token)
+    join_tokens = blocking(AsyncClient.join_tokens)
+    revoke_join_token = blocking(AsyncClient.revoke_join_token)
+    revoke_agent = blocking(AsyncClient.revoke_agent)
+    disconnect_agent = blocking(AsyncClient.disconnect_agent)

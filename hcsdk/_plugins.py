@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hcsdk._portal import portal
+from hcsdk._sync import SyncFace, blocking
 from hcsdk._targets import TargetsLike
 from hcsdk.common.errors import UsageError
 
@@ -76,6 +76,9 @@ def _zip_package(root: Path) -> bytes:
 
 
 class AsyncPlugins:
+    """Plugins on agents (``AsyncClient().plugins``): each call is one run on the targets,
+    one row per agent in the answer."""
+
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
 
@@ -102,7 +105,7 @@ class AsyncPlugins:
         run = await self._client.run(cmd="zy.plugins", args={}, targets=targets, timeout=timeout)
         await run.wait()
         recs: list[dict[str, Any]] = []
-        for row in run._rows.values():
+        for row in run.outcomes():
             plugins = (row.result or {}).get("plugins") if row.status == "ok" else None
             if not plugins:
                 recs.append({"uuid": row.uuid, "hostname": row.hostname, "status": row.status, "error": row.error})
@@ -117,7 +120,7 @@ async def _outcomes(run: AsyncRun, name: str) -> pd.DataFrame:
 
     await run.wait()
     recs = []
-    for row in run._rows.values():
+    for row in run.outcomes():
         result = row.result or {}
         recs.append({"uuid": row.uuid, "hostname": row.hostname, "status": row.status, "plugin": name,
                      "version": result.get("version") or result.get("removed"), "sha256": result.get("sha256"),
@@ -125,17 +128,9 @@ async def _outcomes(run: AsyncRun, name: str) -> pd.DataFrame:
     return pd.DataFrame.from_records(recs, columns=INSTALL_COLUMNS)
 
 
-class Plugins:
+class Plugins(SyncFace[AsyncPlugins]):
     """The synchronous face of :class:`AsyncPlugins` (``Client().plugins``)."""
 
-    def __init__(self, aplugins: AsyncPlugins) -> None:
-        self._a = aplugins
-
-    def install(self, path_or_package: str | Path, targets: TargetsLike, *, timeout: float = 120) -> pd.DataFrame:
-        return portal().call(lambda: self._a.install(path_or_package, targets, timeout=timeout))
-
-    def remove(self, name: str, targets: TargetsLike, *, timeout: float = 60) -> pd.DataFrame:
-        return portal().call(lambda: self._a.remove(name, targets, timeout=timeout))
-
-    def list(self, targets: TargetsLike, *, timeout: float = 60) -> pd.DataFrame:
-        return portal().call(lambda: self._a.list(targets, timeout=timeout))
+    install = blocking(AsyncPlugins.install)
+    remove = blocking(AsyncPlugins.remove)
+    list = blocking(AsyncPlugins.list)

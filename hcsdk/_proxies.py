@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hcsdk._portal import portal
-
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -50,4 +48,5 @@ async def proxies(client: AsyncClient) -> pd.DataFrame:
 
 
 def proxies_sync(client: Client) -> pd.DataFrame:
-    return portal().call(proxies, client._async)
+    """``client.proxies()``, kept for the scripts that call it by this name."""
+    return client.proxies()

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from hcsdk._portal import portal
 from hcsdk._schedules import every_seconds
+from hcsdk._sync import SyncFace, blocking, blocking_self
 from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.errors import UsageError
 
@@ -43,7 +43,8 @@ def _duration(value: str | float | None) -> float:
     return every_seconds(value)
 
 
-async def create(client: AsyncClient, artifact: str, targets: TargetsLike, dest: str, **options: Any) -> AsyncRelease:
+async def create_release(client: AsyncClient, artifact: str, targets: TargetsLike, dest: str,
+                         **options: Any) -> AsyncRelease:
     if not dest.startswith("/"):
         raise UsageError(f"dest={dest!r} must be an absolute path on the targets")
     options["pause_between"] = _duration(options.get("pause_between"))
@@ -54,6 +55,9 @@ async def create(client: AsyncClient, artifact: str, targets: TargetsLike, dest:
 
 
 class AsyncRelease:
+    """A release on the master: its state (``info``, kept fresh by :meth:`refresh`) and the
+    operator's actions."""
+
     def __init__(self, client: AsyncClient, info: dict[str, Any]) -> None:
         self._client = client
         self.id: str = info["id"]
@@ -70,10 +74,12 @@ class AsyncRelease:
         return str(self.info["state"])
 
     async def refresh(self) -> dict[str, Any]:
+        """The release as the master has it now (also kept in ``info``)."""
         self.info = dict(await self._client._request("GET", f"/api/v1/releases/{self.id}"))
         return self.info
 
     async def progress(self) -> pd.DataFrame:
+        """Per target: shard, phase, status, bytes, source mix, durations."""
         import pandas as pd
 
         info = await self.refresh()
@@ -97,12 +103,15 @@ class AsyncRelease:
         return self
 
     async def pause(self) -> AsyncRelease:
+        """Hold the release: no further shard starts until :meth:`resume`."""
         return await self._act("pause")
 
     async def resume(self) -> AsyncRelease:
+        """Carry on after a pause."""
         return await self._act("resume")
 
     async def abort(self) -> AsyncRelease:
+        """End the release: no further shard starts (what was placed stays; see :meth:`rollback`)."""
         return await self._act("abort")
 
     async def rollback(self) -> AsyncRelease:
@@ -111,46 +120,25 @@ class AsyncRelease:
         return await self._act("rollback")
 
 
-class Release:
-    """The synchronous face of :class:`AsyncRelease`."""
+class Release(SyncFace[AsyncRelease]):
+    """The synchronous face of :class:`AsyncRelease` (what :meth:`Client.release` returns)."""
 
-    def __init__(self, arelease: AsyncRelease) -> None:
-        self._a = arelease
-        self.id = arelease.id
-
-    def __repr__(self) -> str:
-        return repr(self._a).replace("<Release", "<Release", 1)
+    @property
+    def id(self) -> str:
+        return self._async.id
 
     @property
     def state(self) -> str:
-        return self._a.state
+        return self._async.state
 
     @property
     def info(self) -> dict[str, Any]:
-        return self._a.info
+        return self._async.info
 
-    def refresh(self) -> dict[str, Any]:
-        return portal().call(self._a.refresh)
-
-    def progress(self) -> pd.DataFrame:
-        return portal().call(self._a.progress)
-
-    def wait(self, timeout: float | None = None) -> Release:
-        portal().call(self._a.wait, timeout)
-        return self
-
-    def pause(self) -> Release:
-        portal().call(self._a.pause)
-        return self
-
-    def resume(self) -> Release:
-        portal().call(self._a.resume)
-        return self
-
-    def abort(self) -> Release:
-        portal().call(self._a.abort)
-        return self
-
-    def rollback(self) -> Release:
-        portal().call(self._a.rollback)
-        return self
+    refresh = blocking(AsyncRelease.refresh)
+    progress = blocking(AsyncRelease.progress)
+    wait = blocking_self(AsyncRelease.wait)
+    pause = blocking_self(AsyncRelease.pause)
+    resume = blocking_self(AsyncRelease.resume)
+    abort = blocking_self(AsyncRelease.abort)
+    rollback = blocking_self(AsyncRelease.rollback)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from hcsdk._display import ResultView
+from hcsdk._sync import SyncFace, blocking, blocking_self, iterating, local
 from hcsdk.common.backoff import Backoff
 from hcsdk.common.errors import MasterUnreachable, ZyError
 from hcsdk.protocol.wire import loads
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
     from hcsdk._client import AsyncClient
 
-__all__ = ["COLUMNS", "STATUSES", "AsyncRun", "Event"]
+__all__ = ["COLUMNS", "STATUSES", "AsyncRun", "Event", "Outcome", "Run"]
 
 STATUSES = ("ok", "failed", "timeout", "offline", "cancelled", "error")
 COLUMNS = ["uuid", "hostname", "status", "exit_code", "stdout", "stderr", "started_at", "finished_at",
@@ -45,6 +46,20 @@ class Event:
     error: str | None = None
     #: what a plugin returned (on ``done``), e.g. ``{"size": 12, "sha256": "..."}``
     result: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """Where one target stands: ``status`` is None until it is final (see ``STATUSES``)."""
+
+    uuid: str
+    hostname: str
+    taskid: str
+    status: str | None
+    exit_code: int | None
+    error: str | None
+    #: what a plugin returned, e.g. ``{"size": 12, "sha256": "..."}``
+    result: dict[str, Any] | None
 
 
 @dataclass
@@ -91,6 +106,11 @@ class AsyncRun:
     def total(self) -> int:
         return len(self._rows)
 
+    def outcomes(self) -> list[Outcome]:
+        """Each target's outcome so far, in the order the master listed the targets."""
+        return [Outcome(uuid=r.uuid, hostname=r.hostname, taskid=r.taskid, status=r.status, exit_code=r.exit_code,
+                        error=r.error, result=r.result) for r in self._rows.values()]
+
     def counts(self) -> dict[str, int]:
         """Targets per status so far; ``pending`` for those still running."""
         out: dict[str, int] = {}
@@ -117,15 +137,10 @@ class AsyncRun:
                     await anyio.sleep(backoff.next_delay())
 
     async def _stream(self) -> AsyncIterator[Event]:
-        http = self._client._http
         try:
-            async with http.stream("GET", f"/api/v1/runs/{self.id}/events", params={"after": self._cursor},
-                                   timeout=self._client._stream_timeout) as resp:
-                if resp.status_code != 200:
-                    await resp.aread()
-                    self._client._check(resp)
+            async with self._client._lines(f"/api/v1/runs/{self.id}/events", {"after": self._cursor}) as lines:
                 self._last_ok = time.monotonic()
-                async for line in resp.aiter_lines():
+                async for line in lines:
                     self._last_ok = time.monotonic()
                     if not line.strip():
                         continue
@@ -184,7 +199,7 @@ class AsyncRun:
         body = await self._client._request("POST", f"/api/v1/runs/{self.id}/cancel")
         return int(body["cancelling"])
 
-    def view(self, **options: Any) -> ResultView:
+    def view(self, /, **options: Any) -> ResultView:
         """The results so far as a person reads them (see :class:`ResultView`); the data stays
         in :meth:`snapshot` / :meth:`to_dataframe`."""
         return ResultView(self.snapshot(), **options)
@@ -217,3 +232,28 @@ def _ts(value: float | None) -> Any:
     import pandas as pd
 
     return pd.Timestamp(value, unit="s", tz="UTC") if value else pd.NaT
+
+
+class Run(SyncFace[AsyncRun]):
+    """The synchronous face of :class:`AsyncRun` (what :meth:`Client.run` returns)."""
+
+    @property
+    def id(self) -> str:
+        return self._async.id
+
+    @property
+    def done(self) -> bool:
+        return self._async.done
+
+    @property
+    def total(self) -> int:
+        return self._async.total
+
+    outcomes = local(AsyncRun.outcomes)
+    counts = local(AsyncRun.counts)
+    events = iterating(AsyncRun.events)
+    wait = blocking_self(AsyncRun.wait)
+    to_dataframe = blocking(AsyncRun.to_dataframe)
+    snapshot = local(AsyncRun.snapshot)
+    view = local(AsyncRun.view)
+    cancel = blocking(AsyncRun.cancel)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from hcsdk._sync import SyncFace, blocking
 from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.duration import seconds as duration_seconds
 from hcsdk.common.errors import UsageError
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
     from hcsdk._client import AsyncClient
 
-__all__ = ["SCHEDULE_COLUMNS", "SERIES_COLUMNS", "every_seconds"]
+__all__ = ["SCHEDULE_COLUMNS", "SERIES_COLUMNS", "AsyncSchedule", "Schedule", "every_seconds"]
 
 SERIES_COLUMNS = ["uuid", "hostname", "status", "error"]
 SCHEDULE_COLUMNS = ["name", "cmd", "every", "timeout", "args", "targets", "created_at", "samples", "last_sample"]
@@ -116,33 +117,21 @@ class AsyncSchedule:
         return df[["uuid", "hostname", "status", "error"]]
 
     async def series(self, since: Any = None, until: Any = None) -> pd.DataFrame:
+        """This schedule's samples (see :meth:`AsyncClient.series`)."""
         return await series(self._client, self.name, since, until)
 
     async def cancel(self) -> dict[str, Any]:
+        """Stop the schedule on its agents (the samples collected so far stay)."""
         return await cancel(self._client, self.name)
 
 
-class Schedule:
-    """The synchronous face of :class:`AsyncSchedule`."""
+class Schedule(SyncFace[AsyncSchedule]):
+    """The synchronous face of :class:`AsyncSchedule` (what :meth:`Client.schedule` returns)."""
 
     def __init__(self, aschedule: AsyncSchedule) -> None:
-        self._a = aschedule
+        super().__init__(aschedule)
         self.name, self.cmd, self.every = aschedule.name, aschedule.cmd, aschedule.every
 
-    def __repr__(self) -> str:
-        return repr(self._a)
-
-    def agents(self) -> pd.DataFrame:
-        from hcsdk._portal import portal
-
-        return portal().call(self._a.agents)
-
-    def series(self, since: Any = None, until: Any = None) -> pd.DataFrame:
-        from hcsdk._portal import portal
-
-        return portal().call(self._a.series, since, until)
-
-    def cancel(self) -> dict[str, Any]:
-        from hcsdk._portal import portal
-
-        return portal().call(self._a.cancel)
+    agents = blocking(AsyncSchedule.agents)
+    series = blocking(AsyncSchedule.series)
+    cancel = blocking(AsyncSchedule.cancel)

@@ -17,7 +17,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 
-from hcsdk._display import readable
+from hcsdk import readable
 
 from .follow import BackgroundRun, Follower
 from .interpolate import InterpolationError, interpolate
@@ -204,8 +204,7 @@ class ZyRun(Magics):
         return None
 
     def _run(self, args: argparse.Namespace, body: str) -> Any:
-        from hcsdk import ZyError
-        from hcsdk._cliargs import arg_pairs
+        from hcsdk import ZyError, arg_pairs
 
         targets = self._targets(args.targets)
         widgets = not args.quiet and self._widgets_wanted()  # imports ipywidgets before the run exists

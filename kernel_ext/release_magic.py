@@ -82,19 +82,15 @@ class ZyRelease(Magics):
         return self._ip.magics_manager.registry["ZyRun"].client
 
     def _existing(self, ref: str) -> Any:
-        from hcsdk import ZyError
-        from hcsdk._portal import portal
-        from hcsdk._release import AsyncRelease, Release
+        from hcsdk import Release, ZyError
 
         value = self._ip.user_ns.get(ref) if ref.isidentifier() else None
         if isinstance(value, Release):
             return value
-        client = self._client()
         try:
-            info = portal().call(client._async._request, "GET", f"/api/v1/releases/{ref}")
+            return self._client().get_release(ref)
         except ZyError as exc:
             raise UsageError(f"{exc} (start one with %zyrelease ARTIFACT -t TARGETS --dest PATH)") from None
-        return Release(AsyncRelease(client._async, info))
 
     def _start(self, args: Any) -> Any:
         from hcsdk import ZyError

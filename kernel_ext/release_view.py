@@ -8,7 +8,7 @@ import html
 import threading
 from typing import Any
 
-from .views import STATUS_COLORS
+from .views import STATUS_COLORS, show_bundle
 
 #: states where the release may still change by itself
 MOVING = ("running", "rolling_back")
@@ -94,11 +94,9 @@ class ReleaseWidget:
         self._stop.set()
 
     def show(self) -> None:
-        from IPython.display import display
-
-        display({"application/vnd.jupyter.widget-view+json": {"model_id": self.box.model_id, "version_major": 2,
-                                                              "version_minor": 0},
-                 "text/plain": release_line(self.release.info)}, raw=True)
+        show_bundle({"application/vnd.jupyter.widget-view+json": {"model_id": self.box.model_id, "version_major": 2,
+                                                                  "version_minor": 0},
+                     "text/plain": release_line(self.release.info)})
 
 
 def _table(targets: list[dict[str, Any]], max_rows: int) -> str:

@@ -10,11 +10,22 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from hcsdk._display import STATUS_COLORS, results_table, status_chip
+from hcsdk import STATUS_COLORS, results_table, status_chip
 
-__all__ = ["STATUS_COLORS", "NullView", "TextView", "View", "WidgetView", "grouped_output", "progress_line"]
+__all__ = ["STATUS_COLORS", "NullView", "TextView", "View", "WidgetView", "grouped_output", "progress_line",
+           "show_bundle"]
+
+
+def show_bundle(bundle: dict[str, Any], display_id: bool | None = None) -> Any:
+    """IPython's ``display`` of a raw mime bundle; with ``display_id``, the handle that updates
+    it in place. IPython ships ``display`` untyped: this is the one way the extension calls it."""
+    from IPython.display import display
+
+    typed: Callable[..., Any] = display
+    return typed(bundle, raw=True, display_id=display_id)
 
 
 def _secs(elapsed: float) -> str:
@@ -61,9 +72,7 @@ class TextView(View):
         self._last = ""
         self._handle: Any = None
         if live:
-            from IPython.display import display
-
-            self._handle = display({"text/plain": progress_line(run, 0.0)}, raw=True, display_id=True)
+            self._handle = show_bundle({"text/plain": progress_line(run, 0.0)}, display_id=True)
 
     def _render(self, final: bool) -> None:
         line = progress_line(self.run, self.elapsed)
@@ -98,9 +107,7 @@ class WidgetView(View):
         self._shown_counts: dict[str, int] | None = None
 
     def show(self) -> None:
-        from IPython.display import display
-
-        self._display_id = display(self._bundle(), raw=True, display_id=True)
+        self._display_id = show_bundle(self._bundle(), display_id=True)
 
     def _bundle(self) -> dict[str, Any]:
         return {"application/vnd.jupyter.widget-view+json": {"model_id": self.box.model_id, "version_major": 2,
