@@ -99,4 +99,5 @@ def verify(key: bytes, msg: dict[str, Any]) -> bool:
     mac = msg.get("m")
     if not isinstance(mac, str):
         return False
-    return hmac.compare_digest(mac, hmac.new(key, canonical(msg), hashlib.sha256).hexdigest())
+    # compared as bytes: compare_digest raises TypeError on a non-ASCII str, which a relay could send
+    return hmac.compare_digest(mac.encode(), hmac.new(key, canonical(msg), hashlib.sha256).hexdigest().encode())

@@ -87,7 +87,8 @@ class _Envelope:
 
     def verify(self, key: bytes) -> bool:
         """Whether the MAC is right: the envelope is what the holder of ``key`` sent."""
-        return self.mac is not None and hmac.compare_digest(self.mac, self._mac(key))
+        # compared as bytes: compare_digest raises on a non-ASCII str, which a relay could send
+        return self.mac is not None and hmac.compare_digest(self.mac.encode(), self._mac(key).encode())
 
 
 # -- master -> agent ------------------------------------------------------------------------------
