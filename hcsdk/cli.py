@@ -1,5 +1,6 @@
 """The `zy` command. hcsdk owns the frame and the SDK's own subcommands (run, inventory,
-token, agents); services add theirs (master, agent, ...) through the ``hcsdk.commands``
+token, fleet here; agents, plugins, schedule, artifact and series in the cli_* modules named
+for them); services add theirs (master, agent, ...) through the ``hcsdk.commands``
 entry-point group, so hcsdk imports none of them."""
 
 from __future__ import annotations
@@ -74,16 +75,14 @@ def _parser() -> argparse.ArgumentParser:
         fp.add_argument("--root", type=Path, default=Path("state/fleet"), help="where it lives (default %(default)s)")
     p.set_defaults(func=_cmd_fleet)
 
-    p = sub.add_parser("agents", help="update, revoke or disconnect agents")
-    asub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for action, text in (("revoke", "drop an agent and refuse it for good"),
-                         ("disconnect", "close an agent's channel; it reconnects by itself")):
-        a = asub.add_parser(action, help=text)
-        a.add_argument("uuid")
-        a.set_defaults(func=_cmd_agent_action, agent_action=action)
-    from hcsdk import cli_lifecycle
+    from hcsdk import cli_agents, cli_artifacts, cli_plugins, cli_schedules
 
-    cli_lifecycle.register(sub, asub)
+    # in this order: `zy --help` lists the commands as they are added
+    cli_agents.register(sub)
+    cli_plugins.register(sub)
+    cli_schedules.register(sub)
+    cli_artifacts.register(sub)
+    cli_schedules.register_series(sub)
 
     for ep in sorted(entry_points(group="hcsdk.commands"), key=lambda e: e.name):
         try:
@@ -352,13 +351,6 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     print(f"fleet: master {running['url']}; " + ", ".join(
         f"{name} {'up' if up else 'DOWN'}" for name, up in running["alive"].items()))
     print(f"export ZY_CONFIG={running['config']}")
-    return 0
-
-
-def _cmd_agent_action(args: argparse.Namespace) -> int:
-    client = _client()
-    getattr(client, f"{args.agent_action}_agent")(args.uuid)
-    print(f"{args.agent_action}: {args.uuid}")
     return 0
 
 
