@@ -20,11 +20,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hcsdk.common.jointoken import JoinToken
 from hcsdk.common.version import __version__
 from hcsdk.net.tls import ca_fingerprint, norm_name
+from hcsdk.protocol import vocab
 from hcsdk.protocol.e2e import b64, public_key
+from hcsdk.protocol.errors import MessageError
+from hcsdk.protocol.names import is_sha256
 from hcsdk.protocol.wire import dumps, loads
 
 from .artifacts_api import artifact_routes
-from .blobs import SHA_RE
 from .bootstrap import Paths, master_only_names, secret_hash
 from .errors import RequestRejected
 from .hub import Hub
@@ -95,12 +97,11 @@ def _problem(status: int, message: str, kind: str) -> JSONResponse:
 
 
 def _validate_args(cmd: str, args: dict[str, Any]) -> None:
-    if cmd == "shell" and not isinstance(args.get("script"), str):
-        raise RequestRejected("cmd 'shell' needs args.script, a string")
-    if cmd == "exec":
-        argv = args.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise RequestRejected("cmd 'exec' needs args.argv, a non-empty list of strings")
+    """The early check of a built-in command's arguments (the agent checks them fully)."""
+    try:
+        vocab.check_request_args(cmd, args)
+    except MessageError as exc:
+        raise RequestRejected(exc.reason) from None
 
 
 def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes) -> FastAPI:
@@ -170,7 +171,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
     @app.post("/api/v1/runs", dependencies=deps)
     async def create_run(req: RunRequest) -> dict[str, Any]:
         _validate_args(req.cmd, req.args)
-        if req.cmd == "zy.update" and not (SHA_RE.match(str(req.args.get("sha256")))
+        if req.cmd == "zy.update" and not (is_sha256(req.args.get("sha256"))
                                            and (paths.root / "blobs" / str(req.args["sha256"])).is_file()):
             raise RequestRejected(f"no build with SHA-256 {req.args.get('sha256')!r} was uploaded to this master "
                                   "(client.agents.update uploads it first)", status=404)

@@ -5,41 +5,40 @@ acknowledged when it comes back, and writing off tasks whose agent stayed away o
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from typing import Any
 
+from hcsdk.protocol import vocab
+from hcsdk.protocol.errors import MessageError
+from hcsdk.protocol.messages import Cancel, Task
+from hcsdk.protocol.tasks import TaskStatus
 from hcsdk.protocol.wire import dumps, loads
 
-from .db import Db
 from .errors import RequestRejected
 from .run_events import RunEvents
 from .sessions import Session, Sessions
 from .settings import MasterSettings
+from .store import StoreThread
 from .targets import resolve
 
 __all__ = ["KNOWN_CMDS", "SYSTEM_CMDS", "Dispatch", "check_cmd"]
 
-#: built into every agent; any other cmd word names a plugin, which the agent may or may not have
-KNOWN_CMDS = ("shell", "exec", "ping", "facts", "echo")
-#: what the agent itself does, on the master's signed word (plugins, updates, schedules)
-SYSTEM_CMDS = ("zy.plugin.install", "zy.plugin.remove", "zy.plugins", "zy.update", "zy.schedule.set",
-               "zy.schedule.cancel", "zy.schedules", "zy.release.fetch", "zy.release.place", "zy.release.rollback")
-_CMD_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+#: the cmd words (defined in the protocol core): built into every agent, and the agent's own
+KNOWN_CMDS = vocab.BUILTIN_CMDS
+SYSTEM_CMDS = vocab.SYSTEM_CMDS
 
 
 def check_cmd(cmd: str) -> None:
-    if cmd.startswith("zy."):
-        if cmd not in SYSTEM_CMDS:
-            raise RequestRejected(f"unknown system cmd {cmd!r} (known: {', '.join(SYSTEM_CMDS)})", kind="cmd")
-    elif len(cmd) > 64 or not _CMD_RE.match(cmd):
-        raise RequestRejected(f"cmd {cmd!r} is not a cmd word: lowercase letters, digits and _ in dot-separated "
-                              f"parts (built in: {', '.join(KNOWN_CMDS)}; others name plugins)", kind="cmd")
+    """Refuse, as a request the SDK made, a cmd the master must not send."""
+    try:
+        vocab.check_cmd(cmd)
+    except MessageError as exc:
+        raise RequestRejected(exc.reason, kind="cmd") from None
 
 
 class Dispatch:
-    def __init__(self, db: Db, settings: MasterSettings, table: Sessions, events: RunEvents,
+    def __init__(self, db: StoreThread, settings: MasterSettings, table: Sessions, events: RunEvents,
                  stats: dict[str, int]) -> None:
         self.db = db
         self.settings = settings
@@ -51,11 +50,11 @@ class Dispatch:
                  deadline: float) -> dict[str, Any]:
         # exp and aud make a captured command useless later or for another agent; the MAC
         # makes it impossible to alter or forge on the way
-        return self.table.sign({"t": "task", "uuid": uuid, "cmd": cmd, "taskid": taskid, "seq": 0,
-                                "p": {"args": args, "timeout": timeout, "exp": deadline, "aud": uuid}})
+        task = Task(uuid=uuid, cmd=cmd, taskid=taskid, args=args, timeout=timeout, exp=deadline, aud=uuid)
+        return task.signed(self.table.key(uuid)).to_wire()
 
     def cancel_msg(self, uuid: str, taskid: str, cmd: str = "") -> dict[str, Any]:
-        return self.table.sign({"t": "cancel", "uuid": uuid, "cmd": cmd, "taskid": taskid, "seq": 0})
+        return Cancel(uuid=uuid, cmd=cmd, taskid=taskid).signed(self.table.key(uuid)).to_wire()
 
     async def redeliver(self, session: Session) -> None:
         """What the store holds open for a (re)connected agent: its tasks and cancels again."""
@@ -64,7 +63,7 @@ class Dispatch:
         for t in tasks:
             if t["cancel_requested"]:
                 msgs.append(self.cancel_msg(session.uuid, t["taskid"], t["cmd"]))
-            elif t["status"] in ("pending", "dispatched"):
+            elif t["status"] in (TaskStatus.PENDING, TaskStatus.DISPATCHED):
                 msgs.append(self.task_msg(session.uuid, t["taskid"], t["cmd"], loads(t["args"]), t["timeout"],
                                           t["deadline"]))
                 sent.append(t["taskid"])
@@ -84,16 +83,17 @@ class Dispatch:
         run_id = "r" + secrets.token_hex(6)
         deadline = time.time() + timeout + self.settings.result_grace
         sessions = self.table.sessions
-        rows = []
+        rows: list[tuple[str, str, TaskStatus, float]] = []
         for i, agent in enumerate(chosen):
             online = agent["uuid"] in sessions
-            rows.append((f"{run_id}.{i}", agent["uuid"], "dispatched" if online else "offline", deadline))
+            rows.append((f"{run_id}.{i}", agent["uuid"], TaskStatus.DISPATCHED if online else TaskStatus.OFFLINE,
+                         deadline))
         await self.db(self.db.store.create_run, run_id, cmd, args, timeout, rows)
         # Tasks are stored as dispatched before they are sent: if this session drops before the
         # agent sees them, the next handshake redelivers them.
         for taskid, uuid, status, _ in rows:
             session = sessions.get(uuid)
-            if status == "dispatched" and session:
+            if status == TaskStatus.DISPATCHED and session:
                 session.send([self.task_msg(uuid, taskid, cmd, args, timeout, deadline)])
                 self.stats["dispatched"] += 1
         self.events.notify({run_id})
@@ -116,11 +116,11 @@ class Dispatch:
         if not await self.db(self.db.store.run_exists, run_id):
             raise RequestRejected(f"no run {run_id!r}", kind="run", status=404)
         open_tasks = await self.db(self.db.store.request_cancel, run_id)
-        unreachable = []
+        unreachable: list[tuple[str, str, str]] = []
         for t in open_tasks:
             session = self.table.sessions.get(t["uuid"])
-            if t["status"] == "pending":
-                unreachable.append((t["taskid"], "cancelled", "cancelled before the agent received it"))
+            if t["status"] == TaskStatus.PENDING:
+                unreachable.append((t["taskid"], TaskStatus.CANCELLED, "cancelled before the agent received it"))
             elif session:
                 session.send([self.cancel_msg(t["uuid"], t["taskid"])])
             # else: the agent may be running it; the cancel goes out when it reconnects
@@ -138,11 +138,11 @@ class Dispatch:
             if now - since < self.settings.offline_grace or not self.table.stop_clock(uuid, since):
                 continue
             for t in await self.db(self.db.store.open_tasks_for, uuid):
-                if t["status"] == "running":
-                    verdicts.append((t["taskid"], "error", "agent went offline while the task ran"))
+                if t["status"] == TaskStatus.RUNNING:
+                    verdicts.append((t["taskid"], TaskStatus.ERROR, "agent went offline while the task ran"))
                 else:
-                    verdicts.append((t["taskid"], "offline", "agent is offline"))
+                    verdicts.append((t["taskid"], TaskStatus.OFFLINE, "agent is offline"))
         for t in await self.db(self.db.store.overdue_tasks, time.time()):
-            verdicts.append((t["taskid"], "error", "no result from the agent within the timeout"))
+            verdicts.append((t["taskid"], TaskStatus.ERROR, "no result from the agent within the timeout"))
         if verdicts:
             self.events.notify(await self.db(self.db.store.finish_by_master, verdicts))

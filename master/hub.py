@@ -19,7 +19,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from .db import Db
+from hcsdk.protocol.tasks import FINAL, SessionKind
+
 from .dispatch import KNOWN_CMDS, SYSTEM_CMDS, Dispatch, check_cmd
 from .errors import RequestRejected
 from .ingest import Ingest
@@ -27,13 +28,13 @@ from .run_events import RunEvents
 from .schedules import Schedules
 from .sessions import Session, Sessions, is_handover
 from .settings import MasterSettings
-from .store import FINAL
+from .store import StoreThread
 
 log = logging.getLogger("zy.master.hub")
 
 
 class Hub:
-    def __init__(self, db: Db, settings: MasterSettings):
+    def __init__(self, db: StoreThread, settings: MasterSettings):
         self.db = db
         self.settings = settings
         #: counters shown by /api/v1/status; the channel server and the blob store add their own
@@ -86,7 +87,7 @@ class Hub:
         tg.start_soon(self._sweep_loop)
 
     async def handshake(self, uuid: str, facts: dict[str, Any], labels: dict[str, str], mode: str,
-                        key: bytes, kind: str = "agent", carrier: Session | None = None,
+                        key: bytes, kind: str = SessionKind.AGENT, carrier: Session | None = None,
                         via: list[str] | None = None, handover: str | None = None,
                         schedules: dict[str, str] | None = None) -> Session:
         self.table.set_key(uuid, key)

@@ -11,9 +11,11 @@ from typing import Any
 
 import anyio
 
-from .db import Db
+from hcsdk.protocol.messages import Ack
+
 from .run_events import RunEvents
 from .sessions import Session, Sessions
+from .store import StoreThread
 
 __all__ = ["Ingest"]
 
@@ -24,7 +26,7 @@ _BATCH = 5000
 
 
 class Ingest:
-    def __init__(self, db: Db, table: Sessions, events: RunEvents, stats: dict[str, int]) -> None:
+    def __init__(self, db: StoreThread, table: Sessions, events: RunEvents, stats: dict[str, int]) -> None:
         self.db = db
         self.table = table
         self.events = events
@@ -35,9 +37,9 @@ class Ingest:
         """Queue one message of agent ``uuid`` (waits while the writer is 20,000 behind)."""
         await self._tx.send((uuid, msg))
 
-    def ack(self, uuid: str, ids: list[Any]) -> dict[str, Any]:
+    def ack(self, uuid: str, ids: list[list[Any]]) -> dict[str, Any]:
         """The signed acknowledgement of ``ids`` ([taskid, seq] pairs) for agent ``uuid``."""
-        return self.table.sign({"t": "ack", "uuid": uuid, "cmd": "", "taskid": "", "seq": 0, "p": {"ids": ids}})
+        return Ack(uuid=uuid, ids=ids).signed(self.table.key(uuid)).to_wire()
 
     def refuse_sample(self, session: Session, uuid: str, msg: dict[str, Any]) -> None:
         """Not stored, counted, and acknowledged: the agent stops resending what will never be

@@ -9,9 +9,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .db import Db
 from .schedule_spec import schedule_args
-from .store import schedules_given
+from .store import StoreThread
 from .targets import selects
 
 __all__ = ["CreateRun", "Schedules"]
@@ -23,7 +22,7 @@ CreateRun = Callable[[str, dict[str, Any], Any, float], Awaitable[dict[str, Any]
 
 
 class Schedules:
-    def __init__(self, db: Db, create_run: CreateRun) -> None:
+    def __init__(self, db: StoreThread, create_run: CreateRun) -> None:
         self.db = db
         self.create_run = create_run
         #: the schedules, cached for handshakes; None when they must be read again
@@ -69,7 +68,7 @@ class Schedules:
     async def given(self, uuid: str) -> set[str]:
         """Names of the schedules the master ever sent agent ``uuid``."""
         if uuid not in self._given_loaded:
-            loaded = await self.db(schedules_given, self.db.store, uuid)
+            loaded = await self.db(self.db.store.schedules_given, uuid)
             # a union, not an assignment: a schedule set while the store was being read is kept
             self._given.setdefault(uuid, set()).update(loaded)
             self._given_loaded.add(uuid)

@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 from hcsdk.net.mailbox import Mailbox
-from hcsdk.protocol.e2e import sign, verify
+from hcsdk.protocol.e2e import verify
+from hcsdk.protocol.tasks import SessionKind, is_final
 
-from .db import Db
-from .store import FINAL
+from .store import StoreThread
 
 __all__ = ["Session", "Sessions", "is_handover"]
 
@@ -31,7 +31,7 @@ class Session(Mailbox):
     master that relays for it; what is sent to the agent goes into the carrier's outbox, routed
     by uuid. ``via`` lists the proxies on the path, nearest the master first."""
 
-    def __init__(self, uuid: str, sid: str, hostname: str, mode: str, kind: str = "agent",
+    def __init__(self, uuid: str, sid: str, hostname: str, mode: str, kind: str = SessionKind.AGENT,
                  carrier: Session | None = None, via: list[str] | None = None) -> None:
         super().__init__(uuid)
         self.sid = sid
@@ -50,11 +50,11 @@ class Session(Mailbox):
             super().send(msgs)
 
 
-async def is_handover(db: Db, uuid: str, taskid: str) -> bool:
+async def is_handover(db: StoreThread, uuid: str, taskid: str) -> bool:
     """Whether ``taskid`` is an open update of agent ``uuid`` (so a handshake naming it is the
     new build taking over, not a restart)."""
     task = await db(db.store.task, taskid)
-    return bool(task and task["uuid"] == uuid and task["cmd"] == "zy.update" and task["status"] not in FINAL)
+    return bool(task and task["uuid"] == uuid and task["cmd"] == "zy.update" and not is_final(task["status"]))
 
 
 class Sessions:
@@ -81,9 +81,9 @@ class Sessions:
         key = self.keys.get(str(msg.get("uuid")))
         return key is not None and verify(key, msg)
 
-    def sign(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """``msg`` with the MAC of the agent it is addressed to."""
-        return sign(self.keys[msg["uuid"]], msg)
+    def key(self, uuid: str) -> bytes:
+        """The end-to-end key shared with agent ``uuid``: what signs the master's messages to it."""
+        return self.keys[uuid]
 
     # -- opening and ending -------------------------------------------------------------------
     def open(self, session: Session, old: Session | None, handover: str | None) -> None:
