@@ -27,7 +27,8 @@ from hcsdk.net.h2conn import H2Connection, H2Error, NotH2, Response
 from hcsdk.net.http import error_message
 from hcsdk.net.settings import ChannelSettings  # one declaration, for both ends of the channel
 from hcsdk.net.tls import shared_client_context
-from hcsdk.protocol.wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder, encode_frame
+from hcsdk.protocol.messages import Heartbeat
+from hcsdk.protocol.wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder
 
 log = logging.getLogger("zy.channel")
 #: HTTP/1.1 connections for bulk transfers at once (a release fetches 4 chunks at a time)
@@ -310,7 +311,7 @@ class Channel:
 
     async def _frames(self, beat: float) -> AsyncIterator[bytes]:
         last_id = 0
-        hb = encode_frame({"t": "hb", "uuid": self.uuid, "cmd": "", "taskid": "", "seq": 0})
+        hb = Heartbeat(uuid=self.uuid).encode()
         while True:
             wake = self.wake()
             rows = self.outbox(last_id)
@@ -371,7 +372,7 @@ class Channel:
 
     async def _poll_down(self, client: httpx.AsyncClient, url: str, sid: str) -> None:
         decoder = FrameDecoder(self.max_frame, allowed=DOWN_TYPES)
-        hb = encode_frame({"t": "hb", "uuid": self.uuid, "cmd": "", "taskid": "", "seq": 0})
+        hb = Heartbeat(uuid=self.uuid).encode()
         while True:
             if self._drop:
                 reason, self._drop = self._drop, None

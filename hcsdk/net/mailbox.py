@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 
 from hcsdk.net.asgi import Receive, Send
+from hcsdk.protocol.messages import Heartbeat
 from hcsdk.protocol.wire import encode_frame
 
 __all__ = ["Mailbox", "stream_mailbox"]
@@ -70,7 +71,7 @@ async def _watch_disconnect(receive: Receive, box: Mailbox) -> None:
 
 
 async def _write(box: Mailbox, send: Send, heartbeat: float, max_frame: int) -> None:
-    hb = encode_frame({"t": "hb", "uuid": box.uuid, "cmd": "", "taskid": "", "seq": 0})
+    hb = Heartbeat(uuid=box.uuid).encode()
     while not box.closed.is_set():
         with anyio.move_on_after(heartbeat):
             await box.wake.wait()
