@@ -13,6 +13,7 @@ from hcsdk._display import ResultView
 from hcsdk._sync import SyncFace, blocking, blocking_self, iterating, local
 from hcsdk.common.backoff import Backoff
 from hcsdk.common.errors import MasterUnreachable, ZyError
+from hcsdk.protocol.tasks import FINAL, TaskStatus
 from hcsdk.protocol.wire import loads
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = ["COLUMNS", "STATUSES", "AsyncRun", "Event", "Outcome", "Run"]
 
-STATUSES = ("ok", "failed", "timeout", "offline", "cancelled", "error")
+#: a target's final statuses, as the task lifecycle defines them (plain strings, as in the DataFrame)
+STATUSES: tuple[str, ...] = tuple(status.value for status in FINAL)
 COLUMNS = ["uuid", "hostname", "status", "exit_code", "stdout", "stderr", "started_at", "finished_at",
            "duration_s", "error", "truncated", "taskid", "result"]
 
@@ -178,7 +180,7 @@ class AsyncRun:
             row.error = data.get("error")
             row.truncated = data.get("truncated") or {}
             row.result = data.get("result")
-            row.status = data.get("status", "error")  # last: readers in other threads key on it
+            row.status = data.get("status", TaskStatus.ERROR.value)  # last: readers in other threads key on it
             return Event(kind="done", uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq,
                          status=row.status, exit_code=row.exit_code, error=row.error, result=row.result)
         return None

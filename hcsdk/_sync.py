@@ -44,14 +44,21 @@ class SyncFace(Generic[A]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # the derived methods carry the async method's names; say where they live now
+        # the derived methods carry the async method's names; say where they live now, and
+        # what the ones that return their object return
         for name, value in vars(cls).items():
             if callable(value) and getattr(value, "_zy_derived", False):
                 value.__qualname__ = f"{cls.__qualname__}.{name}"
                 value.__name__ = name
+                if value.__annotations__.get("return") == _SELF:
+                    _returns(value, cls.__name__)
 
     def __repr__(self) -> str:
         return repr(self._async).replace("<Async", "<", 1)
+
+
+#: the return annotation of a method that returns its own sync face, until the class is known
+_SELF = "Self"
 
 
 def _derive(func: Callable[..., Any], afunc: Callable[..., Any], returns: str | None) -> None:
@@ -59,9 +66,14 @@ def _derive(func: Callable[..., Any], afunc: Callable[..., Any], returns: str | 
     return annotation where the sync face hands back something else."""
     functools.update_wrapper(func, afunc)
     if returns is not None:
-        func.__annotations__ = {**afunc.__annotations__, "return": returns}
-        func.__signature__ = inspect.signature(afunc).replace(return_annotation=returns)  # type: ignore[attr-defined]
+        _returns(func, returns)
     func._zy_derived = True  # type: ignore[attr-defined]
+
+
+def _returns(func: Callable[..., Any], returns: str) -> None:
+    # a new dict: update_wrapper shares the async method's, which must stay as it is
+    func.__annotations__ = {**func.__annotations__, "return": returns}
+    func.__signature__ = inspect.signature(func).replace(return_annotation=returns)  # type: ignore[attr-defined]
 
 
 def _sync_name(obj: Any) -> str:
@@ -118,7 +130,7 @@ def blocking_self(afunc: Callable[Concatenate[A, P], Awaitable[object]]) -> Call
         portal().call(functools.partial(afunc, self._async, *args, **kwargs))
         return self
 
-    _derive(call, afunc, "Self")
+    _derive(call, afunc, _SELF)
     return call
 
 

@@ -224,6 +224,8 @@ def test_sync_faces_show_the_async_parameters_and_docs() -> None:
     assert inspect.signature(Client.release).return_annotation == "Release"
     assert inspect.signature(Client.run).return_annotation == "Run"
     assert inspect.signature(Run.events).return_annotation == "Iterator[Event]"
+    assert inspect.signature(Release.wait).return_annotation == "Release"
+    assert inspect.signature(AsyncRelease.wait).return_annotation == "AsyncRelease"
     assert Client.release.__qualname__ == "Client.release" and Client.close.__name__ == "close"
     assert "dest" in inspect.signature(Client.release).parameters
     # the async methods stay untouched by the derivation
