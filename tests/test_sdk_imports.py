@@ -66,3 +66,17 @@ def test_the_lazy_names_are_all_and_load_on_use() -> None:
         print(Client.__module__, UsageError.__mro__[1].__name__, "pandas" in sys.modules)
         """)
     assert out == "hcsdk._client ZyError False"
+
+
+def test_kernel_ext_uses_only_the_public_sdk() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for path in sorted((root / "kernel_ext").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}:{node.lineno}: {n}" for n in names if n.startswith("hcsdk._")]
+    assert not found, f"kernel_ext reaches into private SDK modules: {found}"
