@@ -28,11 +28,10 @@ from .api import BodyLimit, build_api
 from .blobs import BlobStore
 from .bootstrap import Paths, ensure_admin_token, ensure_e2e_key, ensure_pki, write_client_configs
 from .channel import ChannelApp
-from .db import Db
 from .hub import Hub
 from .settings import MasterSettings
 from .ssh_downlink import SshTarget, keep_tunnel
-from .store import Store, open_store
+from .store import Store, StoreThread, open_store
 
 log = logging.getLogger("zy.master")
 
@@ -110,7 +109,7 @@ async def serve(settings: MasterSettings) -> None:
         _warn_legacy_proxies(store)
     admin_token, first_start = ensure_admin_token(store, paths)
     e2e_private = ensure_e2e_key(paths)
-    hub = Hub(Db(store), settings)
+    hub = Hub(StoreThread(store), settings)
     urls: list[str] = []
     reaper = ConnectionReaper(settings.idle_connection_grace, settings.connections_per_address)
     server = granian_server(build_app(hub, paths, urls, e2e_private, reaper), settings.host, settings.port, paths.cert,

@@ -10,23 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hcsdk.protocol.tasks import FINAL  # re-exported: the hub imported it from here
-
-from .errors import TokenUsedUp
-from .migrate import SchemaError
+from .errors import SchemaError, TokenUsedUp
 from .offload import StoreThread
 from .protocol import Store
 from .sqlite import SQLiteStore, open_sqlite
 
-__all__ = ["FINAL", "SQLiteStore", "SchemaError", "Store", "StoreThread", "TokenUsedUp", "open_store",
-           "schedules_given"]
+__all__ = ["SQLiteStore", "SchemaError", "Store", "StoreThread", "TokenUsedUp", "open_store"]
 
 
 def open_store(data_dir: Path) -> Store:
     """The store of the master whose data dir this is (its SQLite file there)."""
     return open_sqlite(data_dir)
-
-
-def schedules_given(store: Store, uuid: str) -> set[str]:
-    """``store.schedules_given(uuid)``, for callers that take the store as an argument."""
-    return store.schedules_given(uuid)

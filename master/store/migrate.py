@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SchemaError
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -27,10 +29,6 @@ _TOKEN_COLUMNS = {
     "proxy_names": "TEXT NOT NULL DEFAULT '[]'",
     "max_uses": "INTEGER NOT NULL DEFAULT 0",
 }
-
-
-class SchemaError(RuntimeError):
-    """The database's schema is not one this code can use (made by a newer master, say)."""
 
 
 @dataclass(frozen=True, kw_only=True)
