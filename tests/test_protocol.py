@@ -393,7 +393,7 @@ def _tampered(value: Any) -> Any:
 
 
 def _paths(d: dict[str, Any]) -> list[tuple[str, ...]]:
-    out = [(k,) for k in d if k not in ("m", "p")]
+    out: list[tuple[str, ...]] = [(k,) for k in d if k not in ("m", "p")]
     out += [("p", k) for k in d.get("p", {})]
     return out
 
