@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,12 @@ import anyio
 
 from hcsdk.net.asgi import Receive, Scope, Send, error, header, query, respond
 from hcsdk.net.limits import authenticated, send_file
+from hcsdk.protocol.names import SHA256 as SHA_RE  # noqa: F401  (the name master.api checks update digests with)
+from hcsdk.protocol.names import is_sha256
 
 from .bootstrap import secret_hash
 from .hub import Hub
 
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_BLOB = 2 * 1024**3
 
 
@@ -33,7 +33,7 @@ class BlobStore:
         self.hub = hub
 
     def path(self, sha: str) -> Path | None:
-        if not SHA_RE.match(sha):
+        if not is_sha256(sha):
             return None
         path = self.root / sha
         return path if path.is_file() else None

@@ -22,8 +22,8 @@ from hcsdk.net.h2conn import Response
 from hcsdk.net.limits import KeyedSlots, authenticated, read_limited
 from hcsdk.net.settings import ChannelSettings
 from hcsdk.net.tls import shared_client_context
-from hcsdk.protocol.e2e import sign
-from hcsdk.protocol.wire import FrameError, encode_frame, loads
+from hcsdk.protocol.messages import Stats
+from hcsdk.protocol.wire import FrameError, loads
 
 from .cache import Answer, ChunkCache, Fetch, UpstreamDown
 from .relay import Downstream, Pending, Relay
@@ -355,8 +355,8 @@ class ProxyApp:
             stats = self.cache.stats()
             if last == (sid, stats):
                 continue
-            msg = {"t": "stats", "uuid": self.relay.uuid, "cmd": "", "taskid": "", "seq": 0, "p": {"cache": stats}}
-            self.relay.queue.put(encode_frame(sign(key, msg) if key else msg))
+            msg = Stats(uuid=self.relay.uuid, cache=stats)
+            self.relay.queue.put((msg.signed(key) if key else msg).encode())
             last = (sid, stats)
 
     async def _client(self, scope: Scope, send: Send) -> Downstream | None:

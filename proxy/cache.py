@@ -43,27 +43,17 @@ import anyio
 
 from hcsdk.net.asgi import Send
 from hcsdk.net.limits import send_file
+from hcsdk.protocol.names import is_sha256
 from hcsdk.protocol.wire import dumps
 
 log = logging.getLogger("zy.proxy.cache")
 
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 #: a cached file up to this size is read whole, checked and sent from memory; larger ones stream
 _WHOLE = 8 * 1024 * 1024
 _BLOCK = 1024 * 1024
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 COUNTERS = ("requests", "hits", "misses", "coalesced", "upstream_fetches", "upstream_errors", "bytes_from_upstream",
             "bytes_served", "corrupt_upstream", "corrupt_cached", "evictions", "passthrough", "write_errors")
-
-
-def parse_size(text: str) -> int:
-    """``"10G"``, ``"512M"``, ``"64k"``, ``"1.5GiB"`` or a number of bytes (binary units); 0 is allowed."""
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise ValueError(f"{text!r} is not a size: give bytes or a number with K, M, G or T (e.g. 10G)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 class UpstreamDown(Exception):
@@ -119,7 +109,7 @@ class ChunkCache:
         return self.limit > 0
 
     def path(self, sha: str) -> Path:
-        assert SHA_RE.match(sha), sha  # never a path from unchecked input
+        assert is_sha256(sha), sha  # never a path from unchecked input
         return self.root / sha[:2] / sha
 
     def __contains__(self, sha: str) -> bool:
@@ -143,7 +133,7 @@ class ChunkCache:
             if not sub.is_dir() or not re.fullmatch(r"[0-9a-f]{2}", sub.name):
                 continue
             for entry in os.scandir(sub):
-                if entry.is_file(follow_symlinks=False) and SHA_RE.match(entry.name) and entry.name[:2] == sub.name:
+                if entry.is_file(follow_symlinks=False) and is_sha256(entry.name) and entry.name[:2] == sub.name:
                     st = entry.stat(follow_symlinks=False)
                     found.append((st.st_mtime, entry.name, st.st_size))
                 elif entry.name.startswith(".tmp-"):
@@ -160,7 +150,7 @@ class ChunkCache:
         """Answer a request for blob ``sha``: from disk when it is here (and intact), else from
         ``fetch`` (one upstream request however many ask at once). ``fetch`` None: the upstream
         cannot be asked (the proxy has no channel), so only what is cached can be served."""
-        if not SHA_RE.match(sha):
+        if not is_sha256(sha):
             await _send(send, _problem(404, f"no file with SHA-256 {sha!r}: not a SHA-256 in lowercase hex", "blob"))
             return
         self.counters["requests"] += 1
@@ -483,4 +473,4 @@ async def _send(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": answer.body})
 
 
-__all__ = ["COUNTERS", "Answer", "ChunkCache", "Fetch", "UpstreamDown", "parse_size"]
+__all__ = ["COUNTERS", "Answer", "ChunkCache", "Fetch", "UpstreamDown"]

@@ -72,7 +72,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _size(text: str) -> int:
-    from .cache import parse_size
+    from hcsdk.common.sizes import parse_size  # binary units, as --cache-size always meant
 
     try:
         return parse_size(text)

@@ -18,6 +18,7 @@ import anyio
 
 from hcsdk.net.channel import Channel
 from hcsdk.net.mailbox import Mailbox
+from hcsdk.protocol.messages import Bye
 from hcsdk.protocol.wire import encode_frame
 
 from .tracker import Releases, Tracker
@@ -224,7 +225,7 @@ class Relay:
             if self.routes.get(uuid) is client:
                 del self.routes[uuid]
                 if notify:
-                    self._up({"t": "bye", "uuid": uuid, "cmd": "", "taskid": "", "seq": 0})
+                    self._up(Bye(uuid=uuid).to_wire())
         self.stats["clients"] = len(self.by_uuid)
 
     async def from_client(self, client: Downstream, msgs: list[dict[str, Any]]) -> None:

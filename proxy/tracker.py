@@ -22,7 +22,6 @@ caps per session and in all (:class:`TrackerFull`, a 413), so invented hashes co
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable
@@ -31,7 +30,8 @@ from typing import Any
 
 import anyio
 
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+from hcsdk.protocol.names import is_sha256
+
 MAX_ANNOUNCE = 100_000
 MAX_WANT = 1024
 UPSTREAM = ""
@@ -92,9 +92,9 @@ class Releases:
         manifest = args.get("manifest") if isinstance(args, dict) else None
         digest = args.get("digest") if isinstance(args, dict) else None
         chunks = manifest.get("chunks") if isinstance(manifest, dict) else None
-        if not isinstance(digest, str) or not _SHA.match(digest) or not isinstance(chunks, list):
+        if not isinstance(digest, str) or not is_sha256(digest) or not isinstance(chunks, list):
             return
-        self.grant(str(msg.get("uuid")), digest, [c for c in chunks if isinstance(c, str) and _SHA.match(c)])
+        self.grant(str(msg.get("uuid")), digest, [c for c in chunks if is_sha256(c)])
 
     def grant(self, uuid: str, digest: str, chunks: list[str]) -> None:
         if digest in self.chunks:
@@ -380,7 +380,7 @@ def _count(counts: dict[str, int], key: str, step: int) -> None:
 
 def _check_shas(chunks: Any, what: str) -> None:
     if not isinstance(chunks, list) or len(chunks) > MAX_ANNOUNCE or not all(
-            isinstance(c, str) and _SHA.match(c) for c in chunks):
+            is_sha256(c) for c in chunks):
         raise TrackerError(f"{what} must be a list of SHA-256 hex digests")
 
 
