@@ -67,6 +67,11 @@ class Hub:
         self.reconcile_schedules = self.schedules.reconcile
 
     @property
+    def task_group(self) -> TaskGroup | None:
+        """Where background work of the master's runs (releases), once ``run`` started."""
+        return self._tg
+
+    @property
     def schedule_specs(self) -> list[dict[str, Any]] | None:
         """The schedules cached for handshakes; the API sets None when it changes them."""
         return self.schedules.specs

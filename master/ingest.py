@@ -37,6 +37,11 @@ class Ingest:
         """Queue one message of agent ``uuid`` (waits while the writer is 20,000 behind)."""
         await self._tx.send((uuid, msg))
 
+    def close(self) -> None:
+        """Close the queue (the master never does: it ends with its process; a test does)."""
+        self._tx.close()
+        self._rx.close()
+
     def ack(self, uuid: str, ids: list[list[Any]]) -> dict[str, Any]:
         """The signed acknowledgement of ``ids`` ([taskid, seq] pairs) for agent ``uuid``."""
         return Ack(uuid=uuid, ids=ids).signed(self.table.key(uuid)).to_wire()

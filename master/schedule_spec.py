@@ -1,5 +1,5 @@
 """What the master sends an agent to set a schedule, with the digest that lets the two compare
-notes at each handshake (see ``Hub.reconcile_schedules``)."""
+notes at each handshake (see ``master.schedules.Schedules.reconcile``)."""
 
 from __future__ import annotations
 
