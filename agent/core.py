@@ -16,6 +16,9 @@ from hcsdk.common import facts as facts_mod
 from hcsdk.common.identity import Identity, StateDir
 from hcsdk.net.channel import Channel, ChannelSettings, Rejected
 from hcsdk.protocol.e2e import sign, verify
+from hcsdk.protocol.errors import MessageError
+from hcsdk.protocol.messages import DOWN, Ack, Cancel, Message, parse
+from hcsdk.protocol.messages import Task as TaskMessage
 
 from .executor import Executor, Task, TaskFailed
 from .memspool import MemorySpool
@@ -96,8 +99,8 @@ class Agent:
     def task_group(self) -> TaskGroup | None:
         return self._tg
 
-    def emit(self, msgs: list[dict[str, Any]]) -> None:
-        self.spool.append([sign(self.key, m) for m in msgs])
+    def emit(self, msgs: list[Message]) -> None:
+        self.spool.append([self._signed(m) for m in msgs])
         self._wake.set()
 
     def emit_text(self, task: Task, stream: str, text: str) -> None:
@@ -134,34 +137,43 @@ class Agent:
     def _outbox(self, last_id: int) -> list[tuple[int, bytes]]:
         return self.spool.pending_after(last_id, max_bytes=2 * 1024 * 1024)
 
-    def _finish(self, taskid: str, msgs: list[dict[str, Any]]) -> None:
-        self.spool.finish(taskid, [sign(self.key, m) for m in msgs])
+    def _finish(self, taskid: str, msgs: list[Message]) -> None:
+        self.spool.finish(taskid, [self._signed(m) for m in msgs])
         self._wake.set()
+
+    def _signed(self, msg: Message) -> dict[str, Any]:
+        # the MAC added to a copy of the envelope (to_wire's dict is the message's own), which
+        # costs what signing a dict literal did: Message.signed() builds the message twice
+        return sign(self.key, dict(msg.to_wire()))
 
     def _current_wake(self) -> anyio.Event:
         if self._wake.is_set():
             self._wake = anyio.Event()
         return self._wake
 
-    def _on_message(self, msg: dict[str, Any]) -> None:
-        kind = msg["t"]
-        if kind != "hb" and (msg.get("uuid") != self.ident.uuid or not verify(self.key, msg)):
+    def _on_message(self, env: dict[str, Any]) -> None:
+        kind = env["t"]
+        if kind != "hb" and (env.get("uuid") != self.ident.uuid or not verify(self.key, env)):
             # altered, forged or meant for another agent: whoever relayed it is not trusted
-            log.warning("rejected a %r message for task %r: bad MAC", kind, msg.get("taskid"))
-            if kind == "task" and msg.get("uuid") == self.ident.uuid and isinstance(msg.get("taskid"), str):
-                self.executor.refuse(msg["taskid"], str(msg.get("cmd", "")),
+            log.warning("rejected a %r message for task %r: bad MAC", kind, env.get("taskid"))
+            if kind == "task" and env.get("uuid") == self.ident.uuid and isinstance(env.get("taskid"), str):
+                self.executor.refuse(env["taskid"], str(env.get("cmd", "")),
                                      "refused: the command's MAC does not verify (altered or forged on the way)")
             return
-        if kind == "task" and self._tg is not None:
+        try:
+            msg = parse(env, DOWN)
+        except MessageError as exc:
+            log.warning("ignoring a malformed %r message for task %r: %s", kind, env.get("taskid"), exc.reason)
+            return
+        if isinstance(msg, TaskMessage) and self._tg is not None:
             self.executor.submit(msg, self._tg)
-        elif kind == "cancel":
-            taskid = str(msg.get("taskid"))
-            if taskid in self.executor.running:
-                self.executor.cancel(taskid)
+        elif isinstance(msg, Cancel):
+            if msg.taskid in self.executor.running:
+                self.executor.cancel(msg.taskid)
             else:  # the old build may run it, finishing before it hands over: it looks there
-                self.spool.pass_cancel(taskid)
-        elif kind == "ack":
-            self.spool.ack((msg.get("p") or {}).get("ids") or [])
+                self.spool.pass_cancel(msg.taskid)
+        elif isinstance(msg, Ack):
+            self.spool.ack(msg.ids)
 
     async def run(self, handle_signals: bool = True) -> None:
         """Serve until stopped. ``handle_signals=False`` leaves SIGINT/SIGTERM to the caller

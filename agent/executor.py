@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -23,8 +23,12 @@ from anyio.abc import ByteReceiveStream, Process, TaskGroup
 
 from hcsdk.common import facts as facts_mod
 from hcsdk.common.version import __version__
+from hcsdk.protocol.args import ArgError
+from hcsdk.protocol.messages import Done, Message, Out, Start
+from hcsdk.protocol.messages import Task as TaskMessage
+from hcsdk.protocol.tasks import FINAL, TaskStatus
+from hcsdk.protocol.vocab import validate_args
 
-from .plugins.api import Arg, ArgError, validate
 from .worker_parent import WorkerGone
 
 if TYPE_CHECKING:
@@ -33,20 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zy.agent.exec")
 
-Emit = Callable[[list[dict[str, Any]]], None]
+#: sends uplink messages (the agent signs and spools them)
+Emit = Callable[[list[Message]], None]
 DEFAULT_OUTPUT_CAP = 8 * 1024 * 1024
 OUT_PIECE_CHARS = 16 * 1024
 RECOVERY_SEQ = 2**31 - 1  # seq of a "done" written after a restart; never used by a live task
 REFUSAL_SEQ = 2**31 - 2  # seq of a "done" reporting a refused (unauthentic) command
-#: the built-in commands' argument schemas, checked like any plugin's before they run
-BUILTIN_ARGS: dict[str, dict[str, Arg]] = {
-    "shell": {"script": Arg(str, help="the script, run by `shell -c`"),
-              "shell": Arg(str, default="/bin/sh", help="the shell that runs it")},
-    "exec": {"argv": Arg(list, items=str, min=1, help="program and arguments as a list, not one string; no shell")},
-    "ping": {},
-    "facts": {},
-    "echo": {"text": Arg(str, default="", help="printed back, in-process (measures the channel)")},
-}
 
 
 @dataclass(eq=False)
@@ -56,28 +52,29 @@ class Task:
     args: dict[str, Any]
     timeout: float
     seq: int = 0
-    status: str | None = None
+    #: set when the task is cancelled (its final status, whatever the plugin says)
+    status: TaskStatus | None = None
     proc: Process | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     truncated: dict[str, bool] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     sent: dict[str, int] = field(default_factory=dict)
     #: a scheduled collection's output, kept here instead of being sent
-    sink: list[tuple[str, dict[str, Any]]] | None = None
+    sink: list[Message] | None = None
 
 
 class TaskFailed(Exception):
     """A plugin's clear, expected failure: reported as status ``error`` (or ``status``) with
     this message."""
 
-    def __init__(self, message: str, status: str = "error") -> None:
+    def __init__(self, message: str, status: str = TaskStatus.ERROR) -> None:
         super().__init__(message)
         self.status = status
 
 
 class Executor:
     def __init__(self, uuid: str, emit: Emit, claim: Callable[[str, str], bool],
-                 finish: Callable[[str, list[dict[str, Any]]], None],
+                 finish: Callable[[str, list[Message]], None],
                  hostname: str | None = None, output_cap: int = DEFAULT_OUTPUT_CAP,
                  started: Callable[[str, int], None] | None = None):
         self.uuid = uuid
@@ -90,7 +87,7 @@ class Executor:
         self.running: dict[str, Task] = {}
         self.host: PluginHost | None = None
         #: while an update waits for the new build: task messages wait here, unclaimed
-        self.hold: list[dict[str, Any]] | None = None
+        self.hold: list[TaskMessage] | None = None
         #: False once this agent hands over: the master sends new work to the new build
         self.accepting = True
         self.worker: WorkerProcess | None = None
@@ -100,34 +97,27 @@ class Executor:
         }
 
     # -- entry points from the channel -------------------------------------------------------
-    def submit(self, msg: dict[str, Any], tg: TaskGroup) -> None:
+    def submit(self, msg: TaskMessage, tg: TaskGroup) -> None:
+        """Run an authentic task message (parsed and MAC-checked by the agent)."""
         if not self.accepting:
             return  # handing over: the master redelivers anything open to the new build
         if self.hold is not None:
             self.hold.append(msg)
             return
-        taskid, cmd, p = msg.get("taskid"), msg.get("cmd"), msg.get("p")
-        if not isinstance(taskid, str) or not isinstance(cmd, str) or not taskid or not isinstance(p, dict):
-            log.warning("ignoring a malformed task message")
-            return
-        args, timeout = p.get("args") or {}, p.get("timeout")
-        if not isinstance(args, dict) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            log.warning("ignoring task %s: bad args or timeout", taskid)
-            return
-        if not self.claim(taskid, cmd):
+        if not self.claim(msg.taskid, msg.cmd):
             return  # already accepted once: its results travel through the spool
-        task = Task(taskid=taskid, cmd=cmd, args=args, timeout=float(timeout))
-        reason = self._refuse(msg, p)
+        task = Task(taskid=msg.taskid, cmd=msg.cmd, args=msg.args, timeout=float(msg.timeout))
+        reason = msg.refusal(self.uuid, time.time()) or self._unknown(msg.cmd)
         if reason:
-            self._done(task, "error", None, time.time(), error=reason)
+            self._done(task, TaskStatus.ERROR, None, time.time(), error=reason)
             return
-        self.running[taskid] = task
+        self.running[msg.taskid] = task
         tg.start_soon(self._run, task)
 
     def cancel(self, taskid: str) -> None:
         task = self.running.get(taskid)
         if task and task.status is None:
-            task.status = "cancelled"
+            task.status = TaskStatus.CANCELLED
             self._kill(task)
             task.scope.cancel()
 
@@ -144,31 +134,24 @@ class Executor:
                 except (ProcessLookupError, PermissionError):
                     pass
             task = Task(taskid=taskid, cmd=cmd, args={}, timeout=0, seq=RECOVERY_SEQ)
-            self._done(task, "error", None, None, error="the agent restarted while the task ran")
+            self._done(task, TaskStatus.ERROR, None, None, error="the agent restarted while the task ran")
 
     def refuse(self, taskid: str, cmd: str, reason: str) -> None:
         """Tell the master a command was refused, without claiming its taskid: a genuine copy
         may still arrive and run."""
-        task = Task(taskid=taskid, cmd=cmd, args={}, timeout=0, seq=REFUSAL_SEQ)
-        payload: dict[str, Any] = {"status": "error", "exit_code": None, "started_at": None,
-                                   "finished_at": time.time(), "truncated": {}, "error": reason}
-        self.emit([{"t": "done", "uuid": self.uuid, "cmd": cmd, "taskid": task.taskid, "seq": task.seq,
-                    "p": payload}])
+        self.emit([Done(uuid=self.uuid, cmd=cmd, taskid=taskid, seq=REFUSAL_SEQ, status=TaskStatus.ERROR,
+                        exit_code=None, started_at=None, finished_at=time.time(), truncated={}, error=reason)])
 
     async def shutdown(self) -> None:
         for task in list(self.running.values()):
             self.cancel(task.taskid)
 
     # -- the task lifecycle -------------------------------------------------------------------
-    def _refuse(self, msg: dict[str, Any], p: dict[str, Any]) -> str | None:
-        if p.get("aud") != self.uuid or msg.get("uuid") != self.uuid:
-            return "task is addressed to another agent"
-        exp = p.get("exp")
-        if not isinstance(exp, (int, float)) or exp < time.time():
-            return "task has expired"
-        if (task_cmd := msg.get("cmd")) and not self.knows(task_cmd):
+    def _unknown(self, cmd: str) -> str | None:
+        """Why this agent cannot run ``cmd`` (it has no such command), or None."""
+        if cmd and not self.knows(cmd):
             known = sorted(set(self.plugins) | (self.host.commands() if self.host else set()))
-            return f"unknown cmd {task_cmd!r} on this agent (known: {', '.join(known)})"
+            return f"unknown cmd {cmd!r} on this agent (known: {', '.join(known)})"
         return None
 
     def knows(self, cmd: str) -> bool:
@@ -176,30 +159,30 @@ class Executor:
 
     async def _run(self, task: Task) -> None:
         started = time.time()
-        self._emit(task, "start", {"started_at": started})
-        status, code, error = "error", None, None
+        self._send(task, Start(uuid=self.uuid, cmd=task.cmd, taskid=task.taskid, seq=task.seq, started_at=started))
+        status, code, error = TaskStatus.ERROR, None, None
         try:
             status, code, error = await self._execute(task)
         finally:
-            if task.status == "cancelled":
-                status, error = "cancelled", "cancelled on request"
+            if task.status == TaskStatus.CANCELLED:
+                status, error = TaskStatus.CANCELLED, "cancelled on request"
             self.running.pop(task.taskid, None)
             self._done(task, status, code, started, error=error)
 
-    async def _execute(self, task: Task) -> tuple[str, int | None, str | None]:
+    async def _execute(self, task: Task) -> tuple[TaskStatus, int | None, str | None]:
         """Run the task's plugin within its timeout: (status, exit code, error)."""
-        status, code, error = "error", None, None
+        status, code, error = TaskStatus.ERROR, None, None
         try:
             with task.scope:
                 with anyio.move_on_after(task.timeout) as deadline:
-                    if task.cmd in BUILTIN_ARGS:
-                        task.args = validate(BUILTIN_ARGS[task.cmd], task.args)
-                    status, code = await self.plugins.get(task.cmd, self._in_worker)(task)
+                    task.args = validate_args(task.cmd, task.args)  # a plugin's are checked in the worker
+                    said, code = await self.plugins.get(task.cmd, self._in_worker)(task)
+                    status = _status(said)
                 if deadline.cancelled_caught:
-                    status = "timeout"
+                    status = TaskStatus.TIMEOUT
                     error = f"killed after the {task.timeout:g}s timeout"
         except TaskFailed as exc:
-            status, error = exc.status, str(exc)
+            status, error = _status(exc.status), str(exc)
         except ArgError as exc:
             error = str(exc)
         except Exception as exc:  # a plugin bug must not take the agent down
@@ -214,38 +197,37 @@ class Executor:
         (to become one sample) instead of going to the master as task events."""
         task = Task(taskid=taskid, cmd=cmd, args=dict(args), timeout=timeout, sink=[])
         if not self.knows(cmd):
-            return {"status": "error", "exit_code": None, "error": f"unknown cmd {cmd!r} on this agent",
+            return {"status": TaskStatus.ERROR, "exit_code": None, "error": f"unknown cmd {cmd!r} on this agent",
                     "stdout": "", "stderr": "", "result": None}
         status, code, error = await self._execute(task)
         text = {"stdout": "", "stderr": ""}
-        for kind, payload in task.sink or []:
-            if kind == "out" and payload.get("stream") in text:
-                text[payload["stream"]] += payload["data"]
+        for msg in task.sink or []:
+            if isinstance(msg, Out) and msg.stream in text:
+                text[msg.stream] += msg.data
         return {"status": status, "exit_code": code, "error": error, "result": task.result, **text}
 
-    def _emit(self, task: Task, kind: str, payload: dict[str, Any]) -> None:
+    def _send(self, task: Task, msg: Message) -> None:
+        """One of the task's messages (numbered ``task.seq``): to the master, or kept for a collection."""
         if task.sink is not None:
-            task.sink.append((kind, payload))
+            task.sink.append(msg)
         else:
-            self.emit([{"t": kind, "uuid": self.uuid, "cmd": task.cmd, "taskid": task.taskid, "seq": task.seq,
-                        "p": payload}])
+            self.emit([msg])
         task.seq += 1
 
-    def _done(self, task: Task, status: str, code: int | None, started: float | None, error: str | None) -> None:
-        payload: dict[str, Any] = {"status": status, "exit_code": code, "started_at": started,
-                                   "finished_at": time.time(), "truncated": task.truncated}
-        if error:
-            payload["error"] = error
-        if task.result is not None:
-            payload["result"] = task.result
-        msg = {"t": "done", "uuid": self.uuid, "cmd": task.cmd, "taskid": task.taskid, "seq": task.seq, "p": payload}
+    def _out(self, task: Task, stream: str, data: str) -> None:
+        self._send(task, Out(uuid=self.uuid, cmd=task.cmd, taskid=task.taskid, seq=task.seq, stream=stream, data=data))
+
+    def _done(self, task: Task, status: TaskStatus, code: int | None, started: float | None,
+              error: str | None) -> None:
+        msg = Done(uuid=self.uuid, cmd=task.cmd, taskid=task.taskid, seq=task.seq, status=status, exit_code=code,
+                   started_at=started, finished_at=time.time(), truncated=task.truncated, error=error,
+                   result=task.result)
         task.seq += 1
         try:
             self.finish(task.taskid, [msg])
         except (ValueError, TypeError) as exc:  # FrameError too: a result too big or not JSON
-            payload.pop("result", None)
-            payload.update(status="error", error=f"the task's result cannot be sent: {exc}")
-            self.finish(task.taskid, [msg])
+            self.finish(task.taskid, [replace(msg, status=TaskStatus.ERROR, result=None,
+                                              error=f"the task's result cannot be sent: {exc}")])
 
     @staticmethod
     def _kill(task: Task) -> None:
@@ -296,12 +278,12 @@ class Executor:
         self.emit_text(task, stream, text)
 
     async def _ping(self, task: Task) -> tuple[str, int | None]:
-        self._emit(task, "out", {"stream": "stdout", "data": "pong\n"})
+        self._out(task, "stdout", "pong\n")
         return "ok", 0
 
     async def _echo(self, task: Task) -> tuple[str, int | None]:
         """Answers in-process: measures the channel, not fork and exec."""
-        self._emit(task, "out", {"stream": "stdout", "data": task.args["text"] + "\n"})
+        self._out(task, "stdout", task.args["text"] + "\n")
         return "ok", 0
 
     async def _facts(self, task: Task) -> tuple[str, int | None]:
@@ -332,7 +314,7 @@ class Executor:
             self._kill(task)
             with anyio.CancelScope(shield=True):
                 await proc.aclose()
-        return ("ok" if code == 0 else "failed"), code
+        return (TaskStatus.OK if code == 0 else TaskStatus.FAILED), code
 
     async def _pump(self, task: Task, stream: ByteReceiveStream, name: str) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -352,7 +334,17 @@ class Executor:
         """``text`` as the task's output on ``stream`` (a collection keeps it, others send it)."""
         # JSON can grow a character to six bytes (\u0000): pieces this size always fit a frame
         for i in range(0, len(text), OUT_PIECE_CHARS):
-            self._emit(task, "out", {"stream": stream, "data": text[i : i + OUT_PIECE_CHARS]})
+            self._out(task, stream, text[i : i + OUT_PIECE_CHARS])
+
+
+def _status(said: str) -> TaskStatus:
+    """A plugin's final status as the protocol spells it; one that is not a final status is the
+    agent's bug, reported as ``error`` rather than sent as a message the master refuses."""
+    try:
+        status = TaskStatus(said)
+    except ValueError:
+        return TaskStatus.ERROR
+    return status if status in FINAL else TaskStatus.ERROR
 
 
 def _task_process_groups(uuid: str, taskid: str) -> list[int]:

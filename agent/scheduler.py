@@ -24,7 +24,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
-from .executor import BUILTIN_ARGS, Task, TaskFailed
+from hcsdk.protocol.messages import Sample
+from hcsdk.protocol.tasks import TaskStatus
+from hcsdk.protocol.vocab import validate_args
+
+from .executor import Task, TaskFailed
 from .jsonfile import write_json
 from .plugins.api import Arg, ArgError, PluginError, validate
 from .worker_child import check_result
@@ -87,11 +91,10 @@ class Scheduler:
         spec = validate(SCHEDULE_ARGS, task.args)
         if spec["cmd"].startswith("zy.") or not self.services.executor.knows(spec["cmd"]):
             raise TaskFailed(f"cannot schedule cmd {spec['cmd']!r}: this agent has no such command")
-        if spec["cmd"] in BUILTIN_ARGS:  # a plugin's arguments are checked by the worker, at each run
-            try:
-                validate(BUILTIN_ARGS[spec["cmd"]], spec["args"])
-            except ArgError as exc:
-                raise TaskFailed(f"cannot schedule {spec['cmd']}: {exc}") from None
+        try:  # a built-in's arguments; a plugin's are checked by the worker, at each run
+            validate_args(spec["cmd"], spec["args"])
+        except ArgError as exc:
+            raise TaskFailed(f"cannot schedule {spec['cmd']}: {exc}") from None
         spec["timeout"] = spec["timeout"] or min(spec["every"], 300.0)
         name = spec.pop("name")
         replaced = name in self.schedules
@@ -143,12 +146,9 @@ class Scheduler:
         taskid = f"sample:{name}:{day}"
         outcome = await self.services.executor.collect(f"{taskid}:{ms}", spec["cmd"], spec.get("args") or {},
                                                        float(spec["timeout"]))
-        payload: dict[str, Any] = {"series": name, "time": tick, "taken_at": time.time(),
-                                   "status": outcome["status"], "fields": _fields(outcome)}
-        if outcome["error"]:
-            payload["error"] = outcome["error"][:4096]
-        self.services.emit([{"t": "sample", "uuid": self.services.uuid, "cmd": spec["cmd"], "taskid": taskid,
-                             "seq": ms, "p": payload}])
+        self.services.emit([Sample(uuid=self.services.uuid, cmd=spec["cmd"], taskid=taskid, seq=ms, series=name,
+                                   time=tick, taken_at=time.time(), status=TaskStatus(outcome["status"]),
+                                   fields=_fields(outcome), error=(outcome["error"] or "")[:4096] or None)])
 
 
 def _fields(outcome: dict[str, Any]) -> dict[str, Any]:

@@ -7,12 +7,13 @@ passes itself in; a test can pass anything with these members.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from hcsdk.net.channel import Channel
+    from hcsdk.protocol.messages import Message
 
     from .executor import Executor, Task
     from .memspool import MemorySpool
@@ -48,8 +49,8 @@ class AgentServices(Protocol):
     def task_group(self) -> TaskGroup | None:
         """The agent's task group for work that lives as long as the agent (None until it runs)."""
 
-    def emit(self, msgs: list[dict[str, Any]]) -> None:
-        """Sign uplink envelopes, spool them and wake the channel to send them."""
+    def emit(self, msgs: list[Message]) -> None:
+        """Sign uplink messages, spool them and wake the channel to send them."""
 
     def emit_text(self, task: Task, stream: str, text: str) -> None:
         """Send ``text`` as the task's output on ``stream`` (in frame-sized pieces)."""
