@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="release files kept under STATE_DIR/releases, newest first (default 3); files placed "
                    "at a destination stay there: the kept copies are what peers are served from")
     p.add_argument("--peer-rate", type=_rate, default=0.0, metavar="BYTES/S",
-                   help="upload at most this much a second to peers, e.g. 20M (default: no cap)")
+                   help="upload at most this much a second to peers, e.g. 20M (binary: 20 MiB; default: no cap)")
     p.add_argument("--handover", metavar="TASKID:PID", type=_handover, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
