@@ -1,7 +1,7 @@
 # Shortcuts; each target is one documented command.
 PY := .venv/bin/python
 
-.PHONY: setup main test lab fleet-up fleet-down bench notebooks agent
+.PHONY: setup main test coverage-html lab fleet-up fleet-down bench notebooks agent
 
 setup:            ## a virtualenv with everything, and the system packages the tests need
 	bash scripts/setup.sh
@@ -9,8 +9,11 @@ setup:            ## a virtualenv with everything, and the system packages the t
 main: setup       ## the main job: local fleet + the quickstart runbook, executed into out/
 	$(PY) scripts/quickstart.py
 
-test: setup       ## ruff, mypy and the tests
+test: setup       ## ruff, mypy and the tests, under coverage (the report and its floor at the end)
 	bash scripts/test.sh
+
+coverage-html:    ## the last test run's coverage as HTML, line by line: out/coverage/html/index.html
+	.venv/bin/coverage html -d out/coverage/html
 
 fleet-up:         ## start the local fleet (state/fleet) and leave it running
 	.venv/bin/zy fleet up
