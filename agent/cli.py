@@ -12,6 +12,7 @@ import anyio
 from hcsdk.common.errors import JoinTokenError
 from hcsdk.common.jointoken import JOIN_ENV, JoinToken, pop_env_token, read_join, reexec_without_join
 from hcsdk.common.sizes import parse_size
+from hcsdk.net.settings import add_channel_options, channel_options
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -55,15 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--master", "--proxy", dest="master", action="append", default=[], metavar="URL",
                    help="master or proxy URL to use instead of the ones in the join token (repeatable: the "
                    "agent starts at a random one, so agents spread, and fails over to the next)")
-    p.add_argument("--no-http2", action="store_true", help="never try HTTP/2; poll over HTTP/1.1")
-    p.add_argument("--heartbeat", type=float, default=5.0,
-                   help="most seconds between heartbeats; the master may ask for more often (default 5)")
-    p.add_argument("--dead-after", type=float, default=12.0,
-                   help="reconnect (or fail over to another proxy) after this many silent seconds (default 12)")
-    p.add_argument("--h2-retry", type=float, default=60.0,
-                   help="while polling over HTTP/1.1, retry HTTP/2 this often, in seconds (default 60)")
-    p.add_argument("--backoff-cap", type=float, default=30.0,
-                   help="longest wait between reconnect attempts, in seconds (default 30)")
+    add_channel_options(p, "agent")  # --no-http2, --heartbeat, --dead-after, --h2-retry, --backoff-cap
     p.add_argument("--output-cap", type=int, default=8 * 1024 * 1024, metavar="BYTES",
                    help="keep at most this much of each task's stdout and of its stderr (default 8 MiB)")
     p.add_argument("--worker-memory", type=int, default=512, metavar="MIB",
@@ -159,8 +152,7 @@ async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
 
     if args.master:
         ident.urls = list(args.master)
-    settings = ChannelSettings(heartbeat=args.heartbeat, dead_after=args.dead_after, http2=not args.no_http2,
-                               h2_retry=args.h2_retry, backoff_cap=args.backoff_cap)
+    settings = ChannelSettings(**channel_options(args))
     print(f"zy agent: {ident.uuid} connecting to {', '.join(ident.urls)}", flush=True)
     try:
         await Agent(state, ident, hostname=args.hostname, settings=settings, output_cap=args.output_cap,

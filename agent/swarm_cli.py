@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 
 from hcsdk.common.jointoken import JOIN_ENV, pop_env_token, read_join, reexec_without_join, running_as
+from hcsdk.net.settings import add_channel_options, channel_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,10 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="enrollments in flight at once (default 32)")
     p.add_argument("--no-spread-source", action="store_true",
                    help="do not bind each agent to its own 127.x.y.z source address (done only for loopback URLs)")
-    p.add_argument("--no-http2", action="store_true", help="poll over HTTP/1.1")
-    p.add_argument("--heartbeat", type=float, default=5.0, help="most seconds between heartbeats (default 5)")
-    p.add_argument("--dead-after", type=float, default=12.0,
-                   help="reconnect after this many silent seconds (default 12)")
+    add_channel_options(p, "swarm")  # --no-http2, --heartbeat, --dead-after
     p.add_argument("--status-every", type=float, default=5.0, metavar="S",
                    help="print a status line this often, when it changed (default 5)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -112,8 +110,8 @@ async def _amain(args: argparse.Namespace, labels: dict[str, str], restart: bool
         return read_join("zy swarm", args.join, args.join_file, args.join_env)
 
     swarm = AgentSwarm(args.state_dir, args.agents, join,
-                  args.urls, labels, name=args.name, http2=not args.no_http2, heartbeat=args.heartbeat,
-                  dead_after=args.dead_after, spread_source=not args.no_spread_source)
+                  args.urls, labels, name=args.name, spread_source=not args.no_spread_source,
+                  **channel_options(args))  # http2, heartbeat, dead_after
     try:
         enrolled = await swarm.enroll_missing(args.enroll_concurrency)
     except SwarmError as exc:

@@ -25,7 +25,7 @@ import httpx
 from hcsdk.common.backoff import Backoff
 from hcsdk.net.h2conn import H2Connection, H2Error, NotH2, Response
 from hcsdk.net.http import error_message
-from hcsdk.net.settings import ChannelSettings  # one declaration, for both ends of the channel
+from hcsdk.net.settings import ChannelSettings as ChannelSettings  # declared once, for both ends
 from hcsdk.net.tls import shared_client_context
 from hcsdk.protocol.messages import Heartbeat
 from hcsdk.protocol.wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder
