@@ -19,6 +19,7 @@ from hcsdk.protocol.e2e import sign, verify
 from hcsdk.protocol.errors import MessageError
 from hcsdk.protocol.messages import DOWN, Ack, Cancel, Message, parse
 from hcsdk.protocol.messages import Task as TaskMessage
+from hcsdk.protocol.tasks import TaskStatus
 
 from .executor import Executor, Task, TaskFailed
 from .memspool import MemorySpool
@@ -120,19 +121,19 @@ class Agent:
             task.result = await self.plugins.install(task.args)
         except InstallError as exc:
             raise TaskFailed(str(exc)) from None
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     async def _remove_plugin(self, task: Task) -> tuple[str, int | None]:
         try:
             task.result = await self.plugins.remove(str(task.args.get("name")))
         except InstallError as exc:
             raise TaskFailed(str(exc)) from None
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     async def _list_plugins(self, task: Task) -> tuple[str, int | None]:
         builtin = sorted(c for c in self.executor.plugins if not c.startswith("zy."))
         task.result = {"plugins": self.plugins.listing(builtin)}
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     def _outbox(self, last_id: int) -> list[tuple[int, bytes]]:
         return self.spool.pending_after(last_id, max_bytes=2 * 1024 * 1024)

@@ -267,7 +267,7 @@ class Executor:
         if final.get("status") != "ok":
             raise TaskFailed(str(final.get("error") or "the plugin failed"))
         task.result = final.get("result")
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     def _capped_text(self, task: Task, stream: str, text: str) -> None:
         stream = "stderr" if stream == "stderr" else "stdout"
@@ -279,18 +279,18 @@ class Executor:
 
     async def _ping(self, task: Task) -> tuple[str, int | None]:
         self._out(task, "stdout", "pong\n")
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     async def _echo(self, task: Task) -> tuple[str, int | None]:
         """Answers in-process: measures the channel, not fork and exec."""
         self._out(task, "stdout", task.args["text"] + "\n")
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     async def _facts(self, task: Task) -> tuple[str, int | None]:
         import json
 
         self.emit_text(task, "stdout", json.dumps(facts_mod.collect(self.hostname)) + "\n")
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     async def _process(self, task: Task, argv: list[str]) -> tuple[str, int | None]:
         try:

@@ -102,7 +102,7 @@ class Scheduler:
         self._save()
         self._start(name)
         task.result = {"name": name, "cmd": spec["cmd"], "every": spec["every"], "replaced": replaced}
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     async def cancel(self, task: Task) -> tuple[str, int | None]:
         name = str(task.args.get("name"))
@@ -113,11 +113,11 @@ class Scheduler:
         if scope is not None:
             scope.cancel()
         task.result = {"name": name, "cancelled": True}
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     async def listing(self, task: Task) -> tuple[str, int | None]:
         task.result = {"schedules": [{"name": n, **s} for n, s in sorted(self.schedules.items())]}
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     # -- collecting ---------------------------------------------------------------------------
     def _start(self, name: str) -> None:

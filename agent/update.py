@@ -38,6 +38,7 @@ from anyio.abc import TaskGroup
 
 from hcsdk.common.version import __version__
 from hcsdk.net.http import error_message
+from hcsdk.protocol.tasks import TaskStatus
 
 from . import builds
 from .executor import Task, TaskFailed
@@ -86,7 +87,7 @@ class Updater:
     async def update(self, task: Task) -> tuple[str, int | None]:
         args = validate(UPDATE_ARGS, task.args)
         if self.busy:
-            raise TaskFailed("an update of this agent is already in progress", status="failed")
+            raise TaskFailed("an update of this agent is already in progress", status=TaskStatus.FAILED)
         self.busy = True
         try:
             return await self._update(task, args)
@@ -108,15 +109,16 @@ class Updater:
             raise
         if reason is not None:
             self._abort(build, reason)
-            raise TaskFailed(f"update failed: {reason}; the old agent carries on", status="failed")
+            raise TaskFailed(f"update failed: {reason}; the old agent carries on", status=TaskStatus.FAILED)
         await self.drained.wait()
         if self.outcome is not None:
             builds.restore_current(self.root, previous)
             self._abort(build, self.outcome, reconnect=False)
-            raise TaskFailed(f"update failed: {self.outcome}; the old agent took its channel back", status="failed")
+            raise TaskFailed(f"update failed: {self.outcome}; the old agent took its channel back",
+                             status=TaskStatus.FAILED)
         task.result = {"version_before": __version__, "sha256": args["sha256"], "new_pid": self.proc.pid,
                        "switch_began": held_from}
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     async def _fetch(self, sha: str, size: int, filename: str) -> Path:
         """Download the build to disk as it arrives, hashing it on the way: a build is never
@@ -126,9 +128,9 @@ class Updater:
 
         channel = self.services.channel
         if Path(filename).name != filename or filename.startswith("."):
-            raise TaskFailed(f"args.filename {filename!r} must be a plain file name", status="failed")
+            raise TaskFailed(f"args.filename {filename!r} must be a plain file name", status=TaskStatus.FAILED)
         if channel.url is None:
-            raise TaskFailed("cannot fetch the build: the agent has no channel right now", status="failed")
+            raise TaskFailed("cannot fetch the build: the agent has no channel right now", status=TaskStatus.FAILED)
         home = self.root / "builds" / sha[:16]
         home.mkdir(parents=True, exist_ok=True)
         path, tmp = home / filename, home / f".{filename}.tmp"
@@ -142,7 +144,7 @@ class Updater:
                 if resp.status_code != 200:
                     await resp.aread()
                     raise TaskFailed(f"cannot fetch the build ({resp.status_code}): {error_message(resp)}",
-                                     status="failed")
+                                     status=TaskStatus.FAILED)
                 async with await anyio.open_file(tmp, "wb") as fh:
                     async for chunk in resp.aiter_bytes(256 * 1024):
                         got += len(chunk)
@@ -152,7 +154,7 @@ class Updater:
                         await fh.write(chunk)
         except httpx.HTTPError as exc:
             tmp.unlink(missing_ok=True)
-            raise TaskFailed(f"cannot fetch the build: {exc or type(exc).__name__}", status="failed") from None
+            raise TaskFailed(f"cannot fetch the build: {exc or type(exc).__name__}", status=TaskStatus.FAILED) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -160,7 +162,7 @@ class Updater:
         if actual != sha or got != size:
             tmp.unlink(missing_ok=True)
             raise TaskFailed(f"the build's SHA-256 is {actual} ({got}{'+' if got > size else ''} bytes), the signed "
-                             f"command says {sha} ({size} bytes): refused", status="failed")
+                             f"command says {sha} ({size} bytes): refused", status=TaskStatus.FAILED)
         tmp.chmod(0o755)
         tmp.replace(path)
         return path
@@ -169,7 +171,7 @@ class Updater:
         try:
             argv = [*builds.build_command(build), *builds.agent_options(), "--handover", f"{taskid}:{os.getpid()}"]
         except builds.BuildError as exc:
-            raise TaskFailed(str(exc), status="failed") from None
+            raise TaskFailed(str(exc), status=TaskStatus.FAILED) from None
         log.info("starting the new build: %s", " ".join(argv[:2]))
         (self.root / "handover.json").unlink(missing_ok=True)
         try:
@@ -177,7 +179,7 @@ class Updater:
             return await anyio.open_process(argv, stdin=subprocess.DEVNULL, stdout=None, stderr=None,
                                             start_new_session=True)
         except OSError as exc:
-            raise TaskFailed(f"cannot start the new build: {exc.strerror or exc}", status="failed") from None
+            raise TaskFailed(f"cannot start the new build: {exc.strerror or exc}", status=TaskStatus.FAILED) from None
 
     async def _wait(self, proc: Any, confirmed: anyio.Event, timeout: float) -> str | None:
         """None once the new agent has taken over; else why it did not."""

@@ -26,6 +26,7 @@ import anyio
 
 from hcsdk.protocol.manifest import Manifest, ManifestError
 from hcsdk.protocol.names import UnsafeName, check_sha256, is_digest_dir
+from hcsdk.protocol.tasks import TaskStatus
 
 from ..executor import Task, TaskFailed
 from ..jsonfile import write_json
@@ -96,7 +97,7 @@ class Releases:
                        "seconds": round(time.monotonic() - started, 3)}
         if stats["corrupt"]:
             self.services.emit_text(task, "stderr", "".join(f"{c}\n" for c in stats["corrupt"]))
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     def _open(self, manifest: Manifest, digest: str) -> Job:
         """The release file to fill: a finished one that checks out needs nothing; otherwise a part
@@ -201,13 +202,13 @@ class Releases:
         source = self._fetched(args["digest"])
         task.result = await anyio.to_thread.run_sync(place, source, dest, args["mode"], args["digest"],
                                                      args["sha256"] or verified_sha256(source) or "")
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     async def rollback(self, task: Task) -> tuple[str, int | None]:
         args = _checked(validate(ROLLBACK_ARGS, task.args), "digest")
         dest = self._dest(args["dest"])
         task.result = await anyio.to_thread.run_sync(rollback, dest, args["digest"])
-        return "ok", 0
+        return TaskStatus.OK, 0
 
     def _dest(self, text: str) -> Path:
         """``{hostname}`` and ``{uuid}`` in a destination are this agent's."""
