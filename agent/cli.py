@@ -145,7 +145,8 @@ async def _amain(args: argparse.Namespace, restart: bool = False) -> int:
         if restart and (args.join or args.join_env):  # a unit file that still passes the token: shed it
             print("zy agent: already enrolled; restarting without the join token", flush=True)
             return _RESTART
-    from hcsdk.net.channel import ChannelSettings, Rejected
+    from hcsdk.net.channel import Rejected
+    from hcsdk.net.settings import ChannelSettings
 
     from .core import Agent
     from .release.peer import PeerSettings

@@ -14,7 +14,8 @@ from anyio.abc import TaskGroup
 
 from hcsdk.common import facts as facts_mod
 from hcsdk.common.identity import Identity, StateDir
-from hcsdk.net.channel import Channel, ChannelSettings, Rejected
+from hcsdk.net.channel import Channel, Rejected
+from hcsdk.net.settings import ChannelSettings
 from hcsdk.protocol.e2e import sign, verify
 from hcsdk.protocol.errors import MessageError
 from hcsdk.protocol.messages import DOWN, Ack, Cancel, Message, parse

@@ -29,8 +29,9 @@ from hcsdk.common import facts as facts_mod
 from hcsdk.common.errors import JoinTokenError
 from hcsdk.common.identity import StateDir
 from hcsdk.common.jointoken import JOIN_ENV, JoinToken
-from hcsdk.net.channel import ChannelSettings, Rejected
+from hcsdk.net.channel import Rejected
 from hcsdk.net.enroll import EnrollError, enroll
+from hcsdk.net.settings import ChannelSettings
 
 from .core import Agent
 from .memspool import MemorySpool
