@@ -50,12 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--address-limit", type=int, default=256, metavar="N",
                    help="requests one source address may have in flight before they authenticate; beyond, 429 "
                    "(0: no cap; authenticated channels never count, so NATs and proxies are fine; default 256)")
-    p.add_argument("--idle-connection-grace", type=float, default=45.0, metavar="SECONDS",
-                   help="close a connection on which no request authenticated within this time, e.g. one that "
-                   "completed TLS and sent nothing (0: never; default 45)")
-    p.add_argument("--connections-per-address", type=int, default=256, metavar="N",
-                   help="connections one source address may hold before any request on them authenticated; "
-                   "the oldest beyond are closed (0: no cap; default 256)")
     p.add_argument("--downloads-per-credential", type=int, default=8, metavar="N",
                    help="blob downloads (release chunks, builds) one agent may have in flight, a proxy 8 times "
                    "that; beyond, 429 (default 8)")
@@ -90,8 +84,6 @@ def _main(args: argparse.Namespace) -> int:
         header_timeout=max(1.0, args.header_timeout), body_timeout=max(1.0, args.body_timeout),
         address_limit=max(0, args.address_limit), downloads_per_credential=max(1, args.downloads_per_credential),
         downloads_total=max(1, args.downloads_total), send_timeout=max(1.0, args.send_timeout),
-        idle_connection_grace=max(0.0, args.idle_connection_grace),
-        connections_per_address=max(0, args.connections_per_address),
     )
     if settings.ssh_proxies and not (settings.ssh_key and settings.ssh_known_hosts):
         print("zy master: --ssh-proxy needs --ssh-key and --ssh-known-hosts (the host key to expect)",

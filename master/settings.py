@@ -40,11 +40,6 @@ class MasterSettings(ChannelSettings):
     #: refusals, requests whose credential is still being checked); 0 = no cap. Authenticated
     #: channels do not count, so a NAT or a proxy with thousands of agents behind it is fine.
     address_limit: int = 256
-    #: seconds an accepted connection may go without an authenticated request before it is
-    #: closed (a TLS connection that then sends nothing; header + body timeout + 5), and how
-    #: many such connections one address may hold (the oldest beyond are closed; 0 = no cap)
-    idle_connection_grace: float = 45.0
-    connections_per_address: int = 256
     #: blob downloads (release chunks, agent builds) one agent may have in flight (a release
     #: fetches 4 chunks at a time); a proxy, which fetches for everyone behind it, gets 8 times this
     downloads_per_credential: int = 8

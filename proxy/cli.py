@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--advertise", action="append", default=[], metavar="URL",
                    help="URL agents use to reach this proxy (its host goes into the certificate)")
     p.add_argument("--hostname", help="name to report instead of the system hostname")
-    # --no-http2, --heartbeat, --dead-after, --h2-retry, --backoff-cap
+    # --no-http2, --heartbeat, --dead-after, --h2-retry, --backoff-cap, --idle-connection-grace,
+    # --connections-per-address
     add_channel_options(p, "proxy")  # ProxySettings keeps ChannelSettings's defaults
     p.add_argument("--cache-size", type=_size, default=10 * 1024**3, metavar="SIZE",
                    help="disk space for the chunk cache under DATA_DIR/cache, in bytes or with K/M/G/T "

@@ -19,6 +19,7 @@ from hcsdk.common.jointoken import JOIN_ENV, JoinToken, read_join
 from hcsdk.net.channel import Channel
 from hcsdk.net.enroll import enroll
 from hcsdk.net.limits import AddressGate
+from hcsdk.net.reaper import ConnectionReaper
 from hcsdk.net.serve import (
     StartupError,
     bound_port,
@@ -144,12 +145,16 @@ async def serve(settings: ProxySettings) -> bool:
     cache = ChunkCache(settings.data_dir / "cache", settings.cache_size)
     app = ProxyApp(relay, state.ca_path, settings, cache=cache)
     gated = AddressGate(app, settings.max_unauthenticated)
-    server = granian_server(gated, settings.host, settings.port, state.root / "tls.pem", state.root / "tls.key",
-                            http2=settings.http2, heartbeat=settings.heartbeat, dead_after=settings.dead_after)
+    # connections nobody authenticated on (issue 13 hole 5), as on the master: see hcsdk.net.reaper
+    reaper = ConnectionReaper(settings.idle_connection_grace, settings.connections_per_address)
+    server = granian_server(reaper.wrap(gated), settings.host, settings.port, state.root / "tls.pem",
+                            state.root / "tls.key", http2=settings.http2, heartbeat=settings.heartbeat,
+                            dead_after=settings.dead_after)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve)
             port = await bound_port()
+            tg.start_soon(reaper.run, port)
             host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
             print(f"zy proxy listening on https://{host}:{port} (upstream: {', '.join(upstreams)})", flush=True)
             tg.start_soon(relay.channel.run_forever)

@@ -43,6 +43,12 @@ class ChannelSettings:
     poll_wait: float = 2.0
     #: the largest channel message in bytes
     max_frame: int = DEFAULT_MAX_FRAME
+    #: serving: seconds an accepted connection may go without an authenticated request before it
+    #: is closed (a TLS connection that then sends nothing; header + body timeout + 5), and how
+    #: many such connections one address may hold (the oldest beyond are closed; 0 = no cap):
+    #: see hcsdk.net.reaper
+    idle_connection_grace: float = 45.0
+    connections_per_address: int = 256
 
     def downlink_beat(self, mode: str) -> float:
         """Seconds between heartbeats on a served downlink: HTTP/2 has PINGs below Python, a
@@ -63,8 +69,8 @@ _CHANNEL_FIELDS = {f.name for f in fields(ChannelSettings)}
 
 #: the flags each role has
 _FLAGS: dict[str, tuple[str, ...]] = {
-    "master": ("no_http2", "heartbeat", "dead_after", "max_frame"),
-    "proxy": ("no_http2", "heartbeat", "dead_after", "h2_retry", "backoff_cap"),
+    "master": ("no_http2", "heartbeat", "dead_after", "max_frame", "reaper"),
+    "proxy": ("no_http2", "heartbeat", "dead_after", "h2_retry", "backoff_cap", "reaper"),
     "agent": ("no_http2", "heartbeat", "dead_after", "h2_retry", "backoff_cap"),
     "swarm": ("no_http2", "heartbeat", "dead_after"),
 }
@@ -101,9 +107,10 @@ _BACKOFF_CAP = {
 def add_channel_options(parser: argparse.ArgumentParser, role: Role,
                         settings: type[ChannelSettings] = ChannelSettings) -> None:
     """Add the channel flags ``role``'s command has (``--no-http2``, ``--heartbeat``,
-    ``--dead-after``, and ``--h2-retry``/``--backoff-cap`` where it dials, ``--max-frame`` on
-    the master), with the defaults of the ``settings`` class it fills (MasterSettings has its
-    own ``dead_after``); read them back with :func:`channel_options`."""
+    ``--dead-after``, ``--h2-retry``/``--backoff-cap`` where it dials, ``--max-frame`` on the
+    master, ``--idle-connection-grace``/``--connections-per-address`` where it serves), with
+    the defaults of the ``settings`` class it fills (MasterSettings has its own ``dead_after``);
+    read them back with :func:`channel_options`."""
     have = _FLAGS[role]
     own: dict[str, Any] = {f.name: f.default for f in fields(settings) if f.name in _CHANNEL_FIELDS}
     d = ChannelSettings(**own)
@@ -117,6 +124,14 @@ def add_channel_options(parser: argparse.ArgumentParser, role: Role,
     if "max_frame" in have:
         parser.add_argument("--max-frame", type=int, default=d.max_frame,
                             help="largest channel message in bytes (default %(default)s)")
+    if "reaper" in have:
+        parser.add_argument("--idle-connection-grace", type=float, default=d.idle_connection_grace,
+                            metavar="SECONDS",
+                            help="close a connection on which no request authenticated within this time, e.g. one "
+                            "that completed TLS and sent nothing (0: never; default %(default)g)")
+        parser.add_argument("--connections-per-address", type=int, default=d.connections_per_address, metavar="N",
+                            help="connections one source address may hold before any request on them "
+                            "authenticated; the oldest beyond are closed (0: no cap; default %(default)s)")
 
 
 def channel_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,4 +141,7 @@ def channel_options(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("heartbeat", "dead_after", "h2_retry", "backoff_cap", "max_frame"):
         if hasattr(args, name):
             out[name] = getattr(args, name)
+    if hasattr(args, "idle_connection_grace"):
+        out["idle_connection_grace"] = max(0.0, args.idle_connection_grace)
+        out["connections_per_address"] = max(0, args.connections_per_address)
     return out
