@@ -292,10 +292,8 @@ class ChannelApp:
                                            kind=row.get("kind") or "agent", carrier=carrier, via=via,
                                            handover=handover if isinstance(handover, str) else None,
                                            schedules=schedules if _str_map(schedules) else None)
-        s = self.settings
-        await respond(send, 200, {"uuid": session.uuid, "sid": session.sid, "mode": mode, "heartbeat": s.heartbeat,
-                                  "idle_beat": s.idle_beat, "dead_after": s.dead_after, "poll_wait": s.poll_wait,
-                                  "max_frame": s.max_frame})
+        await respond(send, 200, {"uuid": session.uuid, "sid": session.sid, "mode": mode, **self.settings.served(),
+                                  "dead_after": self.settings.dead_after})
 
     async def _json(self, receive: Receive, send: Send, limit: int = ENROLL_BODY,
                     scope: Scope | None = None, timeout: float | None = None) -> dict[str, Any] | None:

@@ -173,9 +173,7 @@ class ProxyApp:
         mode = "h2" if scope.get("http_version") == "2" else "poll"
         client = self.relay.accept(pending, mode, cred.digest(), handover=_names_handover(body))
         self._remember(cred)
-        s = self.settings
-        await respond(send, 200, {**info, "sid": client.sid, "mode": mode, "heartbeat": s.heartbeat,
-                                  "idle_beat": s.idle_beat, "poll_wait": s.poll_wait, "max_frame": s.max_frame})
+        await respond(send, 200, {**info, "sid": client.sid, "mode": mode, **self.settings.served()})
 
     def _refused(self, uuid: str, cred: Credential, status: int) -> None:
         """The upstream refused a handshake. A revoked agent (403) reads no more from the cache;

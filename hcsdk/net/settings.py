@@ -55,6 +55,12 @@ class ChannelSettings:
         polling client only has our heartbeats to tell the channel is alive."""
         return self.idle_beat if mode == "h2" else self.heartbeat
 
+    def served(self) -> dict[str, Any]:
+        """What a serving side's handshake answer says of the channel it serves (the master adds
+        its ``dead_after``; a proxy passes on the master's)."""
+        return {"heartbeat": self.heartbeat, "idle_beat": self.idle_beat, "poll_wait": self.poll_wait,
+                "max_frame": self.max_frame}
+
     def channel(self, **changes: Any) -> ChannelSettings:
         """Just the channel's part of these settings (a subclass's own fields left behind), with
         ``changes``: what a proxy dials its upstream with."""
