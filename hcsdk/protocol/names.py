@@ -16,8 +16,10 @@ import re
 __all__ = ["RESERVED_MARK", "UnsafeName", "check_file_name", "check_sha256", "digest_dir", "is_digest_dir",
            "is_sha256"]
 
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
-DIGEST_DIR = re.compile(r"^[0-9a-f]{16}$")
+# \A...\Z, not ^...$: "$" also matches before a trailing newline, and these check remote input
+# (callers elsewhere may still .match() them; the functions below use fullmatch)
+SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
+DIGEST_DIR = re.compile(r"\A[0-9a-f]{16}\Z")
 #: what marks the agent's own files (metadata, part files, kept previous versions)
 RESERVED_MARK = ".zy-"
 #: longest released file name: the agent adds a dot and ``.zy-part`` while it comes, and a
@@ -30,7 +32,7 @@ class UnsafeName(ValueError):
 
 
 def is_sha256(text: object) -> bool:
-    return isinstance(text, str) and SHA256.match(text) is not None
+    return isinstance(text, str) and SHA256.fullmatch(text) is not None
 
 
 def check_sha256(text: object, what: str = "digest") -> str:
@@ -48,7 +50,7 @@ def digest_dir(digest: object) -> str:
 
 def is_digest_dir(name: str) -> bool:
     """Whether a directory name is one :func:`digest_dir` makes (anything else is not ours)."""
-    return DIGEST_DIR.match(name) is not None
+    return DIGEST_DIR.fullmatch(name) is not None
 
 
 def check_file_name(name: object, what: str = "file name") -> str:

@@ -19,7 +19,8 @@ BUILTIN_CMDS = ("shell", "exec", "ping", "facts", "echo")
 SYSTEM_CMDS = ("zy.plugin.install", "zy.plugin.remove", "zy.plugins", "zy.update", "zy.schedule.set",
                "zy.schedule.cancel", "zy.schedules", "zy.release.fetch", "zy.release.place", "zy.release.rollback")
 #: a cmd word: lowercase letters, digits and _ in dot-separated parts (at most 64 characters)
-CMD_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+#: (\A...\Z: "$" would also match before a trailing newline)
+CMD_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*\Z")
 _MAX_CMD = 64
 
 #: the built-in commands' argument schemas, checked like any plugin's before they run
@@ -34,7 +35,7 @@ BUILTIN_ARGS: dict[str, dict[str, Arg]] = {
 
 
 def is_cmd_word(cmd: str) -> bool:
-    return len(cmd) <= _MAX_CMD and CMD_RE.match(cmd) is not None
+    return len(cmd) <= _MAX_CMD and CMD_RE.fullmatch(cmd) is not None
 
 
 def check_cmd(cmd: str) -> None:
