@@ -16,7 +16,7 @@ from hcsdk.common import facts as facts_mod
 from hcsdk.common.identity import Identity, StateDir
 from hcsdk.net.channel import Channel, Rejected
 from hcsdk.net.settings import ChannelSettings
-from hcsdk.protocol.e2e import sign, verify
+from hcsdk.protocol.e2e import verify
 from hcsdk.protocol.errors import MessageError
 from hcsdk.protocol.messages import DOWN, Ack, Cancel, Message, parse
 from hcsdk.protocol.messages import Task as TaskMessage
@@ -144,9 +144,7 @@ class Agent:
         self._wake.set()
 
     def _signed(self, msg: Message) -> dict[str, Any]:
-        # the MAC added to a copy of the envelope (to_wire's dict is the message's own), which
-        # costs what signing a dict literal did: Message.signed() builds the message twice
-        return sign(self.key, dict(msg.to_wire()))
+        return msg.signed(self.key).to_wire()
 
     def _current_wake(self) -> anyio.Event:
         if self._wake.is_set():

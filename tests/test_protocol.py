@@ -538,3 +538,73 @@ class TaskLifecycle(RuleBasedStateMachine):
 
 TestTaskLifecycle = TaskLifecycle.TestCase
 TestTaskLifecycle.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+
+
+# -- review findings ------------------------------------------------------------------------------
+def test_a_trailing_newline_is_not_a_digest_nor_a_cmd_word() -> None:
+    """``^...$`` with .match() accepted "x\\n": remote text must match the whole pattern."""
+    from hcsdk.protocol import names, vocab
+    from hcsdk.protocol.manifest import Manifest, ManifestError
+
+    sha = "a" * 64
+    assert names.is_sha256(sha) and names.is_digest_dir(sha[:16]) and vocab.is_cmd_word("shell")
+    for suffix in ("\n", "\r\n", " "):
+        assert not names.is_sha256(sha + suffix)
+        assert not names.is_digest_dir(sha[:16] + suffix)
+        assert not vocab.is_cmd_word("shell" + suffix)
+        # the compiled patterns are exported too (master.blobs.SHA_RE): safe with .match as well
+        assert names.SHA256.match(sha + suffix) is None and names.DIGEST_DIR.match(sha[:16] + suffix) is None
+        assert vocab.CMD_RE.match("shell" + suffix) is None
+        with pytest.raises(names.UnsafeName):
+            names.check_sha256(sha + suffix)
+        with pytest.raises(MessageError, match="is not a cmd word"):
+            check_cmd("hello.greet" + suffix)
+        with pytest.raises(ManifestError, match="64 lowercase hex digits"):
+            Manifest(name="a.bin", size=1, sha256=sha + suffix, chunk_size=1, chunks=(sha,))
+
+
+def _python(code: str) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+
+
+def test_importing_args_does_not_load_the_messages() -> None:
+    """A plugin worker imports hcsdk.protocol.args at start: the package must not pull in the
+    messages, the framing or orjson with it (a real interpreter, fresh sys.modules)."""
+    loaded = _python("import sys, hcsdk.protocol.args; "
+                     "print(*sorted(m for m in sys.modules if m.startswith('hcsdk.protocol') or m == 'orjson'))")
+    assert loaded.split() == ["hcsdk.protocol", "hcsdk.protocol.args"]
+
+
+def test_the_package_names_load_on_first_use() -> None:
+    import hcsdk.protocol as protocol
+
+    assert sorted(protocol.__all__) == sorted(protocol._WHERE) and set(protocol.__all__) <= set(dir(protocol))
+    for name in protocol.__all__:
+        assert getattr(protocol, name) is not None, name
+    assert protocol.Task is Task and protocol.parse is parse and protocol.FrameError is FrameError
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        protocol.Nope  # noqa: B018
+    assert _python("from hcsdk.protocol import Task, parse, e2e, wire; print(Task.T, parse.__name__)") == "task parse\n"
+
+
+def test_signed_keeps_a_parsed_envelope_and_builds_it_once() -> None:
+    """Signing again keeps what the envelope carried (a newer peer's keys included), signs that
+    very dict, and leaves the original alone."""
+    other = bytes(32)
+    d = _sign({"t": "task", "uuid": U, "cmd": "shell", "taskid": "r1.0", "seq": 0, "x-new": 1,
+               "p": {"args": {"script": "true"}, "timeout": 5, "exp": 1.7e9, "aud": U, "new_field": [1]}})
+    before = json.dumps(d, sort_keys=True)
+    msg = parse(d, DOWN)
+    again = msg.signed(other)
+    env = again.to_wire()
+    assert env is again.to_wire() and env is not d and json.dumps(d, sort_keys=True) == before
+    assert env["x-new"] == 1 and env["p"]["new_field"] == [1] and env["m"] == again.mac
+    assert again.verify(other) and e2e.verify(other, env) and not again.verify(KEY) and msg.verify(KEY)
+    assert again == dataclasses.replace(msg, mac=env["m"])
+    fresh = Task(uuid=U, cmd="shell", taskid="r1.0", args={"script": "true"}, timeout=5.0, exp=1.7e9, aud=U)
+    signed = fresh.signed(KEY)
+    assert signed.to_wire() == _sign(dict(fresh.to_wire())) and signed.encode() == wire.encode_frame(signed.to_wire())
+    assert fresh.mac is None and "m" not in fresh.to_wire()

@@ -18,12 +18,12 @@ import hashlib
 import hmac
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, ClassVar, Self, TypeAlias, TypeVar
 
 from . import wire
-from .e2e import canonical
+from .e2e import canonical, sign
 from .errors import MessageError
 from .tasks import FINAL, TaskStatus
 
@@ -65,13 +65,18 @@ class _Envelope:
         """The envelope as a dict (shared: do not mutate it)."""
         if self._wire is not None:
             return self._wire
+        env = self._envelope()
+        object.__setattr__(self, "_wire", env)
+        return env
+
+    def _envelope(self) -> dict[str, Any]:
+        """A new envelope built from the fields."""
         env: dict[str, Any] = {"t": self.T, "uuid": self.uuid, "cmd": self.cmd, "taskid": self.taskid,
                                "seq": self.seq}
         if self.P:
             env["p"] = self.payload()
         if self.mac is not None:
             env["m"] = self.mac
-        object.__setattr__(self, "_wire", env)
         return env
 
     def encode(self, max_frame: int = wire.DEFAULT_MAX_FRAME) -> bytes:
@@ -82,8 +87,13 @@ class _Envelope:
         return hmac.new(key, canonical(self.to_wire()), hashlib.sha256).hexdigest()
 
     def signed(self, key: bytes) -> Self:
-        """A copy carrying the end-to-end MAC under ``key`` (the agent's shared key)."""
-        return replace(self, mac=self._mac(key))
+        """A copy carrying the end-to-end MAC under ``key`` (the agent's shared key). Its envelope
+        is built once, signed by e2e and kept as the copy's wire dict: a copy of the envelope this
+        message was parsed from (a newer peer's keys kept) or one built from the fields. (Costs
+        what signing a dict literal does: dataclasses.replace ran __init__ and the envelope was
+        built twice.)"""
+        env = sign(key, dict(self._wire) if self._wire is not None else self._envelope())
+        return _copier(type(self))(self, env["m"], env)
 
     def verify(self, key: bytes) -> bool:
         """Whether the MAC is right: the envelope is what the holder of ``key`` sent."""
@@ -242,6 +252,23 @@ def _maker(cls: type[_M]) -> Callable[..., _M]:
     exec(f"def make(*, {', '.join(names)}):\n    o = new(cls)\n{body}    return o\n", ns)
     make: Callable[..., _M] = ns["make"]
     return make
+
+
+_COPIERS: dict[type[Any], Callable[..., Any]] = {}
+
+
+def _copier(cls: type[_M]) -> Callable[[_M, str, dict[str, Any]], _M]:
+    """A function copying a ``cls`` with another ``mac`` and ``_wire``, slot by slot (what
+    :meth:`signed` needs; generated once per class, like :func:`_maker`)."""
+    copy = _COPIERS.get(cls)
+    if copy is None:
+        names = [f.name for f in fields(cls)]
+        ns: dict[str, Any] = {"new": object.__new__, "cls": cls, **{f"s{n}": getattr(cls, n).__set__ for n in names}}
+        value = {n: f"o.{n}" for n in names} | {"mac": "mac", "_wire": "wire"}
+        body = "".join(f"    s{n}(c, {value[n]})\n" for n in names)
+        exec(f"def copy(o, mac, wire):\n    c = new(cls)\n{body}    return c\n", ns)
+        copy = _COPIERS[cls] = ns["copy"]
+    return copy
 
 
 _new_task, _new_cancel, _new_ack, _new_heartbeat = _maker(Task), _maker(Cancel), _maker(Ack), _maker(Heartbeat)
