@@ -61,6 +61,8 @@ class Task:
     sent: dict[str, int] = field(default_factory=dict)
     #: a scheduled collection's output, kept here instead of being sent
     sink: list[Message] | None = None
+    #: the run's id (None from an older master, and for a scheduled collection)
+    run: str | None = None
 
 
 class TaskFailed(Exception):
@@ -106,7 +108,7 @@ class Executor:
             return
         if not self.claim(msg.taskid, msg.cmd):
             return  # already accepted once: its results travel through the spool
-        task = Task(taskid=msg.taskid, cmd=msg.cmd, args=msg.args, timeout=float(msg.timeout))
+        task = Task(taskid=msg.taskid, cmd=msg.cmd, args=msg.args, timeout=float(msg.timeout), run=msg.run)
         reason = msg.refusal(self.uuid, time.time()) or self._unknown(msg.cmd)
         if reason:
             self._done(task, TaskStatus.ERROR, None, time.time(), error=reason)
@@ -297,6 +299,8 @@ class Executor:
             env = {**os.environ, "ZY_UUID": self.uuid, "ZY_TASKID": task.taskid,
                    "ZY_HOSTNAME": self.hostname or socket.gethostname(), "ZY_AGENT_PID": str(os.getpid()),
                    "ZY_AGENT_VERSION": __version__}
+            if task.run is not None:
+                env["ZY_RUN_ID"] = task.run
             proc = await anyio.open_process(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         except OSError as exc:
             raise TaskFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None

@@ -47,10 +47,10 @@ class Dispatch:
         self.stats = stats
 
     def task_msg(self, uuid: str, taskid: str, cmd: str, args: dict[str, Any], timeout: float,
-                 deadline: float) -> dict[str, Any]:
+                 deadline: float, run: str) -> dict[str, Any]:
         # exp and aud make a captured command useless later or for another agent; the MAC
         # makes it impossible to alter or forge on the way
-        task = Task(uuid=uuid, cmd=cmd, taskid=taskid, args=args, timeout=timeout, exp=deadline, aud=uuid)
+        task = Task(uuid=uuid, cmd=cmd, taskid=taskid, args=args, timeout=timeout, exp=deadline, aud=uuid, run=run)
         return task.signed(self.table.key(uuid)).to_wire()
 
     def cancel_msg(self, uuid: str, taskid: str, cmd: str = "") -> dict[str, Any]:
@@ -65,7 +65,7 @@ class Dispatch:
                 msgs.append(self.cancel_msg(session.uuid, t["taskid"], t["cmd"]))
             elif t["status"] in (TaskStatus.PENDING, TaskStatus.DISPATCHED):
                 msgs.append(self.task_msg(session.uuid, t["taskid"], t["cmd"], loads(t["args"]), t["timeout"],
-                                          t["deadline"]))
+                                          t["deadline"], t["run_id"]))
                 sent.append(t["taskid"])
         if msgs:
             session.send(msgs)
@@ -94,7 +94,7 @@ class Dispatch:
         for taskid, uuid, status, _ in rows:
             session = sessions.get(uuid)
             if status == TaskStatus.DISPATCHED and session:
-                session.send([self.task_msg(uuid, taskid, cmd, args, timeout, deadline)])
+                session.send([self.task_msg(uuid, taskid, cmd, args, timeout, deadline, run_id)])
                 self.stats["dispatched"] += 1
         self.events.notify({run_id})
         return {

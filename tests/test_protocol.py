@@ -608,3 +608,16 @@ def test_signed_keeps_a_parsed_envelope_and_builds_it_once() -> None:
     signed = fresh.signed(KEY)
     assert signed.to_wire() == _sign(dict(fresh.to_wire())) and signed.encode() == wire.encode_frame(signed.to_wire())
     assert fresh.mac is None and "m" not in fresh.to_wire()
+
+
+def test_a_task_carries_its_run_when_the_master_names_it() -> None:
+    """``run`` (added in issue 14): on the wire only when set, so today's bytes are unchanged
+    without it; parsed leniently, as ``aud`` is (an older agent ignores the key)."""
+    plain = Task(uuid=U, cmd="shell", taskid="r1a2b3c.0", args={"script": "true"}, timeout=5.0, exp=1.7e9, aud=U)
+    assert "run" not in plain.to_wire()["p"]
+    msg = dataclasses.replace(plain, run="r1a2b3c").signed(KEY)
+    assert msg.to_wire()["p"]["run"] == "r1a2b3c" and msg.verify(KEY)
+    back = parse(wire.loads(msg.encode()[4:]), DOWN)
+    assert back == msg and isinstance(back, Task) and back.run == "r1a2b3c"
+    odd = _sign({**msg.to_wire(), "p": {**msg.to_wire()["p"], "run": 7}})
+    assert isinstance(task := parse(odd, DOWN), Task) and task.run is None

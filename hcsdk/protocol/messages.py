@@ -105,16 +105,22 @@ class _Envelope:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Task(_Envelope):
     """Run ``cmd`` with ``args`` within ``timeout`` seconds. ``exp`` (a wall-clock deadline) and
-    ``aud`` (the agent's uuid) make a captured command useless later or for another agent."""
+    ``aud`` (the agent's uuid) make a captured command useless later or for another agent.
+    ``run`` is the id of the run the task belongs to (the agent tells the command); left off the
+    wire when None, as an older master sends it (older agents ignore it: they read p's keys by name)."""
 
     T: ClassVar[str] = "task"
     args: dict[str, Any]
     timeout: float
     exp: float | None = None
     aud: str | None = None
+    run: str | None = None
 
     def payload(self) -> dict[str, Any]:
-        return {"args": self.args, "timeout": self.timeout, "exp": self.exp, "aud": self.aud}
+        p = {"args": self.args, "timeout": self.timeout, "exp": self.exp, "aud": self.aud}
+        if self.run is not None:
+            p["run"] = self.run
+        return p
 
     def refusal(self, agent_uuid: str, now: float) -> str | None:
         """Why agent ``agent_uuid`` must refuse this task at ``now`` (whether it knows the cmd is
@@ -414,10 +420,10 @@ def _parse_task(d: dict[str, Any]) -> Message:
     args, timeout = p.get("args") or {}, p.get("timeout")
     if not isinstance(args, dict) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise MessageError("bad args or timeout")
-    exp, aud = p.get("exp"), p.get("aud")
+    exp, aud, run = p.get("exp"), p.get("aud"), p.get("run")
     return _new_task(_wire=d, uuid=_str(d.get("uuid")), cmd=cmd, taskid=taskid, seq=_int(d.get("seq")), mac=_mac_of(d),
                      args=args, timeout=timeout, exp=exp if isinstance(exp, (int, float)) else None,
-                     aud=aud if isinstance(aud, str) else None)
+                     aud=aud if isinstance(aud, str) else None, run=run if isinstance(run, str) else None)
 
 
 def _parse_cancel(d: dict[str, Any]) -> Message:
