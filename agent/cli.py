@@ -11,7 +11,7 @@ import anyio
 
 from hcsdk.common.errors import JoinTokenError
 from hcsdk.common.jointoken import JOIN_ENV, JoinToken, pop_env_token, read_join, reexec_without_join
-from hcsdk.common.sizes import parse_size
+from hcsdk.common.sizes import parse_rate
 from hcsdk.net.settings import add_channel_options, channel_options
 
 
@@ -24,10 +24,9 @@ def _label(text: str) -> tuple[str, str]:
 
 def _rate(text: str) -> float:
     try:
-        return float(parse_size(text))
+        return parse_rate(text)  # decimal: 20M is 20,000,000 bytes a second, as it always was
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--peer-rate wants bytes a second like 20M (binary units), got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(f"--peer-rate wants bytes a second like 20M, got {text!r}") from None
 
 
 def _handover(text: str) -> tuple[str, int]:
@@ -70,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="release files kept under STATE_DIR/releases, newest first (default 3); files placed "
                    "at a destination stay there: the kept copies are what peers are served from")
     p.add_argument("--peer-rate", type=_rate, default=0.0, metavar="BYTES/S",
-                   help="upload at most this much a second to peers, e.g. 20M (binary: 20 MiB; default: no cap)")
+                   help="upload at most this much a second to peers, e.g. 20M (default: no cap)")
     p.add_argument("--handover", metavar="TASKID:PID", type=_handover, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
