@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["RESERVED_MARK", "UnsafeName", "check_file_name", "check_sha256", "digest_dir", "is_digest_dir",
-           "is_sha256"]
+__all__ = ["PLUGIN_NAME", "RESERVED_MARK", "UnsafeName", "check_file_name", "check_sha256", "digest_dir",
+           "is_digest_dir", "is_plugin_name", "is_sha256"]
 
 # \A...\Z, not ^...$: "$" also matches before a trailing newline, and these check remote input
 # (callers elsewhere may still .match() them; the functions below use fullmatch)
 SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
 DIGEST_DIR = re.compile(r"\A[0-9a-f]{16}\Z")
+#: a plugin's name, which becomes a directory and a module name on the agent: an identifier of at
+#: most 40 lowercase letters, digits and _ (the SDK checks it before upload, the agent on install)
+PLUGIN_NAME = re.compile(r"\A[a-z][a-z0-9_]{0,39}\Z")
 #: what marks the agent's own files (metadata, part files, kept previous versions)
 RESERVED_MARK = ".zy-"
 #: longest released file name: the agent adds a dot and ``.zy-part`` while it comes, and a
@@ -46,6 +49,10 @@ def check_sha256(text: object, what: str = "digest") -> str:
 def digest_dir(digest: object) -> str:
     """The directory name a release's digest is kept under (its first 16 hex digits)."""
     return check_sha256(digest)[:16]
+
+
+def is_plugin_name(name: object) -> bool:
+    return isinstance(name, str) and PLUGIN_NAME.fullmatch(name) is not None
 
 
 def is_digest_dir(name: str) -> bool:
