@@ -20,24 +20,29 @@ import anyio
 from hcsdk._sync import SyncFace, blocking
 from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.errors import TargetError, UsageError
+from hcsdk.protocol.tasks import TaskStatus
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from hcsdk._client import AsyncClient
+    from hcsdk._link import MasterLink
 
 __all__ = ["UPDATE_COLUMNS", "Agents", "AsyncAgents"]
 
 UPDATE_COLUMNS = ["uuid", "hostname", "batch", "status", "version_before", "version_after", "error",
                   "duration_s"]
 Progress = Callable[[dict[str, Any]], None]
+#: the row of an agent left out once too many failed (the SDK's word: no task ran)
+SKIPPED = "skipped"
 
 
 class AsyncAgents:
     """Agents in place (``AsyncClient().agents``): builds on the master, online updates."""
 
-    def __init__(self, client: AsyncClient) -> None:
-        self._client = client
+    def __init__(self, client: AsyncClient, link: MasterLink) -> None:
+        self._client = client  # its public run(): an update is a run of zy.update
+        self._link = link
 
     async def upload_build(self, build: str | Path) -> dict[str, Any]:
         """Store a build on the master (streamed); returns its ``sha256`` and ``size``."""
@@ -50,7 +55,7 @@ class AsyncAgents:
                 while chunk := await fh.read(1024 * 1024):
                     yield chunk
 
-        return dict(await self._client._send("/api/v1/blobs", chunks(), timeout=600.0))
+        return dict(await self._link.send("/api/v1/blobs", chunks(), timeout=600.0))
 
     async def update(self, targets: TargetsLike, build: str | Path, *, batch_size: int = 10,
                      max_failures: int = 0, timeout: float = 600, handover_timeout: float = 60,
@@ -72,11 +77,11 @@ class AsyncAgents:
         for number, start in enumerate(range(0, len(agents), batch_size), 1):
             batch = agents[start:start + batch_size]
             if failures > max_failures:
-                rows += [_row(a, number, "skipped", error=f"stopped after {failures} failures "
+                rows += [_row(a, number, SKIPPED, error=f"stopped after {failures} failures "
                               f"(max_failures={max_failures})") for a in batch]
                 continue
             done = await self._batch(batch, number, args, timeout)
-            failures += sum(r["status"] != "ok" for r in done)
+            failures += sum(r["status"] != TaskStatus.OK for r in done)
             rows += done
             if progress is not None:
                 progress({"batch": number, "done": len(rows), "total": len(agents), "failures": failures})
@@ -93,13 +98,13 @@ class AsyncAgents:
         for agent in batch:
             row = next(r for r in run.outcomes() if r.uuid == agent["uuid"])
             now = after.get(agent["uuid"], {})
-            out.append(_row(agent, number, row.status or "error", error=row.error,
+            out.append(_row(agent, number, row.status or TaskStatus.ERROR.value, error=row.error,
                             version_after=(now.get("facts") or {}).get("agent_version"),
                             duration=time.monotonic() - started))
         return out
 
     async def _inventory(self) -> list[dict[str, Any]]:
-        return list(await self._client._request("GET", "/api/v1/inventory"))
+        return list(await self._link.request("GET", "/api/v1/inventory"))
 
     async def _targets(self, targets: TargetsLike) -> list[dict[str, Any]]:
         """The agents ``targets`` names, resolved by the master as a run would."""
@@ -110,7 +115,7 @@ class AsyncAgents:
             chosen = [r for r in rows if r["uuid"] in wanted or r["hostname"] in wanted]
         else:
             params = {"targets": spec.get("expr", "")}
-            chosen = list(await self._client._request("GET", "/api/v1/inventory", params=params))
+            chosen = list(await self._link.request("GET", "/api/v1/inventory", params=params))
         agents = [r for r in chosen if r.get("kind", "agent") == "agent"]
         if not agents:
             raise TargetError(f"no agents match {targets!r}")

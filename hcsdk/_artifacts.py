@@ -24,7 +24,7 @@ from hcsdk.protocol.names import UnsafeName, check_file_name
 if TYPE_CHECKING:
     import pandas as pd
 
-    from hcsdk._client import AsyncClient
+    from hcsdk._link import MasterLink
 
 __all__ = ["ARTIFACT_COLUMNS", "Artifacts", "AsyncArtifacts"]
 
@@ -36,8 +36,8 @@ Progress = Callable[[int, int], None]
 class AsyncArtifacts:
     """Files on the master (``AsyncClient().artifacts``), the origin of releases."""
 
-    def __init__(self, client: AsyncClient) -> None:
-        self._client = client
+    def __init__(self, link: MasterLink) -> None:
+        self._link = link
 
     async def upload(self, path: str | Path, *, name: str | None = None, chunk_size: int = CHUNK_SIZE,
                      progress: Progress | None = None) -> dict[str, Any]:
@@ -62,14 +62,14 @@ class AsyncArtifacts:
             sent += manifest.chunk_length(index)
             if progress is not None:
                 progress(sent, total)
-        info = await self._client._request("POST", "/api/v1/artifacts", json={"manifest": manifest.to_dict()})
+        info = await self._link.request("POST", "/api/v1/artifacts", json={"manifest": manifest.to_dict()})
         return {**dict(info), "uploaded": sent}
 
     async def _missing(self, manifest: Manifest) -> list[str]:
         out: list[str] = []
         unique = list(dict.fromkeys(manifest.chunks))
         for i in range(0, len(unique), 10_000):
-            body = await self._client._request("POST", "/api/v1/blobs/missing", json={"sha256s": unique[i:i + 10_000]})
+            body = await self._link.request("POST", "/api/v1/blobs/missing", json={"sha256s": unique[i:i + 10_000]})
             out += body["missing"]
         return out
 
@@ -77,7 +77,7 @@ class AsyncArtifacts:
         async with await anyio.open_file(path, "rb") as fh:
             await fh.seek(index * manifest.chunk_size)
             data = await fh.read(manifest.chunk_length(index))
-        stored = await self._client._send("/api/v1/blobs", data)
+        stored = await self._link.send("/api/v1/blobs", data)
         if stored["sha256"] != manifest.chunks[index]:
             raise UsageError(f"{path} changed while it was uploaded (chunk {index} differs); upload it again")
 
@@ -85,14 +85,14 @@ class AsyncArtifacts:
         """Every artifact, one row each, newest last."""
         import pandas as pd
 
-        rows = await self._client._request("GET", "/api/v1/artifacts")
+        rows = await self._link.request("GET", "/api/v1/artifacts")
         df = pd.DataFrame.from_records(rows, columns=ARTIFACT_COLUMNS)
         df["created_at"] = pd.to_datetime(df["created_at"], unit="s", utc=True)
         return df
 
     async def get(self, ref: str) -> dict[str, Any]:
         """An artifact with its manifest, by id or by name (the newest of that name)."""
-        return dict(await self._client._request("GET", f"/api/v1/artifacts/{ref}"))
+        return dict(await self._link.request("GET", f"/api/v1/artifacts/{ref}"))
 
 
 class Artifacts(SyncFace[AsyncArtifacts]):

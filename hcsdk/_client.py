@@ -2,16 +2,14 @@
 API for synchronous code, derived from it (``_sync``) and driven through one background event
 loop (``_portal``).
 
-The sibling modules (runs, releases, schedules, plugins, agents, artifacts) talk to the master
-only through the client's three internal calls, :meth:`AsyncClient._request` (JSON),
-:meth:`AsyncClient._send` (a body of bytes) and :meth:`AsyncClient._lines` (a stream of lines);
-nothing but this module touches the httpx client.
+The client and its sibling modules (runs, releases, schedules, plugins, agents, artifacts) talk
+to the master only through a :class:`~hcsdk._link.MasterLink` (``_link``), which each sibling is
+given when it is made; nothing but ``_link`` touches the httpx client.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -19,6 +17,7 @@ import httpx
 from hcsdk import _proxies, _schedules
 from hcsdk._agents import Agents, AsyncAgents
 from hcsdk._artifacts import Artifacts, AsyncArtifacts
+from hcsdk._link import HttpLink
 from hcsdk._plugins import AsyncPlugins, Plugins
 from hcsdk._portal import portal
 from hcsdk._release import AsyncRelease, Release, create_release
@@ -28,8 +27,6 @@ from hcsdk._sync import SyncFace, blocking, wrapping
 from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.config import load_client_config
 from hcsdk.common.errors import ConfigError, UsageError
-from hcsdk.net.http import check, map_exceptions
-from hcsdk.net.tls import client_context
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,8 +35,6 @@ __all__ = ["AsyncClient", "Client", "Run"]
 
 INVENTORY_COLUMNS = ["uuid", "hostname", "kind", "os", "os_version", "kernel", "arch", "cpus", "mem_total", "ips",
                      "online", "mode", "via", "last_seen", "labels", "agent_version", "connects", "enrolled_at"]
-#: reading a run's event stream: the master sends a keep-alive line well within this
-_STREAM_READ_TIMEOUT = 60.0
 
 
 def _script_args(script: str | bytes | Sequence[str] | None, cmd: str | None,
@@ -94,18 +89,14 @@ class AsyncClient:
         if not token:
             raise ConfigError("a token is needed to talk to the master")
         self.url = url.rstrip("/")
-        self._stream_timeout = httpx.Timeout(timeout, read=_STREAM_READ_TIMEOUT)
-        network: dict[str, Any] = (
-            {"transport": transport} if transport is not None
-            else {"http2": http2, "verify": client_context(ca, http2=http2)})
-        self._http = httpx.AsyncClient(base_url=self.url, headers={"authorization": f"Bearer {token}"},
-                                       timeout=timeout, **network)
+        # the siblings are given it as a MasterLink: its three calls, not the httpx client
+        self._link = HttpLink(self.url, token, ca=ca, timeout=timeout, http2=http2, transport=transport)
         #: install, list and remove plugins on agents
         self.plugins = AsyncPlugins(self)
         #: update agents online, in batches
-        self.agents = AsyncAgents(self)
+        self.agents = AsyncAgents(self, self._link)
         #: files on the master, to release
-        self.artifacts = AsyncArtifacts(self)
+        self.artifacts = AsyncArtifacts(self._link)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -115,38 +106,12 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         """Close the connections to the master."""
-        await self._http.aclose()
-
-    # -- the siblings' interface to the master -------------------------------------------------
-    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """A JSON request; the JSON answer, or the matching ZyError."""
-        with map_exceptions(self.url):
-            resp = await self._http.request(method, path, **kwargs)
-        return check(resp)
-
-    async def _send(self, path: str, content: bytes | AsyncIterable[bytes], *,
-                    timeout: float | None = None) -> Any:
-        """POST a body of bytes (a blob, a build): the JSON answer."""
-        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-        with map_exceptions(self.url):
-            resp = await self._http.post(path, content=content,
-                                         headers={"content-type": "application/octet-stream"}, **options)
-        return check(resp)
-
-    @asynccontextmanager
-    async def _lines(self, path: str, params: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
-        """A streamed GET, line by line, once the master answered 200 (else its ZyError).
-        Transport errors are left as httpx raised them: the reader knows how to resume."""
-        async with self._http.stream("GET", path, params=params, timeout=self._stream_timeout) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                check(resp)
-            yield resp.aiter_lines()
+        await self._link.aclose()
 
     # -- the API -------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
         """The master's counters: agents enrolled and online, runs, version."""
-        return dict(await self._request("GET", "/api/v1/status"))
+        return dict(await self._link.request("GET", "/api/v1/status"))
 
     async def inventory(self, targets: str | None = None) -> pd.DataFrame:
         """Enrolled agents, one row each: uuid, hostname, os, online, last_seen, labels, ...
@@ -156,7 +121,7 @@ class AsyncClient:
         import pandas as pd
 
         params = {"targets": targets} if targets else None
-        rows = await self._request("GET", "/api/v1/inventory", params=params)
+        rows = await self._link.request("GET", "/api/v1/inventory", params=params)
         recs = []
         for row in rows:
             facts = row.get("facts") or {}
@@ -179,7 +144,7 @@ class AsyncClient:
         """
         cmd, merged = _script_args(script, cmd, args)
         body = {"cmd": cmd, "args": merged, "targets": target_spec(targets), "timeout": timeout}
-        return AsyncRun(self, await self._request("POST", "/api/v1/runs", json=body))
+        return AsyncRun(self._link, await self._link.request("POST", "/api/v1/runs", json=body))
 
     async def release(self, artifact: str, targets: TargetsLike, *, dest: str, batch: int | str = 10,
                       pre: str | None = None, post: str | None = None, health: str | None = None,
@@ -191,19 +156,19 @@ class AsyncClient:
         ``post``, ``health``; pause once more than ``max_failures`` (count or ``"5%"``) failed.
         ``p2p`` lets agents share chunks (their proxy tracks who has what); ``rate`` caps each
         agent's download in bytes a second."""
-        return await create_release(self, artifact, targets, dest, batch=batch, pre=pre, post=post, health=health,
-                                    rollback=rollback, max_failures=max_failures, pause_between=pause_between,
-                                    mode=mode, timeout=timeout, p2p=p2p, rate=rate)
+        return await create_release(self._link, artifact, targets, dest, batch=batch, pre=pre, post=post,
+                                    health=health, rollback=rollback, max_failures=max_failures,
+                                    pause_between=pause_between, mode=mode, timeout=timeout, p2p=p2p, rate=rate)
 
     async def get_release(self, release_id: str) -> AsyncRelease:
         """A release started earlier (by anyone), by its id, to watch or steer."""
-        return AsyncRelease(self, await self._request("GET", f"/api/v1/releases/{release_id}"))
+        return AsyncRelease(self._link, await self._link.request("GET", f"/api/v1/releases/{release_id}"))
 
     async def releases(self) -> pd.DataFrame:
         """Every release, one row each, with its state."""
         import pandas as pd
 
-        return pd.DataFrame.from_records(await self._request("GET", "/api/v1/releases"))
+        return pd.DataFrame.from_records(await self._link.request("GET", "/api/v1/releases"))
 
     async def schedule(self, cmd: str, every: str | float, *, targets: TargetsLike,
                        args: dict[str, Any] | None = None, name: str | None = None,
@@ -211,26 +176,26 @@ class AsyncClient:
         """Run ``cmd`` on ``targets`` every ``every`` ("10s", "5m", "1h" or seconds); the agents
         keep the schedule and send one sample per run. ``name`` defaults to ``CMD-EVERY``;
         setting a schedule again under its name replaces it."""
-        info = await _schedules.create(self, cmd, every, targets, args, name, timeout)
-        return AsyncSchedule(self, info)
+        info = await _schedules.create(self._link, cmd, every, targets, args, name, timeout)
+        return AsyncSchedule(self._link, info)
 
     async def series(self, name: str, since: Any = None, until: Any = None) -> pd.DataFrame:
         """A schedule's samples: indexed by time, with uuid, hostname, status, error and one
         column per field the command returned."""
-        return await _schedules.series(self, name, since, until)
+        return await _schedules.series(self._link, name, since, until)
 
     async def schedules(self) -> pd.DataFrame:
         """What is scheduled, one row per schedule, with sample counts."""
-        return await _schedules.listing(self)
+        return await _schedules.listing(self._link)
 
     async def cancel_schedule(self, name: str) -> dict[str, Any]:
         """Stop a schedule on its agents (the samples collected so far stay)."""
-        return await _schedules.cancel(self, name)
+        return await _schedules.cancel(self._link, name)
 
     async def proxies(self) -> pd.DataFrame:
         """Proxies, one row each, with their chunk cache's counters (bytes from upstream, bytes
         served, hit ratio, entries, evictions, corrupt chunks caught, ...)."""
-        return await _proxies.proxies(self)
+        return await _proxies.proxies(self._link)
 
     async def create_join_token(self, ttl: float = 86400, description: str = "",
                                 proxies: list[str] | None = None, *, kind: str = "agent",
@@ -242,23 +207,23 @@ class AsyncClient:
         ``uses`` limits how many enrollments it allows (0: any number until it expires)."""
         body = {"ttl": ttl, "description": description, "urls": list(proxies or []), "kind": kind,
                 "proxy_names": list(proxy_names or []), "uses": uses}
-        return dict(await self._request("POST", "/api/v1/tokens", json=body))
+        return dict(await self._link.request("POST", "/api/v1/tokens", json=body))
 
     async def join_tokens(self) -> list[dict[str, Any]]:
         """Every join token, with its kind, uses and state."""
-        return list(await self._request("GET", "/api/v1/tokens"))
+        return list(await self._link.request("GET", "/api/v1/tokens"))
 
     async def revoke_join_token(self, token_id: str) -> None:
         """No more enrollments with this token (agents it enrolled keep their credentials)."""
-        await self._request("DELETE", f"/api/v1/tokens/{token_id}")
+        await self._link.request("DELETE", f"/api/v1/tokens/{token_id}")
 
     async def revoke_agent(self, uuid: str) -> None:
         """The agent is dropped now and can never reconnect with its credential."""
-        await self._request("POST", f"/api/v1/agents/{uuid}/revoke")
+        await self._link.request("POST", f"/api/v1/agents/{uuid}/revoke")
 
     async def disconnect_agent(self, uuid: str) -> None:
         """Close an agent's channel (it reconnects on its own, losing nothing)."""
-        await self._request("POST", f"/api/v1/agents/{uuid}/disconnect")
+        await self._link.request("POST", f"/api/v1/agents/{uuid}/disconnect")
 
 
 class Client(SyncFace[AsyncClient]):

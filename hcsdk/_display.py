@@ -19,6 +19,8 @@ import weakref
 from datetime import UTC, datetime, tzinfo
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from hcsdk.protocol.tasks import TaskStatus
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -26,12 +28,19 @@ __all__ = ["STATUS_COLORS", "ResultView", "readable", "results_table", "status_c
 
 #: text colour, chip background per status (ok green, failed/error red, timeout/offline orange,
 #: cancelled grey); the chip keeps its own background, so it reads on light and dark themes
-STATUS_COLORS = {"ok": "#1b5e20", "failed": "#b71c1c", "error": "#b71c1c", "timeout": "#bf360c",
-                 "offline": "#bf360c", "cancelled": "#424242", "running": "#0d47a1", "pending": "#37474f"}
-_CHIP_BG = {"ok": "#e8f5e9", "failed": "#ffebee", "error": "#ffebee", "timeout": "#fff3e0", "offline": "#fff3e0",
-            "cancelled": "#eeeeee", "running": "#e3f2fd", "pending": "#eceff1"}
+# (StrEnum keys: a plain status string from a DataFrame finds its entry)
+STATUS_COLORS: dict[str, str] = {
+    TaskStatus.OK: "#1b5e20", TaskStatus.FAILED: "#b71c1c", TaskStatus.ERROR: "#b71c1c", TaskStatus.TIMEOUT: "#bf360c",
+    TaskStatus.OFFLINE: "#bf360c", TaskStatus.CANCELLED: "#424242", TaskStatus.RUNNING: "#0d47a1",
+    TaskStatus.PENDING: "#37474f"}
+_CHIP_BG: dict[str, str] = {
+    TaskStatus.OK: "#e8f5e9", TaskStatus.FAILED: "#ffebee", TaskStatus.ERROR: "#ffebee", TaskStatus.TIMEOUT: "#fff3e0",
+    TaskStatus.OFFLINE: "#fff3e0", TaskStatus.CANCELLED: "#eeeeee", TaskStatus.RUNNING: "#e3f2fd",
+    TaskStatus.PENDING: "#eceff1"}
 #: problems first: that is what a person looks for in 500 hosts' answers
-_ORDER = {"failed": 0, "error": 0, "timeout": 1, "offline": 2, "cancelled": 2, "running": 3, "pending": 3, "ok": 4}
+_ORDER: dict[str, int] = {
+    TaskStatus.FAILED: 0, TaskStatus.ERROR: 0, TaskStatus.TIMEOUT: 1, TaskStatus.OFFLINE: 2, TaskStatus.CANCELLED: 2,
+    TaskStatus.RUNNING: 3, TaskStatus.PENDING: 3, TaskStatus.OK: 4}
 
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -102,7 +111,7 @@ class _Row:
         started, finished = get("started_at"), get("finished_at")
         self.started = _local(started, tz) if started is not None else None
         status = get("status")
-        self.status = "running" if status is None else clean(str(status))
+        self.status = TaskStatus.RUNNING.value if status is None else clean(str(status))
         code = get("exit_code")
         self.exit = "" if code is None else str(int(code))
         duration = get("duration_s")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from hcsdk._sync import SyncFace, blocking
 from hcsdk._targets import TargetsLike
 from hcsdk.common.errors import UsageError
+from hcsdk.protocol.tasks import TaskStatus
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -106,7 +107,7 @@ class AsyncPlugins:
         await run.wait()
         recs: list[dict[str, Any]] = []
         for row in run.outcomes():
-            plugins = (row.result or {}).get("plugins") if row.status == "ok" else None
+            plugins = (row.result or {}).get("plugins") if row.status == TaskStatus.OK else None
             if not plugins:
                 recs.append({"uuid": row.uuid, "hostname": row.hostname, "status": row.status, "error": row.error})
                 continue

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-    from hcsdk._client import AsyncClient, Client
+    from hcsdk._client import Client
+    from hcsdk._link import MasterLink
 
 __all__ = ["PROXY_COLUMNS", "proxies", "proxies_sync"]
 
@@ -30,11 +31,11 @@ _COUNTER_COLUMNS = {
 PROXY_COLUMNS = ["uuid", "hostname", "online", "via", *_COUNTER_COLUMNS.values(), "stats_at", "last_seen"]
 
 
-async def proxies(client: AsyncClient) -> pd.DataFrame:
+async def proxies(link: MasterLink) -> pd.DataFrame:
     """One row per enrolled proxy; counter columns are NaN for a proxy that has not reported."""
     import pandas as pd
 
-    rows: list[dict[str, Any]] = await client._request("GET", "/api/v1/proxies")
+    rows: list[dict[str, Any]] = await link.request("GET", "/api/v1/proxies")
     recs = []
     for row in rows:
         cache = row.get("cache") or {}

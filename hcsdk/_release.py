@@ -22,18 +22,17 @@ from hcsdk._schedules import every_seconds
 from hcsdk._sync import SyncFace, blocking, blocking_self
 from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.errors import UsageError
+from hcsdk.protocol.releases import FINISHED  # states a release stays in until an operator acts
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from hcsdk._client import AsyncClient
+    from hcsdk._link import MasterLink
 
 __all__ = ["FINISHED", "PROGRESS_COLUMNS", "AsyncRelease", "Release"]
 
 PROGRESS_COLUMNS = ["uuid", "hostname", "shard", "phase", "status", "error", "bytes", "bytes_upstream",
                     "bytes_peers", "reused", "fetch_s", "started_at", "finished_at", "duration_s"]
-#: states a release stays in until an operator acts
-FINISHED = ("done", "paused", "aborted", "rolled_back", "failed")
 
 
 def _duration(value: str | float | None) -> float:
@@ -43,23 +42,23 @@ def _duration(value: str | float | None) -> float:
     return every_seconds(value)
 
 
-async def create_release(client: AsyncClient, artifact: str, targets: TargetsLike, dest: str,
+async def create_release(link: MasterLink, artifact: str, targets: TargetsLike, dest: str,
                          **options: Any) -> AsyncRelease:
     if not dest.startswith("/"):
         raise UsageError(f"dest={dest!r} must be an absolute path on the targets")
     options["pause_between"] = _duration(options.get("pause_between"))
     body = {"artifact": artifact, "targets": target_spec(targets), "dest": dest,
             **{k: v for k, v in options.items() if v is not None}}
-    info = await client._request("POST", "/api/v1/releases", json=body)
-    return AsyncRelease(client, info)
+    info = await link.request("POST", "/api/v1/releases", json=body)
+    return AsyncRelease(link, info)
 
 
 class AsyncRelease:
     """A release on the master: its state (``info``, kept fresh by :meth:`refresh`) and the
     operator's actions."""
 
-    def __init__(self, client: AsyncClient, info: dict[str, Any]) -> None:
-        self._client = client
+    def __init__(self, link: MasterLink, info: dict[str, Any]) -> None:
+        self._link = link
         self.id: str = info["id"]
         self.info = info
 
@@ -75,7 +74,7 @@ class AsyncRelease:
 
     async def refresh(self) -> dict[str, Any]:
         """The release as the master has it now (also kept in ``info``)."""
-        self.info = dict(await self._client._request("GET", f"/api/v1/releases/{self.id}"))
+        self.info = dict(await self._link.request("GET", f"/api/v1/releases/{self.id}"))
         return self.info
 
     async def progress(self) -> pd.DataFrame:
@@ -99,7 +98,7 @@ class AsyncRelease:
         return self
 
     async def _act(self, action: str) -> AsyncRelease:
-        self.info = dict(await self._client._request("POST", f"/api/v1/releases/{self.id}/{action}"))
+        self.info = dict(await self._link.request("POST", f"/api/v1/releases/{self.id}/{action}"))
         return self
 
     async def pause(self) -> AsyncRelease:

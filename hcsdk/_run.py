@@ -19,7 +19,7 @@ from hcsdk.protocol.wire import loads
 if TYPE_CHECKING:
     import pandas as pd
 
-    from hcsdk._client import AsyncClient
+    from hcsdk._link import MasterLink
 
 __all__ = ["COLUMNS", "STATUSES", "AsyncRun", "Event", "Outcome", "Run"]
 
@@ -86,8 +86,8 @@ class AsyncRun:
     """Returned by :meth:`AsyncClient.run`. Iterate :meth:`events` to stream, or await
     :meth:`to_dataframe` for the final table."""
 
-    def __init__(self, client: AsyncClient, info: dict[str, Any], reconnect_timeout: float = 120.0):
-        self._client = client
+    def __init__(self, link: MasterLink, info: dict[str, Any], reconnect_timeout: float = 120.0):
+        self._link = link
         self.id: str = info["run_id"]
         self.cmd: str = info["cmd"]
         self._rows = {t["taskid"]: _Row(t["uuid"], t["hostname"], t["taskid"]) for t in info["targets"]}
@@ -117,7 +117,7 @@ class AsyncRun:
         """Targets per status so far; ``pending`` for those still running."""
         out: dict[str, int] = {}
         for row in self._rows.values():
-            key = row.status or "pending"
+            key = row.status or TaskStatus.PENDING.value
             out[key] = out.get(key, 0) + 1
         return out
 
@@ -140,7 +140,7 @@ class AsyncRun:
 
     async def _stream(self) -> AsyncIterator[Event]:
         try:
-            async with self._client._lines(f"/api/v1/runs/{self.id}/events", {"after": self._cursor}) as lines:
+            async with self._link.lines(f"/api/v1/runs/{self.id}/events", {"after": self._cursor}) as lines:
                 self._last_ok = time.monotonic()
                 async for line in lines:
                     self._last_ok = time.monotonic()
@@ -198,7 +198,7 @@ class AsyncRun:
 
     async def cancel(self) -> int:
         """Stop the command on every target still running it (the process group is killed)."""
-        body = await self._client._request("POST", f"/api/v1/runs/{self.id}/cancel")
+        body = await self._link.request("POST", f"/api/v1/runs/{self.id}/cancel")
         return int(body["cancelling"])
 
     def view(self, /, **options: Any) -> ResultView:

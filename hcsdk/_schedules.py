@@ -23,7 +23,7 @@ from hcsdk.common.errors import UsageError
 if TYPE_CHECKING:
     import pandas as pd
 
-    from hcsdk._client import AsyncClient
+    from hcsdk._link import MasterLink
 
 __all__ = ["SCHEDULE_COLUMNS", "SERIES_COLUMNS", "AsyncSchedule", "Schedule", "every_seconds"]
 
@@ -42,20 +42,20 @@ def every_seconds(every: str | float) -> float:
     return seconds
 
 
-async def create(client: AsyncClient, cmd: str, every: str | float, targets: TargetsLike,
+async def create(link: MasterLink, cmd: str, every: str | float, targets: TargetsLike,
                  args: dict[str, Any] | None, name: str | None, timeout: float | None) -> dict[str, Any]:
     seconds = every_seconds(every)
     name = name or f"{cmd}-{every if isinstance(every, str) else f'{seconds:g}s'}".replace(" ", "")
     body = {"name": name, "cmd": cmd, "args": dict(args or {}), "every": seconds, "timeout": timeout or 0,
             "targets": target_spec(targets)}
-    return dict(await client._request("POST", "/api/v1/schedules", json=body))
+    return dict(await link.request("POST", "/api/v1/schedules", json=body))
 
 
-async def series(client: AsyncClient, name: str, since: Any = None, until: Any = None) -> pd.DataFrame:
+async def series(link: MasterLink, name: str, since: Any = None, until: Any = None) -> pd.DataFrame:
     import pandas as pd
 
     params = {k: _epoch(v) for k, v in (("since", since), ("until", until)) if v is not None}
-    rows = await client._request("GET", f"/api/v1/series/{name}", params=params)
+    rows = await link.request("GET", f"/api/v1/series/{name}", params=params)
     if not rows:
         df = pd.DataFrame(columns=SERIES_COLUMNS, index=pd.DatetimeIndex([], tz="UTC", name="time"))
         return df
@@ -67,18 +67,18 @@ async def series(client: AsyncClient, name: str, since: Any = None, until: Any =
     return df.set_index("time")
 
 
-async def listing(client: AsyncClient) -> pd.DataFrame:
+async def listing(link: MasterLink) -> pd.DataFrame:
     import pandas as pd
 
-    rows = await client._request("GET", "/api/v1/schedules")
+    rows = await link.request("GET", "/api/v1/schedules")
     df = pd.DataFrame.from_records(rows, columns=SCHEDULE_COLUMNS)
     for col in ("created_at", "last_sample"):
         df[col] = pd.to_datetime(df[col], unit="s", utc=True)
     return df
 
 
-async def cancel(client: AsyncClient, name: str) -> dict[str, Any]:
-    return dict(await client._request("DELETE", f"/api/v1/schedules/{name}"))
+async def cancel(link: MasterLink, name: str) -> dict[str, Any]:
+    return dict(await link.request("DELETE", f"/api/v1/schedules/{name}"))
 
 
 def _epoch(value: Any) -> float:
@@ -92,16 +92,16 @@ def _epoch(value: Any) -> float:
 class AsyncSchedule:
     """What :meth:`AsyncClient.schedule` returns: the schedule's name, and ways to its data."""
 
-    def __init__(self, client: AsyncClient, info: dict[str, Any]) -> None:
+    def __init__(self, link: MasterLink, info: dict[str, Any]) -> None:
         from hcsdk._run import AsyncRun
 
-        self._client = client
+        self._link = link
         self.name: str = info["schedule"]["name"]
         self.cmd: str = info["schedule"]["cmd"]
         self.every: float = info["schedule"]["every"]
         #: the run that set the schedule on each agent (None when its targets match no agent yet:
         #: agents that join later with matching labels get it at their handshake)
-        self.run = AsyncRun(client, info["run"]) if info.get("run") else None
+        self.run = AsyncRun(link, info["run"]) if info.get("run") else None
 
     def __repr__(self) -> str:
         return (f"<Schedule {self.name!r}: {self.cmd} every {self.every:g}s on "
@@ -118,11 +118,11 @@ class AsyncSchedule:
 
     async def series(self, since: Any = None, until: Any = None) -> pd.DataFrame:
         """This schedule's samples (see :meth:`AsyncClient.series`)."""
-        return await series(self._client, self.name, since, until)
+        return await series(self._link, self.name, since, until)
 
     async def cancel(self) -> dict[str, Any]:
         """Stop the schedule on its agents (the samples collected so far stay)."""
-        return await cancel(self._client, self.name)
+        return await cancel(self._link, self.name)
 
 
 class Schedule(SyncFace[AsyncSchedule]):

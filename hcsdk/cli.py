@@ -15,8 +15,18 @@ from typing import Any
 from hcsdk.common.version import __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)parser records itself in the namespace, so an error names the subcommand's
+    usage: the deepest one parsed sets the attribute last. (``add_subparsers`` makes its
+    children of the parent's class, so services' subcommands are recorded too.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(_zy_parser=self)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zy", description="hcsdk: a command channel for hybrid clouds")
+    parser = _Parser(prog="zy", description="hcsdk: a command channel for hybrid clouds")
     parser.add_argument("--version", action="version", version=f"zy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -106,19 +116,8 @@ def parse_duration(text: str) -> float:
         raise CommandLineError(f"cannot read {text!r} as a duration (use seconds or 30m, 24h, 7d)") from None
 
 
-def _own_parsers(parser: argparse.ArgumentParser) -> None:
-    """Every (sub)parser records itself in the namespace, so an error names the subcommand's
-    usage: the deepest one parsed sets the attribute last."""
-    parser.set_defaults(_zy_parser=parser)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in set(action.choices.values()):
-                _own_parsers(child)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    _own_parsers(parser)
     # parse_args would report leftovers (`zy run --bogus`) with the top level's usage
     args, extra = parser.parse_known_args(argv)
     leaf: argparse.ArgumentParser = getattr(args, "_zy_parser", parser)

@@ -76,6 +76,12 @@ class Proc:
                 self.kill()
         self._fh.close()
 
+    def detach(self) -> None:
+        """Hand the running process over: close our end of its log, and tell Popen it is not
+        ours to wait for (it must not warn when this object goes away)."""
+        self._fh.close()
+        self.popen.returncode = 0
+
 
 class LocalFleet:
     """A master and its agents, each a real process, in one temporary directory."""
@@ -242,8 +248,7 @@ class LocalFleet:
             self._client = None
         for proc in [self.master, *self.agents.values()]:
             if proc is not None:
-                proc._fh.close()
-                proc.popen.returncode = 0  # we hand them over; Popen must not warn or wait
+                proc.detach()
         self.master = None
         self.agents = {}
 

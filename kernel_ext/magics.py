@@ -207,7 +207,7 @@ class ZyRun(Magics):
         from hcsdk import ZyError, arg_pairs
 
         targets = self._targets(args.targets)
-        widgets = not args.quiet and self._widgets_wanted()  # imports ipywidgets before the run exists
+        widgets = not args.quiet and self.widgets_wanted()  # imports ipywidgets before the run exists
         try:
             run = self.client.run(self._payload(args.cmd, body), targets=targets, cmd=args.cmd,
                                   args=arg_pairs(args.arg), timeout=args.timeout or self.timeout)
@@ -253,7 +253,9 @@ class ZyRun(Magics):
             return view
         return TextView(run, live=type(self.shell).__name__ == "ZMQInteractiveShell")
 
-    def _widgets_wanted(self) -> bool:
+    def widgets_wanted(self) -> bool:
+        """Whether runs show as live widgets here (the ``widgets`` option; by default in a Jupyter
+        kernel with ipywidgets installed); ``%zyrelease`` asks it too."""
         if self.widgets == "off":
             return False
         if self.widgets == "on":

@@ -62,7 +62,7 @@ class ZyRelease(Magics):
         if args.out:
             self._ip.user_ns[args.out] = release
         runner = self._ip.magics_manager.registry["ZyRun"]
-        if runner._widgets_wanted():
+        if runner.widgets_wanted():
             from .release_view import ReleaseWidget
 
             widget = ReleaseWidget(release)
