@@ -61,6 +61,12 @@ class _Envelope:
     def payload(self) -> dict[str, Any]:
         return {}
 
+    def wire_payload(self) -> dict[str, Any]:
+        """The payload as it came, a newer peer's keys kept (what the master stores as a result's
+        data), or as built from the fields for a message made here; {} when it has none."""
+        p = self.to_wire().get("p")
+        return p if isinstance(p, dict) else {}
+
     def to_wire(self) -> dict[str, Any]:
         """The envelope as a dict (shared: do not mutate it)."""
         if self._wire is not None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["FINAL", "OPEN", "SESSION_TRANSITIONS", "TRANSITIONS", "SessionKind", "SessionState", "TaskStatus",
-           "Verdict", "can_move", "is_final", "may_settle"]
+__all__ = ["FINAL", "OPEN", "SESSION_TRANSITIONS", "TRANSITIONS", "ChannelMode", "SessionKind", "SessionState",
+           "TaskStatus", "Verdict", "can_move", "is_final", "may_settle"]
 
 
 class TaskStatus(StrEnum):
@@ -93,3 +93,11 @@ class SessionKind(StrEnum):
 
     AGENT = "agent"
     PROXY = "proxy"
+
+
+class ChannelMode(StrEnum):
+    """How a session's channel runs: ``h2`` (two long-lived HTTP/2 streams) or ``poll`` (the
+    HTTP/1.1 fallback: uplink batches in, downlink batches out)."""
+
+    H2 = "h2"
+    POLL = "poll"
