@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import pydoc
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import httpx
@@ -31,7 +33,7 @@ from hcsdk import (
 
 URL = "https://master.test"
 TARGETS = [{"taskid": "t1", "uuid": "u-1", "hostname": "web-1"}, {"taskid": "t2", "uuid": "u-2", "hostname": "web-2"}]
-EVENTS = [
+EVENTS: list[dict[str, Any]] = [
     {"id": 1, "taskid": "t1", "kind": "start", "seq": 0, "data": {"started_at": 100.0}},
     {"id": 2, "taskid": "t1", "kind": "out", "seq": 2, "data": {"stream": "stdout", "data": "world\n"}},
     {"id": 3, "taskid": "t1", "kind": "out", "seq": 1, "data": {"stream": "stdout", "data": "hello "}},
@@ -216,8 +218,9 @@ def test_release_returns_its_sync_face(master: FakeMaster) -> None:
 
 def test_sync_faces_show_the_async_parameters_and_docs() -> None:
     """help() and IDEs see what the async method declares: derived, not written twice."""
-    pairs = [(Client.release, AsyncClient.release), (Client.run, AsyncClient.run),
-             (Release.wait, AsyncRelease.wait), (Run.events, AsyncRun.events), (Client.status, AsyncClient.status)]
+    pairs: list[tuple[Callable[..., Any], Callable[..., Any]]] = [
+        (Client.release, AsyncClient.release), (Client.run, AsyncClient.run), (Release.wait, AsyncRelease.wait),
+        (Run.events, AsyncRun.events), (Client.status, AsyncClient.status)]
     for sync, asynchronous in pairs:
         assert list(inspect.signature(sync).parameters) == list(inspect.signature(asynchronous).parameters)
         assert sync.__doc__ == asynchronous.__doc__
@@ -228,9 +231,42 @@ def test_sync_faces_show_the_async_parameters_and_docs() -> None:
     assert inspect.signature(AsyncRelease.wait).return_annotation == "AsyncRelease"
     assert Client.release.__qualname__ == "Client.release" and Client.close.__name__ == "close"
     assert "dest" in inspect.signature(Client.release).parameters
+    # what help(hcsdk.Client.run) prints: the parameters, not (*args, **kwargs)
+    shown = pydoc.render_doc(Client.run, renderer=pydoc.TextDoc())
+    assert "targets: 'TargetsLike'" in shown and "timeout: 'float' = 600" in shown and "-> 'Run'" in shown
     # the async methods stay untouched by the derivation
     assert AsyncClient.release.__qualname__ == "AsyncClient.release"
     assert inspect.signature(AsyncClient.release).return_annotation == "AsyncRelease"
+
+
+def _faces() -> list[tuple[type, type]]:
+    """Each public Async* class of hcsdk with its sync face (the same name without "Async")."""
+    import hcsdk
+
+    return [(getattr(hcsdk, name), getattr(hcsdk, name.removeprefix("Async")))
+            for name in hcsdk.__all__ if name.startswith("Async")]
+
+
+def test_every_public_async_method_has_its_sync_counterpart() -> None:
+    """A method added to an Async* class without its line on the sync face fails here: each
+    public method (coroutine, async iterator or plain) is offered, derived from that very method."""
+    faces = _faces()
+    assert {a.__name__ for a, _ in faces} >= {"AsyncClient", "AsyncRun", "AsyncRelease", "AsyncSchedule",
+                                              "AsyncPlugins", "AsyncAgents", "AsyncArtifacts"}
+    missing = []
+    for asynchronous, sync in faces:
+        for name, member in vars(asynchronous).items():
+            if name.startswith("_"):
+                continue
+            sync_name = "close" if name == "aclose" else name  # close() is the sync word for it
+            counterpart = inspect.getattr_static(sync, sync_name, None)
+            if isinstance(member, property):
+                ok = isinstance(counterpart, property)
+            else:  # derived by hcsdk._sync: functools.wraps keeps the async method as __wrapped__
+                ok = getattr(counterpart, "__wrapped__", None) is member
+            if not ok:
+                missing.append(f"{sync.__name__}.{sync_name} (for {asynchronous.__name__}.{name})")
+    assert missing == []
 
 
 def test_plugins_list_reads_each_targets_outcome(master: FakeMaster) -> None:
