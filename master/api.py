@@ -8,7 +8,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import anyio
 from fastapi import Depends, FastAPI, Request
@@ -19,11 +19,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hcsdk.common.jointoken import JoinToken
 from hcsdk.common.version import __version__
+from hcsdk.net.asgi import Scope
+from hcsdk.net.channel_server import bearer_token
 from hcsdk.net.tls import ca_fingerprint, norm_name
 from hcsdk.protocol import vocab
 from hcsdk.protocol.e2e import b64, public_key
 from hcsdk.protocol.errors import MessageError
 from hcsdk.protocol.names import is_sha256
+from hcsdk.protocol.tasks import SessionKind
 from hcsdk.protocol.wire import dumps, loads
 
 from .artifacts_api import artifact_routes
@@ -34,6 +37,7 @@ from .proxy_stats import proxy_routes
 from .releases import Releases
 from .releases_api import release_routes
 from .schedules_api import schedule_routes
+from .store import AgentRecord, JoinTokenRecord
 from .targets import resolve
 
 
@@ -50,7 +54,7 @@ class TokenRequest(BaseModel):
     #: where agents joining with this token connect (proxies); default: this master
     urls: list[str] = Field(default_factory=list, max_length=32)
     #: what it enrolls: the enrolling side cannot choose
-    kind: Literal["agent", "proxy"] = "agent"
+    kind: SessionKind = SessionKind.AGENT
     #: a proxy token: the only hosts the master will sign into that proxy's certificate
     proxy_names: list[str] = Field(default_factory=list, max_length=32)
     #: enrollments it allows (0: any number until it expires)
@@ -58,13 +62,14 @@ class TokenRequest(BaseModel):
 
 
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+#: matched whole (fullmatch, \Z): "$" would also take a trailing newline into a certificate's names
+_HOST_RE = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*\.?")
 
 
 def _proxy_names(req: TokenRequest, master_names: set[str]) -> list[str]:
     """The hosts a proxy token lets its proxy's certificate name: plain host names or IP
     addresses (no wildcards), none of them the master's own."""
-    if req.kind == "agent":
+    if req.kind == SessionKind.AGENT:
         if req.proxy_names:
             raise RequestRejected("proxy_names are for a proxy token (kind 'proxy'); an agent gets no certificate")
         return []
@@ -76,7 +81,7 @@ def _proxy_names(req: TokenRequest, master_names: set[str]) -> list[str]:
         try:
             ipaddress.ip_address(name)
         except ValueError:
-            if not _HOST_RE.match(name):
+            if not _HOST_RE.fullmatch(name):
                 raise RequestRejected(f"proxy name {name!r} is not a host name or IP address (no wildcards)") from None
         if norm_name(name) in master_names:
             raise RequestRejected(f"proxy name {name!r} is one of this master's own names: a proxy's certificate "
@@ -109,9 +114,8 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
     store = hub.db.store
 
     async def admin(request: Request) -> None:
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(cast(Scope, request.scope))  # the ASGI scope the app was called with
+        if token is None:
             raise AuthFailed(401, "API token missing (send 'Authorization: Bearer <token>')")
         expected = await hub.db(store.get_meta, "admin_token_hash") or ""
         if not hmac.compare_digest(expected, secret_hash(token)):
@@ -144,7 +148,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
     app.include_router(artifact_routes(hub, paths, admin))
     releases = Releases(hub)
     hub.on_start.append(releases.start)
-    app.include_router(release_routes(hub, releases, admin))
+    app.include_router(release_routes(releases, admin))
 
     @app.get("/api/v1/status", dependencies=deps)
     async def status() -> dict[str, Any]:
@@ -153,15 +157,13 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
     @app.get("/api/v1/inventory", dependencies=deps)
     async def inventory(targets: str | None = None) -> list[dict[str, Any]]:
         """Every agent, or those a target expression (glob, label selector, uuid) selects."""
-        rows = await hub.db(store.agents)
+        rows = [_inventory_row(a) for a in await hub.db(store.agents)]
         if targets:
             try:
                 rows = resolve({"expr": targets}, rows)
             except ValueError as exc:
                 raise RequestRejected(str(exc), kind="target", status=404) from None
         for row in rows:
-            row.pop("credential_hash", None)
-            row.pop("e2e_key", None)
             session = hub.sessions.get(row["uuid"])
             row["online"] = session is not None
             row["mode"] = session.mode if session else None
@@ -171,7 +173,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
     @app.post("/api/v1/runs", dependencies=deps)
     async def create_run(req: RunRequest) -> dict[str, Any]:
         _validate_args(req.cmd, req.args)
-        if req.cmd == "zy.update" and not (is_sha256(req.args.get("sha256"))
+        if req.cmd == vocab.UPDATE and not (is_sha256(req.args.get("sha256"))
                                            and (paths.root / "blobs" / str(req.args["sha256"])).is_file()):
             raise RequestRejected(f"no build with SHA-256 {req.args.get('sha256')!r} was uploaded to this master "
                                   "(client.agents.update uploads it first)", status=404)
@@ -214,12 +216,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
     @app.get("/api/v1/tokens", dependencies=deps)
     async def list_tokens() -> list[dict[str, Any]]:
         now = time.time()
-        rows = await hub.db(store.join_tokens)
-        for r in rows:
-            used_up = r["max_uses"] and r["uses"] >= r["max_uses"]
-            r["state"] = ("revoked" if r["revoked"] else "expired" if r["expires_at"] < now
-                          else "used" if used_up else "valid")
-        return rows
+        return [_token_row(t, now) for t in await hub.db(store.join_tokens)]
 
     @app.delete("/api/v1/tokens/{token_id}", dependencies=deps)
     async def revoke_token(token_id: str) -> dict[str, Any]:
@@ -240,6 +237,22 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
         return {"uuid": uuid, action: True}
 
     return app
+
+
+# The REST API's JSON for the store's records, as it was when the store handed SQLite's rows
+# through: flags as 0/1 (the SDK and tests read these bytes), no secrets.
+
+def _inventory_row(agent: AgentRecord) -> dict[str, Any]:
+    row: dict[str, Any] = {k: v for k, v in agent.items() if k not in ("credential_hash", "e2e_key")}
+    row["revoked"] = int(agent["revoked"])
+    return row
+
+
+def _token_row(token: JoinTokenRecord, now: float) -> dict[str, Any]:
+    used_up = token["max_uses"] and token["uses"] >= token["max_uses"]
+    state = ("revoked" if token["revoked"] else "expired" if token["expires_at"] < now
+             else "used" if used_up else "valid")
+    return {**token, "revoked": int(token["revoked"]), "state": state}
 
 
 def _name(hub: Hub, uuid: str) -> str:

@@ -20,6 +20,7 @@ from hcsdk.protocol.names import is_sha256
 
 from .bootstrap import Paths
 from .hub import Hub, RequestRejected
+from .store import ArtifactRecord
 
 
 class MissingRequest(BaseModel):
@@ -74,6 +75,6 @@ def artifact_routes(hub: Hub, paths: Paths, admin: Any) -> APIRouter:
     return router
 
 
-def _info(artifact: dict[str, Any]) -> dict[str, Any]:
+def _info(artifact: ArtifactRecord) -> dict[str, Any]:
     return {"id": artifact["id"], "name": artifact["name"], "size": artifact["size"], "sha256": artifact["sha256"],
             "chunks": len(artifact["manifest"]["chunks"]), "created_at": artifact["created_at"]}

@@ -12,17 +12,17 @@ import hmac
 import os
 import secrets
 from pathlib import Path
-from typing import Any
 
 import anyio
 
-from hcsdk.net.asgi import Receive, Scope, Send, error, header, query, respond
+from hcsdk.net.asgi import Receive, Scope, Send, error, query, respond
+from hcsdk.net.channel_server import bearer_token
 from hcsdk.net.limits import authenticated, send_file
-from hcsdk.protocol.names import SHA256 as SHA_RE  # noqa: F401  (the name master.api checks update digests with)
 from hcsdk.protocol.names import is_sha256
 
 from .bootstrap import secret_hash
 from .hub import Hub
+from .store import AgentRecord
 
 MAX_BLOB = 2 * 1024**3
 
@@ -71,7 +71,7 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
         await respond(send, 200, {"sha256": sha, "size": size})
 
-    async def download(self, scope: Scope, receive: Receive, send: Send, row: dict[str, Any] | None) -> None:
+    async def download(self, scope: Scope, receive: Receive, send: Send, row: AgentRecord | None) -> None:
         if row is None:
             return  # the caller answered 401/403 already
         sha = query(scope).get("sha256", "")
@@ -90,8 +90,8 @@ class BlobStore:
     async def admin(self, scope: Scope, send: Send) -> bool:
         """The admin token, from the headers: checked before any body is read (401 otherwise,
         with the API's own messages)."""
-        scheme, _, token = (header(scope, b"authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(scope)
+        if token is None:
             await error(send, 401, "API token missing (send 'Authorization: Bearer <token>')", kind="auth")
             return False
         expected = await self.hub.db(self.hub.db.store.get_meta, "admin_token_hash") or ""

@@ -20,12 +20,27 @@ from typing import Any
 
 import anyio
 
+from hcsdk.protocol import vocab
+from hcsdk.protocol.releases import ACTIVE, STEPS, Phase, ReleaseAction, ReleaseState, TargetStatus
+from hcsdk.protocol.tasks import TaskStatus
+
 from .hub import Hub, RequestRejected
+from .store import ArtifactRecord, ReleaseRecord, ReleaseSummary, ReleaseTargetRecord
 
 log = logging.getLogger("zy.master.releases")
 
-STEPS = ("fetch", "pre", "place", "post", "health")
-ACTIVE = ("running", "rolling_back")
+#: the states each operator action may come in, and the state it moves the release to
+_ALLOWED: dict[str, tuple[ReleaseState, ...]] = {
+    ReleaseAction.PAUSE: (ReleaseState.RUNNING,),
+    ReleaseAction.RESUME: (ReleaseState.PAUSED,),
+    ReleaseAction.ABORT: (ReleaseState.RUNNING, ReleaseState.PAUSED),
+    ReleaseAction.ROLLBACK: (ReleaseState.RUNNING, ReleaseState.PAUSED, ReleaseState.DONE, ReleaseState.ABORTED,
+                             ReleaseState.FAILED),
+}
+_MOVES_TO: dict[str, ReleaseState] = {ReleaseAction.PAUSE: ReleaseState.PAUSED,
+                                      ReleaseAction.RESUME: ReleaseState.RUNNING,
+                                      ReleaseAction.ABORT: ReleaseState.ABORTED,
+                                      ReleaseAction.ROLLBACK: ReleaseState.ROLLING_BACK}
 
 
 def shard_targets(uuids: list[str], batch: int | str) -> list[list[str]]:
@@ -73,7 +88,7 @@ class Releases:
         shard_of = {uuid: i for i, shard in enumerate(shards) for uuid in shard}
         release = {"id": release_id, "artifact_id": artifact["id"], "name": artifact["name"],
                    "manifest": artifact["manifest"], "dest": dest, "options": options, "shards": shards,
-                   "state": "running", "created_at": now, "updated_at": now}
+                   "state": ReleaseState.RUNNING, "created_at": now, "updated_at": now}
         targets = [(a["uuid"], a["hostname"], shard_of[a["uuid"]]) for a in agents]
         await self.db(self.store.add_release, release, targets)
         self._drive(release_id)
@@ -90,19 +105,17 @@ class Releases:
     async def act(self, release_id: str, action: str) -> dict[str, Any]:
         rel = await self.get(release_id)
         state = rel["state"]
-        allowed = {"pause": ("running",), "resume": ("paused",), "abort": ("running", "paused"),
-                   "rollback": ("running", "paused", "done", "aborted", "failed")}
-        if state not in allowed[action]:
+        if state not in _ALLOWED[action]:
             raise RequestRejected(f"release {release_id} is {state}: it cannot {action} now", kind="release",
                                   status=409)
-        new = {"pause": "paused", "resume": "running", "abort": "aborted", "rollback": "rolling_back"}[action]
-        if action == "resume":  # the operator accepts the failures so far: the allowance starts again
-            failed = sum(t["status"] == "failed" for t in rel["targets"])
+        new = _MOVES_TO[action]
+        if action == ReleaseAction.RESUME:  # the operator accepts the failures so far: the allowance starts again
+            failed = sum(t["status"] == TargetStatus.FAILED for t in rel["targets"])
             options = {**rel["options"], "limit": failed + failure_limit(rel["options"]["max_failures"],
                                                                         len(rel["targets"]))}
             await self._set(release_id, options=options)
         await self._set(release_id, state=new, message=f"{action} requested")
-        if action in ("abort", "rollback") and rel["step_run"]:
+        if action in (ReleaseAction.ABORT, ReleaseAction.ROLLBACK) and rel["step_run"]:
             await self.hub.cancel_run(rel["step_run"])  # stop the step the agents are running now
         self._wake(release_id)
         if new in ACTIVE:
@@ -110,27 +123,36 @@ class Releases:
         return await self.get(release_id)
 
     async def get(self, release_id: str) -> dict[str, Any]:
-        def read() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        def read() -> tuple[ReleaseRecord | None, list[ReleaseTargetRecord]]:
             return self.store.release(release_id), self.store.release_targets(release_id)
 
-        out, targets = await self.db(read)
-        if out is None:
+        rel, targets = await self.db(read)
+        if rel is None:
             raise RequestRejected(f"no release {release_id!r}", kind="release", status=404)
-        out["shards"] = len(out["shards"])
-        out.pop("manifest")
-        out["targets"] = targets
+        # the API's JSON as it was (the SDK reads it): the shard count, no manifest, flags as 0/1
+        out: dict[str, Any] = {k: v for k, v in rel.items() if k != "manifest"}
+        out["shards"] = len(rel["shards"])
+        out["targets"] = [{**t, "placed": int(t["placed"])} for t in targets]
         return out
 
+    async def artifact(self, ref: str) -> ArtifactRecord | None:
+        """The artifact a release request names (its id, or the newest of that name)."""
+        return await self.db(self.store.artifact, ref)
+
+    async def target_rows(self) -> list[dict[str, Any]]:
+        """What a release request's targets are resolved against."""
+        return await self.db(self.store.target_rows)
+
     async def listing(self) -> list[dict[str, Any]]:
-        rows = await self.db(self.store.releases)
-        return [{**r, "shards": len(r["shards"])} for r in rows]
+        return [_summary(r) for r in await self.db(self.store.releases)]
 
     # -- the driver ---------------------------------------------------------------------------
     def _drive(self, release_id: str) -> None:
-        if release_id in self._driving or self.hub._tg is None:
+        tg = self.hub.task_group
+        if release_id in self._driving or tg is None:
             return
         self._driving.add(release_id)
-        self.hub._tg.start_soon(self._run_release, release_id)
+        tg.start_soon(self._run_release, release_id)
 
     def _wake(self, release_id: str) -> None:
         event = self._woken.pop(release_id, None)
@@ -143,8 +165,8 @@ class Releases:
                 pass
         except Exception as exc:  # a driver bug must not take the master down: the release says so
             log.exception("release %s failed", release_id)
-            await self._set(release_id, state="failed", message=f"internal error: {type(exc).__name__}: {exc}",
-                            expect=("running", "rolling_back"))
+            await self._set(release_id, state=ReleaseState.FAILED,
+                            message=f"internal error: {type(exc).__name__}: {exc}", expect=ACTIVE)
         finally:
             self._driving.discard(release_id)
         # an operator's resume or rollback between the last step and here found us still driving
@@ -154,20 +176,22 @@ class Releases:
     async def _advance(self, release_id: str) -> bool:
         """One step of a release; False when there is nothing more to do now."""
         rel = await self._row(release_id)
-        if rel["state"] == "rolling_back":
+        if rel["state"] == ReleaseState.ROLLING_BACK:
             await self._roll_back(rel)
             return False
-        if rel["state"] != "running":
+        if rel["state"] != ReleaseState.RUNNING:
             return False
         shards = rel["shards"]
         if rel["shard"] >= len(shards):
-            await self._set(release_id, state="done", message="every shard passed its health checks", expect="running")
+            await self._set(release_id, state=ReleaseState.DONE, message="every shard passed its health checks",
+                            expect=ReleaseState.RUNNING)
             return False
-        step = rel["step"] or "fetch"
+        step = Phase(rel["step"] or Phase.FETCH)
         await self._do_step(rel, shards[rel["shard"]], step)
         if await self._over_limit(rel):
             # an operator's abort or rollback meanwhile wins over the pause
-            await self._set(release_id, state="paused", message=await self._pause_message(rel), expect="running")
+            await self._set(release_id, state=ReleaseState.PAUSED, message=await self._pause_message(rel),
+                            expect=ReleaseState.RUNNING)
             return False
         if step == STEPS[-1]:
             await self._shard_done(rel)
@@ -175,7 +199,7 @@ class Releases:
             await self._set(release_id, step=STEPS[STEPS.index(step) + 1], step_run="")
         return True
 
-    async def _do_step(self, rel: dict[str, Any], shard: list[str], step: str) -> None:
+    async def _do_step(self, rel: ReleaseRecord, shard: list[str], step: str) -> None:
         options = rel["options"]
         live = await self._live(rel["id"], shard)
         command = self._command(rel, step, options)
@@ -184,13 +208,13 @@ class Releases:
         run_id = rel["step_run"]
         if not run_id:  # not started yet (after a restart, the run in flight is waited for, not redone)
             await self._online(live)
-            if (await self._row(rel["id"]))["state"] != "running":
+            if (await self._row(rel["id"]))["state"] != ReleaseState.RUNNING:
                 return  # paused, aborted or rolled back while the targets came back
             cmd, args = command
             run = await self.hub.create_run(cmd, args, {"uuids": live}, float(options["timeout"]))
             run_id = run["run_id"]
             await self._set(rel["id"], step=step, step_run=run_id)
-            await self._targets(rel["id"], live, phase=step, started=step == "fetch")
+            await self._targets(rel["id"], live, phase=step, started=step == Phase.FETCH)
         outcomes = await self._wait_run(run_id)
         await self._record(rel["id"], step, outcomes)
 
@@ -201,13 +225,13 @@ class Releases:
             while any(u not in self.hub.sessions for u in uuids):  # noqa: ASYNC110 - sessions come and go
                 await anyio.sleep(0.5)
 
-    def _command(self, rel: dict[str, Any], step: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-        if step == "fetch":
-            return "zy.release.fetch", {"manifest": rel["manifest"], "digest": rel["artifact_id"],
+    def _command(self, rel: ReleaseRecord, step: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        if step == Phase.FETCH:
+            return vocab.RELEASE_FETCH, {"manifest": rel["manifest"], "digest": rel["artifact_id"],
                                         "peer_key": options["peer_key"], "p2p": bool(options.get("p2p", True)),
                                         "rate": float(options.get("rate", 0))}
-        if step == "place":
-            return "zy.release.place", {"digest": rel["artifact_id"], "dest": rel["dest"], "mode": options["mode"],
+        if step == Phase.PLACE:
+            return vocab.RELEASE_PLACE, {"digest": rel["artifact_id"], "dest": rel["dest"], "mode": options["mode"],
                                         "sha256": rel["manifest"]["sha256"]}
         script = options.get(step)
         return ("shell", {"script": script}) if script else None
@@ -226,11 +250,11 @@ class Releases:
         placed: list[str] = []
         fetched: list[tuple[str, dict[str, Any]]] = []
         for uuid, o in outcomes.items():
-            if o["status"] != "ok":
+            if o["status"] != TaskStatus.OK:
                 failed.append((uuid, f"{step}: {o['error'] or o['status']}"))
-            elif step == "place" and (o["result"] or {}).get("placed"):  # what a rollback may undo
+            elif step == Phase.PLACE and (o["result"] or {}).get("placed"):  # what a rollback may undo
                 placed.append(uuid)
-            elif step == "fetch" and o["result"]:
+            elif step == Phase.FETCH and o["result"]:
                 fetched.append((uuid, o["result"]))
         await self.db(self.store.record_release_step, release_id, time.time(), failed, placed, fetched)
 
@@ -241,15 +265,15 @@ class Releases:
     async def _targets(self, release_id: str, uuids: list[str], phase: str, started: bool = False) -> None:
         await self.db(self.store.start_release_step, release_id, uuids, phase, time.time() if started else None)
 
-    async def _over_limit(self, rel: dict[str, Any]) -> bool:
+    async def _over_limit(self, rel: ReleaseRecord) -> bool:
         failed = await self.db(self.store.failed_release_targets, rel["id"])
         return failed > int(rel["options"]["limit"])
 
-    async def _pause_message(self, rel: dict[str, Any]) -> str:
+    async def _pause_message(self, rel: ReleaseRecord) -> str:
         limit = rel["options"]["limit"]
         return f"paused: more than {limit} target(s) failed (see progress); resume, abort or rollback"
 
-    async def _shard_done(self, rel: dict[str, Any]) -> None:
+    async def _shard_done(self, rel: ReleaseRecord) -> None:
         shards = rel["shards"]
         await self.db(self.store.finish_release_shard, rel["id"], shards[rel["shard"]], time.time())
         await self._set(rel["id"], shard=rel["shard"] + 1, step="", step_run="",
@@ -260,7 +284,7 @@ class Releases:
             with anyio.move_on_after(pause):
                 await event.wait()  # a pause or abort ends the wait early
 
-    async def _roll_back(self, rel: dict[str, Any]) -> None:
+    async def _roll_back(self, rel: ReleaseRecord) -> None:
         options = rel["options"]
         if rel["step_run"]:  # the step that was under way when the rollback came: let it end first
             await self._record(rel["id"], rel["step"], await self._wait_run(rel["step_run"]))
@@ -268,24 +292,25 @@ class Releases:
         placed = await self.db(self.store.placed_release_targets, rel["id"])
         failed: list[str] = []
         if placed:
-            run = await self.hub.create_run("zy.release.rollback", {"dest": rel["dest"], "digest": rel["artifact_id"]},
+            run = await self.hub.create_run(vocab.RELEASE_ROLLBACK, {"dest": rel["dest"], "digest": rel["artifact_id"]},
                                             {"uuids": placed}, float(options["timeout"]))
             outcomes = await self._wait_run(run["run_id"])
-            failed = [u for u, o in outcomes.items() if o["status"] != "ok"]
+            failed = [u for u, o in outcomes.items() if o["status"] != TaskStatus.OK]
             ok = [u for u in placed if u not in failed]
             if options.get("rollback") and ok:
                 run = await self.hub.create_run("shell", {"script": options["rollback"]}, {"uuids": ok},
                                                 float(options["timeout"]))
-                failed += [u for u, o in (await self._wait_run(run["run_id"])).items() if o["status"] != "ok"]
-            await self._targets_status(rel["id"], [u for u in placed if u not in failed], "rolled_back")
+                failed += [u for u, o in (await self._wait_run(run["run_id"])).items() if o["status"] != TaskStatus.OK]
+            await self._targets_status(rel["id"], [u for u in placed if u not in failed],
+                                       TargetStatus.ROLLED_BACK)
         message = (f"rolled back on {len(placed) - len(failed)} target(s)"
                    + (f"; {len(failed)} could not be rolled back" if failed else ""))
-        await self._set(rel["id"], state="rolled_back", message=message)
+        await self._set(rel["id"], state=ReleaseState.ROLLED_BACK, message=message)
 
     async def _targets_status(self, release_id: str, uuids: list[str], status: str) -> None:
         await self.db(self.store.set_release_targets_status, release_id, uuids, status)
 
-    async def _row(self, release_id: str) -> dict[str, Any]:
+    async def _row(self, release_id: str) -> ReleaseRecord:
         rel = await self.db(self.store.release, release_id)
         if rel is None:  # releases are never deleted: only a driver bug gets here
             raise LookupError(f"release {release_id} is not in the store")
@@ -297,3 +322,9 @@ class Releases:
         fields["updated_at"] = time.time()
         states = (expect,) if isinstance(expect, str) else expect or ()
         return await self.db(self.store.update_release, release_id, fields, states)
+
+
+def _summary(rel: ReleaseSummary) -> dict[str, Any]:
+    out: dict[str, Any] = dict(rel)
+    out["shards"] = len(rel["shards"])
+    return out

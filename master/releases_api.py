@@ -10,11 +10,12 @@ from pydantic import BaseModel, Field
 
 from hcsdk.protocol.manifest import Manifest, ManifestError
 
-from .hub import Hub, RequestRejected
+from .hub import RequestRejected
 from .releases import Releases
 from .targets import resolve
 
-_SHARE = re.compile(r"^\d+(\.\d+)?%$")
+#: a share of the targets, matched whole (fullmatch, \Z): "$" would also take "20%\n"
+_SHARE = re.compile(r"\A\d+(\.\d+)?%\Z")
 
 
 class ReleaseRequest(BaseModel):
@@ -37,23 +38,22 @@ class ReleaseRequest(BaseModel):
     timeout: float = Field(default=600, gt=0, le=86400)
 
 
-def release_routes(hub: Hub, releases: Releases, admin: Any) -> APIRouter:
+def release_routes(releases: Releases, admin: Any) -> APIRouter:
     router = APIRouter(dependencies=[Depends(admin)])
-    store = hub.db.store
 
     @router.post("/api/v1/releases")
     async def create(req: ReleaseRequest) -> dict[str, Any]:
         if not req.dest.startswith("/") or "\0" in req.dest:
             raise RequestRejected(f"dest={req.dest!r} must be an absolute path on the targets")
         for name, value in (("batch", req.batch), ("max_failures", req.max_failures)):
-            if isinstance(value, str) and not _SHARE.match(value):
+            if isinstance(value, str) and not _SHARE.fullmatch(value):
                 raise RequestRejected(f"{name}={value!r}: give a number or a percentage like '20%'")
-        found = await hub.db(store.artifact, req.artifact)
+        found = await releases.artifact(req.artifact)
         if found is None:
             raise RequestRejected(f"no artifact {req.artifact!r} (upload it with client.artifacts.upload)",
                                   kind="artifact", status=404)
         try:
-            agents = resolve(req.targets, await hub.db(store.target_rows))
+            agents = resolve(req.targets, await releases.target_rows())
         except ValueError as exc:
             raise RequestRejected(str(exc), kind="target") from None
         artifact = {"id": found["id"], "name": found["name"], "manifest": found["manifest"]}

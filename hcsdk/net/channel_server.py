@@ -26,7 +26,7 @@ from hcsdk.net.mailbox import Mailbox, stream_mailbox
 from hcsdk.net.settings import ChannelSettings
 from hcsdk.protocol.wire import UP_TYPES, FrameDecoder, FrameError
 
-__all__ = ["ChannelServer", "Credential", "Refusal", "SessionTable", "bearer"]
+__all__ = ["ChannelServer", "Credential", "Refusal", "SessionTable", "bearer", "bearer_token"]
 
 #: the most one held poll answers with (a client polls again at once when there was more)
 POLL_BATCH = 1024 * 1024
@@ -61,10 +61,17 @@ class Credential:
         return bool(digest) and hmac.compare_digest(digest, self.digest())
 
 
+def bearer_token(scope: Scope) -> str | None:
+    """Whatever ``Authorization: Bearer TOKEN`` carries (a client's credential, the master's API
+    token), or None: the one place that header is read."""
+    scheme, _, token = (header(scope, b"authorization") or "").partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def bearer(scope: Scope) -> Credential | None:
     """The credential in ``Authorization: Bearer UUID:SECRET``, or None."""
-    scheme, _, cred = (header(scope, b"authorization") or "").partition(" ")
-    return Credential(cred) if scheme.lower() == "bearer" and ":" in cred else None
+    cred = bearer_token(scope)
+    return Credential(cred) if cred is not None and ":" in cred else None
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,23 @@ from typing import Any
 from .args import Arg, validate
 from .errors import MessageError
 
-__all__ = ["BUILTIN_ARGS", "BUILTIN_CMDS", "CMD_RE", "SYSTEM_CMDS", "check_cmd", "check_request_args",
+__all__ = ["BUILTIN_ARGS", "BUILTIN_CMDS", "CMD_RE", "RELEASE_FETCH", "RELEASE_PLACE", "RELEASE_ROLLBACK",
+           "SCHEDULE_CANCEL", "SCHEDULE_SET", "SYSTEM_CMDS", "UPDATE", "check_cmd", "check_request_args",
            "is_cmd_word", "validate_args"]
 
 #: built into every agent; any other cmd word names a plugin, which the agent may or may not have
 BUILTIN_CMDS = ("shell", "exec", "ping", "facts", "echo")
+#: the system words the master's own code sends by name (an agent update, a release's steps)
+UPDATE = "zy.update"
+RELEASE_FETCH = "zy.release.fetch"
+RELEASE_PLACE = "zy.release.place"
+RELEASE_ROLLBACK = "zy.release.rollback"
+#: the schedule words the master's reconciliation sends by name at a handshake
+SCHEDULE_SET = "zy.schedule.set"
+SCHEDULE_CANCEL = "zy.schedule.cancel"
 #: what the agent itself does, on the master's signed word (plugins, updates, schedules, releases)
-SYSTEM_CMDS = ("zy.plugin.install", "zy.plugin.remove", "zy.plugins", "zy.update", "zy.schedule.set",
-               "zy.schedule.cancel", "zy.schedules", "zy.release.fetch", "zy.release.place", "zy.release.rollback")
+SYSTEM_CMDS = ("zy.plugin.install", "zy.plugin.remove", "zy.plugins", UPDATE, SCHEDULE_SET,
+               SCHEDULE_CANCEL, "zy.schedules", RELEASE_FETCH, RELEASE_PLACE, RELEASE_ROLLBACK)
 #: a cmd word: lowercase letters, digits and _ in dot-separated parts (at most 64 characters)
 #: (\A...\Z: "$" would also match before a trailing newline)
 CMD_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*\Z")

@@ -12,10 +12,20 @@ from pathlib import Path
 
 from .errors import SchemaError, TokenUsedUp
 from .offload import StoreThread
-from .protocol import Store
+from .protocol import (
+    AgentRecord,
+    ArtifactRecord,
+    JoinTokenRecord,
+    ReleaseRecord,
+    ReleaseSummary,
+    ReleaseTargetRecord,
+    Result,
+    Store,
+)
 from .sqlite import SQLiteStore, open_sqlite
 
-__all__ = ["SQLiteStore", "SchemaError", "Store", "StoreThread", "TokenUsedUp", "open_store"]
+__all__ = ["AgentRecord", "ArtifactRecord", "JoinTokenRecord", "ReleaseRecord", "ReleaseSummary", "ReleaseTargetRecord",
+           "Result", "SQLiteStore", "SchemaError", "Store", "StoreThread", "TokenUsedUp", "open_store"]
 
 
 def open_store(data_dir: Path) -> Store:

@@ -4,13 +4,100 @@ Everything the master keeps goes through these methods; ``SQLiteStore`` implemen
 one SQLite file and the next store (PostgreSQL) implements them again. They are synchronous and
 are called one at a time from a worker thread (``StoreThread``). Records are plain dicts (the
 keys are the column names the API returns today), with JSON columns already decoded except
-where noted; no database type appears here.
+where noted; no database type appears here. The fleet's records (tokens, agents and proxies,
+artifacts, releases) are the typed dicts below, in Python's types: JSON as dicts and lists, keys
+as bytes, flags as bools, whatever the database stores them as.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, NotRequired, Protocol, TypeAlias, TypedDict
+
+from hcsdk.protocol.messages import Done, Out, Sample, Start
+
+#: what an agent reports about a task (or a schedule's tick), parsed and MAC-checked: what
+#: ``Store.ingest`` takes
+Result: TypeAlias = Start | Out | Done | Sample
+
+
+class JoinTokenRecord(TypedDict):
+    id: str
+    secret_hash: NotRequired[str]  # join_token() only: a listing leaves the secret's hash out
+    created_at: float
+    expires_at: float
+    revoked: bool
+    description: str
+    uses: int
+    kind: str
+    proxy_names: list[str]
+    max_uses: int
+
+
+class AgentRecord(TypedDict):
+    """An enrolled agent or proxy (``kind``)."""
+
+    uuid: str
+    credential_hash: str
+    token_id: str
+    hostname: str
+    facts: dict[str, Any]
+    labels: dict[str, str]
+    enrolled_at: float
+    last_seen: float | None
+    revoked: bool
+    connects: int
+    e2e_key: bytes  # the end-to-end MAC key (empty for an agent enrolled before there was one)
+    kind: str | None  # None: enrolled before kinds existed (an agent)
+
+
+class ArtifactRecord(TypedDict):
+    id: str
+    name: str
+    size: int
+    sha256: str
+    manifest: dict[str, Any]
+    created_at: float
+
+
+class ReleaseSummary(TypedDict):
+    """A release as a listing shows it."""
+
+    id: str
+    name: str
+    dest: str
+    state: str
+    shard: int
+    shards: list[list[str]]
+    message: str
+    created_at: float
+    updated_at: float
+
+
+class ReleaseRecord(ReleaseSummary):
+    artifact_id: str
+    manifest: dict[str, Any]
+    options: dict[str, Any]
+    step: str
+    step_run: str
+
+
+class ReleaseTargetRecord(TypedDict):
+    release_id: str
+    uuid: str
+    hostname: str
+    shard: int
+    phase: str
+    status: str
+    error: str | None
+    bytes: int | None
+    bytes_upstream: int | None
+    bytes_peers: int | None
+    reused: int | None
+    fetch_s: float | None
+    started_at: float | None
+    finished_at: float | None
+    placed: bool
 
 
 class Store(Protocol):
@@ -29,9 +116,9 @@ class Store(Protocol):
 
     # -- join tokens ------------------------------------------------------------------------
     def add_join_token(self, token_id: str, secret_hash: str, ttl: float, description: str, kind: str = "agent",
-                       proxy_names: Iterable[str] = (), max_uses: int = 0) -> dict[str, Any]: ...
-    def join_token(self, token_id: str) -> dict[str, Any] | None: ...
-    def join_tokens(self) -> list[dict[str, Any]]: ...
+                       proxy_names: Iterable[str] = (), max_uses: int = 0) -> JoinTokenRecord: ...
+    def join_token(self, token_id: str) -> JoinTokenRecord | None: ...
+    def join_tokens(self) -> list[JoinTokenRecord]: ...
     def revoke_join_token(self, token_id: str) -> bool: ...
 
     # -- agents and proxies -----------------------------------------------------------------
@@ -41,14 +128,12 @@ class Store(Protocol):
         returns the other live clients of this kind with the same hostname."""
         ...
 
-    def agent(self, uuid: str) -> dict[str, Any] | None:
-        """The agent's row as stored (facts and labels as JSON text)."""
-        ...
+    def agent(self, uuid: str) -> AgentRecord | None: ...
 
     def agent_connected(self, uuid: str, facts: dict[str, Any], labels: dict[str, str]) -> None: ...
     def touch_agents(self, seen: dict[str, float]) -> None: ...
     def revoke_agent(self, uuid: str) -> bool: ...
-    def agents(self, include_revoked: bool = False) -> list[dict[str, Any]]: ...
+    def agents(self, include_revoked: bool = False) -> list[AgentRecord]: ...
     def target_rows(self) -> list[dict[str, Any]]:
         """uuid, hostname, labels of every live agent (not proxies): what targeting needs."""
         ...
@@ -67,8 +152,8 @@ class Store(Protocol):
         """taskid -> (run_id, uuid)."""
         ...
 
-    def ingest(self, batch: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, list[list[Any]]], set[str]]:
-        """Store ``(uuid, envelope)`` messages from agents in one transaction; returns the
+    def ingest(self, batch: list[tuple[str, Result]]) -> tuple[dict[str, list[list[Any]]], set[str]]:
+        """Store ``(uuid, message)`` from agents in one transaction; returns the
         acknowledgements per agent and the runs that changed."""
         ...
 
@@ -108,18 +193,18 @@ class Store(Protocol):
     # -- artifacts --------------------------------------------------------------------------
     def add_artifact(self, artifact_id: str, name: str, size: int, sha256: str, manifest: dict[str, Any],
                      created_at: float) -> None: ...
-    def artifacts(self) -> list[dict[str, Any]]: ...
-    def artifact(self, ref: str) -> dict[str, Any] | None:
+    def artifacts(self) -> list[ArtifactRecord]: ...
+    def artifact(self, ref: str) -> ArtifactRecord | None:
         """By id, or the newest of that name."""
         ...
 
     # -- releases ---------------------------------------------------------------------------
     def add_release(self, release: dict[str, Any], targets: list[tuple[str, str, int]]) -> None: ...
-    def release(self, release_id: str) -> dict[str, Any] | None: ...
+    def release(self, release_id: str) -> ReleaseRecord | None: ...
     def release_ids(self, states: tuple[str, ...]) -> list[str]: ...
-    def releases(self) -> list[dict[str, Any]]: ...
+    def releases(self) -> list[ReleaseSummary]: ...
     def update_release(self, release_id: str, fields: dict[str, Any], expect: tuple[str, ...] = ()) -> bool: ...
-    def release_targets(self, release_id: str) -> list[dict[str, Any]]: ...
+    def release_targets(self, release_id: str) -> list[ReleaseTargetRecord]: ...
     def pending_release_targets(self, release_id: str) -> list[str]: ...
     def placed_release_targets(self, release_id: str) -> list[str]: ...
     def failed_release_targets(self, release_id: str) -> int: ...

@@ -5,18 +5,19 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from hcsdk.protocol.wire import loads
 
 from .errors import TokenUsedUp
+from .protocol import AgentRecord, JoinTokenRecord
 from .sqlite_base import SQLiteBase, js
 
 
 class FleetSQL(SQLiteBase):
     # -- join tokens ------------------------------------------------------------------------
     def add_join_token(self, token_id: str, secret_hash: str, ttl: float, description: str, kind: str = "agent",
-                       proxy_names: Iterable[str] = (), max_uses: int = 0) -> dict[str, Any]:
+                       proxy_names: Iterable[str] = (), max_uses: int = 0) -> JoinTokenRecord:
         """``max_uses`` 0: any number of enrollments until it expires."""
         now = time.time()
         self.db.execute(
@@ -24,13 +25,15 @@ class FleetSQL(SQLiteBase):
             "max_uses) VALUES(?,?,?,?,?,?,?,?)",
             (token_id, secret_hash, now, now + ttl, description, kind, js(list(proxy_names)), max_uses),
         )
-        return self.join_token(token_id) or {}
+        row = self.join_token(token_id)
+        assert row is not None  # inserted just above, in this connection
+        return row
 
-    def join_token(self, token_id: str) -> dict[str, Any] | None:
+    def join_token(self, token_id: str) -> JoinTokenRecord | None:
         row = self.db.execute("SELECT * FROM join_tokens WHERE id=?", (token_id,)).fetchone()
         return _token(row) if row else None
 
-    def join_tokens(self) -> list[dict[str, Any]]:
+    def join_tokens(self) -> list[JoinTokenRecord]:
         rows = self.db.execute(
             "SELECT id, created_at, expires_at, revoked, description, uses, kind, proxy_names, max_uses "
             "FROM join_tokens ORDER BY created_at"
@@ -70,9 +73,9 @@ class FleetSQL(SQLiteBase):
                               "LIMIT 5", (hostname, kind, uuid)).fetchall() if hostname else []
         return [r[0] for r in same]
 
-    def agent(self, uuid: str) -> dict[str, Any] | None:
+    def agent(self, uuid: str) -> AgentRecord | None:
         row = self.db.execute("SELECT * FROM agents WHERE uuid=?", (uuid,)).fetchone()
-        return dict(row) if row else None
+        return _agent(row) if row else None
 
     def agent_connected(self, uuid: str, facts: dict[str, Any], labels: dict[str, str]) -> None:
         self.db.execute(
@@ -86,15 +89,9 @@ class FleetSQL(SQLiteBase):
     def revoke_agent(self, uuid: str) -> bool:
         return self.db.execute("UPDATE agents SET revoked=1 WHERE uuid=?", (uuid,)).rowcount > 0
 
-    def agents(self, include_revoked: bool = False) -> list[dict[str, Any]]:
+    def agents(self, include_revoked: bool = False) -> list[AgentRecord]:
         sql = "SELECT * FROM agents" + ("" if include_revoked else " WHERE revoked=0") + " ORDER BY hostname, uuid"
-        out = []
-        for row in self.db.execute(sql):
-            rec = dict(row)
-            rec["facts"] = loads(rec["facts"])
-            rec["labels"] = loads(rec["labels"])
-            out.append(rec)
-        return out
+        return [_agent(row) for row in self.db.execute(sql)]
 
     def target_rows(self) -> list[dict[str, Any]]:
         """What targeting needs of every live agent (not proxies), without the facts: at
@@ -108,7 +105,19 @@ class FleetSQL(SQLiteBase):
         return {"uuid": row[0], "hostname": row[1], "labels": loads(row[2])} if row else None
 
 
-def _token(row: sqlite3.Row) -> dict[str, Any]:
+# SQLite's representations -> the records' Python types, keys kept in column order (the API's JSON)
+
+def _token(row: sqlite3.Row) -> JoinTokenRecord:
     out = dict(row)
+    out["revoked"] = bool(out["revoked"])
     out["proxy_names"] = loads(out.get("proxy_names") or "[]")
-    return out
+    return cast(JoinTokenRecord, out)
+
+
+def _agent(row: sqlite3.Row) -> AgentRecord:
+    out = dict(row)
+    out["facts"] = loads(out["facts"])
+    out["labels"] = loads(out["labels"])
+    out["revoked"] = bool(out["revoked"])
+    out["e2e_key"] = bytes.fromhex(out["e2e_key"] or "")
+    return cast(AgentRecord, out)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from typing import Any, cast
 
 from hcsdk.protocol.wire import loads
 
+from .protocol import ArtifactRecord, ReleaseRecord, ReleaseSummary, ReleaseTargetRecord
 from .sqlite_base import SQLiteBase, js
 
 #: release columns an update may set; the JSON ones are encoded here
@@ -23,10 +24,10 @@ class ReleasesSQL(SQLiteBase):
         self.db.execute("INSERT OR IGNORE INTO artifacts VALUES(?,?,?,?,?,?)",
                         (artifact_id, name, size, sha256, js(manifest), created_at))
 
-    def artifacts(self) -> list[dict[str, Any]]:
+    def artifacts(self) -> list[ArtifactRecord]:
         return [_artifact(r) for r in self.db.execute(f"{_ARTIFACT} ORDER BY created_at")]
 
-    def artifact(self, ref: str) -> dict[str, Any] | None:
+    def artifact(self, ref: str) -> ArtifactRecord | None:
         """By id (its manifest's digest), or the newest of that name."""
         row = self.db.execute(f"{_ARTIFACT} WHERE id=? OR name=? ORDER BY created_at DESC LIMIT 1",
                               (ref, ref)).fetchone()
@@ -46,19 +47,19 @@ class ReleasesSQL(SQLiteBase):
                            [(release["id"], uuid, hostname, shard, "queued", "pending")
                             for uuid, hostname, shard in targets])
 
-    def release(self, release_id: str) -> dict[str, Any] | None:
+    def release(self, release_id: str) -> ReleaseRecord | None:
         row = self.db.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone()
-        return _release(row) if row else None
+        return cast(ReleaseRecord, _release(row)) if row else None
 
     def release_ids(self, states: tuple[str, ...]) -> list[str]:
         rows = self.db.execute(f"SELECT id FROM releases WHERE state IN ({','.join('?' * len(states))})", states)
         return [r[0] for r in rows]
 
-    def releases(self) -> list[dict[str, Any]]:
+    def releases(self) -> list[ReleaseSummary]:
         """Every release, oldest first, without manifest, options and targets."""
         rows = self.db.execute("SELECT id, name, dest, state, shard, shards, message, created_at, updated_at "
                                "FROM releases ORDER BY created_at")
-        return [_release(r) for r in rows]
+        return [cast(ReleaseSummary, _release(r)) for r in rows]
 
     def update_release(self, release_id: str, fields: dict[str, Any], expect: tuple[str, ...] = ()) -> bool:
         """Set ``fields``; with ``expect``, only while the release is in one of those states.
@@ -73,10 +74,10 @@ class ReleasesSQL(SQLiteBase):
                                (*values, release_id, *expect)).rowcount > 0
 
     # -- a release's targets ----------------------------------------------------------------
-    def release_targets(self, release_id: str) -> list[dict[str, Any]]:
+    def release_targets(self, release_id: str) -> list[ReleaseTargetRecord]:
         rows = self.db.execute("SELECT * FROM release_targets WHERE release_id=? ORDER BY shard, hostname",
                                (release_id,))
-        return [dict(r) for r in rows]
+        return [cast(ReleaseTargetRecord, {**dict(r), "placed": bool(r["placed"])}) for r in rows]
 
     def pending_release_targets(self, release_id: str) -> list[str]:
         """Targets that have neither failed nor finished."""
@@ -128,11 +129,12 @@ class ReleasesSQL(SQLiteBase):
                            [(status, status, release_id, u) for u in uuids])
 
 
-def _artifact(row: sqlite3.Row) -> dict[str, Any]:
-    return {**dict(row), "manifest": loads(row["manifest"])}
+def _artifact(row: sqlite3.Row) -> ArtifactRecord:
+    return cast(ArtifactRecord, {**dict(row), "manifest": loads(row["manifest"])})
 
 
 def _release(row: sqlite3.Row) -> dict[str, Any]:
+    """A row with its JSON columns decoded (the caller says which record it is)."""
     out = dict(row)
     for key in _JSON_FIELDS:
         if key in out:
