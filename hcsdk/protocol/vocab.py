@@ -10,9 +10,9 @@ from typing import Any
 from .args import Arg, validate
 from .errors import MessageError
 
-__all__ = ["BUILTIN_ARGS", "BUILTIN_CMDS", "CMD_RE", "RELEASE_FETCH", "RELEASE_PLACE", "RELEASE_ROLLBACK",
-           "SCHEDULE_CANCEL", "SCHEDULE_SET", "SYSTEM_CMDS", "UPDATE", "check_cmd", "check_request_args",
-           "is_cmd_word", "validate_args"]
+__all__ = ["BUILTIN_ARGS", "BUILTIN_CMDS", "CMD_RE", "PLUGINS", "PLUGIN_INSTALL", "PLUGIN_REMOVE", "RELEASE_FETCH",
+           "RELEASE_PLACE", "RELEASE_ROLLBACK", "SCHEDULES", "SCHEDULE_CANCEL", "SCHEDULE_SET", "SYSTEM_CMDS", "UPDATE",
+           "check_cmd", "check_request_args", "is_cmd_word", "validate_args"]
 
 #: built into every agent; any other cmd word names a plugin, which the agent may or may not have
 BUILTIN_CMDS = ("shell", "exec", "ping", "facts", "echo")
@@ -24,9 +24,14 @@ RELEASE_ROLLBACK = "zy.release.rollback"
 #: the schedule words the master's reconciliation sends by name at a handshake
 SCHEDULE_SET = "zy.schedule.set"
 SCHEDULE_CANCEL = "zy.schedule.cancel"
+#: the rest, by name for the agent that serves them (and the SDK that sends the plugin words)
+PLUGIN_INSTALL = "zy.plugin.install"
+PLUGIN_REMOVE = "zy.plugin.remove"
+PLUGINS = "zy.plugins"
+SCHEDULES = "zy.schedules"
 #: what the agent itself does, on the master's signed word (plugins, updates, schedules, releases)
-SYSTEM_CMDS = ("zy.plugin.install", "zy.plugin.remove", "zy.plugins", UPDATE, SCHEDULE_SET,
-               SCHEDULE_CANCEL, "zy.schedules", RELEASE_FETCH, RELEASE_PLACE, RELEASE_ROLLBACK)
+SYSTEM_CMDS = (PLUGIN_INSTALL, PLUGIN_REMOVE, PLUGINS, UPDATE, SCHEDULE_SET, SCHEDULE_CANCEL, SCHEDULES, RELEASE_FETCH,
+               RELEASE_PLACE, RELEASE_ROLLBACK)
 #: a cmd word: lowercase letters, digits and _ in dot-separated parts (at most 64 characters)
 #: (\A...\Z: "$" would also match before a trailing newline)
 CMD_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*\Z")
