@@ -20,9 +20,10 @@ from hcsdk.net.channel import ChannelLost
 from hcsdk.net.channel_server import ChannelServer, Credential, Refusal, bearer
 from hcsdk.net.h2conn import Response
 from hcsdk.net.limits import KeyedSlots, authenticated, read_limited
-from hcsdk.net.settings import ChannelSettings
+from hcsdk.net.settings import ENROLL_BODY, HANDSHAKE_BODY, ChannelSettings
 from hcsdk.net.tls import shared_client_context
 from hcsdk.protocol.messages import Stats
+from hcsdk.protocol.tasks import ChannelMode
 from hcsdk.protocol.wire import FrameError, loads
 
 from .cache import Answer, ChunkCache, Fetch, UpstreamDown
@@ -35,10 +36,8 @@ log = logging.getLogger("zy.proxy.app")
 NEXT_WAIT = 2.0
 #: credentials remembered for reading the cache while the upstream is away (one per client)
 _MAX_ACCEPTED = 100_000
-#: bodies the proxy reads before the master has checked who sends them: enrollment and
-#: handshakes are small (a token, a key and facts), and must all be in within the deadline
-ENROLL_BODY = 64 * 1024
-HANDSHAKE_BODY = 256 * 1024
+#: bodies the proxy reads before the master has checked who sends them (ENROLL_BODY and
+#: HANDSHAKE_BODY, the master's own limits) must all be in within this deadline
 UNAUTHENTICATED_DEADLINE = 30.0
 #: tracker requests (an announce of 100,000 chunk names is about 6.7 MB) and their deadline
 TRACKER_BODY = 8 * 1024 * 1024
@@ -170,7 +169,7 @@ class ProxyApp:
             self.relay.accept_route(pending, via_proxy)
             await respond(send, 200, info)
             return
-        mode = "h2" if scope.get("http_version") == "2" else "poll"
+        mode = ChannelMode.H2 if scope.get("http_version") == "2" else ChannelMode.POLL
         client = self.relay.accept(pending, mode, cred.digest(), handover=_names_handover(body))
         self._remember(cred)
         await respond(send, 200, {**info, "sid": client.sid, "mode": mode, **self.settings.served()})

@@ -41,6 +41,7 @@ from typing import IO, Any
 
 import anyio
 
+from hcsdk.common.files import atomic_write, fsync_dir
 from hcsdk.net.asgi import Send
 from hcsdk.net.limits import send_file
 from hcsdk.protocol.names import is_sha256
@@ -441,29 +442,14 @@ def _write_blocks(fh: IO[bytes], digest: Any, blocks: list[bytes]) -> int:
 def _rename_into_place(tmp: Path, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a crash
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)  # the rename itself survives a crash
 
 
 def _write_atomically(path: Path, body: bytes) -> None:
+    """A chunk held in memory, kept. The temp file's ``.tmp-`` prefix is what :meth:`ChunkCache._load`
+    removes after a crash; 0o666 (less the umask) is what ``open("wb")`` gave cached files."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name[:16]}-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a crash
-    finally:
-        os.close(fd)
+    atomic_write(path, body, mode=0o666, sync_dir=True, prefix=f".tmp-{path.name[:16]}-", suffix="")
 
 
 async def _send(send: Send, answer: Answer) -> None:

@@ -18,8 +18,9 @@ import anyio
 
 from hcsdk.net.channel import Channel
 from hcsdk.net.mailbox import Mailbox
-from hcsdk.protocol.messages import Bye
-from hcsdk.protocol.wire import encode_frame
+from hcsdk.protocol.errors import MessageError
+from hcsdk.protocol.messages import UP, Bye, parse
+from hcsdk.protocol.wire import FrameError, encode_frame
 
 from .tracker import Releases, Tracker
 
@@ -229,7 +230,15 @@ class Relay:
         self.stats["clients"] = len(self.by_uuid)
 
     async def from_client(self, client: Downstream, msgs: list[dict[str, Any]]) -> None:
+        """What a client sent up. Each message's shape is checked here as the master checks it
+        (its MAC only the master can check): the master drops the session a malformed message
+        comes in, which for us is the one upstream channel every client shares, so one client
+        could cut them all off again and again. FrameError drops only the sender."""
         for msg in msgs:
+            try:
+                parse(msg, UP)
+            except MessageError as exc:
+                raise FrameError(f"malformed {msg.get('t')!r} message: {exc.reason}") from None
             uuid, kind = str(msg.get("uuid")), msg["t"]
             if uuid not in client.routes or (kind == "hb" and uuid == client.uuid):
                 continue  # a client speaks only for itself and those behind it

@@ -26,6 +26,7 @@ from chunkclient import ChunkClient, enroll_clients
 
 from fleet import Fleet, wait_for
 from hcsdk._portal import portal
+from hcsdk.protocol.wire import encode_frame
 
 MiB = 1024 * 1024
 GARBAGE = "A" * 43  # shaped like a credential's secret, but nobody's
@@ -301,6 +302,34 @@ def test_slow_unauthenticated_bodies_time_out_and_are_capped_per_address(
           f"{statuses.count(408)} x 408 after {took:.0f}s")
     assert statuses.count(429) >= 6 and statuses.count(408) + statuses.count(429) == 70, statuses
     assert row["status"] == "ok", row
+
+
+# -- a malformed message from one client costs only that client its session --------------------
+
+def test_a_malformed_message_drops_only_its_sender_not_the_proxys_upstream(
+        proxied: tuple[Fleet, str, ChunkClient]) -> None:
+    """Mallory, in a session of its own, sends a 'done' the master would refuse as malformed.
+    The proxy checks each message's shape itself (it cannot check MACs): it drops mallory, and
+    the proxy's own session upstream, which every client behind it shares, survives: the victim
+    keeps running commands without having to handshake again."""
+    fleet, edge, mallory = proxied
+    victim = fleet.uuid_of("victim")
+    proxy_uuid = json.loads((fleet.root / "proxies" / "edge" / "identity.json").read_text())["uuid"]
+    before = _connects(fleet, victim), _connects(fleet, proxy_uuid)
+    sid = mallory.handshake("mallory")
+    bad = {"t": "done", "uuid": mallory.uuid, "cmd": "shell", "taskid": "t-1", "seq": 1,
+           "p": {"status": "no-such-status"}, "m": "0" * 64}
+    with _http(mallory) as http:
+        resp = http.post(f"{edge}/v1/channel/poll", params={"sid": sid, "mode": "up"},
+                         content=encode_frame(bad))
+        print(f"\na malformed 'done' through the proxy: {resp.status_code} {resp.text[:120]}")
+        for _ in range(3):  # what an upstream drop would cost the victim shows within these
+            row, _took = _run_ok(fleet, "echo still here")
+            assert row["status"] == "ok" and row["stdout"] == "still here\n", row
+        again = http.post(f"{edge}/v1/channel/poll", params={"sid": sid, "mode": "up"}, content=b"")
+    assert resp.status_code == 400 and again.status_code == 409, (resp.text, again.text)
+    assert (_connects(fleet, victim), _connects(fleet, proxy_uuid)) == before, \
+        "the proxy's upstream session was cut and its clients had to handshake again"
 
 
 # -- hole 7: a blob passing through is streamed, not held -----------------------------------------

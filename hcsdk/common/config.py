@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hcsdk.common.errors import ConfigError
+from hcsdk.common.files import atomic_write
 
 __all__ = ["ClientConfig", "load_client_config", "user_config_path", "write_client_config"]
 
@@ -69,8 +70,5 @@ def write_client_config(path: Path, cfg: ClientConfig) -> None:
     lines = [f"url = {json.dumps(cfg.url)}", f"token = {json.dumps(cfg.token)}"]
     if cfg.ca:
         lines.append(f"ca = {json.dumps(cfg.ca)}")
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write("# written by `zy master`; used by hcsdk and the zy CLI\n" + "\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "# written by `zy master`; used by hcsdk and the zy CLI\n" + "\n".join(lines) + "\n",
+                 mode=0o600)

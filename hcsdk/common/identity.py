@@ -9,6 +9,8 @@ import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hcsdk.common.files import atomic_write
+
 
 @dataclass(kw_only=True)
 class Identity:
@@ -54,10 +56,4 @@ class StateDir:
         return ident
 
     def save(self, ident: Identity) -> None:
-        tmp = self.identity_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(asdict(ident), fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.identity_path)
+        atomic_write(self.identity_path, json.dumps(asdict(ident), indent=1), mode=0o600)

@@ -28,6 +28,7 @@ from hcsdk.net.http import error_message
 from hcsdk.net.settings import ChannelSettings as ChannelSettings  # declared once, for both ends
 from hcsdk.net.tls import shared_client_context
 from hcsdk.protocol.messages import Heartbeat
+from hcsdk.protocol.tasks import ChannelMode
 from hcsdk.protocol.wire import DEFAULT_MAX_FRAME, DOWN_TYPES, FrameDecoder
 
 log = logging.getLogger("zy.channel")
@@ -71,7 +72,7 @@ class Channel:
         self.on_message = on_message
         self.wake = wake
         self.headers = {"authorization": f"Bearer {uuid}:{credential}"}
-        self.mode: str | None = None
+        self.mode: ChannelMode | None = None
         self.connects = 0
         self._url_index = random.randrange(len(urls)) if urls and self.settings.spread else 0
         self.on_lost = on_lost or (lambda: None)
@@ -156,7 +157,7 @@ class Channel:
         async with self._client(False) as client:
             resp = await client.post(f"{url}/v1/handshake", json=self._hello(), timeout=30.0)
             info = self._accept(resp, backoff)
-            self.client, self.url, self.sid, self.mode = client, url, info["sid"], "poll"
+            self.client, self.url, self.sid, self.mode = client, url, info["sid"], ChannelMode.POLL
             log.info("connected to %s by HTTP/1.1 polling", url)
             try:
                 await self._poll(client, url, info["sid"])
@@ -259,7 +260,7 @@ class Channel:
         except H2Error as exc:
             raise ChannelLost(f"handshake failed: {exc}") from None
         info = self._accept(resp, backoff)
-        self.conn, self.url, self.sid, self.mode = conn, url, info["sid"], "h2"
+        self.conn, self.url, self.sid, self.mode = conn, url, info["sid"], ChannelMode.H2
         log.info("connected to %s over HTTP/2", url)
         try:
             async with anyio.create_task_group() as tg:

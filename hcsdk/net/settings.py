@@ -13,9 +13,17 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from hcsdk.protocol.tasks import ChannelMode
 from hcsdk.protocol.wire import DEFAULT_MAX_FRAME
 
-__all__ = ["ChannelSettings", "Role", "add_channel_options", "channel_options"]
+__all__ = ["ENROLL_BODY", "HANDSHAKE_BODY", "ChannelSettings", "Role", "add_channel_options", "channel_options"]
+
+#: the largest bodies a serving side (master or proxy) reads before anybody has proved who sends
+#: them: an enrollment (a join token, facts, labels, a key and a CSR take a few KiB) and a
+#: handshake. One value for both sides, so a handshake the master takes directly is never refused
+#: by a proxy on the way.
+ENROLL_BODY = 64 * 1024
+HANDSHAKE_BODY = 1024 * 1024
 
 
 @dataclass(kw_only=True)
@@ -53,7 +61,7 @@ class ChannelSettings:
     def downlink_beat(self, mode: str) -> float:
         """Seconds between heartbeats on a served downlink: HTTP/2 has PINGs below Python, a
         polling client only has our heartbeats to tell the channel is alive."""
-        return self.idle_beat if mode == "h2" else self.heartbeat
+        return self.idle_beat if mode == ChannelMode.H2 else self.heartbeat
 
     def served(self) -> dict[str, Any]:
         """What a serving side's handshake answer says of the channel it serves (the master adds
@@ -81,7 +89,8 @@ _FLAGS: dict[str, tuple[str, ...]] = {
     "swarm": ("no_http2", "heartbeat", "dead_after"),
 }
 
-#: help texts: one per flag, with the words that differ by role
+#: help texts: one per flag, with the words that differ by role (the defaults are argparse's
+#: %(default)g, from the settings class, so the help cannot drift from them)
 _NO_HTTP2 = {
     "master": "refuse HTTP/2 (agents fall back to HTTP/1.1 polling)",
     "proxy": "serve agents over HTTP/1.1 only (they poll)",
@@ -89,24 +98,24 @@ _NO_HTTP2 = {
     "swarm": "poll over HTTP/1.1",
 }
 _HEARTBEAT = {
-    "master": "seconds between heartbeats on an idle channel; agents beat at least twice as often (default 5)",
-    "proxy": "seconds between heartbeats (default 5)",
-    "agent": "most seconds between heartbeats; the master may ask for more often (default 5)",
-    "swarm": "most seconds between heartbeats (default 5)",
+    "master": "seconds between heartbeats on an idle channel; agents beat at least twice as often (default %(default)g)",
+    "proxy": "seconds between heartbeats (default %(default)g)",
+    "agent": "most seconds between heartbeats; the master may ask for more often (default %(default)g)",
+    "swarm": "most seconds between heartbeats (default %(default)g)",
 }
 _DEAD_AFTER = {
-    "master": "drop an agent's channel after this many silent seconds (default 15)",
-    "proxy": "a silent channel is dead after this many seconds (default 12)",
-    "agent": "reconnect (or fail over to another proxy) after this many silent seconds (default 12)",
-    "swarm": "reconnect after this many silent seconds (default 12)",
+    "master": "drop an agent's channel after this many silent seconds (default %(default)g)",
+    "proxy": "a silent channel is dead after this many seconds (default %(default)g)",
+    "agent": "reconnect (or fail over to another proxy) after this many silent seconds (default %(default)g)",
+    "swarm": "reconnect after this many silent seconds (default %(default)g)",
 }
 _H2_RETRY = {
-    "proxy": "while polling upstream over HTTP/1.1, retry HTTP/2 this often (default 60)",
-    "agent": "while polling over HTTP/1.1, retry HTTP/2 this often, in seconds (default 60)",
+    "proxy": "while polling upstream over HTTP/1.1, retry HTTP/2 this often (default %(default)g)",
+    "agent": "while polling over HTTP/1.1, retry HTTP/2 this often, in seconds (default %(default)g)",
 }
 _BACKOFF_CAP = {
-    "proxy": "longest wait between reconnects upstream (default 30)",
-    "agent": "longest wait between reconnect attempts, in seconds (default 30)",
+    "proxy": "longest wait between reconnects upstream (default %(default)g)",
+    "agent": "longest wait between reconnect attempts, in seconds (default %(default)g)",
 }
 
 
