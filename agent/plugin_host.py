@@ -16,7 +16,6 @@ import binascii
 import hashlib
 import io
 import json
-import re
 import shutil
 import time
 import zipfile
@@ -28,13 +27,12 @@ from typing import Any
 import anyio
 
 from hcsdk.common.version import __version__
-from hcsdk.protocol.names import is_sha256
+from hcsdk.protocol.names import is_plugin_name, is_sha256
 
 from .jsonfile import write_json
 from .plugins import BUNDLED
 from .worker_parent import WorkerGone, WorkerProcess
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 MAX_BUNDLE = 2 * 1024 * 1024
 MAX_UNPACKED = 16 * 1024 * 1024
 #: cmd words the agent serves itself, which no plugin may take over
@@ -115,9 +113,7 @@ class PluginHost:
             return await self._install(args)
 
     async def _install(self, args: dict[str, Any]) -> dict[str, Any]:
-        name, sha, kind = args.get("name"), args.get("sha256"), args.get("kind", "py")
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise InstallError(f"plugin name {name!r} must be lowercase letters, digits and _ (at most 40)")
+        name, sha, kind = _plugin_name(args.get("name")), args.get("sha256"), args.get("kind", "py")
         if not is_sha256(sha):
             raise InstallError("args.sha256 must be 64 lowercase hex digits")
         if kind not in ("py", "zip"):
@@ -187,6 +183,7 @@ class PluginHost:
             return self._remove(name)
 
     def _remove(self, name: str) -> dict[str, Any]:
+        _plugin_name(name)  # it names a directory that is deleted
         entry = self.installed.pop(name, None)
         if entry is None:
             hint = " (a bundled plugin: it can be replaced, not removed)" if name in BUNDLED else ""
@@ -209,6 +206,15 @@ class PluginHost:
         for old in (self.dir / name).iterdir():
             if old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _plugin_name(name: object) -> str:
+    """``name`` if it may name a plugin: a name from the master's command becomes a directory and a
+    module name, so anything else is refused (a trailing newline included)."""
+    if not is_plugin_name(name):
+        raise InstallError(f"plugin name {name!r} must be lowercase letters, digits and _ (at most 40)")
+    assert isinstance(name, str)
+    return name
 
 
 def _module_name(name: str, sha: str) -> str:

@@ -14,7 +14,6 @@ import base64
 import hashlib
 import importlib.util
 import io
-import re
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from hcsdk._sync import SyncFace, blocking
 from hcsdk._targets import TargetsLike
 from hcsdk.common.errors import UsageError
+from hcsdk.protocol.names import is_plugin_name
 from hcsdk.protocol.tasks import TaskStatus
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ __all__ = ["INSTALL_COLUMNS", "LIST_COLUMNS", "AsyncPlugins", "Plugins", "bundle
 
 INSTALL_COLUMNS = ["uuid", "hostname", "status", "plugin", "version", "sha256", "cmds", "replaced", "error"]
 LIST_COLUMNS = ["uuid", "hostname", "status", "plugin", "version", "source", "sha256", "cmds", "error"]
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 MAX_BUNDLE = 2 * 1024 * 1024
 
 
@@ -57,7 +56,7 @@ def bundle(path_or_package: str | Path) -> tuple[str, str, bytes]:
         name, kind, data = path.stem, "py", path.read_bytes()
     else:
         raise UsageError(f"{path} is not a plugin: give a .py file or a package directory")
-    if not _NAME_RE.match(name):
+    if not is_plugin_name(name):  # the agent refuses any other name too
         raise UsageError(f"plugin name {name!r} (from {path.name}) must be lowercase letters, digits and _")
     if len(data) > MAX_BUNDLE:
         raise UsageError(f"{path} makes a bundle of {len(data)} bytes; plugins are limited to {MAX_BUNDLE}")
