@@ -30,8 +30,7 @@ from hcsdk.protocol.vocab import validate_args
 
 from .executor import Task, TaskFailed
 from .jsonfile import write_json
-from .plugins.api import Arg, ArgError, PluginError, validate
-from .worker_child import check_result
+from .plugins.api import Arg, ArgError, PluginError, check_result, validate
 
 if TYPE_CHECKING:
     from .services import AgentServices

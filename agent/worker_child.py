@@ -29,7 +29,9 @@ import traceback
 from types import ModuleType
 from typing import IO, Any
 
-from .plugins.api import ArgError, CommandSpec, Context, PluginError, validate
+from hcsdk.protocol.tasks import TaskStatus
+
+from .plugins.api import ArgError, CommandSpec, Context, PluginError, check_result, validate
 
 
 class Worker:
@@ -94,11 +96,12 @@ class Worker:
             self.send({"id": req["id"], "k": "described", "version": str(getattr(module, "VERSION", "0")),
                        "cmds": cmds})
         except BaseException as exc:  # an import error must reach the operator, not kill us
-            self.send({"id": req["id"], "k": "done", "status": "error", "error": _failure("loading", exc)})
+            self.send({"id": req["id"], "k": "done", "status": TaskStatus.ERROR,
+                       "error": _failure("loading", exc)})
 
     def _run(self, req: dict[str, Any]) -> None:
         taskid = req["id"]
-        status, result, error = "error", None, None
+        status, result, error = TaskStatus.ERROR, None, None
         try:
             spec = commands(self._load(req)).get(req["cmd"])
             if spec is None:
@@ -110,7 +113,7 @@ class Worker:
             if value is not None and not isinstance(value, dict):
                 raise PluginError(f"{req['cmd']} returned {type(value).__name__}; a plugin returns a dict or None")
             check_result(req["cmd"], value)
-            status, result = "ok", value
+            status, result = TaskStatus.OK, value
         except (ArgError, PluginError) as exc:
             error = str(exc)
         except BaseException as exc:
@@ -121,31 +124,6 @@ class Worker:
 
     def _out_text(self, taskid: str, stream: str, data: str) -> None:
         self.send({"id": taskid, "k": "out", "stream": stream, "data": data})
-
-
-MAX_RESULT = 1024 * 1024
-_INT_LIMIT = 2**63
-
-
-def check_result(cmd: str, value: Any) -> None:
-    """A result that cannot travel is the plugin's error, reported here, not a poison message
-    later: JSON without NaN or infinities, integers within 64 bits, at most 1 MiB."""
-    try:
-        size = len(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise PluginError(f"{cmd} returned a result that is not JSON: {exc}") from None
-    if size > MAX_RESULT:
-        raise PluginError(f"{cmd} returned {size} bytes of result; at most {MAX_RESULT} (stream big output "
-                          "with ctx.out)")
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, int) and not isinstance(item, bool) and not -_INT_LIMIT <= item < _INT_LIMIT:
-            raise PluginError(f"{cmd} returned an integer beyond 64 bits ({str(item)[:30]}...): send it as a string")
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
 
 
 def commands(module: ModuleType) -> dict[str, CommandSpec]:

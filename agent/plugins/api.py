@@ -23,6 +23,7 @@ as ``args.times must be at least 1 (got 0)``, never as a traceback. What the fun
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from typing import Any
 # one definition for the built-in commands (hcsdk.protocol.vocab) and every plugin
 from hcsdk.protocol.args import REQUIRED, Arg, ArgError, validate
 
-__all__ = ["REQUIRED", "Arg", "ArgError", "CommandSpec", "Context", "PluginError", "command", "validate"]
+__all__ = ["MAX_RESULT", "REQUIRED", "Arg", "ArgError", "CommandSpec", "Context", "PluginError", "check_result",
+           "command", "validate"]
 
 
 class PluginError(Exception):
@@ -69,6 +71,32 @@ def command(cmd: str, *, args: dict[str, Arg | type] | None = None, streams: boo
         return func
 
     return mark
+
+
+#: the largest result a command may return (the worker and the scheduler check it)
+MAX_RESULT = 1024 * 1024
+_INT_LIMIT = 2**63
+
+
+def check_result(cmd: str, value: Any) -> None:
+    """A result that cannot travel is the plugin's error, reported here, not a poison message
+    later: JSON without NaN or infinities, integers within 64 bits, at most 1 MiB."""
+    try:
+        size = len(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise PluginError(f"{cmd} returned a result that is not JSON: {exc}") from None
+    if size > MAX_RESULT:
+        raise PluginError(f"{cmd} returned {size} bytes of result; at most {MAX_RESULT} (stream big output "
+                          "with ctx.out)")
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool) and not -_INT_LIMIT <= item < _INT_LIMIT:
+            raise PluginError(f"{cmd} returned an integer beyond 64 bits ({str(item)[:30]}...): send it as a string")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _check_cmd(cmd: str) -> None:
