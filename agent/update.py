@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
+from hcsdk.common.files import atomic_open_async
 from hcsdk.common.version import __version__
 from hcsdk.net.http import error_message
 from hcsdk.protocol.tasks import TaskStatus
@@ -133,38 +134,36 @@ class Updater:
             raise TaskFailed("cannot fetch the build: the agent has no channel right now", status=TaskStatus.FAILED)
         home = self.root / "builds" / sha[:16]
         home.mkdir(parents=True, exist_ok=True)
-        path, tmp = home / filename, home / f".{filename}.tmp"
+        path = home / filename
         digest, got = hashlib.sha256(), 0
         try:
-            # HTTP/1.1 connections of its own, as Channel.bulk_request uses; the session id in a
-            # header, never in a URL that lands in access logs
-            async with channel._client(False, connections=1) as client, client.stream(
-                    "GET", f"{channel.url}/v1/blob", params={"sha256": sha}, headers={"x-zy-sid": channel.sid or ""},
-                    timeout=httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=10.0)) as resp:
-                if resp.status_code != 200:
-                    await resp.aread()
-                    raise TaskFailed(f"cannot fetch the build ({resp.status_code}): {error_message(resp)}",
-                                     status=TaskStatus.FAILED)
-                async with await anyio.open_file(tmp, "wb") as fh:
+            # the build lands whole or not at all: the temp file is renamed only once its hash and
+            # size are those signed (a TaskFailed inside the block removes it)
+            async with atomic_open_async(path, mode=0o755, prefix=f".{filename}.") as fh:
+                os.fchmod(fh.wrapped.fileno(), 0o755)  # exactly, whatever the umask (an executable)
+                # HTTP/1.1 connections of its own, as Channel.bulk_request uses; the session id in
+                # a header, never in a URL that lands in access logs
+                async with channel.stream_client(connections=1) as client, client.stream(
+                        "GET", f"{channel.url}/v1/blob", params={"sha256": sha},
+                        headers={"x-zy-sid": channel.sid or ""},
+                        timeout=httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=10.0)) as resp:
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        raise TaskFailed(f"cannot fetch the build ({resp.status_code}): {error_message(resp)}",
+                                         status=TaskStatus.FAILED)
                     async for chunk in resp.aiter_bytes(256 * 1024):
                         got += len(chunk)
                         if got > size:
                             break
                         digest.update(chunk)
                         await fh.write(chunk)
+                actual = digest.hexdigest()
+                if actual != sha or got != size:
+                    raise TaskFailed(f"the build's SHA-256 is {actual} ({got}{'+' if got > size else ''} bytes), "
+                                     f"the signed command says {sha} ({size} bytes): refused",
+                                     status=TaskStatus.FAILED)
         except httpx.HTTPError as exc:
-            tmp.unlink(missing_ok=True)
             raise TaskFailed(f"cannot fetch the build: {exc or type(exc).__name__}", status=TaskStatus.FAILED) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        actual = digest.hexdigest()
-        if actual != sha or got != size:
-            tmp.unlink(missing_ok=True)
-            raise TaskFailed(f"the build's SHA-256 is {actual} ({got}{'+' if got > size else ''} bytes), the signed "
-                             f"command says {sha} ({size} bytes): refused", status=TaskStatus.FAILED)
-        tmp.chmod(0o755)
-        tmp.replace(path)
         return path
 
     async def _start(self, build: Path, taskid: str) -> Any:

@@ -86,3 +86,30 @@ def test_a_failed_streaming_write_leaves_the_old_file(tmp_path: Path) -> None:
         raise RuntimeError("the download broke")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["build"]
+
+
+def test_the_async_streaming_write_renames_once_whole_and_removes_on_failure(tmp_path: Path) -> None:
+    import anyio
+
+    from hcsdk.common.files import atomic_open_async
+
+    target = tmp_path / "zy-agent"
+
+    async def main() -> None:
+        async with atomic_open_async(target, mode=0o755) as fh:
+            for _ in range(3):
+                await fh.write(b"x" * 1000)
+            assert not target.exists()  # not before the block ends
+        assert target.read_bytes() == b"x" * 3000 and stat.S_IMODE(target.stat().st_mode) & 0o100
+        with pytest.raises(ValueError):
+            async with atomic_open_async(target) as fh:
+                await fh.write(b"not what was signed")
+                raise ValueError("the hash does not match")
+        with anyio.move_on_after(0.05):  # cancelled in the middle of the download
+            async with atomic_open_async(target) as fh:
+                await fh.write(b"half")
+                await anyio.sleep(30)
+
+    anyio.run(main)
+    assert target.read_bytes() == b"x" * 3000
+    assert os.listdir(tmp_path) == ["zy-agent"]

@@ -5,7 +5,9 @@ the temp file is renamed over the target. The one copy of that dance for master,
 
 :func:`atomic_write` writes bytes or text held in memory; :func:`atomic_open` is the same as a
 context manager for streaming writes (the file object it yields is the temp file; the rename
-happens on a clean exit, the temp file goes away on an exception).
+happens on a clean exit, the temp file goes away on an exception); :func:`atomic_open_async` is
+that for an event loop, its open, writes, fsync and rename in worker threads (a download of
+hundreds of MiB must not stall the loop while it reaches the disk).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-__all__ = ["atomic_open", "atomic_write", "fsync_dir"]
+if TYPE_CHECKING:
+    from anyio import AsyncFile
+
+__all__ = ["atomic_open", "atomic_open_async", "atomic_write", "fsync_dir"]
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -53,6 +58,31 @@ def atomic_open(path: str | os.PathLike[str], *, mode: int = 0o600, sync_dir: bo
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+@contextlib.asynccontextmanager
+async def atomic_open_async(path: str | os.PathLike[str], *, mode: int = 0o600, sync_dir: bool = False,
+                            prefix: str | None = None, suffix: str = ".tmp") -> AsyncIterator[AsyncFile[bytes]]:
+    """:func:`atomic_open` for anyio code: yields the temp file as an ``anyio.AsyncFile``; the
+    fsync and rename on a clean exit, or the removal on an exception (a cancellation included),
+    run in a worker thread."""
+    import anyio  # here: the rest of this module is for processes without an event loop too
+
+    opened = atomic_open(path, mode=mode, sync_dir=sync_dir, prefix=prefix, suffix=suffix)
+    # shielded: a cancellation arriving meanwhile must not leave the temp file behind (it is
+    # delivered at the next checkpoint, in the body or after the rename)
+    with anyio.CancelScope(shield=True):
+        fh = await anyio.to_thread.run_sync(opened.__enter__)
+    failure: BaseException | None = None
+    try:
+        yield anyio.wrap_file(fh)
+    except BaseException as exc:
+        failure = exc
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(opened.__exit__, type(failure) if failure else None, failure,
+                                           failure.__traceback__ if failure else None)
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

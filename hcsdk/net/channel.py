@@ -139,6 +139,12 @@ class Channel:
             timeout=httpx.Timeout(connect=10.0, read=None, write=30.0, pool=10.0),
         )
 
+    def stream_client(self, connections: int = 1) -> httpx.AsyncClient:
+        """HTTP/1.1 connections of the caller's own to the channel's upstream (its trust,
+        credentials and local address), for a download too big for :meth:`bulk_request`'s
+        buffered answer (the updater streams a build); the caller closes it."""
+        return self._client(False, connections=connections)
+
     async def _connect(self, url: str, backoff: Backoff) -> None:
         if self.settings.http2:
             try:
