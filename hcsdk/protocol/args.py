@@ -20,6 +20,7 @@ class _Required:
 REQUIRED: Any = _Required()
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                list: "a list", dict: "an object"}
+_PLURALS = {str: "strings", int: "integers", float: "numbers", bool: "booleans", list: "lists", dict: "objects"}
 
 
 class ArgError(ValueError):
@@ -52,6 +53,13 @@ class Arg:
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    def noun(self) -> str:
+        """What the argument must be, in words: "a string", "a non-empty list of strings"."""
+        if self.type is not list:
+            return _TYPE_NAMES[self.type]
+        what = "a non-empty list" if self.min is not None and self.min >= 1 else "a list"
+        return what if self.items is None else f"{what} of {_PLURALS[self.items]}"
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type.__name__}

@@ -8,7 +8,9 @@ master combines its private key with the agent's public key, so the key itself n
 the wire and a relay cannot compute it.
 
 The MAC covers a canonical JSON form (sorted keys, ASCII, no spaces) computed with the
-standard library on both sides, so orjson and json peers agree byte for byte.
+standard library on both sides, so orjson and json peers agree byte for byte. A message with no
+canonical form (nested deeper than ``wire.MAX_DEPTH``, or not JSON) cannot be signed
+(MessageError) and never verifies: whatever a peer sends, :func:`verify` says False, never raises.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import hashlib
 import hmac
 import json
 from typing import Any
+
+from .depth import MAX_DEPTH, nests_deeper
+from .errors import MessageError
 
 __all__ = ["canonical", "derive_key", "new_keypair", "public_key", "sign", "verify"]
 
@@ -86,8 +91,18 @@ def unb64(text: str) -> bytes:
 
 
 def canonical(msg: dict[str, Any]) -> bytes:
+    """The bytes the MAC covers; raises MessageError (a ProtocolError) for a message without
+    one. The depth bound is the decoder's, so nothing signed here is refused by the peer's."""
     body = {k: v for k, v in msg.items() if k != "m"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    except RecursionError:
+        raise MessageError(f"message nests deeper than {MAX_DEPTH} levels of objects and lists") from None
+    except (TypeError, ValueError) as exc:  # not JSON: a non-str key beside str ones, a cycle, an object
+        raise MessageError(f"message has no canonical JSON form: {exc}") from None
+    if nests_deeper(body, MAX_DEPTH, text):
+        raise MessageError(f"message nests deeper than {MAX_DEPTH} levels of objects and lists")
+    return text.encode()
 
 
 def sign(key: bytes, msg: dict[str, Any]) -> dict[str, Any]:
@@ -96,8 +111,14 @@ def sign(key: bytes, msg: dict[str, Any]) -> dict[str, Any]:
 
 
 def verify(key: bytes, msg: dict[str, Any]) -> bool:
+    """Whether ``msg`` carries the right MAC under ``key``; False for anything else, never an
+    exception (an adapter calls it on what a relay sent)."""
     mac = msg.get("m")
     if not isinstance(mac, str):
         return False
+    try:
+        body = canonical(msg)
+    except MessageError:
+        return False
     # compared as bytes: compare_digest raises TypeError on a non-ASCII str, which a relay could send
-    return hmac.compare_digest(mac.encode(), hmac.new(key, canonical(msg), hashlib.sha256).hexdigest().encode())
+    return hmac.compare_digest(mac.encode(), hmac.new(key, body, hashlib.sha256).hexdigest().encode())

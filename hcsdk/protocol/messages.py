@@ -102,9 +102,16 @@ class _Envelope:
         return _copier(type(self))(self, env["m"], env)
 
     def verify(self, key: bytes) -> bool:
-        """Whether the MAC is right: the envelope is what the holder of ``key`` sent."""
+        """Whether the MAC is right: the envelope is what the holder of ``key`` sent. False, never
+        an exception, for an envelope without a canonical form (e2e.canonical's MessageError)."""
+        if self.mac is None:
+            return False
+        try:
+            mac = self._mac(key)
+        except MessageError:
+            return False
         # compared as bytes: compare_digest raises on a non-ASCII str, which a relay could send
-        return self.mac is not None and hmac.compare_digest(self.mac.encode(), self._mac(key).encode())
+        return hmac.compare_digest(self.mac.encode(), mac.encode())
 
 
 # -- master -> agent ------------------------------------------------------------------------------

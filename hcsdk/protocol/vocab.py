@@ -7,10 +7,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .args import Arg, validate
+from .args import Arg, ArgError, validate
+from .depth import MAX_DEPTH, nests_deeper
 from .errors import MessageError
 
-__all__ = ["BUILTIN_ARGS", "BUILTIN_CMDS", "CMD_RE", "PLUGINS", "PLUGIN_INSTALL", "PLUGIN_REMOVE", "RELEASE_FETCH",
+__all__ = ["BUILTIN_ARGS", "BUILTIN_CMDS", "CMD_RE", "MAX_ARGS_DEPTH",
+           "PLUGINS", "PLUGIN_INSTALL", "PLUGIN_REMOVE", "RELEASE_FETCH",
            "RELEASE_PLACE", "RELEASE_ROLLBACK", "SCHEDULES", "SCHEDULE_CANCEL", "SCHEDULE_SET", "SYSTEM_CMDS", "UPDATE",
            "check_cmd", "check_request_args", "is_cmd_word", "validate_args"]
 
@@ -36,6 +38,9 @@ SYSTEM_CMDS = (PLUGIN_INSTALL, PLUGIN_REMOVE, PLUGINS, UPDATE, SCHEDULE_SET, SCH
 #: (\A...\Z: "$" would also match before a trailing newline)
 CMD_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*\Z")
 _MAX_CMD = 64
+#: a task's args sit at level 3 of its frame (the envelope, p, args), and frames nest at most
+#: depth.MAX_DEPTH levels: deeper args could not be sent (e2e.canonical would refuse to sign them)
+MAX_ARGS_DEPTH = MAX_DEPTH - 2
 
 #: the built-in commands' argument schemas, checked like any plugin's before they run
 BUILTIN_ARGS: dict[str, dict[str, Arg]] = {
@@ -65,13 +70,21 @@ def check_cmd(cmd: str) -> None:
 
 def check_request_args(cmd: str, args: dict[str, Any]) -> None:
     """The master's early check of a request's arguments (the agent validates fully, with
-    :func:`validate_args`, when the task runs): the one argument shell and exec cannot do without."""
-    if cmd == "shell" and not isinstance(args.get("script"), str):
-        raise MessageError("cmd 'shell' needs args.script, a string")
-    if cmd == "exec":
-        argv = args.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise MessageError("cmd 'exec' needs args.argv, a non-empty list of strings")
+    :func:`validate_args`, when the task runs): each required argument of a built-in command,
+    checked by its own spec in :data:`BUILTIN_ARGS`, and for every cmd a nesting that fits in a
+    task's frame. For a built-in command it accepts whatever the agent's check accepts; unlike
+    it, it lets unknown arguments and optional ones of the wrong type through (the agent refuses
+    them when the task runs, as it always did)."""
+    for name, spec in BUILTIN_ARGS.get(cmd, {}).items():
+        if not spec.required:
+            continue
+        try:
+            spec.check(name, args[name])
+        except (KeyError, ArgError):
+            raise MessageError(f"cmd {cmd!r} needs args.{name}, {spec.noun()}") from None
+    if nests_deeper(args, MAX_ARGS_DEPTH):
+        raise MessageError(f"args nest deeper than {MAX_ARGS_DEPTH} levels of objects and lists "
+                           f"(a task's frame holds {MAX_DEPTH})")
 
 
 def validate_args(cmd: str, args: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
+from .depth import MAX_DEPTH, nests_deeper
 from .errors import ProtocolError
 
 try:  # orjson is several times faster; the agent must still run without it.
@@ -40,6 +41,7 @@ except ImportError:  # pragma: no cover - exercised by the zero-dependency agent
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "DOWN_TYPES",
+    "MAX_DEPTH",
     "UP_TYPES",
     "FrameDecoder",
     "FrameError",
@@ -47,6 +49,7 @@ __all__ = [
     "encode_batch",
     "encode_frame",
     "loads",
+    "nests_deeper",
 ]
 
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024
@@ -65,9 +68,13 @@ class FrameError(ProtocolError):
 
 
 def encode_frame(msg: dict[str, Any], max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """One frame; raises FrameError for a message the peer's decoder would refuse (too big or
+    nested too deep), so a sender never queues what costs it the connection."""
     body = dumps(msg)
     if len(body) > max_frame:
         raise FrameError(f"message of {len(body)} bytes exceeds the frame limit of {max_frame}")
+    if nests_deeper(msg, MAX_DEPTH, body):
+        raise FrameError(f"message nests deeper than {MAX_DEPTH} levels of objects and lists")
     return _HEADER.pack(len(body)) + body
 
 
@@ -109,10 +116,14 @@ class FrameDecoder:
     def _parse(self, body: bytes) -> dict[str, Any]:
         try:
             msg = loads(body)
+        except RecursionError:  # the stdlib's json (the zero-dependency agent) on very deep input
+            raise FrameError(f"frame nests deeper than {MAX_DEPTH} levels of objects and lists") from None
         except ValueError as exc:
             raise FrameError(f"frame is not valid JSON: {exc}") from None
         if not isinstance(msg, dict):
             raise FrameError("frame is not a JSON object")
+        if nests_deeper(msg, MAX_DEPTH, body):
+            raise FrameError(f"frame nests deeper than {MAX_DEPTH} levels of objects and lists")
         kind = msg.get("t")
         if not isinstance(kind, str) or (self._allowed is not None and kind not in self._allowed):
             raise FrameError(f"unknown message type {kind!r}")
