@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hcsdk.common.jointoken import JOIN_ENV, pop_env_token, reexec_without_join, running_as
 from hcsdk.net.serve import parse_listen
 from hcsdk.net.settings import add_channel_options, channel_options
+
+if TYPE_CHECKING:  # proxy.cli is loaded by every `zy` command: the relay only when it runs
+    from .relay import Relay
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -49,13 +53,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="P2P: chunks not yet cached that agents fetch through this proxy at once, so they "
                    "cross a thin upstream link in order (default 2)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=_main)
+    p.set_defaults(func=main)
 
 
-def _main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, relay_class: type[Relay] | None = None) -> int:
+    """Runs `zy proxy` with the parsed ``args``; ``relay_class`` as in proxy.server.serve."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     join_env = pop_env_token()  # first: nothing this process starts inherits it
+    from .relay import Relay
     from .server import RESTART, ProxySettings, run
 
     host, port = args.listen
@@ -66,7 +72,7 @@ def _main(args: argparse.Namespace) -> int:
         advertise=args.advertise, hostname=args.hostname, **channel_options(args),
         cache_size=args.cache_size, stats_every=args.stats_every, seed_copies=args.seed_copies,
         upstream_parallel=args.upstream_parallel,
-    ))
+    ), relay_class or Relay)
     if code == RESTART:
         reexec_without_join()
     return code

@@ -141,9 +141,13 @@ class Relay:
         if pending is not None:
             pending.hold(msg)
             return
-        self._deliver(uuid, msg)
+        self.deliver(uuid, msg)
 
-    def _deliver(self, uuid: str, msg: dict[str, Any]) -> None:
+    # The relay's two data paths, :meth:`deliver` (down, to a client) and :meth:`forward` (up,
+    # what a client sent), are where a subclass sees every relayed message: tests/tampering_proxy.py
+    # simulates a compromised relay so (``serve(settings, relay_class=...)``).
+    def deliver(self, uuid: str, msg: dict[str, Any]) -> None:
+        """A message from upstream for ``uuid``, to the client it is routed through."""
         target = self.routes.get(uuid)
         if target is None:
             return  # a client that left: the master redelivers after its next handshake
@@ -176,7 +180,7 @@ class Relay:
         if pending.dropped:
             log.warning("%d messages for %s dropped while its handshake was in flight", pending.dropped, pending.uuid)
         for msg in pending.held:
-            self._deliver(pending.uuid, msg)
+            self.deliver(pending.uuid, msg)
         pending.held.clear()
 
     def accept(self, pending: Pending, mode: str, cred_hash: bytes, handover: bool = False) -> Downstream:
@@ -249,7 +253,11 @@ class Relay:
                     self._up(msg)
                 continue
             await self.queue.room()
-            self._up(msg)
+            self.forward(msg)
+
+    def forward(self, msg: dict[str, Any]) -> None:
+        """A client's message (checked by :meth:`from_client`), up the channel."""
+        self._up(msg)
 
     def _up(self, msg: dict[str, Any]) -> None:
         self.stats["up_frames"] += 1

@@ -119,9 +119,10 @@ async def _enroll_once(settings: ProxySettings, state: StateDir) -> Any:
 RESTART = -1
 
 
-async def serve(settings: ProxySettings) -> bool:
+async def serve(settings: ProxySettings, relay_class: type[Relay] = Relay) -> bool:
     """Runs the proxy until SIGINT/SIGTERM. True: enrolled, now restart without the join token
-    (it must not stay in this process's command line or environment)."""
+    (it must not stay in this process's command line or environment). ``relay_class``: a
+    :class:`Relay` subclass to relay with (tests/tampering_proxy.py's compromised relay)."""
     lock = lock_dir(settings.data_dir, "proxy")
     check_port_free(settings.host, settings.port)
     state = StateDir(settings.data_dir)
@@ -140,7 +141,7 @@ async def serve(settings: ProxySettings) -> bool:
                        outbox=relay.queue.pending_after, on_message=relay.from_upstream,
                        wake=relay.queue.current_wake, settings=channel_settings, on_lost=relay.upstream_lost)
 
-    relay = Relay(ident.uuid, channel_for)
+    relay = relay_class(ident.uuid, channel_for)
     relay.tracker = Tracker(settings.seed_copies, settings.upstream_parallel)
     cache = ChunkCache(settings.data_dir / "cache", settings.cache_size)
     app = ProxyApp(relay, state.ca_path, settings, cache=cache)
@@ -172,9 +173,9 @@ async def serve(settings: ProxySettings) -> bool:
     return False
 
 
-def run(settings: ProxySettings) -> int:
+def run(settings: ProxySettings, relay_class: type[Relay] = Relay) -> int:
     try:
-        if anyio.run(serve, settings):
+        if anyio.run(serve, settings, relay_class):
             return RESTART
     except StartupError as exc:
         print(f"zy proxy: {exc}", file=sys.stderr)

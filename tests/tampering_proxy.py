@@ -1,12 +1,14 @@
 """A compromised relay, simulated for tests: a real `zy proxy` whose relay alters, forges or
 replays what it relays, so tests can show that agents and master reject it. Test-only: the
-production relay has no hook for this; this launcher wraps it.
+production relay has no tampering in it: this launcher runs `zy proxy` with a relay subclass
+(proxy.cli.main's ``relay_class``) that wraps the relay's two data paths.
 
     python tests/tampering_proxy.py MODE PYTHON -m hcsdk.cli proxy ARGS...
 
-(what ``LocalFleet.start_proxy(wrap=[sys.executable, THIS, MODE])`` runs). It replaces the relay
-class the proxy builds and runs the proxy's normal main; the proxy's restart after enrolling
-re-executes this same command line (without the join token), so the wrapper stays on.
+(what ``LocalFleet.start_proxy(wrap=[sys.executable, THIS, MODE])`` runs). It parses the proxy's
+arguments as `zy proxy` does and runs its main with the tampering relay; the proxy's restart
+after enrolling re-executes this same command line (without the join token), so the wrapper
+stays on.
 
 Modes: alter-command, alter-result, forge-command, forge-result, replay-command, replay-result
 (or empty: an honest relay).
@@ -63,31 +65,34 @@ class Tamper:
 
 
 class TamperingRelay(Relay):
-    """The proxy's relay with every message down (to a client) and up (to the master) passed
-    through :attr:`tamper`."""
+    """The proxy's relay with what it relays altered by :attr:`tamper`: every message down to a
+    client (:meth:`Relay.deliver`) and every client's message up (:meth:`Relay.forward`), as
+    the old ``zy proxy --tamper`` did; the relay's own messages (bye, stats) are left alone."""
 
     tamper = Tamper("")
 
-    def _deliver(self, uuid: str, msg: dict[str, Any]) -> None:
+    def deliver(self, uuid: str, msg: dict[str, Any]) -> None:
         for out in self.tamper.down(msg):
-            super()._deliver(uuid, out)
+            super().deliver(uuid, out)
 
-    def _up(self, msg: dict[str, Any]) -> None:
+    def forward(self, msg: dict[str, Any]) -> None:
         for out in self.tamper.up(msg):
-            super()._up(out)
+            super().forward(out)
 
 
 def main(argv: list[str]) -> int:
     mode, command = argv[0], argv[1:]
-    if command[1:3] != ["-m", "hcsdk.cli"]:
+    if command[1:4] != ["-m", "hcsdk.cli", "proxy"]:
         raise SystemExit(f"usage: tampering_proxy.py MODE PYTHON -m hcsdk.cli proxy ARGS (got {command!r})")
-    import proxy.server
-    from hcsdk.cli import main as zy
+    import argparse
+
+    import proxy.cli
 
     TamperingRelay.tamper = Tamper(mode)
-    proxy.server.Relay = TamperingRelay  # type: ignore[attr-defined]
+    parser = argparse.ArgumentParser(prog="zy")
+    proxy.cli.register(parser.add_subparsers())
     sys.argv = ["zy", *command[3:]]  # as `python -m hcsdk.cli` would see it (see running_as)
-    return zy()
+    return proxy.cli.main(parser.parse_args(sys.argv[1:]), relay_class=TamperingRelay)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_master_restart_behind_a_proxy_loses_no_result(fleet: Fleet) -> None:
 def _started(fleet: Fleet, run_id: str) -> int:
     from hcsdk._portal import portal
 
-    info: Any = portal().call(fleet.client._async._request, "GET", f"/api/v1/runs/{run_id}")
+    info: Any = portal().call(fleet.client._async._link.request, "GET", f"/api/v1/runs/{run_id}")
     return sum(1 for t in info["tasks"] if t["started_at"])
 
 
