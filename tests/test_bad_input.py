@@ -162,6 +162,27 @@ def test_agent_sending_garbage_frames_is_dropped_and_others_carry_on(fl: Fleet, 
     _still_works(fl)
 
 
+@pytest.mark.parametrize("where", ["result", "unknown"])
+def test_an_agent_nesting_a_payload_1000_deep_is_dropped_not_a_500(fl: Fleet, where: str) -> None:
+    """orjson reads 1024 levels, the MAC's json.dumps runs out of stack near 1000: a well-formed
+    done from an enrolled agent (its own uuid, so the master checks the MAC) nesting 1000 deep
+    made the uplink answer 500. Now the decoder refuses it like any bad frame."""
+    ca = (fl.root / "master" / "ca.pem").read_bytes()
+    deep = "[" * 1000 + "]" * 1000  # written as text: json.dumps itself cannot nest this deep
+    with httpx.Client(base_url=fl.url, verify=client_context(ca), http2=True, timeout=30) as raw:
+        uuid, headers = _fake_agent(fl, raw)
+        sid = raw.post("/v1/handshake", json={"facts": {"hostname": "fake"}}, headers=headers).json()["sid"]
+        key = "result" if where == "result" else "x"
+        body = (f'{{"t":"done","uuid":"{uuid}","taskid":"r1.0","seq":1,"m":"00",'
+                f'"p":{{"status":"ok","{key}":{deep}}}}}').encode()
+        resp = raw.post("/v1/channel/up", params={"sid": sid}, content=struct.pack(">I", len(body)) + body,
+                        headers=headers)
+        assert resp.status_code == 400 and "nests deeper than 64 levels" in resp.json()["error"], resp.text
+        resp = raw.post("/v1/channel/poll", params={"sid": sid}, content=b"", headers=headers)
+        assert resp.status_code == 409  # dropped: it must handshake again
+    _still_works(fl)
+
+
 def test_oversized_output_is_truncated_not_an_out_of_memory(fl: Fleet) -> None:
     fl.start_agent("cap-1", extra=["--output-cap", "100000"])
     fl.wait_online("cap-1")

@@ -464,6 +464,168 @@ def test_request_args_and_builtin_schemas() -> None:
         validate_args("exec", {"argv": []})
 
 
+# -- nesting: what the core accepts is bounded, and nothing deep escapes as another exception -------
+def _depth(value: Any) -> int:
+    """The reference: recursive, for the shallow values Hypothesis makes."""
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def _nested(kinds: list[bool], leaf: str = "1") -> str:
+    """JSON text of containers nested len(kinds) deep (True: a list, False: an object), built as
+    text: json.dumps itself runs out of stack on what these tests send."""
+    return "".join("[" if k else '{"k":' for k in kinds) + leaf + "".join("]" if k else "}" for k in reversed(kinds))
+
+
+#: where a deep value goes in a frame, and the depth of the container holding it (the envelope 1)
+DEEP_SPOTS = {
+    "done.result": ('{"t":"done","uuid":"%s","taskid":"r1.0","seq":1,"m":"00","p":{"status":"ok","result":%%s}}', 2),
+    "done.unknown": ('{"t":"done","uuid":"%s","taskid":"r1.0","seq":1,"m":"00","p":{"status":"ok","x":%%s}}', 2),
+    "sample.fields": ('{"t":"sample","uuid":"%s","taskid":"s.1","seq":1,"m":"00","p":{"series":"s","time":1,'
+                      '"status":"ok","fields":{"f":%%s}}}', 3),
+    "task.args": ('{"t":"task","uuid":"%s","cmd":"x","taskid":"r1.0","seq":0,"m":"00",'
+                  '"p":{"args":{"a":%%s},"timeout":5}}', 3),
+    "envelope": ('{"t":"hb","uuid":"%s","x":%%s}', 1),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(DEEP_SPOTS)), st.lists(st.booleans(), min_size=1, max_size=1100),
+       st.sampled_from([UP, DOWN]))
+def test_deep_payloads_raise_only_protocol_errors(spot: str, kinds: list[bool], direction: str) -> None:
+    """orjson reads up to 1024 levels and the MAC's json.dumps runs out of stack near 1000: what
+    the decoder passes is at most MAX_DEPTH deep, and parse and both verifies never raise."""
+    template, holder = DEEP_SPOTS[spot]
+    body = ((template % U) % _nested(kinds)).encode()
+    frame = struct.pack(">I", len(body)) + body
+    try:
+        [d] = wire.FrameDecoder().feed(frame)
+    except FrameError as exc:
+        assert holder + len(kinds) > wire.MAX_DEPTH and "nests deeper than 64 levels" in str(exc) or "depth" in str(exc)
+        with pytest.raises(ProtocolError):
+            MessageDecoder(direction).feed(frame)
+        return
+    assert holder + len(kinds) <= wire.MAX_DEPTH
+    assert e2e.verify(KEY, d) is False  # "00" is no MAC, but the canonical form exists
+    try:
+        msg = parse(d, direction)
+    except MessageError:
+        return
+    assert msg.verify(KEY) is False
+    assert e2e.verify(KEY, e2e.sign(KEY, dict(d))) is True  # what passed the decoder can be signed
+
+
+def test_deep_values_built_in_memory_never_verify_and_cannot_be_signed() -> None:
+    deep: list[Any] = []
+    inner = deep
+    for _ in range(5000):  # deeper than the interpreter's stack: json.dumps raises RecursionError
+        inner.append([])
+        inner = inner[0]
+    for bad in ({"t": "done", "uuid": U, "m": "00", "p": {"status": "ok", "result": deep}},
+                {"t": "done", "uuid": U, "m": "00", "p": {"status": "ok", "result": {1: 2, "a": 3}}},  # unsortable
+                {"t": "done", "uuid": U, "m": "00", "p": {"status": "ok", "result": {1, 2}}}):  # not JSON
+        assert e2e.verify(KEY, bad) is False
+        with pytest.raises(MessageError):
+            e2e.canonical(bad)
+        msg = parse({**bad, "taskid": "r1.0", "seq": 1}, UP)
+        assert msg.verify(KEY) is False
+        with pytest.raises(ProtocolError):
+            msg.signed(KEY)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.sampled_from(["result", "x"]))
+def test_what_is_encoded_is_what_the_peer_decodes(depth: int, key: str) -> None:
+    """No sender queues a frame its peer's decoder refuses (a refused frame costs the channel, and
+    an agent would resend it after every reconnect): signing and encoding refuse exactly what the
+    decoder would, and an agent's executor turns that ValueError into an error Done."""
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    msg = Done(uuid=U, taskid="r1.0", seq=1, status=TaskStatus.OK, result=value)
+    fits = 2 + depth <= wire.MAX_DEPTH
+    try:
+        frame = msg.signed(KEY).encode()
+    except ProtocolError as exc:
+        assert not fits and "nests deeper than 64 levels" in str(exc)
+        with pytest.raises(FrameError, match="nests deeper"):
+            wire.encode_frame({"t": "done", "p": {key: value}})
+        return
+    assert fits
+    [back] = MessageDecoder(UP).feed(frame)
+    assert back.verify(KEY) and back == msg.signed(KEY)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.integers(0, 6), st.integers(0, 3000))
+def test_nests_deeper_is_the_depth(value: Any, limit: int, pad: int) -> None:
+    """The cheap check agrees with a plain recursive depth, on small texts (counted), big ones
+    (walked on a budget, then counted) and without a text (walked)."""
+    from hcsdk.protocol.depth import nests_deeper
+
+    want = _depth(value) > limit
+    assert nests_deeper(value, limit) is want
+    text = json.dumps(value)
+    assert nests_deeper(value, limit, text) is want
+    assert nests_deeper(value, limit, text.encode()) is want
+    wide = [value] + [[0]] * pad  # big text, many values: past the walk's budget
+    want = _depth(wide) > limit + 1
+    assert nests_deeper(wide, limit + 1, json.dumps(wide)) is want
+    assert nests_deeper(wide, limit + 1, "{" * 5000 + json.dumps(wide)) is want  # counted, then walked
+
+
+# -- the master's request check and the agent's argument check: one definition ----------------------
+def _old_check_request_args(cmd: str, args: dict[str, Any]) -> str | None:
+    """hcsdk.protocol.vocab.check_request_args before it read BUILTIN_ARGS: its refusal, or None."""
+    if cmd == "shell" and not isinstance(args.get("script"), str):
+        return "cmd 'shell' needs args.script, a string"
+    if cmd == "exec":
+        argv = args.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            return "cmd 'exec' needs args.argv, a non-empty list of strings"
+    return None
+
+
+_arg_values = st.one_of(json_leaf, st.lists(st.one_of(st.text(max_size=4), json_leaf), max_size=3), json_values)
+request_args = st.dictionaries(st.sampled_from(["script", "shell", "argv", "text", "extra"]), _arg_values, max_size=4)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from([*BUILTIN_CMDS, "hello.greet"]), request_args)
+def test_the_masters_check_is_the_old_one_and_never_refuses_what_the_agent_runs(cmd: str, args: dict[str, Any]) -> None:
+    """Invariants: the master's check (derived from BUILTIN_ARGS) accepts and refuses exactly what
+    it did, with the same words; and whatever the agent's full check accepts, the master's does
+    (the master may pass args the agent then refuses: unknown ones, a wrong-typed optional one)."""
+    try:
+        check_request_args(cmd, args)
+        got = None
+    except MessageError as exc:
+        got = exc.reason
+    assert got == _old_check_request_args(cmd, args)
+    try:
+        validate_args(cmd, args)
+    except ArgError:
+        return
+    assert got is None
+
+
+def test_request_args_too_deep_for_a_task_frame_are_refused() -> None:
+    from hcsdk.protocol.vocab import MAX_ARGS_DEPTH
+
+    fits: Any = {"a": 1}
+    for _ in range(MAX_ARGS_DEPTH - 1):
+        fits = {"a": fits}
+    check_request_args("hello.greet", fits)  # MAX_ARGS_DEPTH levels: sent, signed, decoded
+    task = Task(uuid=U, cmd="hello.greet", taskid="r1.0", args=fits, timeout=5, exp=1e10, aud=U).signed(KEY)
+    [back] = MessageDecoder(DOWN).feed(task.encode())
+    assert back.verify(KEY) and back.args == fits
+    with pytest.raises(MessageError, match=r"^args nest deeper than 62 levels of objects and lists \(a task's "):
+        check_request_args("hello.greet", {"a": fits})
+
+
 # -- the task lifecycle ---------------------------------------------------------------------------
 def test_transition_table() -> None:
     assert set(TRANSITIONS) == set(TaskStatus)

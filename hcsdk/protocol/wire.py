@@ -70,7 +70,12 @@ class FrameError(ProtocolError):
 def encode_frame(msg: dict[str, Any], max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     """One frame; raises FrameError for a message the peer's decoder would refuse (too big or
     nested too deep), so a sender never queues what costs it the connection."""
-    body = dumps(msg)
+    try:
+        body = dumps(msg)
+    except TypeError:  # orjson stops at 255 levels: say why, as the decoder would
+        if nests_deeper(msg, MAX_DEPTH):
+            raise FrameError(f"message nests deeper than {MAX_DEPTH} levels of objects and lists") from None
+        raise
     if len(body) > max_frame:
         raise FrameError(f"message of {len(body)} bytes exceeds the frame limit of {max_frame}")
     if nests_deeper(msg, MAX_DEPTH, body):
