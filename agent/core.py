@@ -16,6 +16,7 @@ from hcsdk.common import facts as facts_mod
 from hcsdk.common.identity import Identity, StateDir
 from hcsdk.net.channel import Channel, Rejected
 from hcsdk.net.settings import ChannelSettings
+from hcsdk.protocol import vocab
 from hcsdk.protocol.e2e import verify
 from hcsdk.protocol.errors import MessageError
 from hcsdk.protocol.messages import DOWN, Ack, Cancel, Message, parse
@@ -65,16 +66,10 @@ class Agent:
         self.handover = handover
         self.scheduler = Scheduler(self, state.root / "schedules.json")
         self.updater = Updater(self, self.scheduler, handover)
-        self.executor.plugins.update({"zy.plugin.install": self._install_plugin,
-                                      "zy.plugin.remove": self._remove_plugin, "zy.plugins": self._list_plugins,
-                                      "zy.update": self.updater.update, "zy.schedule.set": self.scheduler.set,
-                                      "zy.schedule.cancel": self.scheduler.cancel,
-                                      "zy.schedules": self.scheduler.listing})
         chunks = ChunkStore(state.root / "releases")
         self.releases = Releases(self, chunks, PeerServer(chunks, **vars(peer)) if peer is not None else None,
                                  keep=keep_releases)
-        self.executor.plugins.update({"zy.release.fetch": self.releases.fetch, "zy.release.place": self.releases.place,
-                                      "zy.release.rollback": self.releases.rollback})
+        self.executor.plugins.update(self._system_cmds())
         self.channel = Channel(
             ident.uuid, ident.credential, ident.urls, state.ca_path.read_bytes(),
             facts=lambda: facts_mod.collect(self.hostname), labels=ident.labels,
@@ -87,6 +82,21 @@ class Agent:
         if handover is not None:
             # a new build taking over: name the update in the handshake, then tell the old agent
             self.channel.hello_once = {"handover": handover[0]}
+
+    def _system_cmds(self) -> dict[str, Plugin]:
+        """What serves each of the vocabulary's system words: all of them, and only them (a word
+        added on one side alone stops every agent start, so no test can miss it)."""
+        served: dict[str, Plugin] = {
+            vocab.PLUGIN_INSTALL: self._install_plugin, vocab.PLUGIN_REMOVE: self._remove_plugin,
+            vocab.PLUGINS: self._list_plugins, vocab.UPDATE: self.updater.update,
+            vocab.SCHEDULE_SET: self.scheduler.set, vocab.SCHEDULE_CANCEL: self.scheduler.cancel,
+            vocab.SCHEDULES: self.scheduler.listing, vocab.RELEASE_FETCH: self.releases.fetch,
+            vocab.RELEASE_PLACE: self.releases.place, vocab.RELEASE_ROLLBACK: self.releases.rollback,
+        }
+        if set(served) != set(vocab.SYSTEM_CMDS):
+            raise RuntimeError(f"the agent serves system cmds {sorted(served)}, the vocabulary has "
+                               f"{sorted(vocab.SYSTEM_CMDS)}")
+        return served
 
     # -- AgentServices (agent.services): what releases, schedules and the updater are lent ----
     @property

@@ -266,7 +266,7 @@ class Executor:
             await self.worker.request(req, on_reply)
         except WorkerGone as exc:
             raise TaskFailed(f"{exc}; the task was lost with it (the worker restarts for the next task)") from None
-        if final.get("status") != "ok":
+        if final.get("status") != TaskStatus.OK:
             raise TaskFailed(str(final.get("error") or "the plugin failed"))
         task.result = final.get("result")
         return TaskStatus.OK, 0

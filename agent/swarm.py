@@ -32,6 +32,7 @@ from hcsdk.common.jointoken import JOIN_ENV, JoinToken
 from hcsdk.net.channel import Rejected
 from hcsdk.net.enroll import EnrollError, enroll
 from hcsdk.net.settings import ChannelSettings
+from hcsdk.protocol.tasks import ChannelMode
 
 from .core import Agent
 from .memspool import MemorySpool
@@ -163,8 +164,8 @@ class AgentSwarm:
 
     def status(self) -> dict[str, int]:
         modes = [a.channel.mode for a in self.agents]
-        return {"agents": self.count, "started": len(self.agents), "h2": modes.count("h2"),
-                "poll": modes.count("poll"), "rejected": self.rejected,
+        return {"agents": self.count, "started": len(self.agents), "h2": modes.count(ChannelMode.H2),
+                "poll": modes.count(ChannelMode.POLL), "rejected": self.rejected,
                 "tasks_done": sum(a.spool.finished for a in self.agents if isinstance(a.spool, MemorySpool)),
                 "reconnects": sum(max(0, a.channel.connects - 1) for a in self.agents)}
 
