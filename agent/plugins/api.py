@@ -31,6 +31,7 @@ from typing import Any
 
 # one definition for the built-in commands (hcsdk.protocol.vocab) and every plugin
 from hcsdk.protocol.args import REQUIRED, Arg, ArgError, validate
+from hcsdk.protocol.vocab import is_cmd_word
 
 __all__ = ["MAX_RESULT", "REQUIRED", "Arg", "ArgError", "CommandSpec", "Context", "PluginError", "check_result",
            "command", "validate"]
@@ -100,9 +101,7 @@ def check_result(cmd: str, value: Any) -> None:
 
 
 def _check_cmd(cmd: str) -> None:
-    parts = cmd.split(".")
-    if not cmd or len(cmd) > 64 or not all(p and p[0].isalpha() and p.replace("_", "").isalnum() and p.isascii()
-                                           and p.lower() == p for p in parts):
+    if not is_cmd_word(cmd):  # the channel's one rule for cmd words
         raise ValueError(f"cmd word {cmd!r} must be lowercase letters, digits and _ in dot-separated parts")
 
 
