@@ -21,6 +21,7 @@ from hcsdk._sync import SyncFace, blocking
 from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.errors import TargetError, UsageError
 from hcsdk.protocol.tasks import TaskStatus
+from hcsdk.protocol.vocab import UPDATE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -90,7 +91,7 @@ class AsyncAgents:
     async def _batch(self, batch: list[dict[str, Any]], number: int, args: dict[str, Any],
                      timeout: float) -> list[dict[str, Any]]:
         started = time.monotonic()
-        run = await self._client.run(cmd="zy.update", args=args, targets=[a["uuid"] for a in batch],
+        run = await self._client.run(cmd=UPDATE, args=args, targets=[a["uuid"] for a in batch],
                                      timeout=timeout)
         await run.wait()
         after = {r["uuid"]: r for r in await self._inventory()}

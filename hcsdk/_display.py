@@ -28,11 +28,12 @@ __all__ = ["STATUS_COLORS", "ResultView", "readable", "results_table", "status_c
 
 #: text colour, chip background per status (ok green, failed/error red, timeout/offline orange,
 #: cancelled grey); the chip keeps its own background, so it reads on light and dark themes
-# (StrEnum keys: a plain status string from a DataFrame finds its entry)
-STATUS_COLORS: dict[str, str] = {
+#: (public, so its keys stay the plain strings a DataFrame holds; the private tables below keep
+#: the members, which look up like their values)
+STATUS_COLORS: dict[str, str] = {status.value: color for status, color in {
     TaskStatus.OK: "#1b5e20", TaskStatus.FAILED: "#b71c1c", TaskStatus.ERROR: "#b71c1c", TaskStatus.TIMEOUT: "#bf360c",
     TaskStatus.OFFLINE: "#bf360c", TaskStatus.CANCELLED: "#424242", TaskStatus.RUNNING: "#0d47a1",
-    TaskStatus.PENDING: "#37474f"}
+    TaskStatus.PENDING: "#37474f"}.items()}
 _CHIP_BG: dict[str, str] = {
     TaskStatus.OK: "#e8f5e9", TaskStatus.FAILED: "#ffebee", TaskStatus.ERROR: "#ffebee", TaskStatus.TIMEOUT: "#fff3e0",
     TaskStatus.OFFLINE: "#fff3e0", TaskStatus.CANCELLED: "#eeeeee", TaskStatus.RUNNING: "#e3f2fd",

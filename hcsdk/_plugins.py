@@ -23,6 +23,7 @@ from hcsdk._targets import TargetsLike
 from hcsdk.common.errors import UsageError
 from hcsdk.protocol.names import is_plugin_name
 from hcsdk.protocol.tasks import TaskStatus
+from hcsdk.protocol.vocab import PLUGIN_INSTALL, PLUGIN_REMOVE, PLUGINS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -89,12 +90,12 @@ class AsyncPlugins:
         name, kind, data = bundle(path_or_package)
         args = {"name": name, "kind": kind, "sha256": hashlib.sha256(data).hexdigest(),
                 "data": base64.b64encode(data).decode()}
-        run = await self._client.run(cmd="zy.plugin.install", args=args, targets=targets, timeout=timeout)
+        run = await self._client.run(cmd=PLUGIN_INSTALL, args=args, targets=targets, timeout=timeout)
         return await _outcomes(run, name)
 
     async def remove(self, name: str, targets: TargetsLike, *, timeout: float = 60) -> pd.DataFrame:
         """Remove an installed plugin (a bundled one of that name takes over again)."""
-        run = await self._client.run(cmd="zy.plugin.remove", args={"name": name}, targets=targets, timeout=timeout)
+        run = await self._client.run(cmd=PLUGIN_REMOVE, args={"name": name}, targets=targets, timeout=timeout)
         return await _outcomes(run, name)
 
     async def list(self, targets: TargetsLike, *, timeout: float = 60) -> pd.DataFrame:
@@ -102,7 +103,7 @@ class AsyncPlugins:
         source (builtin, bundled, installed), SHA-256 and cmd words."""
         import pandas as pd
 
-        run = await self._client.run(cmd="zy.plugins", args={}, targets=targets, timeout=timeout)
+        run = await self._client.run(cmd=PLUGINS, args={}, targets=targets, timeout=timeout)
         await run.wait()
         recs: list[dict[str, Any]] = []
         for row in run.outcomes():

@@ -175,9 +175,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"zy: cancelling run {run.id}", file=sys.stderr)
         run.cancel()
         raise
+    from hcsdk.protocol.tasks import TaskStatus
+
     df = run.to_dataframe()
     _print_results(df, args.output)
-    return 0 if (df["status"] == "ok").all() else 1
+    return 0 if (df["status"] == TaskStatus.OK.value).all() else 1
 
 
 def _follow(run: Any) -> None:
@@ -204,15 +206,18 @@ def _print_results(df: Any, mode: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from hcsdk.protocol.tasks import TaskStatus
+
     table = Table(show_lines=mode == "full")
     for col in ("hostname", "uuid", "status", "exit", "duration", "output"):
         table.add_column(col, overflow="fold" if col == "output" else "ellipsis")
-    colors = {"ok": "green", "failed": "red", "timeout": "yellow", "offline": "bright_black"}
+    colors = {TaskStatus.OK: "green", TaskStatus.FAILED: "red", TaskStatus.TIMEOUT: "yellow",
+              TaskStatus.OFFLINE: "bright_black"}
     for row in df.itertuples():
         out = (row.stdout or "") + (row.stderr or "")
         if mode == "table":
             out = out.strip().splitlines()[0] if out.strip() else ""
-        if row.error and row.status != "ok":
+        if row.error and row.status != TaskStatus.OK:
             out = f"{out}  ({row.error})" if out else f"({row.error})"
         code = "" if row.exit_code is None or str(row.exit_code) == "<NA>" else str(row.exit_code)
         dur = "" if row.duration_s != row.duration_s or row.duration_s is None else f"{row.duration_s:.2f}s"

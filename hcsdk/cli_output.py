@@ -52,7 +52,9 @@ def show(df: Any, output: str) -> None:
 
 def failed(df: Any) -> int:
     """The exit status: 1 when a row's status is not ok."""
-    return 1 if "status" in df.columns and (df["status"] != "ok").any() else 0
+    from hcsdk.protocol.tasks import TaskStatus
+
+    return 1 if "status" in df.columns and (df["status"] != TaskStatus.OK.value).any() else 0
 
 
 def stderr_console() -> Any:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hcsdk import STATUS_COLORS, results_table, status_chip
+from hcsdk.protocol.tasks import TaskStatus
 
 __all__ = ["STATUS_COLORS", "NullView", "TextView", "View", "WidgetView", "grouped_output", "progress_line",
            "show_bundle"]
@@ -34,8 +35,8 @@ def _secs(elapsed: float) -> str:
 
 def progress_line(run: Any, elapsed: float) -> str:
     counts = run.counts()
-    done = run.total - counts.get("pending", 0)
-    parts = [f"{k} {v}" for k, v in sorted(counts.items()) if k != "pending"]
+    done = run.total - counts.get(TaskStatus.PENDING, 0)
+    parts = [f"{k} {v}" for k, v in sorted(counts.items()) if k != TaskStatus.PENDING]
     state = "done" if run.done else "running"
     return f"zyrun {run.id}: {done}/{run.total} {state} ({', '.join(parts) or 'waiting'}) {_secs(elapsed)}"
 
@@ -116,11 +117,11 @@ class WidgetView(View):
 
     def _render(self, final: bool) -> None:
         counts = self.run.counts()
-        done = self.run.total - counts.get("pending", 0)
+        done = self.run.total - counts.get(TaskStatus.PENDING, 0)
         self.bar.value = done
         self.bar.description = f"{done}/{self.run.total}"
         if self.run.done:
-            bad = any(k not in ("ok", "pending") for k in counts)
+            bad = any(k not in (TaskStatus.OK, TaskStatus.PENDING) for k in counts)
             self.bar.bar_style = "warning" if bad else "success"
         self.label.value = _counts_html(counts, self.run.done, self.elapsed)
         if counts != self._shown_counts or final:  # the table only changes when a target ends
@@ -131,7 +132,7 @@ class WidgetView(View):
 
 
 def _counts_html(counts: dict[str, int], done: bool, elapsed: float) -> str:
-    chips = " ".join(status_chip(k, f"{k} {v}") for k, v in sorted(counts.items()) if k != "pending")
+    chips = " ".join(status_chip(k, f"{k} {v}") for k, v in sorted(counts.items()) if k != TaskStatus.PENDING)
     state = "done" if done else f"running, {counts.get('pending', 0)} pending"
     return f"&nbsp;{chips} &nbsp;<span style='color:#555'>{state} · {_secs(elapsed)}</span>"
 
@@ -149,7 +150,7 @@ def grouped_output(df: Any) -> str:
     groups: dict[str, list[Any]] = {}
     for r in df.itertuples():
         text = (r.stdout or "") + (("\n[stderr]\n" + r.stderr) if r.stderr else "")
-        if r.status != "ok" and r.error:
+        if r.status != TaskStatus.OK and r.error:
             text += f"\n[{r.status}: {r.error}]"
         groups.setdefault(text, []).append(r)
     blocks = []
