@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import queue
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
@@ -47,7 +48,7 @@ class SyncFace(Generic[A]):
         # the derived methods carry the async method's names; say where they live now, and
         # what the ones that return their object return
         for name, value in vars(cls).items():
-            if callable(value) and getattr(value, "_zy_derived", False):
+            if callable(value) and value in _DERIVED:
                 value.__qualname__ = f"{cls.__qualname__}.{name}"
                 value.__name__ = name
                 if value.__annotations__.get("return") == _SELF:
@@ -59,6 +60,8 @@ class SyncFace(Generic[A]):
 
 #: the return annotation of a method that returns its own sync face, until the class is known
 _SELF = "Self"
+#: the functions _derive made (what __init_subclass__ names after the sync class)
+_DERIVED: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 
 def _derive(func: Callable[..., Any], afunc: Callable[..., Any], returns: str | None) -> None:
@@ -67,7 +70,7 @@ def _derive(func: Callable[..., Any], afunc: Callable[..., Any], returns: str | 
     functools.update_wrapper(func, afunc)
     if returns is not None:
         _returns(func, returns)
-    func._zy_derived = True  # type: ignore[attr-defined]
+    _DERIVED.add(func)
 
 
 def _returns(func: Callable[..., Any], returns: str) -> None:

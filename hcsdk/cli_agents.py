@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hcsdk.cli_output import TARGETS_HELP, add_output, client, failed, show, targets
+from hcsdk.cli_output import TARGETS_HELP, Subcommands, add_output, client, failed, show, targets
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("agents", help="update, revoke or disconnect agents")
     asub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, text in (("revoke", "drop an agent and refuse it for good"),

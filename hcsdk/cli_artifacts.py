@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hcsdk.cli_output import add_output, client, show, stderr_console
+from hcsdk.cli_output import Subcommands, add_output, client, show, stderr_console
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: Subcommands) -> None:
     ar = sub.add_parser("artifact", help="files on the master to release: upload (resumable) and list")
     arsub = ar.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = arsub.add_parser("upload", help="store a file as an artifact (only missing chunks travel)")

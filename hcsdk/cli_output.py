@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-__all__ = ["TARGETS_HELP", "add_output", "client", "failed", "show", "stderr_console", "targets"]
+__all__ = ["TARGETS_HELP", "Subcommands", "add_output", "client", "failed", "show", "stderr_console", "targets"]
 
 TARGETS_HELP = "a uuid or hostname, a glob ('web-*'), a label selector ('label:role=web'), or a comma-separated list"
+
+
+class Subcommands(Protocol):
+    """What a ``register(sub)`` uses of ``parser.add_subparsers()``: argparse names that
+    object's class only privately (``_SubParsersAction``)."""
+
+    @property
+    def add_parser(self) -> Callable[..., argparse.ArgumentParser]: ...
 
 
 def add_output(p: argparse.ArgumentParser, default: str = "table") -> None:

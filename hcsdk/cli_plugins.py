@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from hcsdk.cli_output import TARGETS_HELP, add_output, client, failed, show, targets
+from hcsdk.cli_output import TARGETS_HELP, Subcommands, add_output, client, failed, show, targets
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("plugins", help="install, list and remove plugins on agents (hot-loaded, no restart)")
     psub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     i = psub.add_parser("install", help="install or replace a plugin (.py file, package dir or module name)")

@@ -7,10 +7,10 @@ import argparse
 import sys
 
 from hcsdk._cliargs import ARG_HELP, arg_pairs
-from hcsdk.cli_output import TARGETS_HELP, add_output, client, failed, show, targets
+from hcsdk.cli_output import TARGETS_HELP, Subcommands, add_output, client, failed, show, targets
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: Subcommands) -> None:
     s = sub.add_parser("schedule", help="run a command on agents periodically (the agents keep the schedule)")
     ssub = s.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = ssub.add_parser("add", help="schedule CMD every PERIOD on targets (replaces one of the same name)")
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         q.set_defaults(func=_cmd_schedule)
 
 
-def register_series(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register_series(sub: Subcommands) -> None:
     v = sub.add_parser("series", help="the samples of a schedule (time, uuid, hostname, fields...)")
     v.add_argument("name")
     v.add_argument("--since", help="ISO time or epoch seconds")

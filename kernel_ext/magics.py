@@ -179,7 +179,9 @@ class ZyRun(Magics):
         except InterpolationError as exc:
             raise UsageError(str(exc)) from None
 
-    def _targets(self, spec: str | None) -> Any:
+    def resolve_targets(self, spec: str | None) -> Any:
+        """What ``-t SPEC`` names (default ``ZyRun.targets``): a notebook variable holding
+        targets, a comma-separated list, or the expression itself; ``%zyrelease`` uses it too."""
         spec = spec or self.targets
         if not spec:
             raise UsageError("no targets: use -t TARGETS or %config ZyRun.targets = '...'")
@@ -206,7 +208,7 @@ class ZyRun(Magics):
     def _run(self, args: argparse.Namespace, body: str) -> Any:
         from hcsdk import ZyError, arg_pairs
 
-        targets = self._targets(args.targets)
+        targets = self.resolve_targets(args.targets)
         widgets = not args.quiet and self.widgets_wanted()  # imports ipywidgets before the run exists
         try:
             run = self.client.run(self._payload(args.cmd, body), targets=targets, cmd=args.cmd,

@@ -97,7 +97,7 @@ class ZyRelease(Magics):
 
         if not args.dest:
             raise UsageError("--dest PATH is needed to start a release")
-        targets = self._ip.magics_manager.registry["ZyRun"]._targets(args.targets)
+        targets = self._ip.magics_manager.registry["ZyRun"].resolve_targets(args.targets)
         try:
             return self._client().release(
                 args.artifact, targets, dest=args.dest, batch=_count_or_share(args.batch), pre=args.pre,
