@@ -283,3 +283,22 @@ def test_plugins_list_reads_each_targets_outcome(master: FakeMaster) -> None:
         {"hostname": "web-2", "status": "offline", "plugin": None, "error": "agent offline"},
     ]
     assert json.loads(master.requests[0].content)["cmd"] == "zy.plugins"
+
+
+def test_no_sdk_module_reaches_into_another_objects_underscore_members() -> None:
+    """The SDK's modules, zy and kernel_ext use each other through public names and the
+    MasterLink seam: ``x._member`` is allowed on self/cls only (``_repr_mimebundle_``-style
+    protocol names, which end in "_", are public)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    files = [*root.glob("hcsdk/_*.py"), *root.glob("hcsdk/cli*.py"), root / "hcsdk/localfleet.py",
+             root / "hcsdk/__init__.py", *root.glob("kernel_ext/*.py")]
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.endswith("_")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+    assert found == []
