@@ -22,7 +22,7 @@ from hcsdk._schedules import every_seconds
 from hcsdk._sync import SyncFace, blocking, blocking_self
 from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.errors import UsageError
-from hcsdk.protocol.releases import FINISHED  # states a release stays in until an operator acts
+from hcsdk.protocol.releases import FINISHED, TargetStatus  # FINISHED: states a release stays in until an operator acts
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,7 +63,7 @@ class AsyncRelease:
         self.info = info
 
     def __repr__(self) -> str:
-        done = sum(t["status"] == "ok" for t in self.info["targets"])
+        done = sum(t["status"] == TargetStatus.OK for t in self.info["targets"])
         return (f"<Release {self.id} {self.info['name']} -> {self.info['dest']}: {self.info['state']}, "
                 f"shard {min(self.info['shard'] + 1, self.info['shards'])}/{self.info['shards']}, "
                 f"{done}/{len(self.info['targets'])} ok>")

@@ -8,17 +8,19 @@ import html
 import threading
 from typing import Any
 
+from hcsdk.protocol.releases import ACTIVE, ReleaseState, TargetStatus
+
 from .views import STATUS_COLORS, show_bundle
 
 #: states where the release may still change by itself
-MOVING = ("running", "rolling_back")
+MOVING: tuple[str, ...] = ACTIVE
 PHASE_COLORS = {**STATUS_COLORS, "pending": "#1565c0", "rolled_back": "#6a1b9a", "skipped": "#757575"}
 
 
 def release_line(info: dict[str, Any]) -> str:
     targets = info["targets"]
-    ok = sum(t["status"] == "ok" for t in targets)
-    failed = sum(t["status"] == "failed" for t in targets)
+    ok = sum(t["status"] == TargetStatus.OK for t in targets)
+    failed = sum(t["status"] == TargetStatus.FAILED for t in targets)
     shard = min(info["shard"] + 1, info["shards"])
     return (f"release {info['id']} {info['name']} -> {info['dest']}: {info['state']}, shard {shard}/{info['shards']}, "
             f"{ok}/{len(targets)} ok, {failed} failed. {info['message']}")
@@ -56,17 +58,18 @@ class ReleaseWidget:
 
     def render(self, info: dict[str, Any]) -> None:
         targets = info["targets"]
-        ok = sum(t["status"] == "ok" for t in targets)
+        ok = sum(t["status"] == TargetStatus.OK for t in targets)
         self.bar.value = ok
         self.bar.description = f"{ok}/{len(targets)} ok"
         state = info["state"]
-        failed = any(t["status"] == "failed" for t in targets)
-        self.bar.bar_style = "success" if state == "done" and not failed else "warning" if failed else ""
+        failed = any(t["status"] == TargetStatus.FAILED for t in targets)
+        self.bar.bar_style = "success" if state == ReleaseState.DONE and not failed else "warning" if failed else ""
         shard = min(info["shard"] + 1, info["shards"])
         self.label.value = (f"&nbsp;<b>{html.escape(state)}</b> · shard {shard}/{info['shards']} · "
                             f"<span style='color:#555'>{html.escape(info['message'])}</span>")
-        enabled = {"Pause": state == "running", "Continue": state == "paused",
-                   "Abort": state in ("running", "paused"), "Rollback": state not in MOVING + ("rolled_back",)}
+        enabled = {"Pause": state == ReleaseState.RUNNING, "Continue": state == ReleaseState.PAUSED,
+                   "Abort": state in (ReleaseState.RUNNING, ReleaseState.PAUSED),
+                   "Rollback": state not in (*MOVING, ReleaseState.ROLLED_BACK)}
         for name, button in self.buttons.items():
             button.disabled = not enabled[name]
         self.table.value = _table(targets, self.max_rows)
