@@ -98,7 +98,8 @@ _NO_HTTP2 = {
     "swarm": "poll over HTTP/1.1",
 }
 _HEARTBEAT = {
-    "master": "seconds between heartbeats on an idle channel; agents beat at least twice as often (default %(default)g)",
+    "master": "seconds between heartbeats on an idle channel; agents beat at least twice as often "
+              "(default %(default)g)",
     "proxy": "seconds between heartbeats (default %(default)g)",
     "agent": "most seconds between heartbeats; the master may ask for more often (default %(default)g)",
     "swarm": "most seconds between heartbeats (default %(default)g)",
