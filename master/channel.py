@@ -17,16 +17,19 @@ import hmac
 import logging
 import secrets
 import time
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
 from hcsdk.net.asgi import Receive, Scope, Send, dispatch, error, header, query, respond
 from hcsdk.net.channel_server import ChannelServer, Credential, Refusal, bearer
 from hcsdk.net.limits import KeyedSlots, authenticated, declared_length, read_limited
+from hcsdk.net.settings import ENROLL_BODY, HANDSHAKE_BODY
 from hcsdk.net.tls import norm_name, sign_csr
 from hcsdk.protocol.e2e import derive_key, unb64
-from hcsdk.protocol.messages import problem
+from hcsdk.protocol.errors import ProtocolError
+from hcsdk.protocol.messages import UP, Bye, Heartbeat, Message, Sample, Stats, parse
+from hcsdk.protocol.tasks import ChannelMode, SessionKind
 from hcsdk.protocol.wire import FrameError, loads
 
 from . import proxy_stats
@@ -34,15 +37,10 @@ from .blobs import BlobStore
 from .bootstrap import Paths, master_only_names, secret_hash
 from .hub import Hub, Session
 from .schedule_spec import reported_problem
-from .store import TokenUsedUp
+from .store import AgentRecord, Result, TokenUsedUp
 
 log = logging.getLogger("zy.master.channel")
 
-#: the largest enrollment body: a join token, facts, labels, a key and a CSR take a few KiB, and
-#: nobody has proved anything yet when it arrives
-ENROLL_BODY = 64 * 1024
-#: the largest handshake body (facts, labels, the schedules the agent runs)
-HANDSHAKE_BODY = 1024 * 1024
 #: a handshake body is facts, labels and schedule digests: sent at once by an honest client
 HANDSHAKE_BODY_TIMEOUT = 5.0
 
@@ -92,7 +90,7 @@ class ChannelApp:
         its own channel, with its credential; a swarm of new agents behind it all enroll
         through it)."""
         row = await self.sessions.check(bearer(scope))
-        return not isinstance(row, Refusal) and row.get("kind") == "proxy"
+        return not isinstance(row, Refusal) and row.get("kind") == SessionKind.PROXY
 
     # -- public ------------------------------------------------------------------------------
     async def ca(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -104,14 +102,14 @@ class ChannelApp:
             return
         token, uuid = body.get("token"), body.get("uuid")
         facts, labels = body.get("facts") or {}, body.get("labels") or {}
-        kind = body.get("kind", "agent")
+        kind = body.get("kind", SessionKind.AGENT)
         try:
             peer = unb64(str(body.get("e2e_pub", "")))
             e2e_key = derive_key(self.e2e_private, peer, str(uuid))
         except ValueError:
             await error(send, 400, "enroll needs 'e2e_pub', the agent's X25519 public key (base64url)")
             return
-        if kind not in ("agent", "proxy"):
+        if kind not in tuple(SessionKind):
             await error(send, 400, "'kind' must be 'agent' or 'proxy'")
             return
         if not isinstance(token, str) or not isinstance(uuid, str) or not (8 <= len(uuid) <= 64):
@@ -121,7 +119,7 @@ class ChannelApp:
             await error(send, 400, "'facts' must be an object and 'labels' a map of strings")
             return
         token_id, _, secret = token.partition(".")
-        row = await self.hub.db(self.hub.db.store.join_token, token_id)
+        row = await self.hub.join_token(token_id)
         if row is None or not hmac.compare_digest(row["secret_hash"], secret_hash(secret)):
             await error(send, 401, "join token is not valid", kind="auth")
             return
@@ -130,11 +128,11 @@ class ChannelApp:
             return
         # The admin chose what this token enrolls; the enrolling side does not get to pick.
         if kind != row["kind"]:
-            theirs, asked = (f"{'an' if k == 'agent' else 'a'} {k}" for k in (row["kind"], kind))
+            theirs, asked = (f"{'an' if k == SessionKind.AGENT else 'a'} {k}" for k in (row["kind"], kind))
             await error(send, 403, f"this join token is {theirs} token; it cannot enroll {asked} "
                         f"(create one with `zy token create --kind {kind}`)", kind="auth")
             return
-        existing = await self.hub.db(self.hub.db.store.agent, uuid)
+        existing = await self.hub.agent(uuid)
         # Re-enrolling is for an agent that crashed before saving its credential; once an agent
         # has connected, its uuid belongs to it and a token holder cannot take it over.
         if existing and (existing["revoked"] or existing["token_id"] != token_id or existing["connects"] > 0):
@@ -146,7 +144,7 @@ class ChannelApp:
                         "enrollments); create a new one", kind="auth")
             return
         answer: dict[str, Any] = {"uuid": uuid, "proxy_ca": self.paths.proxy_ca_cert.read_text()}
-        if kind == "proxy":  # a proxy serves agents over TLS: the proxy CA (never the master's) vouches for it
+        if kind == SessionKind.PROXY:  # it serves agents over TLS: the proxy CA (never the master's) vouches for it
             allowed = [n for n in row["proxy_names"] if norm_name(n) not in master_only_names(self.paths)]
             try:
                 answer["cert"] = sign_csr(self.paths.proxy_ca_cert.read_bytes(), self.paths.proxy_ca_key.read_bytes(),
@@ -156,8 +154,7 @@ class ChannelApp:
                 return
         credential = secrets.token_urlsafe(32)
         try:
-            same = await self.hub.db(self.hub.db.store.enroll, uuid, secret_hash(credential), token_id, facts,
-                                     labels, e2e_key, kind)
+            same = await self.hub.enroll(uuid, secret_hash(credential), token_id, facts, labels, e2e_key, kind)
         except TokenUsedUp:
             await error(send, 403, "join token has been used up; create a new one", kind="auth")
             return
@@ -169,7 +166,7 @@ class ChannelApp:
         await respond(send, 200, {**answer, "credential": credential, "warnings": warnings})
 
     # -- agent -------------------------------------------------------------------------------
-    async def _agent(self, scope: Scope, send: Send) -> dict[str, Any] | None:
+    async def _agent(self, scope: Scope, send: Send) -> AgentRecord | None:
         """The enrolled agent or proxy whose credential the request carries, or None once the
         refusal is answered."""
         row = await self._credential(bearer(scope), send)
@@ -177,7 +174,7 @@ class ChannelApp:
             authenticated(scope)  # from here on the request no longer counts against its address
         return row
 
-    async def _credential(self, cred: Credential | None, send: Send) -> dict[str, Any] | None:
+    async def _credential(self, cred: Credential | None, send: Send) -> AgentRecord | None:
         row = await self.sessions.check(cred)
         if isinstance(row, Refusal):
             await row.send(send)
@@ -193,7 +190,7 @@ class ChannelApp:
         row = await self._agent(scope, send)
         if row is None:
             return
-        slots = self._proxy_downloads if row.get("kind") == "proxy" else self._downloads
+        slots = self._proxy_downloads if row.get("kind") == SessionKind.PROXY else self._downloads
         with self._all_downloads.take("") as room, slots.take(row["uuid"]) as mine:
             if not room:
                 self.hub.stats["busy"] += 1
@@ -202,8 +199,9 @@ class ChannelApp:
                 return
             if not mine:
                 self.hub.stats["busy"] += 1
-                await error(send, 429, f"{row.get('kind') or 'agent'} {row['uuid']} already has {slots.limit} "
-                                       "downloads in flight; retry when one ends", kind="busy")
+                who = row.get("kind") or SessionKind.AGENT
+                await error(send, 429, f"{who} {row['uuid']} already has {slots.limit} downloads in flight; "
+                                       "retry when one ends", kind="busy")
                 return
             await self.blobs.download(scope, receive, send, row)
 
@@ -251,7 +249,7 @@ class ChannelApp:
         await error(send, 503, "the master is busy with reconnecting agents; retry after a backoff", kind="busy")
 
     async def _handshake_auth(self, scope: Scope,
-                              send: Send) -> tuple[dict[str, Any], Session | None, list[str]] | None:
+                              send: Send) -> tuple[AgentRecord, Session | None, list[str]] | None:
         """Who is handshaking: the client's row, the proxy session carrying it (or None), the
         proxies on its path. From the headers alone.
 
@@ -266,7 +264,7 @@ class ChannelApp:
         relayed = header(scope, b"x-zy-agent-auth")
         if relayed is not None:
             carrier = self.hub.sessions.get(row["uuid"])
-            if (carrier is None or carrier.carrier is not None or carrier.kind != "proxy"
+            if (carrier is None or carrier.carrier is not None or carrier.kind != SessionKind.PROXY
                     or carrier.sid != header(scope, b"x-zy-sid")):
                 await error(send, 409, "forwarding proxy has no live session here; handshake again", kind="session")
                 return None
@@ -276,7 +274,7 @@ class ChannelApp:
             via = [v for v in (header(scope, b"x-zy-via") or "").split(",") if v]
         return row, carrier, via
 
-    async def _handshake(self, scope: Scope, send: Send, row: dict[str, Any], carrier: Session | None,
+    async def _handshake(self, scope: Scope, send: Send, row: AgentRecord, carrier: Session | None,
                          via: list[str], body: dict[str, Any]) -> None:
         facts, labels = body.get("facts") or {}, body.get("labels") or {}
         if not isinstance(facts, dict) or not _str_map(labels):
@@ -286,10 +284,11 @@ class ChannelApp:
         if schedules is not None and (why := reported_problem(schedules)):
             await error(send, 400, why, kind="schedules")
             return
-        mode = carrier.mode if carrier else ("h2" if scope.get("http_version") == "2" else "poll")
+        direct = ChannelMode.H2 if scope.get("http_version") == "2" else ChannelMode.POLL
+        mode = carrier.mode if carrier else direct
         handover = body.get("handover")
-        session = await self.hub.handshake(row["uuid"], facts, labels, mode, bytes.fromhex(row["e2e_key"]),
-                                           kind=row.get("kind") or "agent", carrier=carrier, via=via,
+        session = await self.hub.handshake(row["uuid"], facts, labels, mode, row["e2e_key"],
+                                           kind=row.get("kind") or SessionKind.AGENT, carrier=carrier, via=via,
                                            handover=handover if isinstance(handover, str) else None,
                                            schedules=schedules if _str_map(schedules) else None)
         await respond(send, 200, {"uuid": session.uuid, "sid": session.sid, "mode": mode, **self.settings.served(),
@@ -320,11 +319,11 @@ class HubSessions:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
-    async def check(self, cred: Credential | None) -> dict[str, Any] | Refusal:
+    async def check(self, cred: Credential | None) -> AgentRecord | Refusal:
         """The enrolled agent's (or proxy's) row for ``cred``, or why not."""
         if cred is None or not cred.complete:
             return Refusal(401, "agent credential missing")
-        row = await self.hub.db(self.hub.db.store.agent, cred.uuid)
+        row = await self.hub.agent(cred.uuid)
         if row is None or not hmac.compare_digest(row["credential_hash"], secret_hash(cred.secret)):
             return Refusal(401, "agent credential is not valid")
         if row["revoked"]:
@@ -357,40 +356,59 @@ class HubSessions:
         self.hub.session_ended(session)
 
     async def deliver(self, session: Session, msgs: list[dict[str, Any]]) -> None:
+        """Each envelope is parsed once (the checks of hcsdk.protocol.messages) and handled by its
+        class: shape, then route, then MAC, then (for a sample) the series' owner. A malformed
+        envelope, or one the core cannot check, drops this session only (FrameError)."""
         self.hub.touch(session)
-        for msg in msgs:
-            reason = problem(msg)
-            if reason:
-                raise FrameError(f"malformed {msg['t']!r} message: {reason}")
-            kind, uuid = msg["t"], str(msg.get("uuid"))
-            if kind == "hb":
+        for d in msgs:
+            try:
+                msg = parse(d, UP)
+            except ProtocolError as exc:
+                raise FrameError(f"malformed {d['t']!r} message: {exc}") from None
+            # by class identity (the message classes have no subclasses): the cheapest branch,
+            # and this loop is the fan-out's hot path
+            cls = type(msg)
+            if cls is Heartbeat:
                 continue
-            if kind == "stats":  # a proxy's cache counters (its own, or a proxy's behind it): memory only
+            uuid = msg.uuid
+            if cls is Stats:  # a proxy's cache counters (its own, or a proxy's behind it): memory only
                 sender = self.hub.carried(session, uuid)
-                if sender is not None and sender.kind == "proxy" and self.hub.authentic(msg):
-                    proxy_stats.of(self.hub).record(uuid, msg["p"]["cache"])
+                if sender is not None and sender.kind == SessionKind.PROXY and self._authentic(msg):
+                    proxy_stats.of(self.hub).record(uuid, cast(Stats, msg).cache)
                 continue
             target = self.hub.carried(session, uuid)
-            if kind == "bye":  # a proxy says a client behind it went away
+            if cls is Bye:  # a proxy says a client behind it went away
                 if target is not None and target is not session:
                     self.hub.session_ended(target, reason="it left its proxy")
                 continue
             if target is None:
                 self.hub.stats["rejected"] += 1
-                log.warning("dropped a %r message for %s from %s, which does not carry it", kind, uuid, session.uuid)
+                log.warning("dropped a %r message for %s from %s, which does not carry it", msg.T, uuid, session.uuid)
                 continue
-            if not self.hub.authentic(msg):
+            try:  # (inline, not self._authentic: one call less per message)
+                authentic = self.hub.authentic(msg)
+            except (ProtocolError, RecursionError) as exc:
+                raise FrameError(f"malformed {msg.T!r} message: {type(exc).__name__}: {exc}") from None
+            if not authentic:
                 # altered, forged, or signed with another agent's key: never stored, never acked
                 self.hub.stats["rejected"] += 1
                 log.warning("rejected a %r message for task %r: bad MAC (altered or forged in transit?)",
-                            msg["t"], msg.get("taskid"))
+                            msg.T, msg.taskid)
                 continue
             self.hub.touch(target)
-            if kind == "sample" and not await self.hub.may_sample(uuid, msg):
-                self.hub.refuse_sample(session, uuid, msg)
+            if cls is Sample and not await self.hub.may_sample(uuid, cast(Sample, msg)):
+                self.hub.refuse_sample(session, uuid, cast(Sample, msg))
                 continue
-            await self.hub.ingest(uuid, msg)
+            await self.hub.ingest(uuid, cast(Result, msg))  # parse(UP) leaves start, out, done, sample
 
+    def _authentic(self, msg: Message) -> bool:
+        """The MAC check. What cannot be checked drops the session like a bad frame, never the
+        request with a 500: a ProtocolError, or a payload nested too deep for the canonical JSON
+        the MAC covers (RecursionError, should the core let one through)."""
+        try:
+            return self.hub.authentic(msg)
+        except (ProtocolError, RecursionError) as exc:
+            raise FrameError(f"malformed {msg.T!r} message: {type(exc).__name__}: {exc}") from None
 
 def _str_map(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())

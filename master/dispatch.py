@@ -22,11 +22,7 @@ from .settings import MasterSettings
 from .store import StoreThread
 from .targets import resolve
 
-__all__ = ["KNOWN_CMDS", "SYSTEM_CMDS", "Dispatch", "check_cmd"]
-
-#: the cmd words (defined in the protocol core): built into every agent, and the agent's own
-KNOWN_CMDS = vocab.BUILTIN_CMDS
-SYSTEM_CMDS = vocab.SYSTEM_CMDS
+__all__ = ["Dispatch", "check_cmd"]
 
 
 def check_cmd(cmd: str) -> None:

@@ -19,16 +19,17 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from hcsdk.protocol.tasks import FINAL, SessionKind
+from hcsdk.protocol import vocab
+from hcsdk.protocol.tasks import SessionKind
 
-from .dispatch import KNOWN_CMDS, SYSTEM_CMDS, Dispatch, check_cmd
+from .dispatch import Dispatch, check_cmd
 from .errors import RequestRejected
 from .ingest import Ingest
 from .run_events import RunEvents
 from .schedules import Schedules
 from .sessions import Session, Sessions, is_handover
 from .settings import MasterSettings
-from .store import StoreThread
+from .store import AgentRecord, JoinTokenRecord, StoreThread
 
 log = logging.getLogger("zy.master.hub")
 
@@ -109,10 +110,23 @@ class Hub:
 
     async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float) -> dict[str, Any]:
         run = await self.dispatch.create_run(cmd, args, targets, timeout)
-        if cmd == "zy.schedule.set":
+        if cmd == vocab.SCHEDULE_SET:
             # (no await since the tasks went out: no sample of theirs can be judged before this)
             self.schedules.gave(str(args.get("name")), [t["uuid"] for t in run["targets"]])
         return run
+
+    # -- the store, for the channel routes ---------------------------------------------------
+    async def agent(self, uuid: str) -> AgentRecord | None:
+        """The enrolled agent's (or proxy's) row, as stored."""
+        return await self.db(self.db.store.agent, uuid)
+
+    async def join_token(self, token_id: str) -> JoinTokenRecord | None:
+        return await self.db(self.db.store.join_token, token_id)
+
+    async def enroll(self, uuid: str, credential_hash: str, token_id: str, facts: dict[str, Any],
+                     labels: dict[str, str], e2e_key: bytes, kind: str) -> list[str]:
+        """Record an enrollment (raises ``TokenUsedUp``): see ``Store.enroll``."""
+        return await self.db(self.db.store.enroll, uuid, credential_hash, token_id, facts, labels, e2e_key, kind)
 
     # -- housekeeping -------------------------------------------------------------------------
     async def _sweep_loop(self) -> None:
@@ -143,4 +157,4 @@ class Hub:
         await self.dispatch.write_off(now)
 
 
-__all__ = ["FINAL", "KNOWN_CMDS", "SYSTEM_CMDS", "Hub", "RequestRejected", "Session", "check_cmd"]
+__all__ = ["Hub", "RequestRejected", "Session", "check_cmd"]

@@ -11,11 +11,11 @@ from typing import Any
 
 import anyio
 
-from hcsdk.protocol.messages import Ack
+from hcsdk.protocol.messages import Ack, Sample
 
 from .run_events import RunEvents
 from .sessions import Session, Sessions
-from .store import StoreThread
+from .store import Result, StoreThread
 
 __all__ = ["Ingest"]
 
@@ -31,10 +31,11 @@ class Ingest:
         self.table = table
         self.events = events
         self.stats = stats
-        self._tx, self._rx = anyio.create_memory_object_stream[tuple[str, dict[str, Any]]](20_000)
+        self._tx, self._rx = anyio.create_memory_object_stream[tuple[str, Result]](20_000)
 
-    async def put(self, uuid: str, msg: dict[str, Any]) -> None:
-        """Queue one message of agent ``uuid`` (waits while the writer is 20,000 behind)."""
+    async def put(self, uuid: str, msg: Result) -> None:
+        """Queue one checked, authentic message of agent ``uuid`` (waits while the writer is
+        20,000 behind)."""
         await self._tx.send((uuid, msg))
 
     def close(self) -> None:
@@ -46,13 +47,13 @@ class Ingest:
         """The signed acknowledgement of ``ids`` ([taskid, seq] pairs) for agent ``uuid``."""
         return Ack(uuid=uuid, ids=ids).signed(self.table.key(uuid)).to_wire()
 
-    def refuse_sample(self, session: Session, uuid: str, msg: dict[str, Any]) -> None:
+    def refuse_sample(self, session: Session, uuid: str, msg: Sample) -> None:
         """Not stored, counted, and acknowledged: the agent stops resending what will never be
         taken (as the store does for results of tasks that are not the sender's)."""
         self.stats["rejected"] += 1
         log.warning("rejected a sample from %s for series %r: the master never gave it that schedule",
-                    uuid, msg["p"]["series"])
-        session.send([self.ack(uuid, [[msg["taskid"], msg["seq"]]])])
+                    uuid, msg.series)
+        session.send([self.ack(uuid, [[msg.taskid, msg.seq]])])
 
     async def run(self) -> None:
         """The single writer, for as long as the master runs."""
@@ -65,7 +66,7 @@ class Ingest:
                     break
             await self._store(batch)
 
-    async def _store(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+    async def _store(self, batch: list[tuple[str, Result]]) -> None:
         try:
             acks, changed = await self.db(self.db.store.ingest, batch)
         except Exception:

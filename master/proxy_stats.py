@@ -14,6 +14,8 @@ from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Depends
 
+from hcsdk.protocol.tasks import SessionKind
+
 from .hub import Hub
 
 __all__ = ["ProxyStats", "of", "proxy_routes"]
@@ -53,7 +55,7 @@ def proxy_routes(hub: Hub, admin: Any) -> APIRouter:
         stats = of(hub)
         out = []
         for row in rows:
-            if (row.get("kind") or "agent") != "proxy":
+            if (row.get("kind") or SessionKind.AGENT) != SessionKind.PROXY:
                 continue
             session = hub.sessions.get(row["uuid"])
             latest = stats.get(row["uuid"])

@@ -9,6 +9,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from hcsdk.protocol import vocab
+from hcsdk.protocol.messages import Sample
+
 from .schedule_spec import schedule_args
 from .store import StoreThread
 from .targets import selects
@@ -51,12 +54,12 @@ class Schedules:
             for name, spec in wanted.items():
                 args = schedule_args(name, spec["cmd"], spec["args"], spec["every"], spec["timeout"])
                 if reported.get(name) != args["digest"]:
-                    await self.create_run("zy.schedule.set", args, {"uuids": [uuid]}, 60.0)
+                    await self.create_run(vocab.SCHEDULE_SET, args, {"uuids": [uuid]}, 60.0)
             # only what the master once gave this agent: a handshake naming others (invented,
             # or another agent's) makes no cancel run
             given = await self.given(uuid)
             for name in sorted((set(reported) - set(wanted)) & given):
-                await self.create_run("zy.schedule.cancel", {"name": name}, {"uuids": [uuid]}, 60.0)
+                await self.create_run(vocab.SCHEDULE_CANCEL, {"name": name}, {"uuids": [uuid]}, 60.0)
         except Exception:  # the next handshake tries again
             log.exception("could not reconcile the schedules of %s", uuid)
 
@@ -74,8 +77,8 @@ class Schedules:
             self._given_loaded.add(uuid)
         return self._given[uuid]
 
-    async def may_sample(self, uuid: str, msg: dict[str, Any]) -> bool:
+    async def may_sample(self, uuid: str, msg: Sample) -> bool:
         """Whether a sample from ``uuid`` belongs to a schedule the master gave it: any other is
         an agent writing into a series that is not its own."""
-        series = msg["p"]["series"]
-        return msg.get("taskid", "").startswith(f"sample:{series}:") and series in await self.given(uuid)
+        series = msg.series
+        return msg.taskid.startswith(f"sample:{series}:") and series in await self.given(uuid)

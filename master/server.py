@@ -23,6 +23,7 @@ from hcsdk.net.serve import (
     server_names,
     stop_server,
 )
+from hcsdk.protocol.tasks import SessionKind
 
 from .api import BodyLimit, build_api
 from .blobs import BlobStore
@@ -146,7 +147,7 @@ async def serve(settings: MasterSettings) -> None:
 def _warn_legacy_proxies(store: Store) -> None:
     """Proxies enrolled before the proxy CA existed hold certificates from the master CA, which
     the SDK trusts: say so once, when the proxy CA is made, so they get re-enrolled."""
-    legacy = [a for a in store.agents() if a.get("kind") == "proxy"]
+    legacy = [a for a in store.agents() if a.get("kind") == SessionKind.PROXY]
     if legacy:
         log.warning("%d proxies were enrolled before the proxy CA existed; their certificates come from the "
                     "master CA: re-enroll them (new data dir, `zy token create --kind proxy`) and revoke the old "

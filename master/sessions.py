@@ -13,8 +13,9 @@ import time
 from typing import Any
 
 from hcsdk.net.mailbox import Mailbox
-from hcsdk.protocol.e2e import verify
-from hcsdk.protocol.tasks import SessionKind, is_final
+from hcsdk.protocol import vocab
+from hcsdk.protocol.messages import Message
+from hcsdk.protocol.tasks import ChannelMode, SessionKind, is_final
 
 from .store import StoreThread
 
@@ -54,7 +55,7 @@ async def is_handover(db: StoreThread, uuid: str, taskid: str) -> bool:
     """Whether ``taskid`` is an open update of agent ``uuid`` (so a handshake naming it is the
     new build taking over, not a restart)."""
     task = await db(db.store.task, taskid)
-    return bool(task and task["uuid"] == uuid and task["cmd"] == "zy.update" and not is_final(task["status"]))
+    return bool(task and task["uuid"] == uuid and task["cmd"] == vocab.UPDATE and not is_final(task["status"]))
 
 
 class Sessions:
@@ -77,9 +78,10 @@ class Sessions:
     def set_key(self, uuid: str, key: bytes) -> None:
         self.keys[uuid] = key
 
-    def authentic(self, msg: dict[str, Any]) -> bool:
-        key = self.keys.get(str(msg.get("uuid")))
-        return key is not None and verify(key, msg)
+    def authentic(self, msg: Message) -> bool:
+        """Whether ``msg`` carries the MAC of its agent's key, over exactly the envelope received."""
+        key = self.keys.get(msg.uuid)
+        return key is not None and msg.verify(key)
 
     def key(self, uuid: str) -> bytes:
         """The end-to-end key shared with agent ``uuid``: what signs the master's messages to it."""
@@ -167,7 +169,7 @@ class Sessions:
             # an HTTP/2 channel's liveness is the connection's PINGs (granian closes it when
             # they go unanswered); its application heartbeats only show it is not wedged
             limit = dead_after
-            if session.mode == "h2":
+            if session.mode == ChannelMode.H2:
                 limit = max(limit, 2.5 * idle_beat)
             if session.carrier is None and now - session.last_rx > limit:
                 session.close(f"no traffic for {limit:.0f}s")

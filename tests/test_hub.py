@@ -14,12 +14,14 @@ from typing import Any
 import anyio
 import pytest
 
-from hcsdk.protocol.messages import DOWN, Ack, Cancel, Done, Task, parse
-from hcsdk.protocol.tasks import SessionKind, TaskStatus
+from hcsdk.protocol.messages import DOWN, UP, Ack, Cancel, Done, Start, Task, parse
+from hcsdk.protocol.tasks import SessionKind, TaskStatus, Verdict, can_move, may_settle
+from hcsdk.protocol.wire import FrameError
+from master.channel import HubSessions
 from master.hub import Hub
 from master.sessions import Session, Sessions
 from master.settings import MasterSettings
-from master.store import StoreThread, open_store
+from master.store import SQLiteStore, StoreThread, open_store
 
 
 def _session(uuid: str, kind: str = SessionKind.AGENT, carrier: Session | None = None) -> Session:
@@ -102,9 +104,9 @@ async def test_results_are_stored_acknowledged_and_wake_the_run(hub: Hub) -> Non
     [task] = _sent(session)
     changed = hub.run_changed(run["run_id"])
     done = Done(uuid="a1", cmd="echo", taskid=task.taskid, seq=1, status=TaskStatus.OK, exit_code=0)
-    wire = done.signed(key).to_wire()
-    assert hub.authentic(wire)
-    await hub.ingest("a1", wire)
+    msg = parse(done.signed(key).to_wire(), UP)  # parsed once, as the uplink does
+    assert isinstance(msg, Done) and hub.authentic(msg)
+    await hub.ingest("a1", msg)
     with anyio.fail_after(10):
         await changed.wait()
     [ack] = _sent(session)  # acknowledged before the run's waiters are woken
@@ -126,3 +128,59 @@ async def test_an_update_hands_over_and_falls_back_if_the_new_build_dies(hub: Hu
     # a handover naming no open update of this agent is an ordinary reconnect
     newer, _ = await _online(hub, "a1", handover="r0.0")
     assert old.closed.is_set() and hub.sessions["a1"] is newer and hub.retiring == {}
+
+
+@pytest.mark.anyio
+async def test_an_uplink_message_the_core_cannot_check_costs_only_its_session(hub: Hub) -> None:
+    """A payload nested deeper than the MAC's canonical JSON can encode (the frame decoder caps
+    nesting first; this is the hub's backstop): never an exception that makes the request a 500.
+    Either the core says it does not verify (rejected, counted) or it cannot check it (FrameError,
+    which the channel server answers by dropping that session); the other agents' sessions stay."""
+    (s1, _), (s2, _) = await _online(hub, "a1"), await _online(hub, "a2")
+    run = await hub.create_run("echo", {}, {"uuids": ["a1"]}, 30.0)
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    done = Done(uuid="a1", cmd="echo", taskid=run["targets"][0]["taskid"], seq=1, status=TaskStatus.OK, result=deep)
+    table, rejected = HubSessions(hub), hub.stats["rejected"]
+    try:
+        await table.deliver(s1, [{**done.to_wire(), "m": "0" * 64}])
+    except FrameError as exc:
+        table.drop(s1, exc)  # what hcsdk.net.channel_server does with it
+        assert s1.closed.is_set() and "a1" not in hub.sessions
+    else:
+        assert hub.stats["rejected"] == rejected + 1
+    assert not s2.closed.is_set() and hub.sessions["a2"] is s2
+
+
+def test_the_stores_moves_are_the_lifecycle_tables(tmp_path: Path) -> None:
+    """The store's status lists come from hcsdk.protocol.tasks: a task in each status (and each
+    ``final_source``) moves to running on a start, to dispatched on redelivery, and takes an
+    agent's done, exactly when can_move / may_settle say it may."""
+    store = SQLiteStore(tmp_path / "m.db")
+    cases = [(status, source) for status in TaskStatus for source in (None, *Verdict)]
+    ids = [f"r1.{i}" for i in range(len(cases))]
+    store.create_run("r1", "echo", {}, 30.0, [(t, "a1", TaskStatus.DISPATCHED, 1e12) for t in ids])
+
+    def reset() -> None:
+        store.db.execute("DELETE FROM events")
+        store.db.executemany("UPDATE tasks SET status=?, final_source=?, exit_code=NULL WHERE taskid=?",
+                             [(st, src, t) for (st, src), t in zip(cases, ids, strict=True)])
+
+    def after() -> list[Any]:
+        rows = {r["taskid"]: r for r in store.db.execute("SELECT taskid, status, exit_code FROM tasks")}
+        return [rows[t] for t in ids]
+
+    reset()
+    store.ingest([("a1", Start(uuid="a1", cmd="echo", taskid=t, started_at=1.0)) for t in ids])
+    assert [r["status"] != st for r, (st, _) in zip(after(), cases, strict=True)] == \
+        [can_move(st, TaskStatus.RUNNING) for st, _ in cases]
+    reset()
+    store.mark_dispatched(ids)
+    assert [r["status"] != st for r, (st, _) in zip(after(), cases, strict=True)] == \
+        [can_move(st, TaskStatus.DISPATCHED) for st, _ in cases]
+    reset()
+    dones = [Done(uuid="a1", cmd="echo", taskid=t, seq=1, status=TaskStatus.FAILED, exit_code=7) for t in ids]
+    store.ingest([("a1", d) for d in dones])
+    assert [r["exit_code"] == 7 for r in after()] == [may_settle(st, src) for st, src in cases]
+    store.close()

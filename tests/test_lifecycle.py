@@ -214,7 +214,7 @@ def test_idle_channel_outlives_every_timeout(tmp_path: Path) -> None:
 def _run_info(fleet: Fleet, run_id: str) -> Any:
     from hcsdk._portal import portal
 
-    return portal().call(fleet.client._async._request, "GET", f"/api/v1/runs/{run_id}")
+    return portal().call(fleet.client._async._link.request, "GET", f"/api/v1/runs/{run_id}")
 
 
 def _started(fleet: Fleet, run_id: str) -> int:

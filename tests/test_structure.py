@@ -152,6 +152,32 @@ def test_no_envelope_literal_outside_the_protocol_core() -> None:
                                      "from hcsdk.protocol.messages and call .to_wire()/.encode())")
 
 
+def _payload_reads(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """(line, code) of each read of an envelope's payload by its wire key: ``x["p"]`` and
+    ``x.get("p")`` / ``.pop("p")`` / ``.setdefault("p")``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == "p":
+            yield node.lineno, '["p"]'
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("get", "pop", "setdefault") and node.args
+              and isinstance(node.args[0], ast.Constant) and node.args[0].value == "p"):
+            yield node.lineno, f'.{node.func.attr}("p")'
+
+
+def test_the_master_reads_no_envelope_payload_by_hand() -> None:
+    """The master is a thin adapter: it parses each uplink envelope once (hcsdk.protocol.messages
+    .parse) and reads the message's typed fields; only the core knows the payload's wire key."""
+    found = [f"{_rel(path)}:{lineno}: {code}" for path in _files("master")
+             for lineno, code in sorted(_payload_reads(_tree(path)))]
+    assert not found, _report(found, "envelope payloads read by hand in master/ (parse the envelope with "
+                                     "hcsdk.protocol.messages.parse and read the message's fields)")
+    # the rule sees what the master did before it parsed once (master/channel.py, master/ingest.py,
+    # master/schedules.py, master/store/sqlite_runs.py)
+    before = ('cache = msg["p"]["cache"]\nseries = msg["p"]["series"]\np = msg["p"]\n'
+              'kind, p = msg["t"], msg.get("p") or {}\n')
+    assert sorted(line for line, _ in _payload_reads(ast.parse(before))) == [1, 2, 3, 4]
+
+
 # -- the master's SQL lives in master/store/ ------------------------------------------------------
 
 SQL = re.compile(

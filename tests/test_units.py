@@ -15,6 +15,8 @@ from hcsdk import JoinToken, JoinTokenError
 from hcsdk._targets import target_spec
 from hcsdk.common.backoff import Backoff
 from hcsdk.common.duration import seconds
+from hcsdk.protocol.messages import Sample
+from hcsdk.protocol.tasks import TaskStatus
 from hcsdk.protocol.wire import UP_TYPES, FrameDecoder, FrameError, encode_batch, encode_frame
 from master.targets import TargetError, resolve
 
@@ -172,9 +174,9 @@ def test_samples_are_stored_once_per_tick_and_forgotten_after_retention(tmp_path
 
     store = Store(tmp_path / "m.db")
 
-    def sample(seq: int, when: float) -> tuple[str, dict[str, object]]:
-        return "u1", {"t": "sample", "uuid": "u1", "taskid": "sample:s:1", "seq": seq,
-                      "p": {"series": "s", "time": when, "status": "ok", "fields": {"v": seq}}}
+    def sample(seq: int, when: float) -> tuple[str, Sample]:
+        return "u1", Sample(uuid="u1", taskid="sample:s:1", seq=seq, series="s", time=when, status=TaskStatus.OK,
+                            fields={"v": seq})
 
     acks, _ = store.ingest([sample(1, 100.0), sample(1, 100.0), sample(2, 5_000.0)])
     assert acks == {"u1": [["sample:s:1", 1], ["sample:s:1", 1], ["sample:s:1", 2]]}  # all acked

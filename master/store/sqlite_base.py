@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from hcsdk.protocol.tasks import FINAL
 from hcsdk.protocol.wire import dumps
 
-__all__ = ["FINAL", "FINAL_SQL", "SQLiteBase", "in_chunks", "js"]
+__all__ = ["FINAL", "FINAL_SQL", "SQLiteBase", "in_chunks", "js", "sql_list"]
 
-#: the final task statuses as an SQL list: ('ok','failed',...)
-FINAL_SQL = "(" + ",".join(f"'{s.value}'" for s in FINAL) + ")"
+
+def sql_list(words: Iterable[str]) -> str:
+    """Words of the protocol's vocabulary (statuses, verdicts) as an SQL list: ('ok','failed',...)."""
+    return "(" + ",".join(f"'{w}'" for w in words) + ")"
+
+
+#: the final task statuses as an SQL list
+FINAL_SQL = sql_list(FINAL)
 
 
 class SQLiteBase:

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
+from hcsdk.protocol.messages import Done, Sample, Start
+from hcsdk.protocol.tasks import FINAL, TaskStatus, Verdict, can_move, may_settle
 from hcsdk.protocol.wire import loads
 
-from .sqlite_base import FINAL, FINAL_SQL, SQLiteBase, in_chunks, js
+from .protocol import Result
+from .sqlite_base import FINAL_SQL, SQLiteBase, in_chunks, js, sql_list
 
-_START_SQL = "UPDATE tasks SET status='running', started_at=? WHERE taskid=? AND status IN ('pending','dispatched')"
+# The lifecycle's moves as the store makes them, read off hcsdk.protocol.tasks (the one table):
+#: statuses an agent's ``start`` moves to running
+STARTABLE = tuple(s for s in TaskStatus if can_move(s, TaskStatus.RUNNING))
+#: statuses redelivery moves to dispatched
+DISPATCHABLE = tuple(s for s in TaskStatus if can_move(s, TaskStatus.DISPATCHED))
+#: statuses an agent's ``done`` does not replace, unless decided by one of ``PRESUMED_BY``
+SETTLED = tuple(s for s in TaskStatus if not may_settle(s, None))
+#: who decided a final status that an agent's own verdict still replaces
+PRESUMED_BY = tuple(v for v in Verdict if all(may_settle(s, v) for s in FINAL))
+
+_START_SQL = (f"UPDATE tasks SET status='{TaskStatus.RUNNING}', started_at=? WHERE taskid=? "
+              f"AND status IN {sql_list(STARTABLE)}")
 # An agent's own verdict overrides one the master presumed (e.g. "went offline").
 _DONE_SQL = ("UPDATE tasks SET status=?, exit_code=?, started_at=COALESCE(started_at, ?), finished_at=?, error=?, "
-             f"truncated=?, final_source='agent' WHERE taskid=? AND (status NOT IN {FINAL_SQL} "
-             "OR final_source='master')")
+             f"truncated=?, final_source='{Verdict.AGENT}' WHERE taskid=? AND (status NOT IN {sql_list(SETTLED)} "
+             f"OR final_source IN {sql_list(PRESUMED_BY)})")
+_DISPATCHED_SQL = (f"UPDATE tasks SET status='{TaskStatus.DISPATCHED}' WHERE taskid=? "
+                   f"AND status IN {sql_list(DISPATCHABLE)}")
 _EVENT_SQL = "INSERT OR IGNORE INTO events(run_id, taskid, uuid, seq, kind, data) VALUES(?,?,?,?,?,?)"
 _SAMPLE_SQL = ("INSERT OR IGNORE INTO samples(series, uuid, taskid, seq, time, status, fields, error) "
                "VALUES(?,?,?,?,?,?,?,?)")
@@ -36,7 +52,7 @@ class RunsSQL(SQLiteBase):
             db.executemany(
                 "INSERT INTO tasks(taskid, run_id, uuid, status, deadline, finished_at, final_source) "
                 "VALUES(?,?,?,?,?,?,?)",
-                [(tid, run_id, uuid, st, dl, now if st in FINAL else None, "master" if st in FINAL else None)
+                [(tid, run_id, uuid, st, dl, now if st in FINAL else None, Verdict.MASTER if st in FINAL else None)
                  for tid, uuid, st, dl in tasks],
             )
             for tid, uuid, st, _ in tasks:
@@ -65,7 +81,7 @@ class RunsSQL(SQLiteBase):
             out.update({r[0]: (r[1], r[2]) for r in rows})
         return out
 
-    def ingest(self, batch: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, list[list[Any]]], set[str]]:
+    def ingest(self, batch: list[tuple[str, Result]]) -> tuple[dict[str, list[list[Any]]], set[str]]:
         """Persist messages from agents in one transaction, with one statement per kind of row
         (executemany): per-message statements were the ceiling of the fan-out at 1,000 agents.
 
@@ -74,33 +90,33 @@ class RunsSQL(SQLiteBase):
         acknowledged (so the agent stops resending) but not stored; resends already held are
         acknowledged and skipped.
         """
-        owners = self.task_runs(m["taskid"] for _, m in batch if isinstance(m.get("taskid"), str))
+        # (parse checked every field read here: taskid a string, seq an integer, a final status)
+        owners = self.task_runs(m.taskid for _, m in batch)
         held = self._held_events(owners)
         acks: dict[str, list[list[Any]]] = {}
         changed: set[str] = set()
         events, starts, dones, samples = [], [], [], []
         for uuid, msg in batch:
-            taskid, seq = msg.get("taskid"), msg.get("seq")
+            taskid, seq = msg.taskid, msg.seq
             acks.setdefault(uuid, []).append([taskid, seq])
-            if not isinstance(taskid, str) or not isinstance(seq, int):
-                continue
-            if msg["t"] == "sample":
-                p = msg["p"]
-                samples.append((p["series"], uuid, taskid, seq, p["time"], p["status"], js(p["fields"]),
-                                p.get("error")))
+            cls = type(msg)  # (identity: the message classes have no subclasses, and this loop is hot)
+            if cls is Sample:
+                msg = cast(Sample, msg)
+                samples.append((msg.series, uuid, taskid, seq, msg.time, msg.status, js(msg.fields), msg.error))
                 continue
             owner = owners.get(taskid)
             if owner is None or owner[1] != uuid or (taskid, seq) in held:
                 continue
             held.add((taskid, seq))
             changed.add(owner[0])
-            kind, p = msg["t"], msg.get("p") or {}
-            events.append((owner[0], taskid, uuid, seq, kind, js(p)))
-            if kind == "start":
-                starts.append((p.get("started_at"), taskid))
-            elif kind == "done":
-                dones.append((p.get("status", "error"), p.get("exit_code"), p.get("started_at"), p.get("finished_at"),
-                              p.get("error"), js(p.get("truncated") or {}), taskid))
+            # the payload as it came: a newer agent's extra keys reach the SDK's events
+            events.append((owner[0], taskid, uuid, seq, msg.T, js(msg.wire_payload())))
+            if cls is Start:
+                starts.append((cast(Start, msg).started_at, taskid))
+            elif cls is Done:
+                msg = cast(Done, msg)
+                dones.append((msg.status, msg.exit_code, msg.started_at, msg.finished_at, msg.error,
+                              js(msg.truncated), taskid))
         with self.transaction() as db:
             db.executemany(_EVENT_SQL, events)
             db.executemany(_START_SQL, starts)
@@ -125,9 +141,7 @@ class RunsSQL(SQLiteBase):
         return [dict(r) for r in rows]
 
     def mark_dispatched(self, taskids: list[str]) -> None:
-        self.db.executemany(
-            "UPDATE tasks SET status='dispatched' WHERE taskid=? AND status='pending'", [(t,) for t in taskids]
-        )
+        self.db.executemany(_DISPATCHED_SQL, [(t,) for t in taskids])
 
     def finish_by_master(self, items: list[tuple[str, str, str]]) -> set[str]:
         """Final status decided by the master ``(taskid, status, error)``; returns changed runs."""
@@ -137,7 +151,7 @@ class RunsSQL(SQLiteBase):
         with self.transaction() as db:
             for taskid, status, error in items:
                 cur = db.execute(
-                    f"UPDATE tasks SET status=?, error=?, finished_at=?, final_source='master' "
+                    f"UPDATE tasks SET status=?, error=?, finished_at=?, final_source='{Verdict.MASTER}' "
                     f"WHERE taskid=? AND status NOT IN {FINAL_SQL}",
                     (status, error, now, taskid),
                 )
