@@ -86,7 +86,8 @@ def test_bad_manifests_and_changing_files_are_refused(fleet: Fleet, tmp_path: Pa
 def _register(fleet: Fleet, manifest: dict[str, object]) -> object:
     from hcsdk._portal import portal
 
-    return portal().call(lambda: fleet.client._async._link.request("POST", "/api/v1/artifacts", json={"manifest": manifest}))
+    link = fleet.client._async._link  # a raw request the SDK would refuse to make
+    return portal().call(lambda: link.request("POST", "/api/v1/artifacts", json={"manifest": manifest}))
 
 
 def test_zy_artifact_upload_and_list(fleet: Fleet, tmp_path: Path) -> None:
