@@ -90,7 +90,8 @@ class RunsSQL(SQLiteBase):
         acknowledged (so the agent stops resending) but not stored; resends already held are
         acknowledged and skipped.
         """
-        # (parse checked every field read here: taskid a string, seq an integer, a final status)
+        # (parse checked every field read here: taskid a string, seq an integer, a final status;
+        # a status is bound as a plain str: sqlite3 binds a StrEnum through its slow adapter path)
         owners = self.task_runs(m.taskid for _, m in batch)
         held = self._held_events(owners)
         acks: dict[str, list[list[Any]]] = {}
@@ -102,7 +103,7 @@ class RunsSQL(SQLiteBase):
             cls = type(msg)  # (identity: the message classes have no subclasses, and this loop is hot)
             if cls is Sample:
                 msg = cast(Sample, msg)
-                samples.append((msg.series, uuid, taskid, seq, msg.time, msg.status, js(msg.fields), msg.error))
+                samples.append((msg.series, uuid, taskid, seq, msg.time, str(msg.status), js(msg.fields), msg.error))
                 continue
             owner = owners.get(taskid)
             if owner is None or owner[1] != uuid or (taskid, seq) in held:
@@ -115,7 +116,7 @@ class RunsSQL(SQLiteBase):
                 starts.append((cast(Start, msg).started_at, taskid))
             elif cls is Done:
                 msg = cast(Done, msg)
-                dones.append((msg.status, msg.exit_code, msg.started_at, msg.finished_at, msg.error,
+                dones.append((str(msg.status), msg.exit_code, msg.started_at, msg.finished_at, msg.error,
                               js(msg.truncated), taskid))
         with self.transaction() as db:
             db.executemany(_EVENT_SQL, events)
