@@ -157,7 +157,7 @@ def test_label_selector_with_an_empty_value_is_an_error(dup: Fleet) -> None:
     from hcsdk._portal import portal
 
     with pytest.raises(TargetError, match="has an empty value"):
-        portal().call(lambda: dup.client._async._request("GET", "/api/v1/inventory",
+        portal().call(lambda: dup.client._async._link.request("GET", "/api/v1/inventory",
                                                          params={"targets": "label:role="}))
     # a key alone still means "has this label", as the README says
     assert len(dup.client.inventory("label:role")) == 3

@@ -235,7 +235,7 @@ def test_the_agents_own_names_are_refused_by_sdk_master_and_agent(fl: Fleet, tmp
     # the master refuses to register it, whatever client sends the manifest
     forged = {**fl.client.artifacts.get(art["id"])["manifest"], "name": ".zy-manifest.json"}
     with pytest.raises(RequestError, match="reserved") as refused:
-        portal().call(lambda: fl.client._async._request("POST", "/api/v1/artifacts", json={"manifest": forged}))
+        portal().call(lambda: fl.client._async._link.request("POST", "/api/v1/artifacts", json={"manifest": forged}))
     assert 400 <= refused.value.status < 500
 
     # and the agent refuses to write it, should a command name it anyway (its chunk is on the master:
