@@ -621,7 +621,7 @@ def test_request_args_too_deep_for_a_task_frame_are_refused() -> None:
     check_request_args("hello.greet", fits)  # MAX_ARGS_DEPTH levels: sent, signed, decoded
     task = Task(uuid=U, cmd="hello.greet", taskid="r1.0", args=fits, timeout=5, exp=1e10, aud=U).signed(KEY)
     [back] = MessageDecoder(DOWN).feed(task.encode())
-    assert back.verify(KEY) and back.args == fits
+    assert isinstance(back, Task) and back.verify(KEY) and back.args == fits
     with pytest.raises(MessageError, match=r"^args nest deeper than 62 levels of objects and lists \(a task's "):
         check_request_args("hello.greet", {"a": fits})
 

@@ -37,7 +37,7 @@ def test_a_proxy_token_for_a_name_with_a_newline_is_refused(fl: Fleet, name: str
 @pytest.mark.parametrize("share", ["20%\n", "20%\r\n", "20\n%"])
 def test_a_share_with_a_newline_is_refused(fl: Fleet, option: str, share: str) -> None:
     with pytest.raises(RequestError, match=f"{option}=.*give a number or a percentage") as err:
-        fl.client.release("no-such-artifact", "label:role=none", dest="/tmp/x", **{option: share})
+        fl.client.release("no-such-artifact", "label:role=none", dest="/tmp/x", **{option: share})  # type: ignore[arg-type]
     assert err.value.status == 422
 
 
