@@ -6,7 +6,7 @@ A sync class subclasses :class:`SyncFace` over its async twin and lists the meth
         progress = blocking(AsyncRelease.progress)            # -> pd.DataFrame, as the async one
         wait = blocking_self(AsyncRelease.wait)               # returns this Release
     class Client(SyncFace[AsyncClient]):
-        release = blocking(AsyncClient.release, wrap=Release) # AsyncRelease -> Release
+        release = wrapping(AsyncClient.release, Release)      # AsyncRelease -> Release
 
 Each is a plain function made once, when the class is created: it runs the coroutine on the
 portal's loop (``_portal``), so ``help()`` and IDEs see the async method's parameters and

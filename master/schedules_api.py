@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
+from hcsdk.protocol import vocab
+
 from .hub import Hub, RequestRejected, check_cmd
 from .schedule_spec import NAME_PATTERN, schedule_args
 from .targets import selects
@@ -35,7 +37,7 @@ def schedule_routes(hub: Hub, admin: Any) -> APIRouter:
         args = schedule_args(req.name, req.cmd, req.args, req.every, req.timeout)
         before = await hub.db(store.schedule, req.name)
         try:
-            run = await hub.create_run("zy.schedule.set", args, req.targets, 60.0)
+            run = await hub.create_run(vocab.SCHEDULE_SET, args, req.targets, 60.0)
         except RequestRejected as exc:
             # a glob or label selector may match no agent yet: those that join later get the
             # schedule at their handshake
@@ -58,7 +60,7 @@ def schedule_routes(hub: Hub, admin: Any) -> APIRouter:
         if schedule is None:
             raise RequestRejected(f"no schedule {name!r}", kind="schedule", status=404)
         try:
-            run = await hub.create_run("zy.schedule.cancel", {"name": name}, schedule["targets"], 60.0)
+            run = await hub.create_run(vocab.SCHEDULE_CANCEL, {"name": name}, schedule["targets"], 60.0)
         except RequestRejected as exc:
             if exc.kind != "target":
                 raise
@@ -81,4 +83,4 @@ async def _cancel_where_dropped(hub: Hub, name: str, old_targets: dict[str, Any]
     kept = {t["uuid"] for t in (run or {}).get("targets", [])}
     dropped = [a["uuid"] for a in agents if selects(old_targets, a) and a["uuid"] not in kept]
     if dropped:
-        await hub.create_run("zy.schedule.cancel", {"name": name}, {"uuids": dropped}, 60.0)
+        await hub.create_run(vocab.SCHEDULE_CANCEL, {"name": name}, {"uuids": dropped}, 60.0)

@@ -30,6 +30,9 @@ from typing import Any
 
 import anyio
 
+from hcsdk.protocol import vocab
+from hcsdk.protocol.errors import MessageError
+from hcsdk.protocol.messages import DOWN, Task, parse
 from hcsdk.protocol.names import is_sha256
 
 MAX_ANNOUNCE = 100_000
@@ -49,7 +52,7 @@ MAX_LISTINGS = 2_000_000
 MAX_RELEASE_CHUNKS = 1_000_000
 MAX_RELEASES_PER_UUID = 32
 MAX_UUIDS = 100_000
-FETCH_CMD = "zy.release.fetch"
+FETCH_CMD = vocab.RELEASE_FETCH
 
 
 class TrackerError(ValueError):
@@ -88,13 +91,16 @@ class Releases:
         """Look at a message going down: remember a release fetch's chunks for its uuid."""
         if msg.get("t") != "task" or msg.get("cmd") != FETCH_CMD:
             return
-        args = (msg.get("p") or {}).get("args") if isinstance(msg.get("p"), dict) else None
-        manifest = args.get("manifest") if isinstance(args, dict) else None
-        digest = args.get("digest") if isinstance(args, dict) else None
+        try:
+            task = parse(msg, DOWN)
+        except MessageError:
+            return
+        args = task.args if isinstance(task, Task) else {}
+        manifest, digest = args.get("manifest"), args.get("digest")
         chunks = manifest.get("chunks") if isinstance(manifest, dict) else None
         if not isinstance(digest, str) or not is_sha256(digest) or not isinstance(chunks, list):
             return
-        self.grant(str(msg.get("uuid")), digest, [c for c in chunks if is_sha256(c)])
+        self.grant(task.uuid, digest, [c for c in chunks if is_sha256(c)])
 
     def grant(self, uuid: str, digest: str, chunks: list[str]) -> None:
         if digest in self.chunks:

@@ -167,9 +167,9 @@ def _payload_reads(tree: ast.AST) -> Iterator[tuple[int, str]]:
 def test_the_master_reads_no_envelope_payload_by_hand() -> None:
     """The master is a thin adapter: it parses each uplink envelope once (hcsdk.protocol.messages
     .parse) and reads the message's typed fields; only the core knows the payload's wire key."""
-    found = [f"{_rel(path)}:{lineno}: {code}" for path in _files("master")
+    found = [f"{_rel(path)}:{lineno}: {code}" for path in _files("master", "proxy", "agent", "hcsdk/net")
              for lineno, code in sorted(_payload_reads(_tree(path)))]
-    assert not found, _report(found, "envelope payloads read by hand in master/ (parse the envelope with "
+    assert not found, _report(found, "envelope payloads read by hand outside the core (parse the envelope with "
                                      "hcsdk.protocol.messages.parse and read the message's fields)")
     # the rule sees what the master did before it parsed once (master/channel.py, master/ingest.py,
     # master/schedules.py, master/store/sqlite_runs.py)
@@ -235,6 +235,13 @@ def test_shared_room_imports_no_sdk_module() -> None:
     found = _import_sites(_files(*SHARED_ROOM), sdk)
     assert not found, _report(found, "hcsdk/protocol, common and net import an SDK module (they are the "
                                      "services' library: move the code they need into the room)")
+
+
+def test_the_shared_room_is_layered() -> None:
+    """protocol is the bottom (it imports neither common nor net); common imports no net."""
+    found = _import_sites(_files("hcsdk/protocol"), lambda name: name.startswith(("hcsdk.common", "hcsdk.net")))
+    found += _import_sites(_files("hcsdk/common"), lambda name: name.startswith("hcsdk.net"))
+    assert not found, _report(found, "a lower room of hcsdk imports a higher one (protocol < common < net)")
 
 
 def test_protocol_and_common_import_no_heavy_library() -> None:
