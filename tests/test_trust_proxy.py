@@ -26,6 +26,7 @@ from chunkclient import ChunkClient, enroll_clients
 
 from fleet import Fleet, wait_for
 from hcsdk._portal import portal
+from hcsdk.protocol.messages import Task
 from hcsdk.protocol.wire import encode_frame
 
 MiB = 1024 * 1024
@@ -214,8 +215,9 @@ def test_the_tracker_caps_listings_per_session_and_in_all() -> None:
     t.forget("s1")
     assert t.listings == 2
     releases = Releases()
-    releases.note({"t": "task", "cmd": "zy.release.fetch", "uuid": "u1",
-                   "p": {"args": {"digest": shas[7], "manifest": {"chunks": shas[:2]}}}})
+    fetch = Task(uuid="u1", cmd="zy.release.fetch", taskid="r1.0", timeout=60.0, exp=1e10, aud="u1",
+                 args={"digest": shas[7], "manifest": {"chunks": shas[:2]}})
+    releases.note(fetch.to_wire())
     assert releases.known("u1", shas[0]) == shas[0] and releases.known("u2", shas[0]) is None
     assert releases.known("u1", shas[2]) is None
 
