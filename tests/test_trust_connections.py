@@ -63,6 +63,15 @@ def _closed_by_peer(sock: ssl.SSLSocket, deadline: float) -> bool:
     return False
 
 
+def assert_all_closed_by_peer(idle: list[ssl.SSLSocket], grace: float) -> None:
+    """Every idle connection is closed by the server within 30 s (past ``grace``); closes them all."""
+    deadline = time.monotonic() + 30
+    still_open = [i for i, sock in enumerate(idle) if not _closed_by_peer(sock, deadline)]
+    for sock in idle:
+        sock.close()
+    assert not still_open, f"idle TLS connections {still_open} still open after {grace} s grace + 30 s"
+
+
 def _fds(fl: Fleet) -> int:
     assert fl.master is not None
     return int(psutil.Process(fl.master.popen.pid).num_fds())
@@ -86,11 +95,7 @@ def test_idle_tls_connections_are_closed_and_honest_channels_are_not(fl: Fleet) 
     df = fl.client.run("echo fine", targets="honest-1", timeout=30).to_dataframe()
     assert list(df["status"]) == ["ok"]
 
-    deadline = time.monotonic() + 30
-    still_open = [i for i, sock in enumerate(idle) if not _closed_by_peer(sock, deadline)]
-    for sock in idle:
-        sock.close()
-    assert not still_open, f"idle TLS connections {still_open} still open after {GRACE} s grace + 30 s"
+    assert_all_closed_by_peer(idle, GRACE)
     after = wait_for(lambda: (n := _fds(fl)) <= before + 5 and n, 10, "the master to release the fds")
     print(f"master fds after the reaper: {after} ({after - before:+d} against before)")
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import psutil
 import pytest
-from test_trust_connections import _closed_by_peer, _idle_tls
+from test_trust_connections import _idle_tls, assert_all_closed_by_peer
 
 from fleet import Fleet, wait_for
 
@@ -58,11 +58,7 @@ def test_idle_tls_connections_to_a_proxy_are_closed_and_channels_are_not(fl: Fle
     df = fl.client.run("echo fine", targets="behind-1", timeout=30).to_dataframe()
     assert list(df["status"]) == ["ok"]
 
-    deadline = time.monotonic() + 30
-    still_open = [i for i, sock in enumerate(idle) if not _closed_by_peer(sock, deadline)]
-    for sock in idle:
-        sock.close()
-    assert not still_open, f"idle TLS connections {still_open} still open after {GRACE} s grace + 30 s"
+    assert_all_closed_by_peer(idle, GRACE)
     wait_for(lambda: _fds(fl) <= before + 5, 10, "the proxy to release the fds")
 
     # neither the agent's channel to the proxy nor the proxy's upstream was cut
