@@ -154,7 +154,7 @@ class Agent:
         self._wake.set()
 
     def _signed(self, msg: Message) -> dict[str, Any]:
-        return msg.signed(self.key).to_wire()
+        return msg.signed_wire(self.key)
 
     def _current_wake(self) -> anyio.Event:
         if self._wake.is_set():

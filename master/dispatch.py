@@ -47,10 +47,10 @@ class Dispatch:
         # exp and aud make a captured command useless later or for another agent; the MAC
         # makes it impossible to alter or forge on the way
         task = Task(uuid=uuid, cmd=cmd, taskid=taskid, args=args, timeout=timeout, exp=deadline, aud=uuid, run=run)
-        return task.signed(self.table.key(uuid)).to_wire()
+        return task.signed_wire(self.table.key(uuid))
 
     def cancel_msg(self, uuid: str, taskid: str, cmd: str = "") -> dict[str, Any]:
-        return Cancel(uuid=uuid, cmd=cmd, taskid=taskid).signed(self.table.key(uuid)).to_wire()
+        return Cancel(uuid=uuid, cmd=cmd, taskid=taskid).signed_wire(self.table.key(uuid))
 
     async def redeliver(self, session: Session) -> None:
         """What the store holds open for a (re)connected agent: its tasks and cancels again."""

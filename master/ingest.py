@@ -45,7 +45,7 @@ class Ingest:
 
     def ack(self, uuid: str, ids: list[list[Any]]) -> dict[str, Any]:
         """The signed acknowledgement of ``ids`` ([taskid, seq] pairs) for agent ``uuid``."""
-        return Ack(uuid=uuid, ids=ids).signed(self.table.key(uuid)).to_wire()
+        return Ack(uuid=uuid, ids=ids).signed_wire(self.table.key(uuid))
 
     def refuse_sample(self, session: Session, uuid: str, msg: Sample) -> None:
         """Not stored, counted, and acknowledged: the agent stops resending what will never be

@@ -783,3 +783,56 @@ def test_a_task_carries_its_run_when_the_master_names_it() -> None:
     assert back == msg and isinstance(back, Task) and back.run == "r1a2b3c"
     odd = _sign({**msg.to_wire(), "p": {**msg.to_wire()["p"], "run": 7}})
     assert isinstance(task := parse(odd, DOWN), Task) and task.run is None
+
+
+# -- the canonical form is the stdlib's, byte for byte ------------------------------------------------
+canonical_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), canonical_values, max_size=6))
+def test_canonical_form_and_mac_are_the_stdlib_ones(d: dict[str, Any]) -> None:
+    """Old agents and the zero-dependency build compute the MAC with json.dumps and hmac.new:
+    the cached encoder and the one-shot HMAC must give the very same bytes for any message."""
+    import hashlib
+    import hmac
+
+    body = {k: v for k, v in d.items() if k != "m"}
+    expected = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    assert e2e.canonical(d) == expected
+    signed = e2e.sign(KEY, dict(d))
+    assert signed["m"] == hmac.new(KEY, expected, hashlib.sha256).hexdigest()
+    assert e2e.verify(KEY, signed)
+
+
+def test_a_cycle_has_no_canonical_form() -> None:
+    cyclic: dict[str, Any] = {"t": "done"}
+    cyclic["p"] = cyclic
+    with pytest.raises(MessageError):
+        e2e.canonical(cyclic)
+    assert e2e.verify(KEY, {**cyclic, "m": "00"}) is False
+
+
+def test_messages_built_by_keyword_match_the_dataclass_contract() -> None:
+    """The generated __init__ (cheaper than the frozen dataclass's) keeps its contract: keyword
+    only, the same defaults, a fresh default per instance, required fields required, frozen."""
+    a = Done(uuid=U, status=TaskStatus.OK)
+    b = Done(uuid=U, status=TaskStatus.OK)
+    assert a == b and a.truncated == {} and a.truncated is not b.truncated
+    assert (a.cmd, a.taskid, a.seq, a.mac, a.exit_code, a.error, a.result) == ("", "", 0, None, None, None, None)
+    assert a.to_wire()["p"]["status"] == "ok"
+    with pytest.raises(TypeError):
+        Done(uuid=U)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Start(U, None)  # type: ignore[misc, call-arg, arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.seq = 2  # type: ignore[misc]
+    assert dataclasses.replace(a, seq=4).seq == 4
+    t = Task(uuid=U, cmd="echo", taskid="r1.0", args={"x": 1}, timeout=5)
+    assert t.signed_wire(KEY) == t.signed(KEY).to_wire()
+    assert parse(t.signed_wire(KEY), DOWN).verify(KEY)

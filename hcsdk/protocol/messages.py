@@ -14,16 +14,14 @@ over exactly what was signed, and parse-then-forward copies nothing. Do not muta
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, ClassVar, Self, TypeAlias, TypeVar
 
 from . import wire
-from .e2e import canonical, sign
+from .e2e import sign, verify
 from .errors import MessageError
 from .tasks import FINAL, TaskStatus
 
@@ -89,9 +87,6 @@ class _Envelope:
         """One frame (raises FrameError when the message exceeds ``max_frame``)."""
         return wire.encode_frame(self.to_wire(), max_frame)
 
-    def _mac(self, key: bytes) -> str:
-        return hmac.new(key, canonical(self.to_wire()), hashlib.sha256).hexdigest()
-
     def signed(self, key: bytes) -> Self:
         """A copy carrying the end-to-end MAC under ``key`` (the agent's shared key). Its envelope
         is built once, signed by e2e and kept as the copy's wire dict: a copy of the envelope this
@@ -101,17 +96,15 @@ class _Envelope:
         env = sign(key, dict(self._wire) if self._wire is not None else self._envelope())
         return _copier(type(self))(self, env["m"], env)
 
+    def signed_wire(self, key: bytes) -> dict[str, Any]:
+        """``signed(key).to_wire()`` without the copy: the signed envelope, for a sender that
+        keeps only the wire (the master's tasks and acks, the agent's results)."""
+        return sign(key, dict(self._wire) if self._wire is not None else self._envelope())
+
     def verify(self, key: bytes) -> bool:
         """Whether the MAC is right: the envelope is what the holder of ``key`` sent. False, never
-        an exception, for an envelope without a canonical form (e2e.canonical's MessageError)."""
-        if self.mac is None:
-            return False
-        try:
-            mac = self._mac(key)
-        except MessageError:
-            return False
-        # compared as bytes: compare_digest raises on a non-ASCII str, which a relay could send
-        return hmac.compare_digest(self.mac.encode(), mac.encode())
+        an exception, for an envelope without a canonical form."""
+        return self.mac is not None and verify(key, self.to_wire())
 
 
 # -- master -> agent ------------------------------------------------------------------------------
@@ -289,6 +282,37 @@ def _copier(cls: type[_M]) -> Callable[[_M, str, dict[str, Any]], _M]:
         copy = _COPIERS[cls] = ns["copy"]
     return copy
 
+
+def _fast_init(cls: type[_M]) -> None:
+    """Give ``cls`` an ``__init__`` taking what the dataclass's takes (keyword-only, the same
+    defaults) that fills the slots directly: the frozen dataclass's goes through
+    ``object.__setattr__`` per field, twice the cost, and messages are built on every result."""
+    ns: dict[str, Any] = {"new": object.__new__, "MISSING": MISSING}
+    params, body = [], []
+    for f in fields(cls):
+        ns[f"s_{f.name}"] = getattr(cls, f.name).__set__
+        if not f.init:
+            ns[f"d_{f.name}"] = f.default
+            body.append(f"    s_{f.name}(self, d_{f.name})\n")
+            continue
+        if f.default is not MISSING:
+            ns[f"d_{f.name}"] = f.default
+            params.append(f"{f.name}=d_{f.name}")
+        elif f.default_factory is not MISSING:
+            ns[f"f_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=MISSING")
+            body.append(f"    if {f.name} is MISSING:\n        {f.name} = f_{f.name}()\n")
+        else:
+            params.append(f.name)
+        body.append(f"    s_{f.name}(self, {f.name})\n")
+    exec(f"def __init__(self, *, {', '.join(params)}):\n{''.join(body)}", ns)
+    init = ns["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init  # type: ignore[method-assign]
+
+
+for _cls in (Task, Cancel, Ack, Heartbeat, Start, Out, Done, Sample, Bye, Stats):
+    _fast_init(_cls)
 
 _new_task, _new_cancel, _new_ack, _new_heartbeat = _maker(Task), _maker(Cancel), _maker(Ack), _maker(Heartbeat)
 _new_start, _new_out, _new_done, _new_sample = _maker(Start), _maker(Out), _maker(Done), _maker(Sample)

@@ -78,9 +78,18 @@ def encode_frame(msg: dict[str, Any], max_frame: int = DEFAULT_MAX_FRAME) -> byt
         raise
     if len(body) > max_frame:
         raise FrameError(f"message of {len(body)} bytes exceeds the frame limit of {max_frame}")
-    if nests_deeper(msg, MAX_DEPTH, body):
+    if _may_nest_deeper(body) and nests_deeper(msg, MAX_DEPTH, body):
         raise FrameError(f"message nests deeper than {MAX_DEPTH} levels of objects and lists")
     return _HEADER.pack(len(body)) + body
+
+
+def _may_nest_deeper(body: bytes) -> bool:
+    """False when ``body`` is too small and has too few brackets to nest past the bound: the
+    hot path's answer without a walk (a big body is left to nests_deeper's budgeted walk)."""
+    return len(body) > _COUNT_INLINE or body.count(b"{") + body.count(b"[") > MAX_DEPTH
+
+
+_COUNT_INLINE = 4096
 
 
 def encode_batch(msgs: Iterable[dict[str, Any]], max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
@@ -127,7 +136,7 @@ class FrameDecoder:
             raise FrameError(f"frame is not valid JSON: {exc}") from None
         if not isinstance(msg, dict):
             raise FrameError("frame is not a JSON object")
-        if nests_deeper(msg, MAX_DEPTH, body):
+        if _may_nest_deeper(body) and nests_deeper(msg, MAX_DEPTH, body):
             raise FrameError(f"frame nests deeper than {MAX_DEPTH} levels of objects and lists")
         kind = msg.get("t")
         if not isinstance(kind, str) or (self._allowed is not None and kind not in self._allowed):
