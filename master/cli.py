@@ -66,8 +66,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="known_hosts file with the proxy hosts' keys (required: no trust on first use)")
     p.add_argument("--ssh-remote-port", type=int, default=8443,
                    help="port opened on the proxy's host (127.0.0.1) that leads to this master (default 8443)")
+    p.add_argument("--store", metavar="URL", default=None,
+                   help="keep all state in PostgreSQL (postgresql://user@host/db) instead of DATA_DIR/master.db; "
+                   "masters started with the same --store and --key-file form one control plane")
+    p.add_argument("--key-file", type=Path, default=None, metavar="F",
+                   help="with --store: the key the shared secrets are encrypted under in the store (the first "
+                   "master creates F, 0600; copy it to the others) (default DATA_DIR/cluster.key)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=False,
+                               title="actions (without one, the master runs)")
+    from .cluster_cli import register as register_cluster
+    from .migrate_cli import register as register_migrate
+
+    register_cluster(actions)
+    register_migrate(actions)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -84,6 +97,7 @@ def _main(args: argparse.Namespace) -> int:
         header_timeout=max(1.0, args.header_timeout), body_timeout=max(1.0, args.body_timeout),
         address_limit=max(0, args.address_limit), downloads_per_credential=max(1, args.downloads_per_credential),
         downloads_total=max(1, args.downloads_total), send_timeout=max(1.0, args.send_timeout),
+        store_url=args.store, key_file=args.key_file,
     )
     if settings.ssh_proxies and not (settings.ssh_key and settings.ssh_known_hosts):
         print("zy master: --ssh-proxy needs --ssh-key and --ssh-known-hosts (the host key to expect)",

@@ -105,7 +105,7 @@ async def serve(settings: MasterSettings) -> None:
                            "need --master with the new URL, or a new enrollment)") from None
     extra = [u.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") for u in settings.advertise]
     made_proxy_ca = ensure_pki(paths, server_names(settings.host, extra))
-    store = open_store(paths.root)
+    store = open_store(paths.root, settings.store_url)
     if made_proxy_ca:
         _warn_legacy_proxies(store)
     admin_token, first_start = ensure_admin_token(store, paths)

@@ -50,6 +50,20 @@ class MasterSettings(ChannelSettings):
     #: dropped; 60 s is about 4 KiB/s, far below any link a release runs over)
     send_timeout: float = 60.0
     write_user_config: bool = True
+    #: where the state lives: None for the SQLite file in data_dir (one master), or a
+    #: postgresql:// URL that several masters share (issue 15)
+    store_url: str | None = None
+    #: the key the secrets kept in a shared store are encrypted under (CA keys, the e2e key, the
+    #: admin token): made by the first master, copied by the operator to the others
+    key_file: Path | None = None
+    #: this master's id in the cluster (DATA_DIR/master.id, made once)
+    master_id: str = ""
+    #: how often a master says it is alive (and renews the singleton lease it holds), and how
+    #: long it may be silent before the others count it dead and take its agents and jobs
+    cluster_heartbeat: float = 2.0
+    master_dead_after: float = 10.0
+    #: how often a master looks for tasks of its agents that a lost wake-up left undispatched
+    dispatch_sweep: float = 2.0
     #: SSH downlinks: (user@host[:port], remote port) pairs, with one key and known_hosts file
     ssh_proxies: list[str] = field(default_factory=list)
     ssh_key: Path | None = None

@@ -10,9 +10,10 @@ PYTHON=${PYTHON:-python3}
 # (test hosts are network namespaces, some reachable only inbound) and
 # Chromium for the JupyterLab browser test (Playwright
 # drives /usr/bin/chromium; it never downloads a browser of its own), binutils (PyInstaller reads
-# shared libraries with objdump for the one-file agent build). Installed only when
+# shared libraries with objdump for the one-file agent build), PostgreSQL (the store of several masters:
+# tests start throwaway clusters of their own as the postgres user, tests/pg.py). Installed only when
 # missing and when we can. ZY_SETUP_APT_PACKAGES replaces the list (tests use it).
-read -r -a APT_PACKAGES <<<"${ZY_SETUP_APT_PACKAGES:-chromium nginx openssh-server iproute2 iptables binutils}"
+read -r -a APT_PACKAGES <<<"${ZY_SETUP_APT_PACKAGES:-chromium nginx openssh-server iproute2 iptables binutils postgresql}"
 # another apt (unattended-upgrades on a fresh VM, a second setup) may hold dpkg's locks: wait
 # this long for it, then stop with a plain message rather than apt's raw lock errors
 APT_WAIT=${APT_WAIT:-300}

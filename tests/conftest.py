@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pg import PgServer, pg_bin
 from requires import in_ci
 
 from fleet import Fleet
@@ -15,6 +16,27 @@ def pytest_report_header() -> str:
     if in_ci():
         return "CI is set: modules missing nginx, sshd, network namespaces or Chromium fail (tests/requires.py)"
     return "CI is not set: modules missing nginx, sshd, network namespaces or Chromium skip, saying why"
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    """One throwaway PostgreSQL for the session (tests/pg.py); missing PostgreSQL skips, or
+    fails under CI (scripts/setup.sh installs it)."""
+    if pg_bin() is None:
+        if in_ci():
+            pytest.fail("PostgreSQL is not installed (scripts/setup.sh installs it in CI)", pytrace=False)
+        pytest.skip("PostgreSQL is not installed: apt-get install postgresql")
+    server = PgServer(tmp_path_factory.mktemp("pg")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    """A fresh, empty PostgreSQL database for one test: its URL."""
+    return pg_server.new_database()
 
 
 @pytest.fixture

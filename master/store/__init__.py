@@ -28,6 +28,13 @@ __all__ = ["AgentRecord", "ArtifactRecord", "JoinTokenRecord", "ReleaseRecord", 
            "Result", "SQLiteStore", "SchemaError", "Store", "StoreThread", "TokenUsedUp", "open_store"]
 
 
-def open_store(data_dir: Path) -> Store:
-    """The store of the master whose data dir this is (its SQLite file there)."""
-    return open_sqlite(data_dir)
+def open_store(data_dir: Path, url: str | None = None) -> Store:
+    """The master's store: PostgreSQL at ``url`` when given (``postgresql://...``, shared by
+    several masters), else the SQLite file in ``data_dir``."""
+    if url is None:
+        return open_sqlite(data_dir)
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise SchemaError(f"--store {url!r}: expected a postgresql://user@host/db URL")
+    from .postgres import open_postgres
+
+    return open_postgres(url)
