@@ -19,18 +19,18 @@ def pytest_report_header() -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def pg_server() -> Iterator[PgServer]:
     """One throwaway PostgreSQL for the session (tests/pg.py); missing PostgreSQL skips, or
     fails under CI (scripts/setup.sh installs it)."""
     if pg_bin() is None:
         if in_ci():
             pytest.fail("PostgreSQL is not installed (scripts/setup.sh installs it in CI)", pytrace=False)
         pytest.skip("PostgreSQL is not installed: apt-get install postgresql")
-    server = PgServer(tmp_path_factory.mktemp("pg")).start()
+    server = PgServer().start()
     try:
         yield server
     finally:
-        server.stop()
+        server.remove()
 
 
 @pytest.fixture

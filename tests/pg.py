@@ -44,12 +44,13 @@ class PgServer:
     """``start()``, then ``new_database()`` per test (a URL); ``restart()``/``kill()`` for the
     tests of a PostgreSQL that goes away under load; ``stop()`` at the end."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self) -> None:
         bin_dir = pg_bin()
         if bin_dir is None:
             raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql; scripts/setup.sh does)")
         self.bin = bin_dir
-        self.root = Path(root or tempfile.mkdtemp(prefix="zy-pg-"))
+        # its own folder in /tmp: pytest's tmp dirs are 0700 root, which the postgres user cannot enter
+        self.root = Path(tempfile.mkdtemp(prefix="zy-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
         self._as_postgres = os.geteuid() == 0
@@ -65,7 +66,10 @@ class PgServer:
         cmd = [str(self.bin / argv[0]), *argv[1:]]
         if self._as_postgres:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+        return done
 
     def start(self) -> PgServer:
         if not self.data.exists():
@@ -103,6 +107,11 @@ class PgServer:
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
+
+    def remove(self) -> None:
+        """Stop and delete the whole cluster."""
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def pid(self) -> int:
         return int((self.data / "postmaster.pid").read_text().split()[0])
