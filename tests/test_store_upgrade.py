@@ -121,22 +121,28 @@ def _conn(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, isolation_level=None)
 
 
+def _next() -> int:
+    """The number a migration after the shipped ones takes."""
+    return len(migrations()) + 1
+
+
 def test_only_missing_migrations_are_applied(tmp_path: Path) -> None:
     with contextlib.closing(_conn(tmp_path / "m.db")) as db:
-        assert migrate(db) == [1]
+        assert migrate(db) == [m.version for m in migrations()]
         assert migrate(db) == []
-        folder = _with(tmp_path, {"0002_notes.sql": "CREATE TABLE notes (id TEXT PRIMARY KEY);\n"})
-        assert migrate(db, folder) == [2]
+        folder = _with(tmp_path, {f"{_next():04d}_notes.sql": "CREATE TABLE notes (id TEXT PRIMARY KEY);\n"})
+        assert migrate(db, folder) == [_next()]
         assert migrate(db, folder) == []
         assert db.execute("SELECT COUNT(*) FROM notes").fetchone() == (0,)
 
 
 def test_a_failing_migration_leaves_the_schema_as_it_was(tmp_path: Path) -> None:
-    folder = _with(tmp_path, {"0002_broken.sql": "CREATE TABLE half (id TEXT);\nINSERT INTO nowhere VALUES (1);\n"})
+    broken = "CREATE TABLE half (id TEXT);\nINSERT INTO nowhere VALUES (1);\n"
+    folder = _with(tmp_path, {f"{_next():04d}_broken.sql": broken})
     with contextlib.closing(_conn(tmp_path / "m.db")) as db:
         with pytest.raises(sqlite3.OperationalError, match="nowhere"):
             migrate(db, folder)
-        # nothing of 0001 either: one transaction for the whole upgrade
+        # nothing of the shipped ones either: one transaction for the whole upgrade
         assert db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall() == []
 
 
@@ -149,8 +155,8 @@ def test_a_store_from_a_newer_master_is_refused(tmp_path: Path) -> None:
     from master.store import SchemaError
 
     with contextlib.closing(_conn(tmp_path / "m.db")) as db:
-        migrate(db, _with(tmp_path, {"0002_later.sql": "CREATE TABLE later (id TEXT);\n"}))
-        with pytest.raises(SchemaError, match="schema version 2"):
+        migrate(db, _with(tmp_path, {f"{_next():04d}_later.sql": "CREATE TABLE later (id TEXT);\n"}))
+        with pytest.raises(SchemaError, match=f"schema version {_next()}"):
             migrate(db)
 
 

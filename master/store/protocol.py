@@ -100,6 +100,17 @@ class ReleaseTargetRecord(TypedDict):
     placed: bool
 
 
+class MasterRecord(TypedDict):
+    """A master of the cluster as the registry has it."""
+
+    id: str
+    urls: list[str]
+    started_at: float
+    heartbeat_at: float
+    agents: int  # sessions it held at its last heartbeat
+    singleton: bool  # it holds the unexpired lease ``singleton`` (runs the cluster's singleton work)
+
+
 class Store(Protocol):
     def close(self) -> None: ...
 
@@ -213,3 +224,57 @@ class Store(Protocol):
                             fetched: list[tuple[str, dict[str, Any]]]) -> None: ...
     def finish_release_shard(self, release_id: str, uuids: list[str], now: float) -> None: ...
     def set_release_targets_status(self, release_id: str, uuids: list[str], status: str) -> None: ...
+
+    # -- cluster: masters, sessions, leases (issue 15; one master holds everything on SQLite) --
+    # Times are the caller's clock (``now``), so every comparison uses one master's view.
+    def register_master(self, master_id: str, urls: list[str], now: float) -> None:
+        """Add (or restart) ``master_id`` in the registry with its URLs."""
+        ...
+
+    def master_heartbeat(self, master_id: str, agents: int, now: float) -> bool:
+        """Note a heartbeat; False when the registry no longer has ``master_id`` (it was taken
+        for dead and forgotten: register again and claim the sessions held again)."""
+        ...
+
+    def masters(self) -> list[MasterRecord]: ...
+    def forget_master(self, master_id: str) -> None:
+        """Take ``master_id`` out of the registry and drop the leases it holds."""
+        ...
+
+    def dead_masters(self, now: float, dead_after: float) -> list[str]:
+        """Masters whose last heartbeat is more than ``dead_after`` seconds old."""
+        ...
+
+    def take_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        """Acquire ``name`` if it is free, expired or already ``holder``'s (then renew it) until
+        ``now + ttl``, atomically; False if another holder has it."""
+        ...
+
+    def release_lease(self, name: str, holder: str) -> None: ...
+    def lease_holder(self, name: str, now: float) -> str | None: ...
+
+    def claim_session(self, uuid: str, master_id: str, now: float) -> int:
+        """``master_id`` holds ``uuid``'s session from now: epoch + 1; returns the new epoch."""
+        ...
+
+    def drop_session(self, uuid: str, master_id: str, epoch: int) -> bool:
+        """Let go of ``uuid``'s session if ``master_id`` still holds it at ``epoch``."""
+        ...
+
+    def session_holders(self, uuids: list[str] | None = None) -> dict[str, tuple[str, int]]:
+        """uuid -> (master_id, epoch) of held sessions (of ``uuids``, or all)."""
+        ...
+
+    def drop_sessions_of(self, master_id: str) -> list[str]:
+        """Drop every session ``master_id`` holds; returns their uuids."""
+        ...
+
+    def pending_tasks_held_by(self, master_id: str) -> list[dict[str, Any]]:
+        """Open tasks still ``pending`` whose agent's session ``master_id`` holds, with the columns
+        of ``open_tasks_for`` and the agent's ``uuid``."""
+        ...
+
+    def cancels_held_by(self, master_id: str) -> list[dict[str, Any]]:
+        """``taskid, run_id, uuid, status`` of dispatched or running tasks asked to cancel whose
+        agent's session ``master_id`` holds."""
+        ...

@@ -11,6 +11,7 @@ import sqlite3
 from pathlib import Path
 
 from .migrate import applied, migrate
+from .sqlite_cluster import ClusterSQL
 from .sqlite_fleet import FleetSQL
 from .sqlite_releases import ReleasesSQL
 from .sqlite_runs import RunsSQL
@@ -20,7 +21,7 @@ from .sqlite_schedules import SchedulesSQL
 FILENAME = "master.db"
 
 
-class SQLiteStore(FleetSQL, RunsSQL, SchedulesSQL, ReleasesSQL):
+class SQLiteStore(FleetSQL, RunsSQL, SchedulesSQL, ReleasesSQL, ClusterSQL):
     def __init__(self, path: Path):
         self.path = path
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
