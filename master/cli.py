@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anyio
 
+from hcsdk.common.runtime import tune_gc
 from hcsdk.net.serve import parse_listen
 from hcsdk.net.settings import add_channel_options, channel_options
 
@@ -71,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "masters started with the same --store and --key-file form one control plane")
     p.add_argument("--key-file", type=Path, default=None, metavar="F",
                    help="with --store: the key the shared secrets are encrypted under in the store (the first "
-                   "master creates F, 0600; copy it to the others) (default DATA_DIR/cluster.key)")
+                   "master creates F, 0600; copy it to the others: with the store, it opens the whole control plane) "
+                   "(default DATA_DIR/cluster.key)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=False,
@@ -99,6 +101,10 @@ def _main(args: argparse.Namespace) -> int:
         downloads_total=max(1, args.downloads_total), send_timeout=max(1.0, args.send_timeout),
         store_url=args.store, key_file=args.key_file,
     )
+    if settings.key_file is not None and settings.store_url is None:
+        print("zy master: --key-file goes with --store (on SQLite the secrets stay in DATA_DIR, unsealed, 0600)",
+              file=sys.stderr)
+        return 2
     if settings.ssh_proxies and not (settings.ssh_key and settings.ssh_known_hosts):
         print("zy master: --ssh-proxy needs --ssh-key and --ssh-known-hosts (the host key to expect)",
               file=sys.stderr)
@@ -107,6 +113,7 @@ def _main(args: argparse.Namespace) -> int:
 
     from .server import serve
 
+    tune_gc()
     try:
         anyio.run(serve, settings)
     except StartupError as exc:

@@ -7,6 +7,8 @@ import logging
 import signal
 import socket
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -27,7 +29,15 @@ from hcsdk.protocol.tasks import SessionKind
 
 from .api import BodyLimit, build_api
 from .blobs import BlobStore
-from .bootstrap import Paths, ensure_admin_token, ensure_e2e_key, ensure_pki, write_client_configs
+from .bootstrap import (
+    Paths,
+    ensure_admin_token,
+    ensure_e2e_key,
+    ensure_master_id,
+    ensure_pki,
+    ensure_shared_pki,
+    write_client_configs,
+)
 from .channel import ChannelApp
 from .hub import Hub
 from .settings import MasterSettings
@@ -103,12 +113,8 @@ async def serve(settings: MasterSettings) -> None:
         raise StartupError(f"{exc}. This data dir's master listened on port {settings.port} before and its agents "
                            f"dial that port: free it, or move with --listen {settings.host}:NEWPORT (then agents "
                            "need --master with the new URL, or a new enrollment)") from None
-    extra = [u.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") for u in settings.advertise]
-    made_proxy_ca = ensure_pki(paths, server_names(settings.host, extra))
-    store = open_store(paths.root, settings.store_url)
-    if made_proxy_ca:
-        _warn_legacy_proxies(store)
-    admin_token, first_start = ensure_admin_token(store, paths)
+    settings.master_id = settings.master_id or ensure_master_id(paths)
+    store, start = _open_state(settings, paths)
     e2e_private = ensure_e2e_key(paths)
     hub = Hub(StoreThread(store), settings)
     urls: list[str] = []
@@ -124,13 +130,13 @@ async def serve(settings: MasterSettings) -> None:
             tg.start_soon(reaper.run, port)
             (paths.root / PORT_FILE).write_text(f"{port}\n")
             urls.extend(_urls(settings, port))
-            written = write_client_configs(paths, urls[0], admin_token, settings.write_user_config)
+            written = write_client_configs(paths, urls[0], start.admin_token, settings.write_user_config)
             for spec in settings.ssh_proxies:
                 target = SshTarget.parse(spec, settings.ssh_remote_port)
                 assert settings.ssh_key is not None and settings.ssh_known_hosts is not None
                 tg.start_soon(keep_tunnel, target, settings.ssh_key, settings.ssh_known_hosts,
                               "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host, port)
-            _announce(urls, paths, written, first_start, settings.http2)
+            _announce(urls, paths, written, start, settings)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break
@@ -156,14 +162,71 @@ def _warn_legacy_proxies(store: Store) -> None:
               "the proxy CA existed): re-enroll them with a proxy token and revoke the old ones", file=sys.stderr)
 
 
-def _announce(urls: list[str], paths: Paths, written: list[Any], first: bool, http2: bool) -> None:
+@dataclass
+class _Start:
+    """What the start found or made, for client.toml and the banner."""
+
+    admin_token: str
+    #: this master made the CA (a new data dir, or the first master of a new store)
+    made_ca: bool
+    #: with --store: the key file, and whether this master made it
+    key_file: Path | None = None
+    made_key_file: bool = False
+
+
+def _open_state(settings: MasterSettings, paths: Paths) -> tuple[Store, _Start]:
+    """The store, and the PKI and admin token: in the data dir alone (SQLite), or shared
+    through the store, sealed under the key file, with every other master (--store)."""
+    extra = [u.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") for u in settings.advertise]
+    names = server_names(settings.host, extra)
+    if settings.store_url is None:
+        made_proxy_ca = ensure_pki(paths, names)
+        store = open_store(paths.root, None)
+        if made_proxy_ca:
+            _warn_legacy_proxies(store)
+        token, first = ensure_admin_token(store, paths)
+        return store, _Start(token, first)
+    key_file = settings.key_file or paths.cluster_key
+    store = open_store(paths.root, settings.store_url)
+    try:
+        pki = ensure_shared_pki(store, paths, key_file, names)
+    except BaseException:
+        store.close()
+        raise
+    if pki.made_proxy_ca and not pki.made_ca:
+        _warn_legacy_proxies(store)
+    return store, _Start(pki.admin_token, pki.made_ca, key_file.resolve(), pki.made_key_file)
+
+
+def _announce(urls: list[str], paths: Paths, written: list[Any], start: _Start, settings: MasterSettings) -> None:
     out = sys.stdout
-    print(f"zy master listening on {urls[0]} ({'h2 + http/1.1' if http2 else 'http/1.1 only'})", file=out)
+    print(f"zy master listening on {urls[0]} ({'h2 + http/1.1' if settings.http2 else 'http/1.1 only'})", file=out)
     print(f"  data dir:      {paths.root.resolve()}", file=out)
-    if first:
-        print("  first start:   created the CA, a server certificate and an admin token", file=out)
+    if start.key_file is not None:
+        print(f"  master id:     {settings.master_id} (shared store: {_redacted(settings.store_url or '')})", file=out)
+        made = " (made now)" if start.made_key_file else ""
+        print(f"  key file:      {start.key_file}{made}: copy this file (mode 600) to every other master of "
+              "this store and give it with --key-file", file=out)
+    if start.made_ca:
+        where = "into the shared store" if start.key_file is not None else ""
+        print(f"  first start:   created the CA, a server certificate and an admin token {where}".rstrip(), file=out)
+    elif start.key_file is not None:
+        print("  joined:        the CA and the admin token come from the shared store; "
+              "this master's server certificate is its own", file=out)
     for path in written:
         print(f"  client config: {path}", file=out)
     print(f"  connect with:  export ZY_CONFIG={paths.client_config.resolve()}", file=out)
     print("  add agents:    zy token create > TOKEN   then   zy agent --join-file TOKEN --state-dir DIR", file=out)
     out.flush()
+
+
+def _redacted(url: str) -> str:
+    """The store URL without a password (the banner goes to logs)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
