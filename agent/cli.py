@@ -11,6 +11,7 @@ import anyio
 
 from hcsdk.common.errors import JoinTokenError
 from hcsdk.common.jointoken import JOIN_ENV, JoinToken, pop_env_token, read_join, reexec_without_join
+from hcsdk.common.runtime import tune_gc
 from hcsdk.common.sizes import parse_rate
 from hcsdk.net.settings import add_channel_options, channel_options
 
@@ -87,6 +88,7 @@ def _main(args: argparse.Namespace) -> int:
         from .builds import switch_to_current
 
         switch_to_current(args.state_dir)  # an online update installed another build: run that one
+    tune_gc()
     code = anyio.run(_amain, args, _can_restart())
     if code == _RESTART:
         # the identity is saved: the new image skips enrollment and never loads what only

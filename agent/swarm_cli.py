@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 
 from hcsdk.common.jointoken import JOIN_ENV, pop_env_token, read_join, reexec_without_join, running_as
+from hcsdk.common.runtime import tune_gc
 from hcsdk.net.settings import add_channel_options, channel_options
 
 
@@ -88,6 +89,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"zy swarm: the open-file limit is {hard}; {args.agents} agents need more (raise `ulimit -Hn`)",
               file=sys.stderr)
         return 2
+    tune_gc()
     code = anyio.run(_amain, args, labels, running_as("swarm"), backend_options=_loop_options())
     if code == _RESTART:
         reexec_without_join()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hcsdk.common.jointoken import JOIN_ENV, pop_env_token, reexec_without_join, running_as
+from hcsdk.common.runtime import tune_gc
 from hcsdk.net.serve import parse_listen
 from hcsdk.net.settings import add_channel_options, channel_options
 
@@ -65,6 +66,7 @@ def main(args: argparse.Namespace, relay_class: type[Relay] | None = None) -> in
     from .server import RESTART, ProxySettings, run
 
     host, port = args.listen
+    tune_gc()
     code = run(ProxySettings(
         restart=running_as("proxy"),
         data_dir=args.data_dir, host=host, port=port, upstreams=args.upstream, join=args.join,
