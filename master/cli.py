@@ -10,7 +10,6 @@ from pathlib import Path
 import anyio
 
 from hcsdk.common.runtime import tune_gc
-from hcsdk.common.runtime import tune_gc
 from hcsdk.net.serve import parse_listen
 from hcsdk.net.settings import add_channel_options, channel_options
 
@@ -114,7 +113,6 @@ def _main(args: argparse.Namespace) -> int:
 
     from .server import serve
 
-    tune_gc()
     tune_gc()
     try:
         anyio.run(serve, settings)
