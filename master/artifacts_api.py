@@ -16,8 +16,8 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from hcsdk.protocol.manifest import Manifest, ManifestError
-from hcsdk.protocol.names import is_sha256
 
+from .blobs import BlobStore
 from .bootstrap import Paths
 from .hub import Hub, RequestRejected
 from .store import ArtifactRecord
@@ -33,16 +33,14 @@ class ArtifactRequest(BaseModel):
 
 def artifact_routes(hub: Hub, paths: Paths, admin: Any) -> APIRouter:
     router = APIRouter(dependencies=[Depends(admin)])
-    blobs = paths.root / "blobs"
+    # the files here, or (several masters) the store's blobs: a chunk uploaded to another master counts
+    blobs = BlobStore(paths.root / "blobs", hub)
     store = hub.db.store
-
-    def size_of(sha: str) -> int | None:
-        path = blobs / sha
-        return path.stat().st_size if is_sha256(sha) and path.is_file() else None
 
     @router.post("/api/v1/blobs/missing")
     async def missing(req: MissingRequest) -> dict[str, Any]:
-        return {"missing": [s for s in dict.fromkeys(req.sha256s) if size_of(s) is None]}
+        have = await blobs.sizes(req.sha256s)
+        return {"missing": [s for s in dict.fromkeys(req.sha256s) if s not in have]}
 
     @router.post("/api/v1/artifacts")
     async def register(req: ArtifactRequest) -> dict[str, Any]:
@@ -52,7 +50,8 @@ def artifact_routes(hub: Hub, paths: Paths, admin: Any) -> APIRouter:
             manifest = Manifest.from_dict(req.manifest)
         except ManifestError as exc:
             raise RequestRejected(f"bad manifest: {exc}") from None
-        absent = [i for i, sha in enumerate(manifest.chunks) if size_of(sha) != manifest.chunk_length(i)]
+        have = await blobs.sizes(list(manifest.chunks))
+        absent = [i for i, sha in enumerate(manifest.chunks) if have.get(sha) != manifest.chunk_length(i)]
         if absent:
             raise RequestRejected(f"{len(absent)} of {len(manifest.chunks)} chunks are not on the master (first: "
                                   f"chunk {absent[0]}); upload them first", kind="chunks", status=409)
