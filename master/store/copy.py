@@ -77,7 +77,7 @@ def copy_store(sqlite_path: Path, pg_url: str, progress: Progress | None = None,
         keeps_blobs = _prepare_target(pg_url)
         blobs = blobs_dir if blobs_dir is not None else sqlite_path.parent / "blobs"
         try:
-            with psycopg.connect(pg_url) as conn, conn.transaction():
+            with psycopg.connect(pg_url, connect_timeout=15) as conn, conn.transaction():
                 counts = _copy_all(src, conn, tables, progress)
                 if keeps_blobs:
                     counts[BLOBS_KEY] = _copy_blobs(conn, blobs, progress)
@@ -153,8 +153,8 @@ def _prepare_target(url: str) -> bool:
 
     try:
         store = open_postgres(url)
-    except psycopg.OperationalError as exc:
-        raise CopyError(f"cannot reach the PostgreSQL store {describe_url(url)}: {str(exc).strip()}") from exc
+    except (psycopg.Error, RuntimeError) as exc:  # the store says RuntimeError for a connection refused
+        raise CopyError(f"cannot reach or open the PostgreSQL store ({str(exc).strip()})") from exc
     try:
         return isinstance(store, BlobBytes)
     finally:
