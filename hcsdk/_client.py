@@ -25,7 +25,7 @@ from hcsdk._run import AsyncRun, Run
 from hcsdk._schedules import AsyncSchedule, Schedule
 from hcsdk._sync import SyncFace, blocking, wrapping
 from hcsdk._targets import TargetsLike, target_spec
-from hcsdk.common.config import load_client_config
+from hcsdk.common.config import load_client_config, parse_urls
 from hcsdk.common.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
@@ -76,27 +76,40 @@ class AsyncClient:
     >>> run = await client.run("uptime", targets="label:role=web", timeout=30)
     >>> df = await run.to_dataframe()
 
+    ``url`` may name several masters of one control plane (``"https://a:8443,https://b:8443"``
+    or a list), the preferred first: a request that cannot connect to one goes to the next, and
+    the client stays with the one that answered. A request that may have reached a master is
+    never sent to another (a run is never created twice), except reads.
+
     ``transport`` (an ``httpx.AsyncBaseTransport``) replaces the network: with
     ``httpx.MockTransport(handler)`` a test answers the SDK's requests in-process, no master
     needed (``ca`` and ``http2`` then do not apply).
     """
 
-    def __init__(self, url: str | None = None, *, token: str | None = None, ca: str | None = None,
+    def __init__(self, url: str | Sequence[str] | None = None, *, token: str | None = None, ca: str | None = None,
                  timeout: float = 30.0, http2: bool = True, transport: httpx.AsyncBaseTransport | None = None):
         if url is None:
             cfg = load_client_config()
-            url, token, ca = cfg.url, token or cfg.token, ca or cfg.ca
+            urls, token, ca = cfg.urls, token or cfg.token, ca or cfg.ca
+        else:  # one URL, "A,B", or a list: every master's URL, the preferred first
+            urls = parse_urls(url, "the master URL")
         if not token:
             raise ConfigError("a token is needed to talk to the master")
-        self.url = url.rstrip("/")
+        #: every master's URL, the preferred first (the SDK moves on when one cannot be reached)
+        self.urls = urls
         # the siblings are given it as a MasterLink: its three calls, not the httpx client
-        self._link = HttpLink(self.url, token, ca=ca, timeout=timeout, http2=http2, transport=transport)
+        self._link = HttpLink(urls, token, ca=ca, timeout=timeout, http2=http2, transport=transport)
         #: install, list and remove plugins on agents
         self.plugins = AsyncPlugins(self)
         #: update agents online, in batches
         self.agents = AsyncAgents(self, self._link)
         #: files on the master, to release
         self.artifacts = AsyncArtifacts(self._link)
+
+    @property
+    def url(self) -> str:
+        """The master the client talks to now: the first of :attr:`urls` that answered."""
+        return self._link.url
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -234,7 +247,7 @@ class Client(SyncFace[AsyncClient]):
     >>> client.run("uname -a", targets="web-*", timeout=30).to_dataframe()
     """
 
-    def __init__(self, url: str | None = None, *, token: str | None = None, ca: str | None = None,
+    def __init__(self, url: str | Sequence[str] | None = None, *, token: str | None = None, ca: str | None = None,
                  timeout: float = 30.0, http2: bool = True, transport: httpx.AsyncBaseTransport | None = None):
         async def make() -> AsyncClient:  # on the portal's loop, which will drive it
             return AsyncClient(url, token=token, ca=ca, timeout=timeout, http2=http2, transport=transport)
@@ -252,7 +265,13 @@ class Client(SyncFace[AsyncClient]):
 
     @property
     def url(self) -> str:
+        """The master the client talks to now: the first of :attr:`urls` that answered."""
         return self._async.url
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every master's URL, the preferred first."""
+        return self._async.urls
 
     def __enter__(self) -> Client:
         return self

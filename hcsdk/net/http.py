@@ -16,11 +16,22 @@ from hcsdk.common.errors import AuthError, MasterUnreachable, RequestError, Targ
 def map_exceptions(url: str) -> Iterator[None]:
     try:
         yield
-    except httpx.TimeoutException as exc:
-        raise MasterUnreachable(f"the master at {url} did not answer in time ({type(exc).__name__})") from None
     except httpx.TransportError as exc:
-        raise MasterUnreachable(f"cannot reach the master at {url}: {exc or type(exc).__name__}"
-                                + _tls_hint(str(exc))) from None
+        raise unreachable(url, exc) from None
+
+
+def unreachable(url: str, exc: httpx.TransportError) -> MasterUnreachable:
+    """The SDK's error for a transport failure talking to the master at ``url``."""
+    if isinstance(exc, httpx.TimeoutException):
+        return MasterUnreachable(f"the master at {url} did not answer in time ({type(exc).__name__})")
+    return MasterUnreachable(f"cannot reach the master at {url}: {exc or type(exc).__name__}" + _tls_hint(str(exc)))
+
+
+def never_sent(exc: httpx.TransportError) -> bool:
+    """Whether the request surely never reached a server: no connection could be made (refused,
+    reset or timed out while connecting, TLS handshake failed) or none was free in the pool.
+    Anything later (a write, a read, a protocol error) may have reached it."""
+    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
 
 
 def _tls_hint(message: str) -> str:
