@@ -206,7 +206,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
         row = await hub.db(store.add_join_token, token_id, secret_hash(secret), req.ttl, req.description, req.kind,
                            names, req.uses)
         fingerprint = ca_fingerprint(paths.ca_cert.read_bytes())
-        jt = JoinToken(urls=tuple(req.urls or master_urls), ca_fingerprint=fingerprint,
+        jt = JoinToken(urls=tuple(req.urls or await cluster_urls(hub, master_urls)), ca_fingerprint=fingerprint,
                        e2e_public=b64(public_key(e2e_private)), token_id=token_id, secret=secret,
                        proxy_ca_fingerprint=ca_fingerprint(paths.proxy_ca_cert.read_bytes()), kind=req.kind,
                        proxy_names=tuple(names))
@@ -246,6 +246,18 @@ def _inventory_row(agent: AgentRecord) -> dict[str, Any]:
     row: dict[str, Any] = {k: v for k, v in agent.items() if k not in ("credential_hash", "e2e_key")}
     row["revoked"] = int(agent["revoked"])
     return row
+
+
+async def cluster_urls(hub: Hub, own: list[str]) -> list[str]:
+    """Where an agent joining with a token may connect: this master's URLs first, then every
+    other live master's (heartbeat within master_dead_after), so it fails over between them."""
+    rows = await hub.db(hub.db.store.masters)
+    now, dead_after, me = time.time(), hub.settings.master_dead_after, hub.settings.master_id
+    urls = list(own)
+    for row in rows:
+        if row["id"] != me and now - row["heartbeat_at"] <= dead_after:
+            urls.extend(u for u in row["urls"] if u not in urls)
+    return urls[:32]  # what a token request may name too; the first (this master) always fits
 
 
 def _token_row(token: JoinTokenRecord, now: float) -> dict[str, Any]:

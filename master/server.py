@@ -27,7 +27,7 @@ from hcsdk.net.serve import (
 )
 from hcsdk.protocol.tasks import SessionKind
 
-from .api import BodyLimit, build_api
+from .api import BodyLimit, build_api, cluster_urls
 from .blobs import BlobStore
 from .bootstrap import (
     Paths,
@@ -130,7 +130,8 @@ async def serve(settings: MasterSettings) -> None:
             tg.start_soon(reaper.run, port)
             (paths.root / PORT_FILE).write_text(f"{port}\n")
             urls.extend(_urls(settings, port))
-            written = write_client_configs(paths, urls[0], start.admin_token, settings.write_user_config)
+            written = write_client_configs(paths, urls[0], start.admin_token, settings.write_user_config,
+                                           urls=await cluster_urls(hub, urls))  # every live master's
             for spec in settings.ssh_proxies:
                 target = SshTarget.parse(spec, settings.ssh_remote_port)
                 assert settings.ssh_key is not None and settings.ssh_known_hosts is not None
