@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from hcsdk.protocol import vocab
 from hcsdk.protocol.errors import MessageError
@@ -22,7 +22,19 @@ from .settings import MasterSettings
 from .store import StoreThread
 from .targets import resolve
 
-__all__ = ["Dispatch", "check_cmd"]
+__all__ = ["Dispatch", "Placement", "check_cmd"]
+
+
+class Placement(Protocol):
+    """Where agents this master does not hold are held (the cluster, ``master.cluster``)."""
+
+    async def elsewhere(self, uuids: list[str]) -> dict[str, str]:
+        """uuid -> the live master (not this one) whose session holds it, for those held so."""
+        ...
+
+    def wake_dispatch(self, master_ids: set[str], run_id: str) -> None:
+        """Tell ``master_ids`` that ``run_id`` has tasks (or cancels) for agents they hold."""
+        ...
 
 
 def check_cmd(cmd: str) -> None:
@@ -41,6 +53,9 @@ class Dispatch:
         self.table = table
         self.events = events
         self.stats = stats
+        #: set with several masters on one store: targets held by another master go ``pending``
+        #: and that master is woken to send them
+        self.placement: Placement | None = None
 
     def task_msg(self, uuid: str, taskid: str, cmd: str, args: dict[str, Any], timeout: float,
                  deadline: float, run: str) -> dict[str, Any]:
@@ -55,6 +70,12 @@ class Dispatch:
     async def redeliver(self, session: Session) -> None:
         """What the store holds open for a (re)connected agent: its tasks and cancels again."""
         tasks = await self.db(self.db.store.open_tasks_for, session.uuid)
+        sent = self._send_open(session, tasks)
+        if sent:
+            await self.db(self.db.store.mark_dispatched, sent)
+
+    def _send_open(self, session: Session, tasks: list[dict[str, Any]]) -> list[str]:
+        """Send ``session`` its open tasks (or their cancels); the taskids sent as tasks."""
         msgs, sent = [], []
         for t in tasks:
             if t["cancel_requested"]:
@@ -65,7 +86,31 @@ class Dispatch:
                 sent.append(t["taskid"])
         if msgs:
             session.send(msgs)
+        return sent
+
+    async def send_held(self, tasks: list[dict[str, Any]]) -> int:
+        """Send pending tasks another master stored for agents held here (``uuid`` in each row),
+        and mark them dispatched; how many went out. Rows of agents no longer here are left
+        to whoever holds them now."""
+        sent: list[str] = []
+        for t in tasks:
+            session = self.table.sessions.get(t["uuid"])
+            if session is not None:
+                sent += self._send_open(session, [t])
+        if sent:
             await self.db(self.db.store.mark_dispatched, sent)
+            self.stats["dispatched"] += len(sent)
+        return len(sent)
+
+    def send_cancels(self, tasks: list[dict[str, Any]]) -> list[str]:
+        """Send the cancels another master asked for, to agents held here; the taskids sent."""
+        sent = []
+        for t in tasks:
+            session = self.table.sessions.get(t["uuid"])
+            if session is not None:
+                session.send([self.cancel_msg(t["uuid"], t["taskid"], t.get("cmd", ""))])
+                sent.append(t["taskid"])
+        return sent
 
     # -- runs ---------------------------------------------------------------------------------
     async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float) -> dict[str, Any]:
@@ -79,12 +124,16 @@ class Dispatch:
         run_id = "r" + secrets.token_hex(6)
         deadline = time.time() + timeout + self.settings.result_grace
         sessions = self.table.sessions
+        elsewhere = await self._elsewhere([a["uuid"] for a in chosen if a["uuid"] not in sessions])
         rows: list[tuple[str, str, TaskStatus, float]] = []
         for i, agent in enumerate(chosen):
-            online = agent["uuid"] in sessions
-            rows.append((f"{run_id}.{i}", agent["uuid"], TaskStatus.DISPATCHED if online else TaskStatus.OFFLINE,
-                         deadline))
+            uuid = agent["uuid"]
+            status = (TaskStatus.DISPATCHED if uuid in sessions else TaskStatus.PENDING if uuid in elsewhere
+                      else TaskStatus.OFFLINE)
+            rows.append((f"{run_id}.{i}", uuid, status, deadline))
         await self.db(self.db.store.create_run, run_id, cmd, args, timeout, rows)
+        if elsewhere and self.placement is not None:  # stored first: the holders read the store
+            self.placement.wake_dispatch(set(elsewhere.values()), run_id)
         # Tasks are stored as dispatched before they are sent: if this session drops before the
         # agent sees them, the next handshake redelivers them.
         for taskid, uuid, status, _ in rows:
@@ -98,6 +147,11 @@ class Dispatch:
             "targets": [{"uuid": a["uuid"], "hostname": a["hostname"], "taskid": r[0], "status": r[2]}
                         for a, r in zip(chosen, rows, strict=True)],
         }
+
+    async def _elsewhere(self, uuids: list[str]) -> dict[str, str]:
+        if self.placement is None or not uuids:
+            return {}
+        return await self.placement.elsewhere(uuids)
 
     def _check_size(self, args: dict[str, Any]) -> None:
         try:
@@ -113,15 +167,20 @@ class Dispatch:
             raise RequestRejected(f"no run {run_id!r}", kind="run", status=404)
         open_tasks = await self.db(self.db.store.request_cancel, run_id)
         unreachable: list[tuple[str, str, str]] = []
+        remote: list[str] = []
         for t in open_tasks:
             session = self.table.sessions.get(t["uuid"])
             if t["status"] == TaskStatus.PENDING:
                 unreachable.append((t["taskid"], TaskStatus.CANCELLED, "cancelled before the agent received it"))
             elif session:
                 session.send([self.cancel_msg(t["uuid"], t["taskid"])])
-            # else: the agent may be running it; the cancel goes out when it reconnects
+            else:  # the agent may be running it; the cancel goes out from its holder, or at its reconnect
+                remote.append(t["uuid"])
         if unreachable:
             self.events.notify(await self.db(self.db.store.finish_by_master, unreachable))
+        holders = await self._elsewhere(remote)
+        if holders and self.placement is not None:  # cancel_requested is stored: its holder sends it
+            self.placement.wake_dispatch(set(holders.values()), run_id)
         return len(open_tasks)
 
     # -- verdicts -----------------------------------------------------------------------------
@@ -133,11 +192,27 @@ class Dispatch:
             # the awaits below let handshakes run: an agent may have come back meanwhile
             if now - since < self.settings.offline_grace or not self.table.stop_clock(uuid, since):
                 continue
-            for t in await self.db(self.db.store.open_tasks_for, uuid):
-                if t["status"] == TaskStatus.RUNNING:
-                    verdicts.append((t["taskid"], TaskStatus.ERROR, "agent went offline while the task ran"))
-                else:
-                    verdicts.append((t["taskid"], TaskStatus.OFFLINE, "agent is offline"))
+            verdicts += await self._gone_verdicts(uuid)
+        await self._finish_overdue(verdicts)
+
+    async def write_off_gone(self, uuids: list[str]) -> None:
+        """With several masters (on the singleton holder): the open tasks of agents no master
+        has held for the grace (``uuids``), and overdue tasks."""
+        verdicts: list[tuple[str, str, str]] = []
+        for uuid in uuids:
+            verdicts += await self._gone_verdicts(uuid)
+        await self._finish_overdue(verdicts)
+
+    async def _gone_verdicts(self, uuid: str) -> list[tuple[str, str, str]]:
+        verdicts: list[tuple[str, str, str]] = []
+        for t in await self.db(self.db.store.open_tasks_for, uuid):
+            if t["status"] == TaskStatus.RUNNING:
+                verdicts.append((t["taskid"], TaskStatus.ERROR, "agent went offline while the task ran"))
+            else:
+                verdicts.append((t["taskid"], TaskStatus.OFFLINE, "agent is offline"))
+        return verdicts
+
+    async def _finish_overdue(self, verdicts: list[tuple[str, str, str]]) -> None:
         for t in await self.db(self.db.store.overdue_tasks, time.time()):
             verdicts.append((t["taskid"], TaskStatus.ERROR, "no result from the agent within the timeout"))
         if verdicts:

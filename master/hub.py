@@ -22,6 +22,7 @@ from anyio.abc import TaskGroup
 from hcsdk.protocol import vocab
 from hcsdk.protocol.tasks import SessionKind
 
+from .cluster import Cluster
 from .dispatch import Dispatch, check_cmd
 from .errors import RequestRejected
 from .ingest import Ingest
@@ -45,6 +46,13 @@ class Hub:
         self.dispatch = Dispatch(db, settings, self.table, self.events, self.stats)
         self.results = Ingest(db, self.table, self.events, self.stats)
         self.schedules = Schedules(db, self.create_run)
+        #: this master among the others sharing the store (alone on SQLite)
+        self.cluster = Cluster(db, settings, self.table, self.events, self.dispatch)
+        if self.cluster.shared:
+            self.dispatch.placement = self.cluster
+            self.schedules.shared = True
+        #: the URLs this master is reached at: the server fills the list once it listens
+        self.urls = self.cluster.urls
         #: started with the hub (releases pick up where a restart left them)
         self.on_start: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tg: TaskGroup | None = None
@@ -81,16 +89,34 @@ class Hub:
     def schedule_specs(self, specs: list[dict[str, Any]] | None) -> None:
         self.schedules.specs = specs
 
+    @property
+    def singleton_group(self) -> TaskGroup | None:
+        """Where singleton work runs in the background (release drivers): the master's own task
+        group alone on SQLite; with several masters, one that exists only while this master holds
+        the singleton lease (and is cancelled when it loses it)."""
+        return self.cluster.singleton_group if self.cluster.shared else self._tg
+
     async def run(self, tg: TaskGroup) -> None:
-        # After a master restart, agents come back over their reconnect backoff: give them
-        # that long before their open tasks are written off.
-        since = time.monotonic() + max(0.0, self.settings.startup_grace - self.settings.offline_grace)
-        self.table.presume_offline(await self.db(self.db.store.open_task_agents), since)
+        if not self.cluster.shared:
+            # After a master restart, agents come back over their reconnect backoff: give them
+            # that long before their open tasks are written off. (With several masters the
+            # singleton judges from the store's sessions instead: master.cluster.)
+            since = time.monotonic() + max(0.0, self.settings.startup_grace - self.settings.offline_grace)
+            self.table.presume_offline(await self.db(self.db.store.open_task_agents), since)
         self._tg = tg
+        tg.start_soon(self.cluster.run)
         for hook in self.on_start:
             tg.start_soon(hook)
         tg.start_soon(self.results.run)
         tg.start_soon(self._sweep_loop)
+
+    async def leave(self) -> None:
+        """At a clean shutdown, after ``begin_shutdown``: let the other masters take over now."""
+        await self.cluster.leave()
+
+    async def online_uuids(self, uuids: list[str]) -> set[str]:
+        """Which of ``uuids`` are connected, to this master or (sharing a store) another."""
+        return await self.cluster.online(uuids)
 
     async def handshake(self, uuid: str, facts: dict[str, Any], labels: dict[str, str], mode: str,
                         key: bytes, kind: str = SessionKind.AGENT, carrier: Session | None = None,
@@ -101,6 +127,7 @@ class Hub:
         handing_over = handover if old and handover and await is_handover(self.db, uuid, handover) else None
         session = Session(uuid=uuid, sid=secrets.token_hex(8), hostname=str(facts.get("hostname", "")), mode=mode,
                           kind=kind, carrier=carrier, via=list(via or []))
+        await self.cluster.claim(uuid, session)  # (before the table: the epoch is the session's)
         self.table.open(session, old, handing_over)
         await self.db(self.db.store.agent_connected, uuid, facts, labels)
         await self.dispatch.redeliver(session)
@@ -147,14 +174,19 @@ class Hub:
             return
         now = time.monotonic()
         self.table.end_silent(now, self.settings.dead_after, self.settings.idle_beat)
-        if now >= self._next_retention:
+        if now >= self._next_retention and self.cluster.is_singleton:
             self._next_retention = now + 3600
             cutoff = time.time() - self.settings.sample_retention_days * 86400
             await self.db(self.db.store.forget_samples, cutoff)
         seen = self.table.take_seen()
         if seen:
             await self.db(self.db.store.touch_agents, seen)
-        await self.dispatch.write_off(now)
+        if self.cluster.shared:
+            # an agent that left this master may be on another: only the singleton, which sees
+            # every master's sessions in the store, writes off tasks (master.cluster)
+            self.table.offline_since.clear()
+        else:
+            await self.dispatch.write_off(now)
 
 
 __all__ = ["Hub", "RequestRejected", "Session", "check_cmd"]

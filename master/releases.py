@@ -6,6 +6,11 @@ failed. Once more targets have failed than ``max_failures`` allows, the release 
 ``resume``, ``abort`` and ``rollback`` (previous file back, then the rollback command) are the
 operator's. Everything is in the store, including the run of the step in flight, so a master
 that restarts picks a release up where it was.
+
+With several masters (issue 15) releases are singleton work: only the master holding the lease
+``singleton`` drives them, and the master that takes the lease over picks every active release
+up from its stored step (the same path as after a restart), polling for releases created on
+other masters meanwhile.
 """
 
 from __future__ import annotations
@@ -71,9 +76,14 @@ class Releases:
         self.store = hub.db.store
         self._driving: set[str] = set()
         self._woken: dict[str, anyio.Event] = {}
+        if hub.cluster.shared:
+            hub.cluster.singleton_work.append(self.start)
 
     async def start(self) -> None:
-        """After a master restart: carry on with every release that was under way."""
+        """After a master restart, or on taking the singleton lease: carry on with every release
+        that was under way (on a master that does not run singleton work, nothing)."""
+        if self.hub.singleton_group is None:
+            return
         for release_id in await self.db(self.store.release_ids, ACTIVE):
             self._drive(release_id)
 
@@ -148,7 +158,7 @@ class Releases:
 
     # -- the driver ---------------------------------------------------------------------------
     def _drive(self, release_id: str) -> None:
-        tg = self.hub.task_group
+        tg = self.hub.singleton_group  # elsewhere: the singleton holder picks it up from the store
         if release_id in self._driving or tg is None:
             return
         self._driving.add(release_id)
@@ -222,7 +232,7 @@ class Releases:
         """Give targets that are reconnecting (after a master or proxy restart) the time agents
         take to come back, before a step counts them offline."""
         with anyio.move_on_after(self.hub.settings.startup_grace):
-            while any(u not in self.hub.sessions for u in uuids):  # noqa: ASYNC110 - sessions come and go
+            while len(await self.hub.online_uuids(uuids)) < len(set(uuids)):  # noqa: ASYNC110 - polled
                 await anyio.sleep(0.5)
 
     def _command(self, rel: ReleaseRecord, step: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:

@@ -6,6 +6,7 @@ at each handshake that sets or cancels what the agent runs so it matches the mas
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,9 @@ log = logging.getLogger("zy.master.hub")
 #: how a run is made: (cmd, args, targets, timeout) -> the run
 CreateRun = Callable[[str, dict[str, Any], Any, float], Awaitable[dict[str, Any]]]
 
+#: with several masters, how long the cached specs serve handshakes before they are read again
+_SHARED_TTL = 5.0
+
 
 class Schedules:
     def __init__(self, db: StoreThread, create_run: CreateRun) -> None:
@@ -34,6 +38,12 @@ class Schedules:
         #: agent, kept up to date as schedules are set): what it may sample into and report
         self._given: dict[str, set[str]] = {}
         self._given_loaded: set[str] = set()
+        #: several masters share the store (issue 15): another master may set a schedule on an
+        #: agent held here, so the caches are read again (specs at most every few seconds, an
+        #: agent's schedules when it samples into one this master has not seen it given)
+        self.shared = False
+        self._specs_read = 0.0
+        self._given_read: dict[str, float] = {}
 
     def worth_reconciling(self, reported: dict[str, str]) -> bool:
         # (a reconnect storm of agents with no schedules, on a master with none, costs nothing)
@@ -44,7 +54,8 @@ class Schedules:
         one that was offline when a schedule was set, or that joined later with matching labels,
         gets it; one whose schedule was cancelled meanwhile loses it."""
         try:
-            if self.specs is None:
+            if self.specs is None or (self.shared and time.monotonic() - self._specs_read > _SHARED_TTL):
+                self._specs_read = time.monotonic()
                 self.specs = await self.db(self.db.store.schedule_specs)
             specs = self.specs
             if not specs and not reported:
@@ -81,4 +92,11 @@ class Schedules:
         """Whether a sample from ``uuid`` belongs to a schedule the master gave it: any other is
         an agent writing into a series that is not its own."""
         series = msg.series
-        return msg.taskid.startswith(f"sample:{series}:") and series in await self.given(uuid)
+        if not msg.taskid.startswith(f"sample:{series}:"):
+            return False
+        given = await self.given(uuid)
+        if series not in given and self.shared and time.monotonic() - self._given_read.get(uuid, 0.0) > 1.0:
+            # set by another master since this one read it (at most once a second per agent)
+            self._given_read[uuid] = time.monotonic()
+            given.update(await self.db(self.db.store.schedules_given, uuid))
+        return series in given

@@ -43,6 +43,9 @@ class Session(Mailbox):
         self.via = list(via or [])
         self.children: set[str] = set()
         self.last_rx = time.monotonic()
+        #: the store's claim on this session (issue 15): a claim with a higher epoch, by this
+        #: master or another, supersedes it
+        self.epoch = 0
 
     def send(self, msgs: list[dict[str, Any]]) -> None:
         if self.carrier is not None:
@@ -73,6 +76,10 @@ class Sessions:
         self.stopping = False
         #: uuid -> wall time of its last message since the last flush to the store
         self._seen: dict[str, float] = {}
+        #: with several masters (``track_ended``): (uuid, epoch) of sessions that left the table,
+        #: for the cluster to drop from the store (``take_ended``)
+        self.track_ended = False
+        self._ended: list[tuple[str, int]] = []
 
     # -- end-to-end keys ----------------------------------------------------------------------
     def set_key(self, uuid: str, key: bytes) -> None:
@@ -124,6 +131,8 @@ class Sessions:
         session.children.clear()
         if self.sessions.get(session.uuid) is session:
             del self.sessions[session.uuid]
+            if self.track_ended:
+                self._ended.append((session.uuid, session.epoch))
             back = self.retiring.pop(session.uuid, None)
             if back is not None and not back.closed.is_set():
                 # a new build that died while the old one was still handing over: the old one
@@ -162,6 +171,22 @@ class Sessions:
         """Last-message times since the previous call, for the store's ``last_seen``."""
         seen, self._seen = self._seen, {}
         return seen
+
+    def take_ended(self) -> list[tuple[str, int]]:
+        """(uuid, epoch) of the sessions that left the table since the previous call."""
+        ended, self._ended = self._ended, []
+        return ended
+
+    def supersede(self, uuid: str, epoch: int, reason: str) -> bool:
+        """End the session of ``uuid`` if its claim is older than ``epoch`` (a handshake on
+        another master took the agent); whether one was ended."""
+        session = self.sessions.get(uuid)
+        if session is None or session.epoch >= epoch:
+            return False
+        log.info("agent %s: %s", uuid, reason)
+        session.close(reason)
+        self.session_ended(session, reason=reason, offline=False)
+        return True
 
     def end_silent(self, now: float, dead_after: float, idle_beat: float) -> None:
         """End direct sessions that sent nothing for too long (carried ones end with their proxy)."""
