@@ -1,0 +1,123 @@
+"""PostgreSQL: the cluster's state (masters, sessions, leases), as sqlite_cluster.py.
+
+Several masters call these at once. Each write is one statement (INSERT ... ON CONFLICT, UPDATE
+... RETURNING), so it is atomic under PostgreSQL's row locks without a transaction around it:
+of two masters taking one lease, one gets it; two claims of one session get two epochs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from hcsdk.protocol.tasks import TaskStatus
+from hcsdk.protocol.wire import loads
+
+from .postgres_base import PostgresBase, js, sql_list
+from .protocol import MasterRecord
+
+#: the lease whose holder runs the cluster's singleton work (masters() flags it)
+SINGLETON = "singleton"
+
+# (the status is written into the statement, not bound: the partial index tasks_pending only
+# serves a plan whose WHERE names the same literal, and a prepared generic plan knows no value)
+_PENDING_SQL = (
+    "SELECT t.taskid, t.run_id, t.uuid, t.status, t.cancel_requested::int AS cancel_requested, t.deadline, r.cmd, "
+    "r.args, r.timeout "
+    "FROM tasks t JOIN sessions s ON s.uuid = t.uuid JOIN runs r ON r.id = t.run_id "
+    f"WHERE t.status = '{TaskStatus.PENDING}' AND s.master_id = %s ORDER BY t.run_id, t.taskid"
+)
+_CANCELS_SQL = (
+    "SELECT t.taskid, t.run_id, t.uuid, t.status FROM sessions s JOIN tasks t ON t.uuid = s.uuid "
+    "WHERE s.master_id = %s AND t.cancel_requested "
+    f"AND t.status IN {sql_list((TaskStatus.DISPATCHED, TaskStatus.RUNNING))}"
+)
+_TAKE_LEASE_SQL = (
+    "INSERT INTO leases(name, holder, expires_at) VALUES(%s, %s, %s) "
+    "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
+    "WHERE leases.holder = excluded.holder OR leases.expires_at <= %s RETURNING holder"
+)
+_CLAIM_SQL = (
+    "INSERT INTO sessions(uuid, master_id, epoch, since) VALUES(%s, %s, 1, %s) "
+    "ON CONFLICT(uuid) DO UPDATE SET master_id = excluded.master_id, epoch = sessions.epoch + 1, "
+    "since = excluded.since RETURNING epoch"
+)
+
+
+class PostgresClusterSQL(PostgresBase):
+    # -- masters ----------------------------------------------------------------------------
+    def register_master(self, master_id: str, urls: list[str], now: float) -> None:
+        self.write(
+            "INSERT INTO masters(id, urls, started_at, heartbeat_at, agents) VALUES(%s, %s, %s, %s, 0) "
+            "ON CONFLICT(id) DO UPDATE SET urls = excluded.urls, started_at = excluded.started_at, "
+            "heartbeat_at = excluded.heartbeat_at, agents = 0",
+            (master_id, js(list(urls)), now, now),
+        )
+
+    def master_heartbeat(self, master_id: str, agents: int, now: float) -> bool:
+        return self.write("UPDATE masters SET heartbeat_at = %s, agents = %s WHERE id = %s",
+                          (now, agents, master_id)) > 0
+
+    def masters(self) -> list[MasterRecord]:
+        rows = self.all(
+            "SELECT m.id, m.urls, m.started_at, m.heartbeat_at, m.agents, l.holder IS NOT NULL AS singleton "
+            "FROM masters m LEFT JOIN leases l ON l.name = %s AND l.holder = m.id AND l.expires_at > %s "
+            "ORDER BY m.started_at, m.id",
+            (SINGLETON, time.time()),
+        )
+        return [MasterRecord(id=r["id"], urls=list(loads(r["urls"])), started_at=r["started_at"],
+                             heartbeat_at=r["heartbeat_at"], agents=r["agents"], singleton=bool(r["singleton"]))
+                for r in rows]
+
+    def forget_master(self, master_id: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM masters WHERE id = %s", (master_id,))
+            conn.execute("DELETE FROM leases WHERE holder = %s", (master_id,))
+
+    def dead_masters(self, now: float, dead_after: float) -> list[str]:
+        rows = self.all("SELECT id FROM masters WHERE heartbeat_at < %s ORDER BY id", (now - dead_after,))
+        return [r["id"] for r in rows]
+
+    # -- leases -----------------------------------------------------------------------------
+    def take_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        # one statement: insert, or take over an expired or own lease; the WHERE refuses
+        # another's, and then RETURNING gives no row. Two racing inserts: the loser waits on
+        # the key, then its DO UPDATE sees the winner's unexpired row and is refused.
+        row = self.one(_TAKE_LEASE_SQL, (name, holder, now + ttl, now))
+        return row is not None
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self.write("DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
+
+    def lease_holder(self, name: str, now: float) -> str | None:
+        row = self.one("SELECT holder FROM leases WHERE name = %s AND expires_at > %s", (name, now))
+        return str(row["holder"]) if row else None
+
+    # -- sessions ---------------------------------------------------------------------------
+    def claim_session(self, uuid: str, master_id: str, now: float) -> int:
+        row = self.one(_CLAIM_SQL, (uuid, master_id, now))
+        assert row is not None  # RETURNING gives the row inserted or updated
+        return int(row["epoch"])
+
+    def drop_session(self, uuid: str, master_id: str, epoch: int) -> bool:
+        return self.write("UPDATE sessions SET master_id = NULL WHERE uuid = %s AND master_id = %s AND epoch = %s",
+                          (uuid, master_id, epoch)) > 0
+
+    def session_holders(self, uuids: list[str] | None = None) -> dict[str, tuple[str, int]]:
+        if uuids is None:
+            rows = self.all("SELECT uuid, master_id, epoch FROM sessions WHERE master_id IS NOT NULL")
+        else:
+            rows = self.all("SELECT uuid, master_id, epoch FROM sessions WHERE master_id IS NOT NULL "
+                            "AND uuid = ANY(%s)", (list(set(uuids)),))
+        return {r["uuid"]: (r["master_id"], int(r["epoch"])) for r in rows}
+
+    def drop_sessions_of(self, master_id: str) -> list[str]:
+        rows = self.all("UPDATE sessions SET master_id = NULL WHERE master_id = %s RETURNING uuid", (master_id,))
+        return sorted(r["uuid"] for r in rows)
+
+    # -- tasks for the sessions a master holds ----------------------------------------------
+    def pending_tasks_held_by(self, master_id: str) -> list[dict[str, Any]]:
+        return self.all(_PENDING_SQL, (master_id,))
+
+    def cancels_held_by(self, master_id: str) -> list[dict[str, Any]]:
+        return self.all(_CANCELS_SQL, (master_id,))
