@@ -220,3 +220,75 @@ def test_the_sealed_secrets_are_never_copied() -> None:
     copied one would be sealed under another cluster's key)."""
     for name in (CHECK_NAME, SEALED_CA, SEALED_PROXY_CA, SEALED_E2E, SEALED_ADMIN, SEALED_COMPLETE):
         assert name == SEALED_META[0] or name.startswith(SEALED_META[1]), name
+
+
+def _by(rows: list[Any], key: str) -> list[Any]:
+    return sorted(rows, key=lambda r: str(r[key]))
+
+
+def test_the_store_api_reads_the_same_from_both_stores(made: dict[str, Any], pg_url: str, tmp_path: Path) -> None:
+    """Lose nothing, in the store's own terms: every record the master reads is equal (keys as
+    bytes, flags as bools, JSON decoded) whether it comes from SQLite or from the copy."""
+    from master.store.copy import copy_store
+    from master.store.postgres import open_postgres
+    from master.store.sqlite import SQLiteStore
+
+    source = _copy_of(made["root"] / "master", tmp_path / "d")
+    calls: list[tuple[str, int, int]] = []
+    counts = copy_store(source / "master.db", pg_url, lambda t, n, total: calls.append((t, n, total)))
+    old, new = SQLiteStore(source / "master.db"), open_postgres(pg_url)
+    try:
+        assert counts["agents"] == len(AGENTS) and counts["events"] == _pg(pg_url, "SELECT count(*) FROM events")[0][0]
+        assert counts["events"] >= len(made["events"]) > 0
+        last = {t: (n, total) for t, n, total in calls}
+        assert all(n == total == counts[t] for t, (n, total) in last.items() if t != "blobs")
+        assert _by(new.agents(include_revoked=True), "uuid") == _by(old.agents(include_revoked=True), "uuid")
+        for a in old.agents():
+            assert new.agent(a["uuid"]) == a and isinstance(a["e2e_key"], bytes) and a["e2e_key"]
+        assert _by(new.join_tokens(), "id") == _by(old.join_tokens(), "id")
+        assert new.run(made["run"]) == old.run(made["run"])
+        assert new.events_after(made["run"], 0) == old.events_after(made["run"], 0)
+        assert new.run_outcomes(made["run"]) == old.run_outcomes(made["run"])
+        assert new.schedules() == old.schedules() and new.schedule_specs() == old.schedule_specs()
+        assert new.series("tick", None, None, 10_000) == old.series("tick", None, None, 10_000)
+        assert _by(new.artifacts(), "id") == _by(old.artifacts(), "id")
+        for key in ("admin_token_hash", "peer_secret"):
+            assert new.get_meta(key) == old.get_meta(key)
+    finally:
+        old.close()
+        new.close()
+
+
+def test_what_postgresql_cannot_hold_as_is(made: dict[str, Any], pg_url: str, tmp_path: Path) -> None:
+    """A NUL in a text (PostgreSQL refuses it) becomes U+FFFD as the PostgreSQL store makes it;
+    sealed meta values are left out; a sequence goes past ids SQLite handed out and deleted since
+    (retention), so no new id repeats one an SDK cursor has seen."""
+    import sqlite3
+
+    source = _copy_of(made["root"] / "master", tmp_path / "d")
+    with sqlite3.connect(source / "master.db") as db:
+        db.execute("UPDATE tasks SET error = ? WHERE taskid = (SELECT min(taskid) FROM tasks)", ("bad\x00byte",))
+        db.execute("INSERT INTO meta(k, v) VALUES ('sealed.ca', 'v1:xx'), ('keyring_check', 'v1:yy')")
+        top = db.execute("SELECT max(id) FROM events").fetchone()[0]
+        db.execute("DELETE FROM events WHERE id = ?", (top,))
+    done = _migrate(source, pg_url)
+    assert done.returncode == 0, done.stderr
+    assert _pg(pg_url, "SELECT error FROM tasks WHERE error LIKE 'bad%'") == [("bad\ufffdbyte",)]
+    assert _pg(pg_url, "SELECT k FROM meta WHERE k = 'keyring_check' OR k LIKE 'sealed.%'") == []
+    assert _pg(pg_url, "SELECT max(id) FROM events")[0][0] == top - 1
+    assert _pg(pg_url, "SELECT nextval(pg_get_serial_sequence('events', 'id'))")[0][0] == top + 1
+
+
+def test_a_row_postgresql_refuses_late_in_the_copy_rolls_everything_back(made: dict[str, Any], pg_url: str,
+                                                                         tmp_path: Path) -> None:
+    import sqlite3
+
+    source = _copy_of(made["root"] / "master", tmp_path / "d")
+    with sqlite3.connect(source / "master.db") as db:  # SQLite keeps text in an INTEGER column
+        db.execute("UPDATE tasks SET exit_code = 'not a number' WHERE taskid = (SELECT max(taskid) FROM tasks)")
+    done = _migrate(source, pg_url)
+    assert done.returncode == 2 and "PostgreSQL refused the copy, nothing was kept" in done.stderr, done.stderr
+    assert "agents" in done.stderr  # it got that far: the rows copied before are rolled back
+    for table in ("agents", "runs", "events", "meta", "tasks"):
+        assert _pg(pg_url, f"SELECT count(*) FROM {table}")[0][0] == 0, table
+    assert _migrate(source, pg_url).returncode == 2  # still refused by PostgreSQL, not as "not empty"
