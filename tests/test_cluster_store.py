@@ -352,6 +352,14 @@ async def test_pg_wakeups_between_two_instances(pg_url: str) -> None:
             raw.execute("SELECT pg_notify(%s, %s)", (master_channel("m-b"), ",,x,,y,"))
             raw.execute("SELECT pg_notify(%s, '')", (master_channel("m-b"),))
         await _until(lambda: to_b.ids[-2:] == ["x", "y"], "raw notify")
+
+        # a channel subscribed while the loop runs is listened to next
+        late = _Inbox()
+        b.subscribe("zy_late", late)
+        with anyio.fail_after(30):
+            await b.wait_listening()
+        await a.send("zy_late", ["d:late"])
+        await _until(lambda: late.ids == ["d:late"], "woken on a channel subscribed late")
         tg.cancel_scope.cancel()
 
 
@@ -420,7 +428,8 @@ async def test_a_listen_backend_that_stops_answering_is_replaced(pg_url: str) ->
 
 
 @pytest.mark.anyio
-async def test_a_wakeup_to_a_store_that_is_away_is_lost_quietly() -> None:
+async def test_a_wakeup_to_a_store_that_is_away_is_lost_quietly(caplog: pytest.LogCaptureFixture) -> None:
     # nothing listens on port 1: the wake-up is lost, the caller is not failed (receivers sweep)
     w = PgWakeups("postgresql://postgres@127.0.0.1:1/none", probe_timeout=1.0)
-    await w.send(RUNS, ["r1"])
+    await w.send(RUNS, ["r1", "r2"])
+    assert "wake-up on zy_runs lost (2 ids)" in caplog.text

@@ -102,7 +102,8 @@ def _split(payload: str) -> list[str]:
 
 
 class _Subscribers:
-    """Callbacks by channel (its PostgreSQL name); a failing callback is logged, the rest still run."""
+    """Callbacks by channel (its PostgreSQL name); a failing callback is logged, the rest still
+    run. Callbacks run in the listening loop: they should be quick (set an event, start a task)."""
 
     def __init__(self) -> None:
         self._subs: dict[str, list[Callback]] = {}
@@ -193,6 +194,8 @@ class PgWakeups(_Subscribers):
                     await self._listen()
                 except (psycopg.Error, OSError, TimeoutError) as exc:
                     log.warning("wake-up connection lost (%s); reconnecting", exc)
+                except Exception:  # never let the loop die: the master would lose every wake-up
+                    log.exception("wake-up connection failed; reconnecting")
                 await anyio.sleep(self._backoff.next_delay())
         finally:
             with anyio.CancelScope(shield=True):
@@ -213,7 +216,6 @@ class PgWakeups(_Subscribers):
             await self._listen_new(conn, listened)
             self.connects += 1
             self._backoff.reset()
-            self._ready.set()
             if self.connects > 1 and self.on_reconnect is not None:
                 self._call_on_reconnect()
             await self._pump(conn, listened)
@@ -244,6 +246,14 @@ class PgWakeups(_Subscribers):
             with anyio.fail_after(self.probe_timeout):
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             listened.add(channel)
+        if listened.issuperset(self._subs):
+            self._ready.set()
+
+    def subscribe(self, channel: str, callback: Callback) -> None:
+        """Listen to ``channel`` too (from the next turn of ``run``'s loop: within half a second)."""
+        if channel_name(channel) not in self._subs and self._ready.is_set():
+            self._ready = anyio.Event()  # not listening on everything any more
+        super().subscribe(channel, callback)
 
     def _call_on_reconnect(self) -> None:
         assert self.on_reconnect is not None
