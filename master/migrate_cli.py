@@ -94,6 +94,9 @@ def _summary(counts: dict[str, int], seconds: float, source: Path, url: str, out
     elif blobs.is_dir() and any(blobs.iterdir()):
         print(f"this store keeps no blob bytes: the blob files stay in {blobs}; copy that folder to every "
               "master's data dir", file=out)
+    if not (Paths(source).ca_cert.is_file() and Paths(source).ca_key.is_file()):
+        print(f"warning: {source} holds no CA (ca.pem, ca.key): the first master on the store will make a new one, "
+              "which the enrolled agents do not trust; copy the old master's CA files into it first", file=out)
     print("not copied: sessions, the masters registry and leases (true only of the masters running now)", file=out)
     print(f"next: start the first master on the store with THIS data dir,\n"
           f"    zy master --data-dir {source} --store {describe_url(url)} ...\n"

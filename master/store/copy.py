@@ -205,13 +205,13 @@ def _lock_empty(conn: psycopg.Connection[Any], tables: list[str]) -> None:
     conn.execute("SET LOCAL lock_timeout = '10s'")
     conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(map(sql.Identifier, tables))))
     held = {}
-    for table in tables:
-        row = conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1000) x").format(
+    for table in tables:  # counted up to a point: a big table need not be scanned to be refused
+        row = conn.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1001) x").format(
             sql.Identifier(table))).fetchone()
         if row and row[0]:
             held[table] = int(row[0])
     if held:
-        listed = ", ".join(f"{t}: {n}{'+' if n == 1000 else ''} rows" for t, n in held.items())
+        listed = ", ".join(f"{t}: {'over 1000' if n > 1000 else n} row{'s' if n > 1 else ''}" for t, n in held.items())
         raise CopyError(f"the PostgreSQL store is not empty ({listed}); migrate-store copies into an empty "
                         "store only (a new database: CREATE DATABASE ...); nothing was written")
 
@@ -237,7 +237,7 @@ def _copy_table(src: sqlite3.Connection, conn: psycopg.Connection[Any], table: s
     names = ", ".join(f'"{c.name}"' for c in columns)
     convert = _converter(table, columns, _with_nul(src, table, columns))
     done = 0
-    if progress:
+    if progress and total:
         progress(table, 0, total)
     rows = src.execute(f'SELECT {names} FROM "{table}"{where}')
     copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
