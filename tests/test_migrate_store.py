@@ -292,3 +292,47 @@ def test_a_row_postgresql_refuses_late_in_the_copy_rolls_everything_back(made: d
     for table in ("agents", "runs", "events", "meta", "tasks"):
         assert _pg(pg_url, f"SELECT count(*) FROM {table}")[0][0] == 0, table
     assert _migrate(source, pg_url).returncode == 2  # still refused by PostgreSQL, not as "not empty"
+
+
+def test_a_data_dir_from_before_schema_versions_moves_whole(pg_url: str, tmp_path: Path) -> None:
+    """tests/data/store-v0 (made by the master before schema versions; see test_store_upgrade):
+    copied straight into PostgreSQL, every record reads as the SQLite store reads it once
+    upgraded, and its release, artifact and old agent work from a master on the store."""
+    from master.store.postgres import open_postgres
+    from master.store.sqlite import SQLiteStore
+
+    fixture = Path(__file__).parent / "data" / "store-v0"
+    facts: dict[str, Any] = json.loads((fixture / "facts.json").read_text())
+    root = tmp_path / "fleet"
+    shutil.copytree(fixture / "master", root / "master")
+    shutil.copytree(fixture / "agent-old-1", root / "agents" / "old-1")
+    shutil.copytree(fixture / "master", tmp_path / "upgraded")
+    done = _migrate(root / "master", pg_url)
+    assert done.returncode == 0, done.stderr
+    old, new = SQLiteStore(tmp_path / "upgraded" / "master.db"), open_postgres(pg_url)
+    try:
+        assert _by(new.agents(include_revoked=True), "uuid") == _by(old.agents(include_revoked=True), "uuid")
+        assert new.run(facts["run_id"]) == old.run(facts["run_id"])
+        assert new.events_after(facts["run_id"], 0) == old.events_after(facts["run_id"], 0)
+        assert new.release(facts["release"]) == old.release(facts["release"])
+        assert new.release_targets(facts["release"]) == old.release_targets(facts["release"])
+        assert new.artifact(facts["artifact"]) == old.artifact(facts["artifact"])
+        assert new.series("fourty", None, None, 10_000) == old.series("fourty", None, None, 10_000)
+    finally:
+        old.close()
+        new.close()
+
+    ca = (root / "master" / "ca.pem").read_bytes()
+    fl = Fleet(root, ARGS)
+    try:
+        fl.start_master(extra=["--store", pg_url])
+        assert (root / "master" / "ca.pem").read_bytes() == ca  # the agents' CA went into the store as it was
+        assert (root / "master" / "cluster.key").exists()
+        fl.start_agent("old-1")  # the fixture's identity: no join token
+        fl.wait_online("old-1")
+        df = fl.client.run("echo moved-$ZY_HOSTNAME", targets=facts["uuids"]["old-1"]).to_dataframe()
+        assert list(df["status"]) == ["ok"] and df["stdout"].iloc[0].strip() == "moved-old-1"
+        rel = fl.client.get_release(facts["release"])
+        assert rel.state == "done" and list(rel.progress()["status"]) == ["ok", "ok"]
+    finally:
+        fl.close()
