@@ -50,7 +50,8 @@ _REREAD = 1.0
 
 
 def master_channel(master_id: str) -> str:
-    """The wake-up channel of one master (a PostgreSQL identifier: lower case)."""
+    """The wake-up channel of one master (a PostgreSQL identifier: lower case; the same name
+    as ``master.store.wakeups.master_channel``, without importing psycopg on SQLite)."""
     return "zy_m_" + master_id.lower().replace("-", "_")
 
 
@@ -145,7 +146,8 @@ class Cluster:
             if self.shared:
                 from .store.wakeups import open_wakeups
 
-                self._wakeups = wakeups = open_wakeups(self.settings.store_url)
+                self._wakeups = wakeups = open_wakeups(self.settings.store_url, on_reconnect=self._reconnected,
+                                                       application_name=f"zy-wakeups-{self.master_id}")
                 wakeups.subscribe(master_channel(self.master_id), self._on_wakeup)
                 wakeups.subscribe(RUNS_CHANNEL, self.events.wake)
                 tg.start_soon(wakeups.run)
@@ -341,6 +343,11 @@ class Cluster:
                 uuid, _, epoch = rest.rpartition(":")
                 if uuid and epoch.isdigit():
                     self.table.supersede(uuid, int(epoch), "superseded by a handshake on another master")
+
+    def _reconnected(self) -> None:
+        """The LISTEN connection was replaced: whatever it missed is swept for now."""
+        self._kick.set()
+        self.events.wake_all()
 
     def _send_soon(self, channel: str, ids: list[str]) -> None:
         tg = getattr(self, "_tg", None)
