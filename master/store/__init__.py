@@ -3,12 +3,14 @@
 ``Store`` (protocol.py) lists every operation the master needs; ``SQLiteStore`` (sqlite*.py)
 holds every SQL statement of the master; ``migrations/`` the numbered schema, applied on open
 (migrate.py); ``StoreThread`` (offload.py) runs store calls off the event loop.
-``open_store(data_dir)`` is how the master opens its store.
+``PostgresStore`` (postgres*.py, ``migrations_pg/``) is the same for several masters sharing one
+PostgreSQL. ``open_store(data_dir, url)`` is how the master opens its store.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import SchemaError, TokenUsedUp
 from .offload import StoreThread
@@ -24,8 +26,12 @@ from .protocol import (
 )
 from .sqlite import SQLiteStore, open_sqlite
 
-__all__ = ["AgentRecord", "ArtifactRecord", "JoinTokenRecord", "ReleaseRecord", "ReleaseSummary", "ReleaseTargetRecord",
-           "Result", "SQLiteStore", "SchemaError", "Store", "StoreThread", "TokenUsedUp", "open_store"]
+if TYPE_CHECKING:
+    from .postgres import PostgresStore
+
+__all__ = ["AgentRecord", "ArtifactRecord", "JoinTokenRecord", "PostgresStore", "ReleaseRecord", "ReleaseSummary",
+           "ReleaseTargetRecord", "Result", "SQLiteStore", "SchemaError", "Store", "StoreThread", "TokenUsedUp",
+           "open_store"]
 
 
 def open_store(data_dir: Path, url: str | None = None) -> Store:
@@ -38,3 +44,12 @@ def open_store(data_dir: Path, url: str | None = None) -> Store:
     from .postgres import open_postgres
 
     return open_postgres(url)
+
+
+def __getattr__(name: str) -> Any:
+    """``PostgresStore`` on first use: a master on SQLite never loads psycopg."""
+    if name == "PostgresStore":
+        from .postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
