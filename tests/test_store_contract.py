@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 from pg import PgServer
 
 from hcsdk.protocol.messages import Done, Out, Sample, Start
 from hcsdk.protocol.tasks import TaskStatus
-from master.store import Result, SchemaError, Store, TokenUsedUp, open_store
+from master.store import Result, SchemaError, Store, StoreThread, TokenUsedUp, open_store
 from master.store.migrate import MIGRATIONS, migrations
 from master.store.postgres import PostgresStore
 from master.store.postgres_migrate import MIGRATIONS_PG, applied_pg, migrate_pg
@@ -593,3 +594,40 @@ def test_a_failing_migration_leaves_nothing_behind(pg_url: str, tmp_path: Path) 
 def test_an_unreachable_store_is_named_in_the_error() -> None:
     with pytest.raises(RuntimeError, match=r"cannot open the store at postgresql://zy:\*\*\*@127\.0\.0\.1:1/db"):
         PostgresStore("postgresql://zy:secret@127.0.0.1:1/db")
+
+
+def test_staging_tables_survive_a_first_transaction_that_rolled_back(pg_url: str) -> None:
+    """ingest's staging tables are made once per connection, outside the transaction: made in
+    one that rolled back, they would be gone while the connection is noted as having them."""
+    store = PostgresStore(pg_url, pool_size=1)
+    try:
+        with pytest.raises(ZeroDivisionError), store.transaction(staging=True):
+            1 / 0  # noqa: B018 - the failure inside the first transaction of the connection
+        _enrolled(store, "a1")
+        _run(store, "r1", {"a1": "dispatched"})
+        assert store.ingest([_start("a1", "r1.a1"), _sample("a1", "cpu", 0, 1.0)])[1] == {"r1"}
+        assert store.run_open_count("r1") == 1 and len(store.series("cpu", None, None, 10)) == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_store_calls_run_as_many_at_once_as_the_store_takes(pg_url: str, tmp_path: Path) -> None:
+    pg, lite = PostgresStore(pg_url, pool_size=3), open_store(tmp_path)
+    try:
+        assert StoreThread(pg).capacity == 3 and StoreThread(lite).capacity == 1
+        thread = StoreThread(pg)
+        async with anyio.create_task_group() as tg:  # three calls that each wait for the others
+            for _ in range(3):
+                tg.start_soon(thread, _meet_in_the_store, pg)
+    finally:
+        pg.close()
+        lite.close()
+
+
+_MEET = threading.Barrier(3, timeout=30)
+
+
+def _meet_in_the_store(store: PostgresStore) -> None:
+    _MEET.wait()  # passes only when three calls run at once
+    assert store.get_meta("nothing") is None

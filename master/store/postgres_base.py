@@ -73,9 +73,14 @@ class PostgresBase:
             raise
 
     @contextmanager
-    def transaction(self) -> Iterator[Conn]:
-        with self.connection() as conn, conn.transaction():
-            yield conn
+    def transaction(self, staging: bool = False) -> Iterator[Conn]:
+        """A connection in a transaction, committed when the block ends without error; with
+        ``staging``, its staging tables made first (``staged``)."""
+        with self.connection() as conn:
+            if staging:
+                self.staged(conn)
+            with conn.transaction():
+                yield conn
 
     def one(self, sql: str, params: Iterable[Any] = ()) -> dict[str, Any] | None:
         with self.connection() as conn:
@@ -92,7 +97,9 @@ class PostgresBase:
 
     def staged(self, conn: Conn) -> Conn:
         """``conn`` with its staging tables made (once per connection: a temporary table lives as
-        long as its session, and a connection the pool replaced is a new session)."""
+        long as its session, and a connection the pool replaced is a new session). Outside any
+        transaction, so that they are committed at once: made in one that rolled back they would
+        be gone while the connection is still noted as having them."""
         if conn not in self._staging_made:
             conn.execute(_STAGING)
             self._staging_made.add(conn)

@@ -117,13 +117,11 @@ class PostgresRunsSQL(PostgresBase):
             if owner is not None and owner[1] == uuid:
                 mine.append((owner[0], uuid, msg))
         changed: set[str] = set()
-        with self.transaction() as conn:
+        with self.transaction(staging=True) as conn:
             self.lock_runs(conn, {run_id for run_id, _, _ in mine})
             held = self._held_events(conn, {m.taskid for _, _, m in mine})
             events, starts, dones = self._new_rows(mine, held, changed)
             self.copy_in(conn, "events(run_id, taskid, uuid, seq, kind, data)", events)
-            if starts or dones or samples:
-                self.staged(conn)
             if starts:
                 self.copy_in(conn, "zy_starts(started_at, taskid)", starts)
                 conn.execute(_START_SQL)
