@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet import ZY, Fleet
+from fleet import ZY, Fleet, Proc, wait_for
 from hcsdk import Client
 from hcsdk.common.config import ClientConfig, load_client_config, parse_urls, write_client_config
 from hcsdk.common.errors import ConfigError, MasterUnreachable, ZyError
@@ -156,8 +158,12 @@ def _client(fleet: Fleet, *urls: str) -> Client:
 
 
 def _marker_run(client: Client, marker: Path) -> None:
+    _marker_run_on(client, "fo-1", marker)
+
+
+def _marker_run_on(client: Client, target: str, marker: Path) -> None:
     """A run that leaves one line in ``marker`` each time the agent runs it (the agent is local)."""
-    df = client.run(f"echo ran >> {marker}", targets="fo-1", timeout=30).to_dataframe()
+    df = client.run(f"echo ran >> {marker}", targets=target, timeout=30).to_dataframe()
     assert list(df["status"]) == ["ok"], df.to_dict("records")
 
 
@@ -288,3 +294,72 @@ def test_a_stream_resumes_from_its_cursor_across_a_master_restart(one: Fleet) ->
         assert list(run.to_dataframe()["status"]) == ["ok"]
     one.wait_online("fo-1")
 
+
+
+# -- two masters on one PostgreSQL --------------------------------------------------------------
+
+
+def _second_master(fleet: Fleet, pg_url: str) -> tuple[Proc, str]:
+    """A second master on the first one's store, with a copy of its key file (what an operator does)."""
+    data = fleet.root / "master-b"
+    data.mkdir()
+    key = data / "cluster.key"
+    shutil.copyfile(fleet.root / "master" / "cluster.key", key)
+    key.chmod(0o600)
+    argv = [*ZY, "master", "--data-dir", str(data), "--listen", "127.0.0.1:0", "--no-user-config",
+            "--store", pg_url, "--key-file", str(key)]
+    proc = Proc("master-b", argv, fleet.root / "master-b.log", fleet.env)
+    match = wait_for(lambda: re.search(r"listening on (https://\S+)", proc.output()) if proc.alive
+                     else pytest.fail("master b exited:\n" + proc.output()), 60, "master b to listen")
+    return proc, f"https://127.0.0.1:{match.group(1).rsplit(':', 1)[1]}"
+
+
+def _connected_to(agent: Proc) -> str:
+    found = re.findall(r"connected to (https://\S+)", agent.output())
+    return str(found[-1]) if found else ""
+
+
+def test_two_masters_the_sdk_moves_to_the_other_when_its_master_dies(tmp_path: Path, pg_url: str) -> None:
+    fleet = Fleet(tmp_path, master_args=["--store", pg_url])
+    second: Proc | None = None
+    try:
+        fleet.start_master()
+        second, url_b = _second_master(fleet, pg_url)
+        # every live master's URL: in the token (this master's first) and in the newer client.toml
+        def token_naming_b() -> list[str] | None:
+            urls = _token_urls(fleet.client.create_join_token(ttl=600)["token"])
+            return urls if url_b in urls else None
+
+        token_urls = wait_for(token_naming_b, 30, "master b in a join token")
+        assert token_urls[0] == fleet.url
+        import tomllib
+        assert tomllib.loads((fleet.root / "master-b" / "client.toml").read_text())["urls"][:2] == [url_b, fleet.url]
+        fleet._token = fleet.client.create_join_token(ttl=600)["token"]
+        agent = fleet.start_agent("duo-1")
+        fleet.wait_online("duo-1")
+        # the SDK prefers the master holding the agent; that one dies mid-run
+        held = wait_for(lambda: _connected_to(agent), 30, "the agent's master")
+        other = url_b if held == fleet.url else fleet.url
+        victim = fleet.master if held == fleet.url else second
+        assert victim is not None and held in (fleet.url, url_b), held
+        count = 40
+        marker = tmp_path / "ran"
+        with _client(fleet, held, other) as client:
+            run = client.run(f"echo ran >> {marker}; for i in $(seq 1 {count}); do echo line-$i; sleep 0.2; done",
+                             targets="duo-1", timeout=120)
+            seen: list[tuple[str, int, str]] = []
+            for event in run.events():
+                if event.kind == "stdout":
+                    seen.append((event.taskid, event.seq, event.data))
+                    if len(seen) == 5:
+                        victim.kill()  # SIGKILL: no goodbye to the agent or the SDK
+            keys = [(taskid, seq) for taskid, seq, _ in seen]
+            assert len(keys) == len(set(keys)), "an event came twice"
+            assert "".join(d for _, _, d in seen).splitlines() == [f"line-{i}" for i in range(1, count + 1)]
+            assert client.url == other and list(run.to_dataframe()["status"]) == ["ok"]
+            _marker_run_on(client, "duo-1", marker)  # a new run, on the master left
+        assert marker.read_text().splitlines() == ["ran", "ran"]  # each run ran once
+    finally:
+        if second is not None:
+            second.stop()
+        fleet.close()
