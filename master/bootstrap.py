@@ -216,6 +216,8 @@ SEALED_COMPLETE = "sealed.complete"
 @dataclass
 class SharedPki:
     admin_token: str
+    #: the cluster key (from the key file): agents' MAC keys are sealed under it too
+    cluster_key: bytes
     #: this master made the cluster's CA (the first master), the proxy CA (an old data dir's
     #: first start on a store), the key file
     made_ca: bool
@@ -343,4 +345,5 @@ def ensure_shared_pki(store: Store, paths: Paths, key_file: Path, names: list[st
     if store.get_meta("admin_token_hash") != secret_hash(token):
         store.set_meta("admin_token_hash", secret_hash(token))
     ensure_server_cert(paths, names)
-    return SharedPki(admin_token=token, made_ca=got[0][2], made_proxy_ca=got[1][2], made_key_file=made_key_file)
+    return SharedPki(admin_token=token, cluster_key=key, made_ca=got[0][2], made_proxy_ca=got[1][2],
+                     made_key_file=made_key_file)

@@ -36,6 +36,7 @@ from . import proxy_stats
 from .blobs import BlobStore
 from .bootstrap import Paths, master_only_names, secret_hash
 from .hub import Hub, Session
+from .keyring import AgentKeys, Unsealable
 from .schedule_spec import reported_problem
 from .store import AgentRecord, Result, TokenUsedUp
 
@@ -46,11 +47,14 @@ HANDSHAKE_BODY_TIMEOUT = 5.0
 
 
 class ChannelApp:
-    def __init__(self, hub: Hub, paths: Paths, e2e_private: bytes, blobs: BlobStore | None = None):
+    def __init__(self, hub: Hub, paths: Paths, e2e_private: bytes, blobs: BlobStore | None = None,
+                 agent_keys: AgentKeys | None = None):
         self.hub = hub
         self.blobs = blobs
         self.paths = paths
         self.e2e_private = e2e_private
+        #: agents' MAC keys as the store keeps them (sealed under the cluster key with --store)
+        self.agent_keys = agent_keys or AgentKeys(None)
         self.settings = hub.settings
         self._handshake_slots = anyio.CapacityLimiter(self.settings.handshake_concurrency)
         self._handshakes_waiting = 0
@@ -154,7 +158,8 @@ class ChannelApp:
                 return
         credential = secrets.token_urlsafe(32)
         try:
-            same = await self.hub.enroll(uuid, secret_hash(credential), token_id, facts, labels, e2e_key, kind)
+            same = await self.hub.enroll(uuid, secret_hash(credential), token_id, facts, labels,
+                                         self.agent_keys.to_store(uuid, e2e_key), kind)
         except TokenUsedUp:
             await error(send, 403, "join token has been used up; create a new one", kind="auth")
             return
@@ -287,7 +292,13 @@ class ChannelApp:
         direct = ChannelMode.H2 if scope.get("http_version") == "2" else ChannelMode.POLL
         mode = carrier.mode if carrier else direct
         handover = body.get("handover")
-        session = await self.hub.handshake(row["uuid"], facts, labels, mode, row["e2e_key"],
+        try:
+            mac_key = self.agent_keys.from_store(row["uuid"], row["e2e_key"])
+        except Unsealable as exc:  # changed in the store: no session on a key we cannot trust
+            log.warning("refused handshake of %s: its stored key %s", row["uuid"], exc)
+            await error(send, 403, "this credential's stored key does not open on this master", kind="auth")
+            return
+        session = await self.hub.handshake(row["uuid"], facts, labels, mode, mac_key,
                                            kind=row.get("kind") or SessionKind.AGENT, carrier=carrier, via=via,
                                            handover=handover if isinstance(handover, str) else None,
                                            schedules=schedules if _str_map(schedules) else None)

@@ -143,3 +143,35 @@ def open_keyring(store: Store, path: Path) -> tuple[bytes, bool]:
         raise KeyringError(f"the key file {path} does not open this store's secrets (copy the first "
                            "master's key file)")
     return key, made
+
+
+# -- each agent's MAC key, as the store keeps it -------------------------------------------------
+
+class AgentKeys:
+    """Each agent's end-to-end MAC key as the store keeps it (``agents.e2e_key``).
+
+    With a shared store the key is sealed under the cluster key, for the meta-like name
+    ``agents.e2e_key <uuid>`` (so a row's key cannot be moved to another uuid): a database reader
+    who also carries an agent's traffic (root on a proxy host) cannot forge its commands. Without
+    one (SQLite, ``cluster_key`` None) it stays as it was. A plain 32-byte key read back (a
+    migrated data dir, an agent enrolled before sealing) is used as it is."""
+
+    def __init__(self, cluster_key: bytes | None) -> None:
+        self._key = cluster_key
+
+    @staticmethod
+    def _name(uuid: str) -> str:
+        return f"agents.e2e_key {uuid}"
+
+    def to_store(self, uuid: str, mac_key: bytes) -> bytes:
+        if self._key is None:
+            return mac_key
+        return seal(self._key, self._name(uuid), mac_key).encode()
+
+    def from_store(self, uuid: str, stored: bytes) -> bytes:
+        """The MAC key; ``Unsealable`` when the stored value is sealed but does not open."""
+        if len(stored) == KEY_BYTES or not stored.startswith(VERSION.encode()):
+            return stored  # plain: 32 bytes (a sealed value is never 32 bytes long)
+        if self._key is None:
+            raise Unsealable(f"{self._name(uuid)}: sealed, and this master has no cluster key (--store)")
+        return unseal(self._key, self._name(uuid), stored.decode("ascii", "replace"))

@@ -7,7 +7,7 @@ import logging
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from .bootstrap import (
 )
 from .channel import ChannelApp
 from .hub import Hub
+from .keyring import AgentKeys
 from .settings import MasterSettings
 from .ssh_downlink import SshTarget, keep_tunnel
 from .store import Store, StoreThread, open_store
@@ -48,9 +49,9 @@ log = logging.getLogger("zy.master")
 
 
 def build_app(hub: Hub, paths: Paths, urls: list[str], e2e_private: bytes,
-              reaper: ConnectionReaper | None = None) -> Any:
+              reaper: ConnectionReaper | None = None, agent_keys: AgentKeys | None = None) -> Any:
     blobs = BlobStore(paths.root / "blobs", hub)
-    channel = ChannelApp(hub, paths, e2e_private, blobs)
+    channel = ChannelApp(hub, paths, e2e_private, blobs, agent_keys)
     api = BodyLimit(build_api(hub, paths, urls, e2e_private), hub.settings.max_body)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -117,11 +118,12 @@ async def serve(settings: MasterSettings) -> None:
     store, start = _open_state(settings, paths)
     e2e_private = ensure_e2e_key(paths)
     hub = Hub(StoreThread(store), settings)
-    urls: list[str] = []
+    urls = hub.urls  # filled once the server listens (the cluster registers them)
     reaper = ConnectionReaper(settings.idle_connection_grace, settings.connections_per_address)
-    server = granian_server(build_app(hub, paths, urls, e2e_private, reaper), settings.host, settings.port, paths.cert,
-                            paths.key, http2=settings.http2, heartbeat=settings.heartbeat,
-                            dead_after=settings.dead_after, header_timeout=settings.header_timeout)
+    app = build_app(hub, paths, urls, e2e_private, reaper, start.agent_keys)
+    server = granian_server(app, settings.host, settings.port, paths.cert, paths.key, http2=settings.http2,
+                            heartbeat=settings.heartbeat, dead_after=settings.dead_after,
+                            header_timeout=settings.header_timeout)
     try:
         async with anyio.create_task_group() as tg:
             await hub.run(tg)
@@ -143,6 +145,7 @@ async def serve(settings: MasterSettings) -> None:
                     break
             print("zy master: shutting down", flush=True)
             hub.begin_shutdown()
+            await hub.leave()  # out of the cluster now: another master takes over at once
             await anyio.sleep(0.1)  # let the channel handlers end their streams
             await stop_server(server)
             tg.cancel_scope.cancel()
@@ -173,6 +176,8 @@ class _Start:
     #: with --store: the key file, and whether this master made it
     key_file: Path | None = None
     made_key_file: bool = False
+    #: agents' MAC keys in the store: sealed under the cluster key with --store, as they were without
+    agent_keys: AgentKeys = field(default_factory=lambda: AgentKeys(None))
 
 
 def _open_state(settings: MasterSettings, paths: Paths) -> tuple[Store, _Start]:
@@ -196,7 +201,8 @@ def _open_state(settings: MasterSettings, paths: Paths) -> tuple[Store, _Start]:
         raise
     if pki.made_proxy_ca and not pki.made_ca:
         _warn_legacy_proxies(store)
-    return store, _Start(pki.admin_token, pki.made_ca, key_file.resolve(), pki.made_key_file)
+    return store, _Start(pki.admin_token, pki.made_ca, key_file.resolve(), pki.made_key_file,
+                         AgentKeys(pki.cluster_key))
 
 
 def _announce(urls: list[str], paths: Paths, written: list[Any], start: _Start, settings: MasterSettings) -> None:

@@ -10,6 +10,7 @@ what is wrong, and leaves the store's secrets as they were (never made again).
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -106,6 +107,18 @@ def _set_meta(url: str, tmp: Path, key: str, value: str) -> None:
         store.close()
 
 
+def _agent_key(url: str, tmp: Path, uuid: str) -> bytes:
+    from master.store import open_store
+
+    store = open_store(tmp, url)
+    try:
+        row = store.agent(uuid)
+        assert row is not None
+        return bytes(row["e2e_key"])
+    finally:
+        store.close()
+
+
 @pytest.fixture
 def first(tmp_path: Path, pg_url: str) -> Iterator[Master]:
     """The first master of a new store: it makes the key file (DATA_DIR/cluster.key) and the secrets."""
@@ -184,6 +197,10 @@ def test_an_agent_enrolled_on_one_master_handshakes_with_the_other(tmp_path: Pat
     try:
         fleet.start_agent("roamer")
         fleet.wait_online("roamer", timeout=40)
+        # the agent's MAC key is in the store sealed (a database reader on a proxy host cannot forge)
+        mac_key = bytes.fromhex(json.loads((fleet.root / "agents" / "roamer" / "identity.json").read_text())["e2e_key"])
+        stored = _agent_key(pg_url, tmp_path / "peek", fleet.uuid_of("roamer"))
+        assert stored.startswith(b"v1:") and mac_key not in stored and mac_key.hex().encode() not in stored
         key = _copy_key(fleet.root / "master" / "cluster.key", tmp_path / "b.key")
         second = Master(tmp_path, "b", pg_url, key)
         fleet.agents.pop("roamer").stop()
@@ -294,6 +311,36 @@ def test_a_data_dir_with_another_ca_is_refused_not_overwritten(first: Master, pg
                          env=_env(tmp_path))
     assert res.returncode == 2 and "is not the cluster's" in res.stderr and "new --data-dir" in res.stderr, res
     assert (other.root / "master" / "ca.pem").read_bytes() == ca
+
+
+def test_an_agents_sealed_key_moved_to_another_agents_row_is_refused(tmp_path: Path, pg_url: str) -> None:
+    """A store writer copies agent one's sealed MAC key into agent two's row: the key is sealed
+    for its uuid, so agent two's next handshake is refused (403), not keyed with one's key."""
+    from master.store import open_store
+
+    fleet = Fleet(tmp_path / "fleet", ["--store", pg_url])
+    fleet.start_master()
+    try:
+        for name in ("one", "two"):
+            fleet.start_agent(name)
+        fleet.wait_online("one", "two", timeout=40)
+        fleet.agents.pop("two").stop()
+        one, two = fleet.uuid_of("one"), fleet.uuid_of("two")
+        store = open_store(tmp_path / "peek", pg_url)
+        try:
+            row = store.agent(two)
+            assert row is not None
+            store.enroll(two, row["credential_hash"], row["token_id"], row["facts"], row["labels"],
+                         _agent_key(pg_url, tmp_path / "peek", one), row["kind"] or "agent")
+        finally:
+            store.close()
+        fleet.start_agent("two")
+        assert fleet.master is not None
+        master = fleet.master
+        wait_for(lambda: f"refused handshake of {two}" in master.output(), 40, "two's handshake refused")
+        assert "two" not in fleet.online() and "one" in fleet.online()
+    finally:
+        fleet.close()
 
 
 # -- the seal itself ----------------------------------------------------------------------------------
