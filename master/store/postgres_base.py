@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
@@ -123,11 +124,19 @@ class PostgresBase:
             conn.execute("SELECT 1 FROM runs WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,))
 
 
+#: TCP keepalives unless the URL sets its own: a PostgreSQL that vanishes without closing its
+#: connections (a failover, a cut link) fails the calls waiting on it within about 20 s, instead
+#: of the system's two hours
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 5, "keepalives_count": 3}
+
+
 def open_pool(url: str, size: int) -> ConnectionPool[Conn]:
     """``size`` autocommit connections at most, one at least, rows as dicts."""
+    given = conninfo_to_dict(url)
+    kwargs: dict[str, Any] = {k: v for k, v in KEEPALIVES.items() if k not in given}
     pool: ConnectionPool[Conn] = ConnectionPool(
         url, min_size=1, max_size=size, open=False, timeout=15.0, name="zy-store",
-        kwargs={"autocommit": True, "row_factory": dict_row}, connection_class=psycopg.Connection[DictRow],
+        kwargs={**kwargs, "autocommit": True, "row_factory": dict_row}, connection_class=psycopg.Connection[DictRow],
     )
     pool.open(wait=True, timeout=15.0)
     return pool

@@ -29,8 +29,10 @@ _DONE_SQL = ("UPDATE tasks t SET status=v.status, exit_code=v.exit_code, "
              f"AND (t.status NOT IN {sql_list(SETTLED)} OR t.final_source IN {sql_list(PRESUMED_BY)})")
 _SAMPLES_SQL = ("INSERT INTO samples(series, uuid, taskid, seq, time, status, fields, error) "
                 "SELECT series, uuid, taskid, seq, time, status, fields, error FROM zy_samples ON CONFLICT DO NOTHING")
-_DISPATCHED_SQL = (f"UPDATE tasks SET status='{TaskStatus.DISPATCHED}' WHERE taskid=%s "
+_DISPATCHED_SQL = (f"UPDATE tasks SET status='{TaskStatus.DISPATCHED}' WHERE taskid = ANY(%s) "
                    f"AND status IN {sql_list(DISPATCHABLE)}")
+_LOCK_TASK_RUNS_SQL = ("SELECT 1 FROM runs WHERE id IN (SELECT run_id FROM tasks WHERE taskid = ANY(%s)) "
+                       "ORDER BY id FOR UPDATE")
 # events the master writes itself (few: offline targets, verdicts), their ids returned
 _EVENTS_SQL = ("INSERT INTO events(run_id, taskid, uuid, seq, kind, data) "
                "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[]) "
@@ -179,9 +181,13 @@ class PostgresRunsSQL(PostgresBase):
         return rows
 
     def mark_dispatched(self, taskids: list[str]) -> None:
+        """Their runs' rows are locked first, as every other writer of tasks does (ingest,
+        finish_by_master, request_cancel): writers of one run's tasks take turns, so their row
+        locks on the tasks cannot deadlock whatever order each statement takes them in."""
         if taskids:
-            with self.connection() as conn, conn.cursor() as cur:
-                cur.executemany(_DISPATCHED_SQL, [(t,) for t in sorted(taskids)])
+            with self.transaction() as conn:
+                conn.execute(_LOCK_TASK_RUNS_SQL, (taskids,))
+                conn.execute(_DISPATCHED_SQL, (taskids,))
 
     def finish_by_master(self, items: list[tuple[str, str, str]]) -> set[str]:
         """Final status decided by the master ``(taskid, status, error)``; returns changed runs.
