@@ -1,8 +1,9 @@
 """What the master needs of its durable state: the ``Store`` protocol.
 
 Everything the master keeps goes through these methods; ``SQLiteStore`` implements them over
-one SQLite file and the next store (PostgreSQL) implements them again. They are synchronous and
-are called one at a time from a worker thread (``StoreThread``). Records are plain dicts (the
+one SQLite file and ``PostgresStore`` over one PostgreSQL database shared by several masters.
+They are synchronous and are called from worker threads (``StoreThread``): one at a time on
+SQLite, a few at once (and from other masters) on PostgreSQL. Records are plain dicts (the
 keys are the column names the API returns today), with JSON columns already decoded except
 where noted; no database type appears here. The fleet's records (tokens, agents and proxies,
 artifacts, releases) are the typed dicts below, in Python's types: JSON as dicts and lists, keys
