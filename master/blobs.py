@@ -7,12 +7,13 @@ or through their proxies) and check it against the hash in the signed command th
 Where the bytes live depends on the store. SQLite (one master): files in DATA_DIR/blobs, as
 ever. A store with the ``BlobBytes`` capability (PostgreSQL, several masters): the store holds
 the bytes, so every master serves every blob, and DATA_DIR/blobs is a read-through cache: an
-upload lands in both, and a master asked for a blob it has no file of streams it from the store
-while writing the file, so it reads the store for that blob once.
+upload lands in both, and a master asked for a blob it has no file of copies it from the store
+into the file first (once, however many ask at a time), then serves the file as ever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -39,9 +40,11 @@ log = logging.getLogger("zy.master.blobs")
 T = TypeVar("T")
 
 MAX_BLOB = 2 * 1024**3
-#: bytes read from the store and sent at a time: what one download out of the store holds in
-#: memory (as send_file's 256 KiB for a file)
+#: bytes read from the store and sent at a time, when a blob cannot be cached: what such a
+#: download holds in memory (as send_file's 256 KiB for a file)
 READ_PIECE = 256 * 1024
+#: bytes read from the store at a time into a cache file (one piece of the store's)
+FILL_PIECE = 1024 * 1024
 #: the share of the store's connections (its ``concurrency``) blob reads may take at once: the
 #: rest stay free for everything else (a release to a thousand agents must not stall ingest)
 STORE_READ_SHARE = 0.5
@@ -55,6 +58,8 @@ class BlobStore:
         #: the store keeping the bytes, or None: files only (SQLite)
         self.shared: BlobBytes | None = store if isinstance(store, BlobBytes) else None
         self._reads = anyio.CapacityLimiter(max(1, int(getattr(store, "concurrency", 1) * STORE_READ_SHARE)))
+        #: blobs being copied from the store into the cache: set when the copy ends
+        self._filling: dict[str, anyio.Event] = {}
 
     def path(self, sha: str) -> Path | None:
         """The local file of a blob (with a shared store: the cache's), None when absent."""
@@ -150,6 +155,9 @@ class BlobStore:
         if path is None and size is None:
             await error(send, 404, f"no file with SHA-256 {sha!r} on the master", kind="blob")
             return
+        if path is None:
+            assert size is not None
+            path = await self._cached(sha, size)
         # how often blobs leave the master (and how many bytes): what proxy caches save shows here
         # (GET /api/v1/status)
         self.hub.stats["blobs_served"] = self.hub.stats.get("blobs_served", 0) + 1
@@ -162,27 +170,71 @@ class BlobStore:
             sent = await self._send_from_store(send, sha, size)
         self.hub.stats["blob_bytes_served"] = self.hub.stats.get("blob_bytes_served", 0) + sent
 
+    async def _cached(self, sha: str, size: int) -> Path | None:
+        """The blob's cache file, copied from the store first when missing; None when it cannot
+        be written (the disk full or read-only: the download then streams from the store).
+
+        One copy per blob at a time: the agents of a release asking this master for the same
+        chunk at once wait for one read of the store, not one each. The copy runs in a thread
+        of its own, at the store's pace, whatever any client's: a slow or stalled reader never
+        holds up the others (it stalls only its own send_file)."""
+        if (path := self.path(sha)) is not None:  # copied while this request asked the store for its size
+            return path
+        filling = self._filling.get(sha)
+        if filling is None:
+            filling = self._filling[sha] = anyio.Event()
+            # how often this master read a blob from the store (GET /api/v1/status): once per blob
+            self.hub.stats["blobs_from_store"] = self.hub.stats.get("blobs_from_store", 0) + 1
+            try:
+                await self._in_thread(self._fill, sha, size)
+            finally:
+                del self._filling[sha]
+                filling.set()
+        else:
+            await filling.wait()
+        return self.path(sha)
+
+    def _fill(self, sha: str, size: int) -> None:
+        """The blob from the store into its cache file (in a worker thread): a piece at a time,
+        renamed into place only when complete and matching its hash."""
+        assert self.shared is not None
+        tmp = self.root / f".cache-{secrets.token_hex(8)}"
+        digest, done = hashlib.sha256(), 0
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as fh:
+                while done < size and (data := self.shared.read_blob(sha, done, min(FILL_PIECE, size - done))):
+                    digest.update(data)
+                    fh.write(data)
+                    done += len(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if done != size or digest.hexdigest() != sha:
+                log.error("blob %s: the store gave %d of %d bytes hashing to %s; not cached", sha, done, size,
+                          digest.hexdigest())
+                return
+            os.replace(tmp, self.root / sha)
+        except OSError as exc:
+            log.warning("blob %s not cached (%s): served from the store", sha, exc)
+        finally:
+            with contextlib.suppress(OSError):  # not even there to remove (blobs/ is not a folder)
+                tmp.unlink(missing_ok=True)
+
     async def _send_from_store(self, send: Send, sha: str, size: int) -> int:
         """Answer 200 with a blob read from the store a piece at a time (never whole in memory),
-        written on the way into the cache file, which is kept only when complete and matching
-        its hash. Raises ClientGone as send_file does (the client left, or stalled past
-        send_timeout, or the store ended short)."""
+        when it could not be cached. Raises ClientGone as send_file does (the client left, or
+        stalled past send_timeout, or the store ended short)."""
         assert self.shared is not None
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/octet-stream"),
                                 (b"content-length", str(size).encode())]})
-        cache = _Cache(self.root, sha)
         sent = 0
-        try:
-            while sent < size:
-                data = await self._in_thread(_read_into, self.shared, cache, sent, min(READ_PIECE, size - sent))
-                if not data:  # deleted under us: end short (the client's check fails)
-                    raise ClientGone()
-                sent += len(data)
-                await _send_piece(send, data, sent < size, self.hub.settings.send_timeout)
-            await anyio.to_thread.run_sync(cache.keep)
-        finally:
-            cache.drop()
+        while sent < size:
+            data = await self._in_thread(self.shared.read_blob, sha, sent, min(READ_PIECE, size - sent))
+            if not data:  # deleted under us: end short (the client's check fails)
+                raise ClientGone()
+            sent += len(data)
+            await _send_piece(send, data, sent < size, self.hub.settings.send_timeout)
         return sent
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -212,61 +264,6 @@ async def _send_piece(send: Send, data: bytes, more: bool, send_timeout: float |
         raise ClientGone() from exc
 
 
-def _read_into(shared: BlobBytes, cache: _Cache, offset: int, length: int) -> bytes:
-    """One piece from the store, written to the cache file in the same trip off the loop."""
-    data = shared.read_blob(cache.sha, offset, length)
-    cache.write(data)
-    return data
-
-
 def _read_pieces(fh: IO[bytes], piece: int = 1024 * 1024) -> Iterator[bytes]:
     while data := fh.read(piece):
         yield data
-
-
-class _Cache:
-    """A blob's local copy being written while it is served from the store: kept (renamed into
-    place) only when every byte arrived and they hash to its name; a failing disk only costs
-    the cache, never the download."""
-
-    def __init__(self, root: Path, sha: str) -> None:
-        self.sha = sha
-        self.final = root / sha
-        self.tmp = root / f".cache-{secrets.token_hex(8)}"
-        self.digest = hashlib.sha256()
-        self.fh: IO[bytes] | None = None
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            self.fh = self.tmp.open("wb")
-        except OSError as exc:
-            log.warning("blob %s: no cache file (%s); served from the store", sha, exc)
-
-    def write(self, data: bytes) -> None:
-        self.digest.update(data)
-        if self.fh is not None:
-            try:
-                self.fh.write(data)
-            except OSError as exc:
-                log.warning("blob %s: cache file not written (%s)", self.sha, exc)
-                self.drop()
-
-    def keep(self) -> None:
-        if self.fh is None:
-            return
-        if self.digest.hexdigest() != self.sha:
-            log.error("blob %s: the store's bytes hash to %s; not cached", self.sha, self.digest.hexdigest())
-            return
-        try:
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
-            self.fh.close()
-            self.fh = None
-            os.replace(self.tmp, self.final)
-        except OSError as exc:
-            log.warning("blob %s: cache file not kept (%s)", self.sha, exc)
-
-    def drop(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
-        self.tmp.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import ssl
 import threading
 from collections.abc import Iterator
@@ -184,8 +185,13 @@ def test_a_chunk_uploaded_to_one_master_is_served_by_another(tmp_path: Path, pg_
         state = enroll_clients(a, ["fetcher"], url=a.url)[0]  # enrolled on A (pinned), fetching from B
         client = ChunkClient(b.url, state)
         client.handshake()
+        # eight agents asking B at once for each chunk: B reads each from the store once
+        for sha in chunks:
+            assert {r.status_code for r in client.get_concurrently([sha] * 8)} == {200}
         assert b"".join(client.fetch(sha) for sha in chunks) == path.read_bytes()
-        # B kept what it read from the store: the next fetch is from its own file
+        assert b.client.status()["blobs_from_store"] == len(chunks)
+        assert "blobs_from_store" not in a.client.status()  # A had every file
+        # B kept what it read from the store: its own files, complete
         assert all((b.root / "master" / "blobs" / sha).read_bytes() == client.fetch(sha) for sha in chunks)
         assert not [p for p in (b.root / "master" / "blobs").iterdir() if p.name.startswith(".")]
 
@@ -209,6 +215,16 @@ def test_a_master_with_an_empty_blobs_folder_serves_from_the_store(tmp_path: Pat
         client = ChunkClient(a.url, state)
         client.handshake()
         assert client.fetch(sha) == data
+        assert (a.root / "master" / "blobs" / sha).read_bytes() == data  # cached on the way
+
+        # a cache that cannot be written (here: blobs/ is a file) costs the cache, not the download
+        a.master.stop()  # type: ignore[union-attr]
+        shutil.rmtree(a.root / "master" / "blobs")
+        (a.root / "master" / "blobs").write_text("not a folder")
+        a.start_master(a.port)
+        client.handshake()
+        assert client.fetch(sha) == data
+        assert "not cached" in a.master.output()  # type: ignore[union-attr]
 
         # what an agent may send as a name: only a SHA-256 is looked up, anywhere
         for bad in ["../../ca-key.pem", sha.upper(), sha[:-1], f"{sha}' OR '1'='1", "", "cd" * 32]:
