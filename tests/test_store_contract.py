@@ -631,3 +631,65 @@ _MEET = threading.Barrier(3, timeout=30)
 def _meet_in_the_store(store: PostgresStore) -> None:
     _MEET.wait()  # passes only when three calls run at once
     assert store.get_meta("nothing") is None
+
+
+# -- both stores, side by side ------------------------------------------------------------
+def _scenario(store: Store) -> dict[str, Any]:
+    """One of everything, then every read: what the API would return, store by store."""
+    _enrolled(store, "a1", "a2", "a3")
+    _enrolled_proxy(store)
+    store.agent_connected("a2", {"hostname": "Zed", "n": 1.5}, {"role": "db", "Ä": "ü"})
+    store.touch_agents({"a1": 1000.25})
+    out: dict[str, Any] = {"offline": _run(store, "r1", {"a1": "dispatched", "a2": "pending", "a3": "offline"})}
+    out["ingest"] = store.ingest([_start("a1", "r1.a1"), _out("a1", "r1.a1", 1, "é\t\\\n"), _done("a1", "r1.a1", 2),
+                                  _out("a2", "r1.a1", 5), _sample("a1", "cpu", 0, 10.0, v=[1, {"x": None}])])
+    store.mark_dispatched(["r1.a2"])
+    out["cancel"] = store.request_cancel("r1")
+    out["finished"] = store.finish_by_master([("r1.a2", "cancelled", "by you")])
+    store.put_schedule("cpu", "zy.sample", {"k": [1, 2]}, 10.0, 5.0, {"labels": {}})
+    store.add_artifact("sha", "app", 5, "d", {"chunks": []}, 1.0)
+    _release(store)
+    store.record_release_step("rel", 2.0, [("a3", "no")], ["a1"], [("a1", {"size": 5, "seconds": 1})])
+    reads = {
+        "tokens": store.join_tokens(), "token": store.join_token("tok"), "agents": store.agents(True),
+        "agent": store.agent("a2"), "targets": store.target_rows(), "run": store.run("r1"),
+        "events": store.events_after("r1", 0), "outcomes": store.run_outcomes("r1"), "task": store.task("r1.a1"),
+        "open": store.open_tasks_for("a1"), "overdue": store.overdue_tasks(LATER + 1),
+        "schedules": store.schedules(), "series": store.series("cpu", None, None, 10),
+        "artifacts": store.artifacts(), "release": store.release("rel"), "releases": store.releases(),
+        "release_targets": store.release_targets("rel"), "given": sorted(store.schedules_given("a1")),
+    }
+    return {**out, **reads}
+
+
+def _steady(value: Any) -> Any:
+    """``value`` with the clock's readings (the store's time.time()) made one word."""
+    if isinstance(value, dict):
+        return {k: _steady(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_steady(v) for v in value)
+    if isinstance(value, float) and abs(value - time.time()) < 86_400 * 2 and value not in (NOW, NOW + 1, LATER):
+        return "now"
+    return value
+
+
+def test_both_stores_answer_alike(pg_url: str, tmp_path: Path) -> None:
+    lite, pg = open_store(tmp_path), open_store(tmp_path, pg_url)
+    try:
+        got_lite, got_pg = _steady(_scenario(lite)), _steady(_scenario(pg))
+    finally:
+        lite.close()
+        pg.close()
+    for key, value in got_lite.items():
+        assert got_pg[key] == value, key
+        assert [type(v) for v in _leaves(got_pg[key])] == [type(v) for v in _leaves(value)], key
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            assert [list(r) for r in got_pg[key]] == [list(r) for r in value], key  # key order too (the API's JSON)
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [leaf for k in sorted(value) for leaf in _leaves(value[k])]
+    if isinstance(value, list | tuple | set):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]

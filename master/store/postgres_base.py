@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -70,7 +70,8 @@ class PostgresBase:
             with self.pool.connection() as conn:
                 yield conn
         except psycopg.OperationalError:
-            self.pool.check()
+            with suppress(Exception):  # (the error to report is the one that failed the call)
+                self.pool.check()
             raise
 
     @contextmanager
