@@ -5,13 +5,30 @@ With several masters (issue 15) the stream may be on another master than the cha
 also queues the ids for the cluster, which sends them on the ``zy_runs`` wake-up channel
 (``take_published``); a wake-up from another master only ``wake``s the local waiters. Wake-ups
 may be lost, so the cluster also ``wake_all``s about once a second and every stream re-reads.
+
+``stream`` is the SDK's event stream itself (``GET /api/v1/runs/{id}/events``): it outlasts a
+store that goes away for a while (PostgreSQL restarted or failing over) by trying again.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import AsyncIterator
+
 import anyio
 
-__all__ = ["RunEvents"]
+from hcsdk.protocol.wire import dumps, loads
+
+from .store import StoreThread
+
+__all__ = ["STORE_PATIENCE", "RunEvents"]
+
+log = logging.getLogger("zy.master.hub")
+
+#: how long an event stream waits for a store that fails its reads before it gives up (the
+#: SDK then resumes by cursor, here or on another master)
+STORE_PATIENCE = 60.0
 
 
 class RunEvents:
@@ -59,3 +76,45 @@ class RunEvents:
         ev = self._events.get(run_id)
         if ev is not None and not ev.is_set():
             del self._events[run_id]
+
+    async def stream(self, db: StoreThread, run_id: str, cursor: int) -> AsyncIterator[bytes]:
+        """NDJSON lines of ``run_id``'s events past ``cursor``, then ``{"kind": "end"}`` once no
+        task is open; blank lines keep idle middleboxes from cutting the connection."""
+        store = db.store
+        failing_since: float | None = None
+        while True:
+            changed = self.changed(run_id)
+            try:
+                # Count open tasks before reading events: a task's final event commits together
+                # with its status, so "no open task" seen first means every event is readable.
+                still_open = await db(store.run_open_count, run_id)
+                rows = await db(store.events_after, run_id, cursor)
+            except Exception:
+                # the store is away (a PostgreSQL restart cuts every pooled connection): keep the
+                # SDK's stream, and read again shortly
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = now
+                    log.warning("run %s: the store failed a read of its events; trying again", run_id, exc_info=True)
+                elif now - failing_since > STORE_PATIENCE:
+                    raise
+                yield b"\n"
+                await anyio.sleep(0.5)
+                continue
+            failing_since = None
+            if rows:
+                lines = []
+                for r in rows:
+                    r["data"] = loads(r["data"])
+                    lines.append(dumps(r))
+                    cursor = r["id"]
+                yield b"\n".join(lines) + b"\n"
+                continue
+            if still_open == 0:
+                self.forget(run_id)
+                yield dumps({"kind": "end", "id": cursor}) + b"\n"
+                return
+            with anyio.move_on_after(10):
+                await changed.wait()
+                continue
+            yield b"\n"  # keep-alive through idle middleboxes
