@@ -30,6 +30,7 @@ from hcsdk.protocol.tasks import SessionKind
 from hcsdk.protocol.wire import dumps, loads
 
 from .artifacts_api import artifact_routes
+from .blobs import BlobStore
 from .bootstrap import Paths, master_only_names, secret_hash
 from .errors import RequestRejected
 from .hub import Hub
@@ -112,6 +113,7 @@ def _validate_args(cmd: str, args: dict[str, Any]) -> None:
 def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes) -> FastAPI:
     app = FastAPI(title="zy master", version=__version__, docs_url=None, redoc_url=None)
     store = hub.db.store
+    blobs = BlobStore(paths.root / "blobs", hub)  # an update's build: here, or in a shared store
 
     async def admin(request: Request) -> None:
         token = bearer_token(cast(Scope, request.scope))  # the ASGI scope the app was called with
@@ -174,7 +176,7 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
     async def create_run(req: RunRequest) -> dict[str, Any]:
         _validate_args(req.cmd, req.args)
         if req.cmd == vocab.UPDATE and not (is_sha256(req.args.get("sha256"))
-                                           and (paths.root / "blobs" / str(req.args["sha256"])).is_file()):
+                                           and await blobs.size(str(req.args["sha256"])) is not None):
             raise RequestRejected(f"no build with SHA-256 {req.args.get('sha256')!r} was uploaded to this master "
                                   "(client.agents.update uploads it first)", status=404)
         return await hub.create_run(req.cmd, req.args, req.targets, req.timeout)
