@@ -591,9 +591,13 @@ def test_a_failing_migration_leaves_nothing_behind(pg_url: str, tmp_path: Path) 
         assert conn.execute("SELECT to_regclass('one'), to_regclass('three')").fetchone() == (None, None)
 
 
-def test_an_unreachable_store_is_named_in_the_error() -> None:
-    with pytest.raises(RuntimeError, match=r"cannot open the store at postgresql://zy:\*\*\*@127\.0\.0\.1:1/db"):
+def test_an_unreachable_store_is_named_in_the_error_without_its_password() -> None:
+    with pytest.raises(RuntimeError, match=r"cannot open the store at postgresql://zy:\*\*\*@127\.0\.0\.1:1/db") as err:
         PostgresStore("postgresql://zy:secret@127.0.0.1:1/db")
+    assert "secret" not in str(err.value)
+    with pytest.raises(RuntimeError, match=r"127\.0\.0\.1:1/db\?password=\*\*\*&") as err:
+        PostgresStore("postgresql://zy@127.0.0.1:1/db?password=secret&sslmode=disable")
+    assert "secret" not in str(err.value)
 
 
 def test_staging_tables_survive_a_first_transaction_that_rolled_back(pg_url: str) -> None:

@@ -31,7 +31,8 @@ POOL_SIZE = 4
 
 def redact(url: str) -> str:
     """The URL without its password, fit for a message."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    return re.sub(r"(password=)[^&\s]*", r"\1***", url)
 
 
 class PostgresStore(PostgresFleetSQL, PostgresRunsSQL, PostgresSchedulesSQL, PostgresReleasesSQL, PostgresClusterSQL,
