@@ -46,9 +46,9 @@ class PostgresStore(PostgresFleetSQL, PostgresRunsSQL, PostgresSchedulesSQL, Pos
             with psycopg.connect(url, autocommit=True, connect_timeout=15) as conn:
                 #: schema versions this open applied (none when the database was up to date)
                 self.migrated = migrate_pg(conn)
-        except psycopg.OperationalError as err:
+            self.pool = open_pool(url, pool_size)
+        except psycopg.OperationalError as err:  # (the pool's PoolTimeout is one)
             raise RuntimeError(f"cannot open the store at {redact(url)}: {err}".strip()) from err
-        self.pool = open_pool(url, pool_size)
 
     def close(self) -> None:
         self.pool.close()

@@ -95,8 +95,9 @@ class PostgresRunsSQL(PostgresBase):
         return {r["taskid"]: (r["run_id"], r["uuid"]) for r in rows}
 
     def ingest(self, batch: list[tuple[str, Result]]) -> tuple[dict[str, list[list[Any]]], set[str]]:
-        """Persist messages from agents in one transaction, rows in by COPY (a 5,000-message
-        batch: see docs/performance.md).
+        """Persist messages from agents in one transaction, rows in by COPY: measured on a
+        5,000-message batch, about 110 ms and 45 ms of the master's CPU, where executemany in
+        pipeline mode (or the events as unnest() arrays) took twice as long and 2.5 times the CPU.
 
         Returns the acknowledgements to send back per agent and the runs that changed.
         Messages about unknown tasks, or from an agent that is not the task's target, are
