@@ -486,6 +486,44 @@ def test_two_stores_racing_for_a_tokens_uses_never_exceed_them(pg_url: str) -> N
         two.close()
 
 
+def test_results_ingested_while_postgresql_restarts_are_stored_once_when_resent(pg_server: PgServer,
+                                                                                 pg_url: str) -> None:
+    """A writer ingests one result after another, resending what failed (as an agent resends
+    what was not acknowledged), while PostgreSQL restarts under it: every result is stored once,
+    and every batch that returned is stored."""
+    store = PostgresStore(pg_url)
+    try:
+        _enrolled(store, "a1")
+        _run(store, "r1", {"a1": "dispatched"})
+        acked: list[int] = []
+        failures: list[BaseException] = []
+        restarted = threading.Event()
+
+        def write() -> None:
+            seq, deadline = 0, time.monotonic() + 120
+            while (seq < 200 or not restarted.is_set()) and time.monotonic() < deadline:
+                try:
+                    store.ingest([_out("a1", "r1.a1", seq)])
+                except psycopg.OperationalError as err:
+                    failures.append(err)
+                    time.sleep(0.05)
+                    continue  # resent next time round
+                acked.append(seq)
+                seq += 1
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        while len(acked) < 50 and writer.is_alive():
+            time.sleep(0.01)
+        pg_server.restart()
+        restarted.set()
+        writer.join()
+        stored = [e["seq"] for e in store.events_after("r1", 0, limit=10_000)]
+        assert stored == sorted(set(acked)) and len(acked) >= 200
+    finally:
+        store.close()
+
+
 def test_a_restarted_postgresql_fails_a_call_then_the_store_carries_on(pg_server: PgServer, pg_url: str) -> None:
     store = PostgresStore(pg_url)
     try:
