@@ -47,6 +47,9 @@ SINGLETON = "singleton"
 RUNS_CHANNEL = "zy_runs"
 #: how often waiting SDK streams read the store again without a wake-up (lost ones)
 _REREAD = 1.0
+#: every how many dispatch sweeps the store's epochs of every local session are compared (a
+#: read of all of them: 10,000 rows on a big master)
+_SUPERSEDED_EVERY = 3
 
 
 def master_channel(master_id: str) -> str:
@@ -89,6 +92,7 @@ class Cluster:
         self._gone_grace_from = 0.0
         self._wakeups: Wakeups | None = None
         self._left = False
+        self._sweeps = 0
         if self.shared:
             table.track_ended = True
             events.publish = True
@@ -174,12 +178,20 @@ class Cluster:
         except Exception:  # the others find out after master_dead_after instead
             log.exception("could not leave the cluster cleanly")
 
-    async def _register(self) -> None:
+    async def _register(self, again: bool = False) -> None:
         with anyio.move_on_after(5):  # the server fills in its URLs once it listens
             while not self.urls:  # noqa: ASYNC110 - the server appends to this list
                 await anyio.sleep(0.02)
-        await self.db(self.store.register_master, self.master_id, list(self.urls), time.time())
-        log.info("master %s joined the cluster with %s", self.master_id, self.urls)
+
+        def register() -> list[str]:
+            self.store.register_master(self.master_id, list(self.urls), time.time())
+            # a restarted master (same id) holds nothing yet: what its last run held is stale,
+            # and would keep those agents looking online (and their tasks open) for ever
+            return [] if again or not self.shared else self.store.drop_sessions_of(self.master_id)
+
+        stale = await self.db(register)
+        log.info("master %s joined the cluster with %s%s", self.master_id, self.urls,
+                 f" (let go of {len(stale)} sessions of its previous run)" if stale else "")
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -198,7 +210,7 @@ class Cluster:
             # the others took this master for dead (a long store outage): join again, and claim
             # again every session still held here
             log.warning("master %s was forgotten by the cluster; registering again", self.master_id)
-            await self._register()
+            await self._register(again=True)
             await self._reclaim(list(self.table.sessions.values()))
         ttl = self.settings.master_dead_after
         if await self.db(self.store.take_lease, SINGLETON, self.master_id, ttl, now) and self.shared:
@@ -256,7 +268,9 @@ class Cluster:
         """One pass of the dispatch sweep (and, as singleton, of the singleton work)."""
         if self.shared and not self.table.stopping:
             await self._drop_ended()
-            await self._check_superseded()
+            self._sweeps += 1
+            if self._sweeps % _SUPERSEDED_EVERY == 0:  # (wake-ups tell at once; this is for lost ones)
+                await self._check_superseded()
             await self._send_held()
         if self.is_singleton and not self.table.stopping:
             if self.shared:
