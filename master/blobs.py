@@ -45,9 +45,10 @@ MAX_BLOB = 2 * 1024**3
 READ_PIECE = 256 * 1024
 #: bytes read from the store at a time into a cache file (one piece of the store's)
 FILL_PIECE = 1024 * 1024
-#: the share of the store's connections (its ``concurrency``) blob reads may take at once: the
-#: rest stay free for everything else (a release to a thousand agents must not stall ingest)
-STORE_READ_SHARE = 0.5
+#: the share of the store's connections (its ``concurrency``) blob reads and puts may take at
+#: once: the rest stay free for everything else (a release to a thousand agents must not stall
+#: ingest)
+STORE_BLOB_SHARE = 0.5
 
 
 class BlobStore:
@@ -57,7 +58,7 @@ class BlobStore:
         store = hub.db.store
         #: the store keeping the bytes, or None: files only (SQLite)
         self.shared: BlobBytes | None = store if isinstance(store, BlobBytes) else None
-        self._reads = anyio.CapacityLimiter(max(1, int(getattr(store, "concurrency", 1) * STORE_READ_SHARE)))
+        self._reads = anyio.CapacityLimiter(max(1, int(getattr(store, "concurrency", 1) * STORE_BLOB_SHARE)))
         #: blobs being copied from the store into the cache: set when the copy ends
         self._filling: dict[str, anyio.Event] = {}
 
@@ -134,7 +135,7 @@ class BlobStore:
                 shared.put_blob(sha, _read_pieces(fh))
 
         try:
-            await anyio.to_thread.run_sync(put)
+            await self._in_thread(put)  # a pooled connection for the whole put: within the blob share
         except BlobDigestError as exc:
             log.error("upload %s not stored: %s", sha, exc)
             await error(send, 500, f"the upload changed on the master's disk before it was stored ({exc})",

@@ -88,7 +88,9 @@ class PostgresBlobsSQL:
         # the pieces overlapping the range (at most MAX_READ / chunk_size + 1 rows), each cut to the
         # range in the server: an EXTERNAL bytea's substring reads only the toast rows it needs
         with self._connection() as conn:
-            rows = conn.execute(_READ, {"sha": sha256, "off": offset, "end": offset + length}).fetchall()
+            # binary results: bytea as text is hex, twice the bytes to send and to decode (reads
+            # measured 79 MB/s in text, 137 MB/s binary, 1 MiB pieces)
+            rows = conn.execute(_READ, {"sha": sha256, "off": offset, "end": offset + length}, binary=True).fetchall()
         return b"".join(bytes(r[0]) for r in rows)
 
     def delete_blob(self, sha256: str) -> bool:
