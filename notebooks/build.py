@@ -281,6 +281,260 @@ rel.info["message"]
 """),
 ]
 
+DR_DRILL = [
+    md("""
+# Disaster-recovery drill: promote the standby, fail the agents over
+
+The production layout of `docs/deploy.md` in miniature, on this machine: site A runs a PostgreSQL
+primary and a master on it; site B ("another cloud") runs a streaming standby of that PostgreSQL and
+has a master ready to start on it, with a copy of the cluster key file. The agents were enrolled with
+a join token naming both masters' URLs. Then site A dies (master SIGKILLed, PostgreSQL stopped
+`immediate`, as a power cut stops them), the standby is promoted, the DR master starts on it, and
+every agent must answer a run through it, with its old uuid and credential.
+
+Everything here is a real process: `initdb`, `pg_basebackup`, `pg_ctl promote`, `zy master`, `zy agent`.
+"""),
+    code("""
+# parameters (papermill can override these)
+workdir = ""              # where both sites live; empty: a new folder in /tmp
+pg_bin = ""               # folder of initdb/pg_ctl/pg_basebackup; empty: the newest /usr/lib/postgresql/*/bin
+agents = 4                # agents enrolled at site A
+timeout = 120             # seconds any one step may take
+""", tags=["parameters"]),
+    md("""
+## Helpers
+`pg(...)` runs a PostgreSQL program (as the `postgres` user when this kernel is root: PostgreSQL refuses
+to run as root); `sql(port, query)` asks one server. Whatever this notebook starts is stopped at the end,
+or when the kernel exits.
+"""),
+    code("""
+import atexit, json, os, shutil, socket, subprocess, tempfile, time
+from pathlib import Path
+
+import pandas as pd
+from hcsdk.localfleet import ZY, LocalFleet, Proc, wait_for
+
+PG = Path(pg_bin) if pg_bin else sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))[-1].parent
+AS_POSTGRES = os.geteuid() == 0
+root = Path(workdir or tempfile.mkdtemp(prefix="zy-dr-drill-"))
+root.mkdir(parents=True, exist_ok=True)
+if AS_POSTGRES:
+    shutil.chown(root, "postgres", "postgres")  # the postgres user keeps its data dirs and sockets here
+
+
+def pg(*argv: str) -> str:
+    cmd = [str(PG / argv[0]), *argv[1:]]
+    done = subprocess.run(["runuser", "-u", "postgres", "--", *cmd] if AS_POSTGRES else cmd,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip()
+
+
+def sql(port: int, query: str) -> str:
+    return pg("psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-XAtc", query)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_pg(data: Path, port: int) -> None:
+    opts = f"-p {port} -c listen_addresses=127.0.0.1 -k {root}"
+    pg("pg_ctl", "-D", str(data), "-l", f"{data}.log", "-o", opts, "-w", "start")
+
+
+sites: list[LocalFleet] = []
+
+
+def cleanup() -> None:
+    while sites:
+        sites.pop().close()
+    for data in (root / "pg-primary", root / "pg-standby"):
+        if (data / "postmaster.pid").exists():
+            try:
+                pg("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+            except RuntimeError:
+                pass
+
+
+atexit.register(cleanup)
+timings: dict[str, float] = {}
+print(f"PostgreSQL from {PG}, everything under {root}")
+"""),
+    md("""
+## Site A's PostgreSQL, and a streaming standby for site B
+`pg_basebackup -R` copies the primary and writes `standby.signal` plus the `primary_conninfo` that
+keeps the copy streaming. In production the standby is in the other cloud and the replication
+connection goes over TLS (`sslmode=verify-full` in `primary_conninfo`); here it is loopback.
+"""),
+    code("""
+primary_port, standby_port = free_port(), free_port()
+pg("initdb", "-D", str(root / "pg-primary"), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions")
+start_pg(root / "pg-primary", primary_port)
+sql(primary_port, "CREATE DATABASE zy")
+pg("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary_port), "-U", "postgres",
+   "-D", str(root / "pg-standby"), "-R", "-X", "stream", "--checkpoint=fast")
+start_pg(root / "pg-standby", standby_port)
+primary_store = f"postgresql://postgres@127.0.0.1:{primary_port}/zy"
+standby_store = f"postgresql://postgres@127.0.0.1:{standby_port}/zy"
+assert sql(standby_port, "SELECT pg_is_in_recovery()") == "t", "the standby is read-only, replaying"
+print(sql(primary_port, "SELECT application_name, state, sync_state FROM pg_stat_replication"))
+"""),
+    md("""
+## Site A's master, and the URL the DR master will have
+The first master on an empty store creates the CA, the admin token and the cluster key file; the
+operator copies that key file to site B (it, with the store, opens the whole control plane: keep it
+as secret as the database). The DR master is not running (it cannot: its PostgreSQL is a read-only
+standby), so no join token names it by itself; the token is made with both masters' URLs,
+as `zy token create --proxy https://master-a:8443 --proxy https://master-dr:8443` makes it.
+"""),
+    code("""
+site_a = LocalFleet(root / "site-a", ["--store", primary_store, "--key-file", str(root / "site-a" / "cluster.key")])
+sites.append(site_a)
+site_a.start_master()
+dr_port = free_port()
+dr_url = f"https://127.0.0.1:{dr_port}"
+(root / "site-b").mkdir(exist_ok=True)
+shutil.copy2(root / "site-a" / "cluster.key", root / "site-b" / "cluster.key")  # the operator's scp
+token = site_a.client.create_join_token(ttl=3600, proxies=[site_a.url, dr_url], description="dr drill")
+print(f"master A at {site_a.url}; the DR master will listen at {dr_url}")
+"""),
+    md("## The agents: enrolled at site A with that token"),
+    code("""
+names = [f"node-{i}" for i in range(1, agents + 1)]
+join_file = site_a.join_file(token["token"])
+for name in names:
+    argv = [*ZY, "agent", "--state-dir", str(site_a.root / "agents" / name), "--hostname", name,
+            "--join-file", str(join_file), "--heartbeat", "2", "--dead-after", "8", "--backoff-cap", "2"]
+    site_a.agents[name] = Proc(name, argv, site_a.root / f"agent-{name}.log", site_a.env)
+site_a.wait_online(timeout=timeout)
+uuids = {name: site_a.uuid_of(name) for name in names}
+print(f"{len(uuids)} agents online on master A")
+"""),
+    md("""
+The SDK (and the `%zy` magics) are given both masters' URLs, as `client.toml`'s `urls` or
+`ZY_MASTER=A,B` give them: the admin token and the CA are the same on every master.
+"""),
+    code("""
+%load_ext kernel_ext
+ca = str(site_a.root / "master" / "ca.pem")
+admin = site_a.admin_token
+%zyconnect {site_a.url},{dr_url} --token {admin} --ca {ca}
+"""),
+    code("""
+%%zyrun -t * -o before --quiet
+echo "$ZY_HOSTNAME answers"
+"""),
+    md("""
+## Before the disaster: is the standby caught up?
+Replication is asynchronous here, so what the primary committed in its last moments may not have
+reached the standby (in production: `synchronous_standby_names` makes that zero, at a latency cost).
+The drill waits until the standby has replayed everything, so the loss it measures is the masters' alone.
+"""),
+    code("""
+lsn = sql(primary_port, "SELECT pg_current_wal_lsn()")
+wait_for(lambda: sql(standby_port, f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'") == "t", timeout,
+         "the standby to replay the primary's WAL")
+print(f"standby replayed up to {lsn}")
+"""),
+    md("""
+## Site A goes dark
+The master is SIGKILLed (no goodbye to anyone) and PostgreSQL is stopped `immediate` (no checkpoint,
+connections cut), as a lost data centre leaves them. The agents lose their channel and start dialling
+the next URL they know: the DR master's, which refuses until it is up.
+"""),
+    code("""
+t0 = time.monotonic()
+site_a.master.kill()
+pg("pg_ctl", "-D", str(root / "pg-primary"), "-m", "immediate", "-w", "stop")
+timings["site A down"] = time.monotonic() - t0
+"""),
+    md("""
+## Promote the standby
+`pg_ctl promote` ends recovery: the standby becomes a primary that accepts writes. (Make sure the old
+primary stays down, or fence it: two primaries would split the control plane.)
+"""),
+    code("""
+pg("pg_ctl", "-D", str(root / "pg-standby"), "-w", "promote")
+assert sql(standby_port, "SELECT pg_is_in_recovery()") == "f"
+timings["standby promoted"] = time.monotonic() - t0
+"""),
+    md("""
+## Start the DR master on it
+The same `--store` (now the promoted standby) and a copy of the key file: it reads the sealed CA,
+admin token and end-to-end key from the store, issues its own server certificate from that CA, and
+registers itself. Nothing is copied from site A's data dir.
+"""),
+    code("""
+site_b = LocalFleet(root / "site-b", ["--store", standby_store, "--key-file", str(root / "site-b" / "cluster.key")])
+sites.append(site_b)
+site_b.start_master(port=dr_port)
+timings["DR master listening"] = time.monotonic() - t0
+dr_id = (root / "site-b" / "master" / "master.id").read_text().strip()
+
+
+def held_by_dr() -> int:
+    rows = json.loads(subprocess.run([*ZY, "master", "cluster", "--store", standby_store, "--json"],
+                                     capture_output=True, text=True, check=True, env=site_b.env).stdout)
+    return sum(int(r["agents"]) for r in rows if r["id"] == dr_id)
+
+
+wait_for(lambda: held_by_dr() == agents, timeout, "every agent on the DR master")
+timings["every agent on the DR master"] = time.monotonic() - t0
+print(subprocess.run([*ZY, "master", "cluster", "--store", standby_store], capture_output=True, text=True,
+                     env=site_b.env).stdout)
+"""),
+    md("""
+## Every agent answers through the DR master
+The same SDK connection as before: its first URL is gone, so it moves to the next one that answers.
+A read goes first: the SDK resends a read anywhere after any network error, but never a request that
+changes something (a new run) once it may have reached the dead master, so that one is made after the
+SDK has found the DR master. Each agent has connected twice now, same uuid, same credential.
+"""),
+    code("""
+inv = %zyinventory
+inv[["hostname", "uuid", "online", "connects"]]
+"""),
+    code("""
+%%zyrun -t * -o after --quiet
+echo "$ZY_HOSTNAME answers"
+"""),
+    code("""
+timings["every agent answered a run"] = time.monotonic() - t0
+inv = %zyinventory
+summary = pd.DataFrame({
+    "hostname": names,
+    "uuid": [uuids[n][:8] for n in names],
+    "same uuid after": [bool((inv.loc[inv["hostname"] == n, "uuid"] == uuids[n]).any()) for n in names],
+    "before (master A)": [before.loc[before["hostname"] == n, "status"].iloc[0] for n in names],
+    "after (DR master)": [after.loc[after["hostname"] == n, "status"].iloc[0] for n in names],
+}).set_index("hostname")
+summary
+"""),
+    md("## How long it took\nSeconds from the moment site A died."),
+    code("""
+steps = pd.Series(timings, name="seconds since site A died").round(2).to_frame()
+steps
+"""),
+    md("""
+## Verdict, and clean-up
+The join token made on master A is in the promoted store too: the DR master can enrol new agents
+with it. Then everything this notebook started is stopped.
+"""),
+    code("""
+assert (summary["after (DR master)"] == "ok").all() and summary["same uuid after"].all(), summary
+assert any(t["description"] == "dr drill" for t in site_b.client.join_tokens()), "the store came over"
+cleanup()
+if not workdir:
+    shutil.rmtree(root, ignore_errors=True)
+print(f"drill passed: {len(summary)} of {agents} agents answered through the DR master "
+      f"{timings['every agent answered a run']:.1f} s after site A died")
+"""),
+]
+
 
 def write(name: str, cells: list[nbf.NotebookNode]) -> None:
     for i, cell in enumerate(cells):  # stable ids: rebuilding an unchanged notebook leaves its file unchanged
@@ -296,3 +550,4 @@ if __name__ == "__main__":
     write("fleet-health.ipynb", FLEET_HEALTH)
     write("sampling.ipynb", SAMPLING)
     write("release.ipynb", RELEASE)
+    write("dr-drill.ipynb", DR_DRILL)
