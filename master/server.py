@@ -234,6 +234,6 @@ def _redacted(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    # the hosts as written: a multi-host URL (h1:5432,h2:5432, libpq's failover list) has no one .port
+    netloc = f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"
     return urlunsplit(parts._replace(netloc=netloc))
