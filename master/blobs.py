@@ -151,14 +151,16 @@ class BlobStore:
         if row is None:
             return  # the caller answered 401/403 already
         sha = query(scope).get("sha256", "")
-        path = self.path(sha)
-        size = None if path is not None or self.shared is None or not is_sha256(sha) else await self.size(sha)
+        try:
+            path, size = await self._locate(sha)
+        except Exception as exc:  # the store unreachable: the agent's fetch retries after a backoff
+            log.warning("blob %s not read from the store: %s", sha, exc)
+            # the details stay in the log: an agent learns nothing of where the store is
+            await error(send, 503, f"the master could not read blob {sha} from its store; retry later", kind="store")
+            return
         if path is None and size is None:
             await error(send, 404, f"no file with SHA-256 {sha!r} on the master", kind="blob")
             return
-        if path is None:
-            assert size is not None
-            path = await self._cached(sha, size)
         # how often blobs leave the master (and how many bytes): what proxy caches save shows here
         # (GET /api/v1/status)
         self.hub.stats["blobs_served"] = self.hub.stats.get("blobs_served", 0) + 1
@@ -170,6 +172,17 @@ class BlobStore:
             assert size is not None
             sent = await self._send_from_store(send, sha, size)
         self.hub.stats["blob_bytes_served"] = self.hub.stats.get("blob_bytes_served", 0) + sent
+
+    async def _locate(self, sha: str) -> tuple[Path | None, int | None]:
+        """(the file to send, None), or (None, size) for a blob to stream from the store (its
+        cache file could not be written), or (None, None) for a blob nowhere."""
+        path = self.path(sha)
+        if path is not None or self.shared is None or not is_sha256(sha):
+            return path, None
+        size = await self.size(sha)
+        if size is None:
+            return None, None
+        return await self._cached(sha, size), size
 
     async def _cached(self, sha: str, size: int) -> Path | None:
         """The blob's cache file, copied from the store first when missing; None when it cannot
@@ -231,7 +244,11 @@ class BlobStore:
                                 (b"content-length", str(size).encode())]})
         sent = 0
         while sent < size:
-            data = await self._in_thread(self.shared.read_blob, sha, sent, min(READ_PIECE, size - sent))
+            try:
+                data = await self._in_thread(self.shared.read_blob, sha, sent, min(READ_PIECE, size - sent))
+            except Exception as exc:  # the store went away mid-way: end short (the client retries)
+                log.warning("blob %s: the store failed after %d of %d bytes: %s", sha, sent, size, exc)
+                raise ClientGone() from exc
             if not data:  # deleted under us: end short (the client's check fails)
                 raise ClientGone()
             sent += len(data)

@@ -14,18 +14,19 @@ import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx
 import pytest
 from chunkclient import ChunkClient, enroll_clients
+from pg import PgServer
 
-from fleet import Fleet
+from fleet import Fleet, wait_for
 from hcsdk.protocol.manifest import CHUNK_SIZE, Manifest
 from master.blobs import BlobStore
 from master.settings import MasterSettings
-from master.store import StoreThread
+from master.store import AgentRecord, StoreThread
 from master.store.blob_bytes import BlobBytes, BlobDigestError
 from master.store.postgres import PostgresStore, open_postgres
 from master.store.postgres_blobs import BLOB_CHUNK, MAX_READ
@@ -161,6 +162,15 @@ def _ca(fleet: Fleet) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(fleet.root / "master" / "ca.pem"))
 
 
+def _upload(fleet: Fleet, data: bytes) -> str:
+    """POST /api/v1/blobs as the SDK does: the blob's SHA-256."""
+    with httpx.Client(verify=_ca(fleet), timeout=60) as http:
+        resp = http.post(f"{fleet.url}/api/v1/blobs", content=data,
+                         headers={"authorization": f"Bearer {fleet.admin_token}"})
+    assert resp.status_code == 200, resp.text
+    return str(resp.json()["sha256"])
+
+
 # -- two masters on one store ---------------------------------------------------------------
 def _masters(tmp_path: Path, pg_url: str) -> tuple[Fleet, Fleet]:
     args = ["--store", pg_url, "--key-file", str(tmp_path / "cluster.key")]
@@ -201,11 +211,7 @@ def test_a_master_with_an_empty_blobs_folder_serves_from_the_store(tmp_path: Pat
     with a:
         a.start_master()
         data = os.urandom(3 * BLOB_CHUNK + 5)
-        with httpx.Client(verify=_ca(a), timeout=60) as http:
-            resp = http.post(f"{a.url}/api/v1/blobs", content=data,
-                             headers={"authorization": f"Bearer {a.admin_token}"})
-        assert resp.status_code == 200, resp.text
-        sha = resp.json()["sha256"]
+        sha = _upload(a, data)
         assert sha == hashlib.sha256(data).hexdigest()
         state = enroll_clients(a, ["fetcher"])[0]
         a.master.stop()  # type: ignore[union-attr]
@@ -232,3 +238,46 @@ def test_a_master_with_an_empty_blobs_folder_serves_from_the_store(tmp_path: Pat
             assert resp.status_code == 404 and resp.json()["kind"] == "blob", bad
         with httpx.Client(verify=_ca(a), timeout=10) as http:
             assert http.get(f"{a.url}/v1/blob", params={"sha256": sha}).status_code == 401  # no credential
+
+
+def test_a_store_that_is_down_answers_503_without_its_details(pg_url: str, tmp_path: Path) -> None:
+    store = open_postgres(pg_url)
+    data, sha = _blob(1000)
+    store.put_blob(sha, [data])
+    blobs = BlobStore(tmp_path / "blobs", _Hub(store))  # type: ignore[arg-type]
+    store.close()  # as good as PostgreSQL gone: every call fails
+    sent: list[dict[str, Any]] = []
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": "http", "query_string": f"sha256={sha}".encode(), "headers": []}
+    row = cast(AgentRecord, {"uuid": "u"})  # the channel checked the credential already
+    anyio.run(blobs.download, scope, receive, send, row)
+    assert sent[0]["status"] == 503 and b'"kind":"store"' in sent[1]["body"].replace(b" ", b"")
+    assert b"127.0.0.1" not in sent[1]["body"] and b"postgres" not in sent[1]["body"]
+    assert not (tmp_path / "blobs").exists() or not any((tmp_path / "blobs").iterdir())
+
+
+def test_blobs_are_served_again_once_the_store_is_back(tmp_path: Path, pg_server: PgServer) -> None:
+    url = pg_server.new_database()
+    a = Fleet(tmp_path / "a", ["--store", url, "--key-file", str(tmp_path / "cluster.key")])
+    with a:
+        a.start_master()
+        data, sha = _blob(2000)
+        sha = _upload(a, data)
+        (a.root / "master" / "blobs" / sha).unlink()
+        state = enroll_clients(a, ["fetcher"])[0]
+        client = ChunkClient(a.url, state)
+        client.handshake()
+        pg_server.stop()
+        try:
+            resp = client.get(sha)  # refused (the credential cannot be checked either), saying nothing of the store
+            assert resp.status_code >= 500 and str(pg_server.port) not in resp.text
+        finally:
+            pg_server.start()
+        assert wait_for(lambda: client.get(sha).status_code == 200, 30, "the blob once the store is back")
+        assert client.fetch(sha) == data and (a.root / "master" / "blobs" / sha).read_bytes() == data
