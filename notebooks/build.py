@@ -369,6 +369,10 @@ print(f"PostgreSQL from {PG}, everything under {root}")
 `pg_basebackup -R` copies the primary and writes `standby.signal` plus the `primary_conninfo` that
 keeps the copy streaming. In production the standby is in the other cloud and the replication
 connection goes over TLS (`sslmode=verify-full` in `primary_conninfo`); here it is loopback.
+
+Both sites' masters are given the same `--store`: a libpq multi-host URL with
+`target_session_attrs=read-write`, which connects to whichever of the two servers accepts writes.
+Today that is the primary; after the promotion it is the standby, with nothing to edit.
 """),
     code("""
 primary_port, standby_port = free_port(), free_port()
@@ -378,8 +382,9 @@ sql(primary_port, "CREATE DATABASE zy")
 pg("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary_port), "-U", "postgres",
    "-D", str(root / "pg-standby"), "-R", "-X", "stream", "--checkpoint=fast")
 start_pg(root / "pg-standby", standby_port)
-primary_store = f"postgresql://postgres@127.0.0.1:{primary_port}/zy"
-standby_store = f"postgresql://postgres@127.0.0.1:{standby_port}/zy"
+# one --store for both sites: libpq tries the hosts in turn and takes the one that accepts writes
+store = (f"postgresql://postgres@127.0.0.1:{primary_port},127.0.0.1:{standby_port}/zy"
+         "?target_session_attrs=read-write")
 assert sql(standby_port, "SELECT pg_is_in_recovery()") == "t", "the standby is read-only, replaying"
 print(sql(primary_port, "SELECT application_name, state, sync_state FROM pg_stat_replication"))
 """),
@@ -392,7 +397,7 @@ standby), so no join token names it by itself; the token is made with both maste
 as `zy token create --proxy https://master-a:8443 --proxy https://master-dr:8443` makes it.
 """),
     code("""
-site_a = LocalFleet(root / "site-a", ["--store", primary_store, "--key-file", str(root / "site-a" / "cluster.key")])
+site_a = LocalFleet(root / "site-a", ["--store", store, "--key-file", str(root / "site-a" / "cluster.key")])
 sites.append(site_a)
 site_a.start_master()
 dr_port = free_port()
@@ -464,12 +469,12 @@ timings["standby promoted"] = time.monotonic() - t0
 """),
     md("""
 ## Start the DR master on it
-The same `--store` (now the promoted standby) and a copy of the key file: it reads the sealed CA,
+The same `--store` (which now finds the promoted standby) and a copy of the key file: it reads the sealed CA,
 admin token and end-to-end key from the store, issues its own server certificate from that CA, and
 registers itself. Nothing is copied from site A's data dir.
 """),
     code("""
-site_b = LocalFleet(root / "site-b", ["--store", standby_store, "--key-file", str(root / "site-b" / "cluster.key")])
+site_b = LocalFleet(root / "site-b", ["--store", store, "--key-file", str(root / "site-b" / "cluster.key")])
 sites.append(site_b)
 site_b.start_master(port=dr_port)
 timings["DR master listening"] = time.monotonic() - t0
@@ -477,14 +482,14 @@ dr_id = (root / "site-b" / "master" / "master.id").read_text().strip()
 
 
 def held_by_dr() -> int:
-    rows = json.loads(subprocess.run([*ZY, "master", "cluster", "--store", standby_store, "--json"],
+    rows = json.loads(subprocess.run([*ZY, "master", "cluster", "--store", store, "--json"],
                                      capture_output=True, text=True, check=True, env=site_b.env).stdout)
     return sum(int(r["agents"]) for r in rows if r["id"] == dr_id)
 
 
 wait_for(lambda: held_by_dr() == agents, timeout, "every agent on the DR master")
 timings["every agent on the DR master"] = time.monotonic() - t0
-print(subprocess.run([*ZY, "master", "cluster", "--store", standby_store], capture_output=True, text=True,
+print(subprocess.run([*ZY, "master", "cluster", "--store", store], capture_output=True, text=True,
                      env=site_b.env).stdout)
 """),
     md("""
