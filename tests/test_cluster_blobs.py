@@ -1,8 +1,9 @@
 """Blob bytes in PostgreSQL (issue 15, part E): every master serves every artifact chunk.
 
 The store's blob methods on a real PostgreSQL (put, ranges, missing, refusals, two masters
-putting one blob at once), BlobStore refusing bytes that do not match their name, and two real
-masters on one store: a chunk uploaded to A is fetched from B, as an agent fetches it.
+putting one blob at once), BlobStore refusing bytes that do not match their name or a store
+that is down, and real masters on one store: a chunk uploaded to A fetched from B as an agent
+fetches it, a release made on B of an artifact uploaded to A, a master with an emptied blobs/.
 """
 
 from __future__ import annotations
@@ -281,3 +282,20 @@ def test_blobs_are_served_again_once_the_store_is_back(tmp_path: Path, pg_server
             pg_server.start()
         assert wait_for(lambda: client.get(sha).status_code == 200, 30, "the blob once the store is back")
         assert client.fetch(sha) == data and (a.root / "master" / "blobs" / sha).read_bytes() == data
+
+
+def test_a_release_of_an_artifact_uploaded_to_a_reaches_an_agent_on_b(tmp_path: Path, pg_url: str) -> None:
+    a, b = _masters(tmp_path, pg_url)
+    with a, b:
+        data = os.urandom(CHUNK_SIZE + 4321)
+        (tmp_path / "app.tgz").write_bytes(data)
+        art = a.client.artifacts.upload(tmp_path / "app.tgz")["id"]
+        b.start_agent("on-b", extra=["--master", b.url])
+        b.wait_online("on-b")
+        srv = tmp_path / "srv"
+        srv.mkdir()
+        rel = b.client.release(art, ["on-b"], dest=f"{srv}/{{hostname}}.tgz")
+        rel.wait(timeout=120)
+        assert rel.state == "done", rel.info["message"]
+        assert (srv / "on-b.tgz").read_bytes() == data
+        assert b.client.status()["blobs_from_store"] == 2  # B read each chunk from the store, once
