@@ -111,9 +111,21 @@ class Config:
         self.fleet.close()
 
 
+def wal_bytes(cfg: Config) -> int:
+    """PostgreSQL's WAL position (bytes written since the cluster began)."""
+    import psycopg
+
+    assert cfg.url is not None
+    with psycopg.connect(cfg.url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def measure(cfg: Config, n: int, rounds: int, runs: int) -> dict[str, Any]:
     """Fan-out rounds then throughput runs, with every server's CPU over both."""
     procs = cfg.procs()
+    wal0 = wal_bytes(cfg) if cfg.url else 0
     cpu0 = {name: tree_cpu(pid) for name, pid in procs.items()}
     lat = fanout(cfg.fleet, n, rounds)
     tp = throughput(cfg.fleet, n, runs) if runs else {"results_per_s": 0.0, "tasks": 0}
@@ -122,6 +134,8 @@ def measure(cfg: Config, n: int, rounds: int, runs: int) -> dict[str, Any]:
     fig: dict[str, Any] = {"fanout_p50_s": statistics.median(lat), "fanout_p99_s": pct(lat, 0.99),
                            "results_per_s": tp["results_per_s"], "tasks": tasks,
                            "cpu_us_per_task": per_task}
+    if cfg.url is not None:
+        fig["wal_bytes_per_task"] = (wal_bytes(cfg) - wal0) / tasks
     if cfg.store is not None:
         fig["held"] = {m["id"]: m["agents"] for m in cfg.store.masters()}
     return fig
@@ -257,6 +271,7 @@ def report(name: str, fig: dict[str, Any]) -> None:
     if "size" in fig:
         s = fig["size"]
         print(f"[{name}] PostgreSQL: {s['bytes_per_event']:.0f} B/event, {s['events_per_task']:.1f} events/task, "
+              f"{s['task_row_bytes']:.0f} B/task row, {fig['wal_bytes_per_task']:.0f} B of WAL/task, "
               f"{s['db_bytes_per_task']:.0f} B/task for the whole database ({s['db_bytes'] / 2**20:.0f} MiB, "
               f"{s['tasks']} tasks)", flush=True)
 
