@@ -245,12 +245,15 @@ def dead_master(cfg: Config, n: int, dead_after: float) -> dict[str, Any]:
     marks["run_done_s"] = time.monotonic() - t0
     want = "ok-" + df["taskid"] + "\n" if shell else "ok\n"
     ok = (df["status"] == "ok") & (df["stdout"] == want)
-    after = int((df["finished_at"] > pd.Timestamp(killed_at, unit="s", tz="UTC")).sum())
+    killed = pd.Timestamp(killed_at, unit="s", tz="UTC")
+    after = int((df["finished_at"] > killed).sum())
+    # when the agents finished the last task (their clock = ours): the rest is the masters' delay
+    marks["last_finished_s"] = (df["finished_at"].max() - killed).total_seconds()
     return {"victim": victim, "held_by_victim": held_before, "results": len(df), "ok": int(ok.sum()),
             "finished_after_kill": after,
             "unique_agents": int(df["uuid"].nunique()), "lost": n - int(ok.sum()),
             "dead_after_s": dead_after, **{k: marks.get(k, float("nan")) for k in checks}, "run_done_s":
-            marks["run_done_s"]}
+            marks["run_done_s"], "last_finished_s": marks["last_finished_s"]}
 
 
 def bring_up(cfg: Config, n: int, urls: list[str], timeout: float) -> float:
@@ -359,7 +362,8 @@ def run_pg(tmp: Path, n: int, args: argparse.Namespace, only: set[str]) -> dict[
             print(f"[two masters] SIGKILL of master {d['victim']} (singleton, {d['held_by_victim']} agents): "
                   f"forgotten after {d['forgotten_s']:.1f}s, singleton moved after {d['singleton_s']:.1f}s, all "
                   f"agents on the other after {d['agents_back_s']:.1f}s; the run begun before the kill: "
-                  f"{d['ok']}/{n} ok after {d['run_done_s']:.1f}s, {d['finished_after_kill']} of them after the kill "
+                  f"{d['ok']}/{n} ok after {d['run_done_s']:.1f}s (the last finished on its agent after "
+                  f"{d['last_finished_s']:.1f}s), {d['finished_after_kill']} of them after the kill "
                   f"({d['lost']} lost)", flush=True)
     finally:
         if cfg is not None:
