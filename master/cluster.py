@@ -84,7 +84,6 @@ class Cluster:
         #: where singleton work started in the background runs: cancelled when the lease is lost
         self.singleton_group: TaskGroup | None = None
         self._singleton_until = float("inf") if not self.shared else 0.0
-        self._lost = anyio.Event()
         self._live: dict[str, float] = {}  # master id -> its last heartbeat (wall clock)
         self._kick = anyio.Event()
         self._cancels_sent: set[str] = set()
@@ -183,15 +182,17 @@ class Cluster:
             while not self.urls:  # noqa: ASYNC110 - the server appends to this list
                 await anyio.sleep(0.02)
 
-        def register() -> list[str]:
-            self.store.register_master(self.master_id, list(self.urls), time.time())
-            # a restarted master (same id) holds nothing yet: what its last run held is stale,
-            # and would keep those agents looking online (and their tasks open) for ever
-            return [] if again or not self.shared else self.store.drop_sessions_of(self.master_id)
+        await self.db(self.store.register_master, self.master_id, list(self.urls), time.time())
+        log.info("master %s %s the cluster with %s", self.master_id, "joined again" if again else "joined", self.urls)
 
-        stale = await self.db(register)
-        log.info("master %s joined the cluster with %s%s", self.master_id, self.urls,
-                 f" (let go of {len(stale)} sessions of its previous run)" if stale else "")
+    async def prepare(self) -> None:
+        """Before the master takes handshakes: a restarted master (same id) holds nothing yet,
+        so the sessions its previous run left in the store are let go of (they would keep those
+        agents looking online, and their tasks open, for ever)."""
+        if self.shared:
+            stale = await self.db(self.store.drop_sessions_of, self.master_id)
+            if stale:
+                log.info("master %s let go of %d sessions of its previous run", self.master_id, len(stale))
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -104,6 +104,7 @@ class Hub:
             since = time.monotonic() + max(0.0, self.settings.startup_grace - self.settings.offline_grace)
             self.table.presume_offline(await self.db(self.db.store.open_task_agents), since)
         self._tg = tg
+        await self.cluster.prepare()
         tg.start_soon(self.cluster.run)
         for hook in self.on_start:
             tg.start_soon(hook)
