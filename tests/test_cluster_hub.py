@@ -166,7 +166,8 @@ async def test_the_singleton_buries_a_dead_master_and_writes_off_what_nobody_hol
     await _until("a3's open task written off", written_off)
 
 
-async def test_a_restart_lets_go_of_old_sessions_and_a_clean_leave_hands_over_at_once(tmp_path: Path, pg_url: str) -> None:
+async def test_a_restart_lets_go_of_old_sessions_and_a_clean_leave_hands_over_at_once(tmp_path: Path,
+                                                                                     pg_url: str) -> None:
     seed = open_store(tmp_path, pg_url)
     _enroll(seed)
     seed.claim_session("a2", "m-000000c1", time.time())  # left by c1's previous run (killed)
