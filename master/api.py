@@ -7,10 +7,8 @@ import ipaddress
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Literal, cast
 
-import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -27,7 +25,7 @@ from hcsdk.protocol.e2e import b64, public_key
 from hcsdk.protocol.errors import MessageError
 from hcsdk.protocol.names import is_sha256
 from hcsdk.protocol.tasks import SessionKind
-from hcsdk.protocol.wire import dumps, loads
+from hcsdk.protocol.wire import dumps
 
 from .artifacts_api import artifact_routes
 from .blobs import BlobStore
@@ -165,9 +163,10 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
                 rows = resolve({"expr": targets}, rows)
             except ValueError as exc:
                 raise RequestRejected(str(exc), kind="target", status=404) from None
+        online = await hub.online_uuids([row["uuid"] for row in rows])  # on any master of the store
         for row in rows:
             session = hub.sessions.get(row["uuid"])
-            row["online"] = session is not None
+            row["online"] = row["uuid"] in online
             row["mode"] = session.mode if session else None
             row["via"] = [_name(hub, v) for v in session.via] if session else []
         return rows
@@ -194,9 +193,13 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
 
     @app.get("/api/v1/runs/{run_id}/events", dependencies=deps)
     async def run_events(run_id: str, after: int = 0) -> StreamingResponse:
-        if not await hub.db(store.run_exists, run_id):
+        try:
+            exists = await hub.db(store.run_exists, run_id)
+        except Exception:  # the store is away (PostgreSQL restarting): the stream waits for it
+            exists = True
+        if not exists:
             raise RequestRejected(f"no run {run_id!r}", kind="run", status=404)
-        return StreamingResponse(_event_stream(hub, run_id, after), media_type="application/x-ndjson")
+        return StreamingResponse(hub.events.stream(hub.db, run_id, after), media_type="application/x-ndjson")
 
     @app.post("/api/v1/tokens", dependencies=deps)
     async def create_token(req: TokenRequest) -> dict[str, Any]:
@@ -272,32 +275,6 @@ def _token_row(token: JoinTokenRecord, now: float) -> dict[str, Any]:
 def _name(hub: Hub, uuid: str) -> str:
     session = hub.sessions.get(uuid)
     return session.hostname if session and session.hostname else uuid
-
-
-async def _event_stream(hub: Hub, run_id: str, cursor: int) -> AsyncIterator[bytes]:
-    store = hub.db.store
-    while True:
-        changed = hub.run_changed(run_id)
-        # Count open tasks before reading events: a task's final event commits together with
-        # its status, so "no open task" seen first means every event is already readable.
-        still_open = await hub.db(store.run_open_count, run_id)
-        rows = await hub.db(store.events_after, run_id, cursor)
-        if rows:
-            lines = []
-            for r in rows:
-                r["data"] = loads(r["data"])
-                lines.append(dumps(r))
-                cursor = r["id"]
-            yield b"\n".join(lines) + b"\n"
-            continue
-        if still_open == 0:
-            hub.forget_run_waiter(run_id)
-            yield dumps({"kind": "end", "id": cursor}) + b"\n"
-            return
-        with anyio.move_on_after(10):
-            await changed.wait()
-            continue
-        yield b"\n"  # keep-alive through idle middleboxes
 
 
 class BodyLimit:

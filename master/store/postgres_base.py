@@ -85,12 +85,27 @@ class PostgresBase:
                 yield conn
 
     def one(self, sql: str, params: Iterable[Any] = ()) -> dict[str, Any] | None:
-        with self.connection() as conn:
-            return conn.execute(sql, tuple(params)).fetchone()
+        for attempt in (1, 2):
+            try:
+                with self.connection() as conn:
+                    return conn.execute(sql, tuple(params)).fetchone()
+            except psycopg.OperationalError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def all(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-        with self.connection() as conn:
-            return conn.execute(sql, tuple(params)).fetchall()
+        # A read is tried again once on another connection: after a PostgreSQL restart every
+        # pooled connection is dead, and the first call on each would fail (an SDK stream, the
+        # API's token check) though the server is back. Writes are not: one may have committed.
+        for attempt in (1, 2):
+            try:
+                with self.connection() as conn:
+                    return conn.execute(sql, tuple(params)).fetchall()
+            except psycopg.OperationalError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def write(self, sql: str, params: Iterable[Any] = ()) -> int:
         """One statement on its own; the rows it touched."""
