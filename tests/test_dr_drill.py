@@ -21,8 +21,10 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
-from pg import pg_bin
+from pg import PgServer, pg_bin
 from requires import in_ci
+
+from fleet import Fleet, wait_for
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "dr-drill.ipynb"
 STEPS = ["site A down", "standby promoted", "DR master listening", "every agent on the DR master",
@@ -96,3 +98,46 @@ def test_dr_drill_executes_clean(drill_dir: tuple[Path, Path], tmp_path: Path) -
     # (the notebook asserts each agent answered on master A, then on the DR master with its old uuid)
     assert re.search(r"drill passed: 3 of 3 agents answered through the DR master", text), text[-3000:]
     assert not _pids_naming(workdir), "the notebook's clean-up left processes running"
+
+
+def _pg_tool(name: str, *argv: str) -> None:
+    bin_dir = pg_bin()
+    assert bin_dir is not None
+    done = subprocess.run([str(bin_dir / name), *argv], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"{name} failed: {done.stderr}"
+
+
+def test_pg_dump_and_restore_bring_the_control_plane_back(pg_server: PgServer, tmp_path: Path) -> None:
+    """docs/deploy.md's backup and restore: pg_dump of a live store, the store lost, pg_restore into
+    a new database, a master with an empty data dir and the same key file on it. An agent enrolled
+    before the backup reconnects with its credential and runs; one enrolled after it is unknown."""
+    source, target = pg_server.new_database(), pg_server.new_database()
+    fleet = Fleet(tmp_path / "fleet", ["--offline-grace", "5"], store=source)
+    try:
+        fleet.start_master()
+        fleet.start_agent("before")
+        fleet.wait_online("before")
+        old = fleet.client.run("echo hi", targets="before").wait(60).to_dataframe()
+        assert list(old["status"]) == ["ok"]
+        dump = tmp_path / "zy.dump"
+        _pg_tool("pg_dump", "-Fc", "-f", str(dump), "-d", source)  # online: a consistent snapshot
+        fleet.start_agent("after")
+        fleet.wait_online("after")
+        port, uuids = fleet.port, {n: fleet.uuid_of(n) for n in ("before", "after")}
+
+        fleet.stop_master()  # the master host and its database are lost; the key file was kept apart
+        shutil.rmtree(fleet.root / "master")
+        _pg_tool("pg_restore", "--no-owner", "-d", target, str(dump))
+        fleet.store = target
+        fleet.start_master(port)  # an empty data dir: everything comes from the restored store
+        fleet.wait_online("before", timeout=60)
+        inv = fleet.client.inventory()
+        assert set(inv["uuid"]) == {uuids["before"]}, "the agent enrolled after the backup is not in it"
+        new = fleet.client.run("echo back", targets="before").wait(60).to_dataframe()
+        assert list(new["status"]) == ["ok"] and list(new["uuid"]) == [uuids["before"]]
+        assert "back" in new["stdout"].iloc[0]
+        after = fleet.agents["after"]  # refused, as deploy.md says: it must be enrolled again
+        wait_for(lambda: not after.alive, 60, "the agent unknown to the restored store to stop")
+        assert "the master refused this agent" in after.output(), after.output()[-1500:]
+    finally:
+        fleet.close()
