@@ -97,6 +97,7 @@ def test_sigkill_of_master_a_mid_run_moves_its_agents_to_b_and_loses_nothing(fl:
     follower.join(180)
     assert not follower.is_alive(), "the stream on b did not end"
     assert not errors, errors
+    assert seen.count("done") == count and seen.count("start") == count, seen  # each once, none lost
     df = run.to_dataframe()
     assert len(df) == count and (df["status"] == "ok").all(), df[["hostname", "status", "error"]]
     assert sorted(df["stdout"]) == sorted(f"ok-{t}\n" for t in df["taskid"])
