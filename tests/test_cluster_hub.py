@@ -184,3 +184,20 @@ async def test_a_restart_lets_go_of_old_sessions_and_a_clean_leave_hands_over_at
             await _until("c2 takes the lease", lambda: c2.cluster.is_singleton, timeout=1.9)
             assert await c2.db(c2.db.store.session_holders, ["a1"]) == {}
             assert session.closed.is_set()
+
+
+async def test_the_sweep_repairs_lost_wake_ups(pair: tuple[Hub, Hub]) -> None:
+    a, b = pair
+    session, key = await _online(a, "a1")
+    other, _ = await _online(a, "a2")
+    store = b.db.store
+    # a task stored pending for a's agent by "another master" that never sent the wake-up
+    await b.db(store.create_run, "r-lost", "echo", {"text": "x"}, 30.0,
+               [("r-lost.0", "a1", TaskStatus.PENDING, time.time() + 60)])
+    await _until("a's sweep to send it", lambda: session.outbox)
+    [task] = _sent(session)
+    assert isinstance(task, Task) and task.taskid == "r-lost.0" and task.verify(key)
+    # a2 claimed by a handshake on b whose "superseded" wake-up was lost
+    await b.db(store.claim_session, "a2", b.cluster.master_id, time.time())
+    await _until("a's sweep to close the superseded session", lambda: other.closed.is_set())
+    assert "a2" not in a.sessions and "a1" in a.sessions
