@@ -407,17 +407,26 @@ shutil.copy2(root / "site-a" / "cluster.key", root / "site-b" / "cluster.key")  
 token = site_a.client.create_join_token(ttl=3600, proxies=[site_a.url, dr_url], description="dr drill")
 print(f"master A at {site_a.url}; the DR master will listen at {dr_url}")
 """),
-    md("## The agents: enrolled at site A with that token"),
+    md("""
+## The agents: enrolled at site A with that token
+Half of them dial the masters directly; the other half sit at a third site behind a proxy, whose
+upstreams are both masters (`zy proxy --upstream A --upstream DR`): those agents only ever dial
+the proxy, and the proxy fails over.
+"""),
     code("""
+proxy_c = site_a.start_proxy("proxy-c", upstreams=[site_a.url, dr_url])
 names = [f"node-{i}" for i in range(1, agents + 1)]
+path = {name: "via proxy-c" if i % 2 else "direct" for i, name in enumerate(names)}
 join_file = site_a.join_file(token["token"])
 for name in names:
     argv = [*ZY, "agent", "--state-dir", str(site_a.root / "agents" / name), "--hostname", name,
             "--join-file", str(join_file), "--heartbeat", "2", "--dead-after", "8", "--backoff-cap", "2"]
+    if path[name] != "direct":
+        argv += ["--master", proxy_c]  # enrolls through the proxy, and connects only to it
     site_a.agents[name] = Proc(name, argv, site_a.root / f"agent-{name}.log", site_a.env)
 site_a.wait_online(timeout=timeout)
 uuids = {name: site_a.uuid_of(name) for name in names}
-print(f"{len(uuids)} agents online on master A")
+print(f"{len(uuids)} agents online on master A, {list(path.values()).count('direct')} of them directly")
 """),
     md("""
 The SDK (and the `%zy` magics) are given both masters' URLs, as `client.toml`'s `urls` or
@@ -487,7 +496,7 @@ def held_by_dr() -> int:
     return sum(int(r["agents"]) for r in rows if r["id"] == dr_id)
 
 
-wait_for(lambda: held_by_dr() == agents, timeout, "every agent on the DR master")
+wait_for(lambda: held_by_dr() == agents + 1, timeout, "every agent and the proxy on the DR master")
 timings["every agent on the DR master"] = time.monotonic() - t0
 print(subprocess.run([*ZY, "master", "cluster", "--store", store], capture_output=True, text=True,
                      env=site_b.env).stdout)
@@ -512,6 +521,7 @@ timings["every agent answered a run"] = time.monotonic() - t0
 inv = %zyinventory
 summary = pd.DataFrame({
     "hostname": names,
+    "path": [path[n] for n in names],
     "uuid": [uuids[n][:8] for n in names],
     "same uuid after": [bool((inv.loc[inv["hostname"] == n, "uuid"] == uuids[n]).any()) for n in names],
     "before (master A)": [before.loc[before["hostname"] == n, "status"].iloc[0] for n in names],
@@ -530,6 +540,7 @@ The join token made on master A is in the promoted store too: the DR master can 
 with it. Then everything this notebook started is stopped.
 """),
     code("""
+assert sorted(after["hostname"]) == names, after  # the agents, each once (a proxy runs no commands)
 assert (summary["after (DR master)"] == "ok").all() and summary["same uuid after"].all(), summary
 assert any(t["description"] == "dr drill" for t in site_b.client.join_tokens()), "the store came over"
 cleanup()
