@@ -59,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     c = tsub.add_parser("create", help="print a new join token")
     c.add_argument("--ttl", default="24h", help="lifetime: seconds or 30m, 24h, 7d (default 24h)")
     c.add_argument("--description", default="")
-    c.add_argument("--proxy", action="append", default=[], metavar="URL",
-                   help="agents joining with this token connect through these proxies (repeatable)")
+    c.add_argument("--proxy", "--master", dest="proxy", action="append", default=[], metavar="URL",
+                   help="agents joining with this token connect through these proxies, or to these masters "
+                   "(repeatable; default: every live master's URL), e.g. a DR master that is not running yet")
     c.add_argument("--kind", choices=["agent", "proxy"], default="agent",
                    help="what the token enrolls (default agent); the enrolling side cannot choose")
     c.add_argument("--proxy-name", action="append", default=[], metavar="HOST", dest="proxy_names",

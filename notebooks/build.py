@@ -394,7 +394,7 @@ The first master on an empty store creates the CA, the admin token and the clust
 operator copies that key file to site B (it, with the store, opens the whole control plane: keep it
 as secret as the database). The DR master is not running (it cannot: its PostgreSQL is a read-only
 standby), so no join token names it by itself; the token is made with both masters' URLs,
-as `zy token create --proxy https://master-a:8443 --proxy https://master-dr:8443` makes it.
+as `zy token create --master https://master-a:8443 --master https://master-dr:8443` makes it.
 """),
     code("""
 site_a = LocalFleet(root / "site-a", ["--store", store, "--key-file", str(root / "site-a" / "cluster.key")])

@@ -24,7 +24,8 @@ import pytest
 from pg import PgServer, pg_bin
 from requires import in_ci
 
-from fleet import Fleet, wait_for
+from fleet import ZY, Fleet, wait_for
+from hcsdk.common.jointoken import JoinToken
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "dr-drill.ipynb"
 STEPS = ["site A down", "standby promoted", "DR master listening", "every agent on the DR master",
@@ -115,6 +116,13 @@ def test_pg_dump_and_restore_bring_the_control_plane_back(pg_server: PgServer, t
     fleet = Fleet(tmp_path / "fleet", ["--offline-grace", "5"], store=source)
     try:
         fleet.start_master()
+        # a token naming a DR master that is not running yet, as deploy.md makes them
+        dr_url = "https://zy-dr.example.com:8443"
+        made = subprocess.run([*ZY, "token", "create", "--master", fleet.url, "--master", dr_url], text=True,
+                              capture_output=True, timeout=60, check=False,
+                              env={**fleet.env, "ZY_CONFIG": str(fleet.config_path)})
+        assert made.returncode == 0, made.stderr
+        assert JoinToken.decode(made.stdout.strip()).urls == (fleet.url, dr_url)
         fleet.start_agent("before")
         fleet.wait_online("before")
         old = fleet.client.run("echo hi", targets="before").wait(60).to_dataframe()
