@@ -46,7 +46,7 @@ def _main(args: argparse.Namespace) -> int:
 def migrate(source: Path, url: str, out: TextIO) -> dict[str, int]:
     """Copy ``source`` (a master's data dir) into the store at ``url``, reporting on ``out``."""
     if not url.startswith(("postgresql://", "postgres://")):
-        raise CopyError(f"--to {url!r}: expected a postgresql://user@host/db URL")
+        raise CopyError(f"--to {describe_url(url)!r}: expected a postgresql://user@host/db URL")
     paths = Paths(source)
     if not source.is_dir() or not paths.db.is_file():
         raise CopyError(f"--from {source}: not a master's data dir (no {paths.db.name} in it)")

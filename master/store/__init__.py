@@ -40,7 +40,9 @@ def open_store(data_dir: Path, url: str | None = None) -> Store:
     if url is None:
         return open_sqlite(data_dir)
     if not url.startswith(("postgresql://", "postgres://")):
-        raise SchemaError(f"--store {url!r}: expected a postgresql://user@host/db URL")
+        from .postgres import redact  # (a wrong URL may still hold a password: never in a message)
+
+        raise SchemaError(f"--store {redact(url)!r}: expected a postgresql://user@host/db URL")
     from .postgres import open_postgres
 
     return open_postgres(url)

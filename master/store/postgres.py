@@ -25,28 +25,54 @@ from .postgres_releases import PostgresReleasesSQL
 from .postgres_runs import PostgresRunsSQL
 from .postgres_schedules import PostgresSchedulesSQL
 
-#: connections per master: the most store calls a master runs at once (StoreThread's capacity)
+#: the most store calls a master runs at once through StoreThread (its capacity)
 POOL_SIZE = 4
+#: the share of ``concurrency`` master/blobs.py lets blob reads and puts take, in threads of
+#: their own beside StoreThread's (as its STORE_BLOB_SHARE)
+BLOB_SHARE = 0.5
+
+
+def pool_size_for(concurrency: int) -> int:
+    """Connections for ``concurrency`` StoreThread calls, the blob calls beside them and one
+    spare (a call made outside both): a full StoreThread and blob downloads together must not
+    wait for a connection (the pool's wait ends in an error after 15 s)."""
+    return concurrency + max(1, int(concurrency * BLOB_SHARE)) + 1
+
+
+_URL_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#]*")
+_DSN_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 
 
 def redact(url: str) -> str:
-    """The URL without its password, fit for a message."""
-    url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
-    return re.sub(r"(password=)[^&\s]*", r"\1***", url)
+    """``url`` (a URL of any scheme, or a libpq ``key=value`` string) without its password, fit
+    for a message or a log: the userinfo's password (which may hold ``@`` or ``:``) and a
+    ``password=`` parameter become ``***``; everything else is kept as written."""
+    if "://" not in url:
+        return _DSN_PASSWORD.sub(r"\1***", url)
+    scheme, rest = url.split("://", 1)
+    # the userinfo ends at the LAST @ (a password may hold @ / ? #, a host never holds @; an
+    # @ later in the query only makes this hide more than the password, never less)
+    at = rest.rfind("@")
+    if at >= 0:
+        user = rest[:at].split(":", 1)[0]
+        if ":" in rest[:at]:
+            rest = f"{user}:***{rest[at:]}"
+    return scheme + "://" + _URL_PASSWORD.sub(r"\1***", rest)
 
 
 class PostgresStore(PostgresFleetSQL, PostgresRunsSQL, PostgresSchedulesSQL, PostgresReleasesSQL, PostgresClusterSQL,
                     PostgresBlobsSQL):
     def __init__(self, url: str, pool_size: int = POOL_SIZE):
         self.url = url
-        #: how many calls may run at once (StoreThread reads it)
+        #: how many calls may run at once through StoreThread (it reads this); the pool holds
+        #: more (``pool_size_for``)
         self.concurrency = pool_size
         self._staging_made = weakref.WeakSet()
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=15) as conn:
                 #: schema versions this open applied (none when the database was up to date)
                 self.migrated = migrate_pg(conn)
-            self.pool = open_pool(url, pool_size)
+            self.pool = open_pool(url, pool_size_for(pool_size))
         except psycopg.OperationalError as err:  # (the pool's PoolTimeout is one)
             raise RuntimeError(f"cannot open the store at {redact(url)}: {err}".strip()) from err
 

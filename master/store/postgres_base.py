@@ -145,11 +145,28 @@ class PostgresBase:
 #: of the system's two hours
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 5, "keepalives_count": 3}
 
+#: server-side limits of every pooled connection. A master frozen (SIGSTOP, a VM paused) or cut
+#: off inside a transaction holds its row locks until its session ends: the server ends an idle
+#: transaction after 30 s, and a statement of another master waits on a lock at most 10 s (then
+#: fails, and its caller retries: agents resend) instead of queueing for ever behind it and using
+#: up that master's pool. No statement of the pool runs long: the biggest, a blob piece or an
+#: ingest batch, takes well under a second; migrate-store's bulk COPY has its own connection.
+SESSION_LIMITS = {"idle_in_transaction_session_timeout": "30s", "lock_timeout": "10s", "statement_timeout": "60s"}
+
+
+def session_options(given: dict[str, Any]) -> str:
+    """libpq ``options`` with ``SESSION_LIMITS``; the URL's own ``options`` come after, so a
+    setting it names wins."""
+    ours = " ".join(f"-c {k}={v}" for k, v in SESSION_LIMITS.items())
+    return f"{ours} {given['options']}" if given.get("options") else ours
+
 
 def open_pool(url: str, size: int) -> ConnectionPool[Conn]:
-    """``size`` autocommit connections at most, one at least, rows as dicts."""
+    """``size`` autocommit connections at most, one at least, rows as dicts, each with TCP
+    keepalives and ``SESSION_LIMITS``."""
     given = conninfo_to_dict(url)
     kwargs: dict[str, Any] = {k: v for k, v in KEEPALIVES.items() if k not in given}
+    kwargs["options"] = session_options(given)
     pool: ConnectionPool[Conn] = ConnectionPool(
         url, min_size=1, max_size=size, open=False, timeout=15.0, name="zy-store",
         kwargs={**kwargs, "autocommit": True, "row_factory": dict_row}, connection_class=psycopg.Connection[DictRow],

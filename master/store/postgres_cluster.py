@@ -3,6 +3,13 @@
 Several masters call these at once. Each write is one statement (INSERT ... ON CONFLICT, UPDATE
 ... RETURNING), so it is atomic under PostgreSQL's row locks without a transaction around it:
 of two masters taking one lease, one gets it; two claims of one session get two epochs.
+
+Times are the database's clock, not the masters': each master's ``time.time()`` may be off by
+seconds, and a lease, a heartbeat or a death judged against two clocks is judged wrong (a master
+whose clock runs ahead takes a lease still held; one behind is taken for dead). A ``now`` given
+counts only as an offset from its caller's clock: the time stored or compared is
+``database clock + (now - time.time())``. A master passes ``time.time()``, so its own skew
+cancels out; a caller meaning "60 s ago" (a test) still gets 60 s before the database's now.
 """
 
 from __future__ import annotations
@@ -32,41 +39,55 @@ _CANCELS_SQL = (
     "WHERE s.master_id = %s AND t.cancel_requested "
     f"AND t.status IN {sql_list((TaskStatus.DISPATCHED, TaskStatus.RUNNING))}"
 )
+#: the database's clock in seconds since the epoch, plus the offset bound to it (see the docstring)
+NOW = "(extract(epoch FROM clock_timestamp())::float8 + %s)"
 _TAKE_LEASE_SQL = (
-    "INSERT INTO leases(name, holder, expires_at) VALUES(%s, %s, %s) "
+    f"INSERT INTO leases(name, holder, expires_at) VALUES(%s, %s, {NOW} + %s) "
     "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
-    "WHERE leases.holder = excluded.holder OR leases.expires_at <= %s RETURNING holder"
+    f"WHERE leases.holder = excluded.holder OR leases.expires_at <= {NOW} RETURNING holder"
 )
 _CLAIM_SQL = (
-    "INSERT INTO sessions(uuid, master_id, epoch, since) VALUES(%s, %s, 1, %s) "
+    f"INSERT INTO sessions(uuid, master_id, epoch, since) VALUES(%s, %s, 1, {NOW}) "
     "ON CONFLICT(uuid) DO UPDATE SET master_id = excluded.master_id, epoch = sessions.epoch + 1, "
     "since = excluded.since RETURNING epoch"
 )
+# a claim only of a session still as this master left it: its epoch, and held by it or nobody
+_RECLAIM_SQL = (
+    f"UPDATE sessions SET master_id = %s, epoch = epoch + 1, since = {NOW} "
+    "WHERE uuid = %s AND epoch = %s AND (master_id IS NULL OR master_id = %s) RETURNING epoch"
+)
+
+
+def offset(now: float) -> float:
+    """``now`` as an offset from this process's clock (what ``NOW`` adds to the database's)."""
+    return now - time.time()
 
 
 class PostgresClusterSQL(PostgresBase):
     # -- masters ----------------------------------------------------------------------------
     def register_master(self, master_id: str, urls: list[str], now: float) -> None:
         self.write(
-            "INSERT INTO masters(id, urls, started_at, heartbeat_at, agents) VALUES(%s, %s, %s, %s, 0) "
+            f"INSERT INTO masters(id, urls, started_at, heartbeat_at, agents) VALUES(%s, %s, {NOW}, {NOW}, 0) "
             "ON CONFLICT(id) DO UPDATE SET urls = excluded.urls, started_at = excluded.started_at, "
             "heartbeat_at = excluded.heartbeat_at, agents = 0",
-            (master_id, js(list(urls)), now, now),
+            (master_id, js(list(urls)), offset(now), offset(now)),
         )
 
     def master_heartbeat(self, master_id: str, agents: int, now: float) -> bool:
-        return self.write("UPDATE masters SET heartbeat_at = %s, agents = %s WHERE id = %s",
-                          (now, agents, master_id)) > 0
+        return self.write(f"UPDATE masters SET heartbeat_at = {NOW}, agents = %s WHERE id = %s",
+                          (offset(now), agents, master_id)) > 0
 
     def masters(self) -> list[MasterRecord]:
         rows = self.all(
-            "SELECT m.id, m.urls, m.started_at, m.heartbeat_at, m.agents, l.holder IS NOT NULL AS singleton "
-            "FROM masters m LEFT JOIN leases l ON l.name = %s AND l.holder = m.id AND l.expires_at > %s "
+            f"SELECT m.id, m.urls, m.started_at, m.heartbeat_at, {NOW} - m.heartbeat_at AS age, m.agents, "
+            "l.holder IS NOT NULL AS singleton "
+            f"FROM masters m LEFT JOIN leases l ON l.name = %s AND l.holder = m.id AND l.expires_at > {NOW} "
             "ORDER BY m.started_at, m.id",
-            (SINGLETON, time.time()),
+            (0.0, SINGLETON, 0.0),
         )
         return [MasterRecord(id=r["id"], urls=list(loads(r["urls"])), started_at=r["started_at"],
-                             heartbeat_at=r["heartbeat_at"], agents=r["agents"], singleton=bool(r["singleton"]))
+                             heartbeat_at=r["heartbeat_at"], heartbeat_age=r["age"], agents=r["agents"],
+                             singleton=bool(r["singleton"]))
                 for r in rows]
 
     def forget_master(self, master_id: str) -> None:
@@ -75,7 +96,7 @@ class PostgresClusterSQL(PostgresBase):
             conn.execute("DELETE FROM leases WHERE holder = %s", (master_id,))
 
     def dead_masters(self, now: float, dead_after: float) -> list[str]:
-        rows = self.all("SELECT id FROM masters WHERE heartbeat_at < %s ORDER BY id", (now - dead_after,))
+        rows = self.all(f"SELECT id FROM masters WHERE heartbeat_at < {NOW} ORDER BY id", (offset(now) - dead_after,))
         return [r["id"] for r in rows]
 
     # -- leases -----------------------------------------------------------------------------
@@ -83,21 +104,25 @@ class PostgresClusterSQL(PostgresBase):
         # one statement: insert, or take over an expired or own lease; the WHERE refuses
         # another's, and then RETURNING gives no row. Two racing inserts: the loser waits on
         # the key, then its DO UPDATE sees the winner's unexpired row and is refused.
-        row = self.one(_TAKE_LEASE_SQL, (name, holder, now + ttl, now))
+        row = self.one(_TAKE_LEASE_SQL, (name, holder, offset(now), ttl, offset(now)))
         return row is not None
 
     def release_lease(self, name: str, holder: str) -> None:
         self.write("DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
 
     def lease_holder(self, name: str, now: float) -> str | None:
-        row = self.one("SELECT holder FROM leases WHERE name = %s AND expires_at > %s", (name, now))
+        row = self.one(f"SELECT holder FROM leases WHERE name = %s AND expires_at > {NOW}", (name, offset(now)))
         return str(row["holder"]) if row else None
 
     # -- sessions ---------------------------------------------------------------------------
     def claim_session(self, uuid: str, master_id: str, now: float) -> int:
-        row = self.one(_CLAIM_SQL, (uuid, master_id, now))
+        row = self.one(_CLAIM_SQL, (uuid, master_id, offset(now)))
         assert row is not None  # RETURNING gives the row inserted or updated
         return int(row["epoch"])
+
+    def reclaim_session(self, uuid: str, master_id: str, epoch: int) -> int | None:
+        row = self.one(_RECLAIM_SQL, (master_id, 0.0, uuid, epoch, master_id))
+        return None if row is None else int(row["epoch"])
 
     def drop_session(self, uuid: str, master_id: str, epoch: int) -> bool:
         return self.write("UPDATE sessions SET master_id = NULL WHERE uuid = %s AND master_id = %s AND epoch = %s",

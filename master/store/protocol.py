@@ -107,7 +107,8 @@ class MasterRecord(TypedDict):
     id: str
     urls: list[str]
     started_at: float
-    heartbeat_at: float
+    heartbeat_at: float  # by the store's clock (PostgreSQL's: compare ``heartbeat_age``, not time.time())
+    heartbeat_age: float  # seconds since its last heartbeat, by the store's clock: free of masters' skew
     agents: int  # sessions it held at its last heartbeat
     singleton: bool  # it holds the unexpired lease ``singleton`` (runs the cluster's singleton work)
 
@@ -227,7 +228,9 @@ class Store(Protocol):
     def set_release_targets_status(self, release_id: str, uuids: list[str], status: str) -> None: ...
 
     # -- cluster: masters, sessions, leases (issue 15; one master holds everything on SQLite) --
-    # Times are the caller's clock (``now``), so every comparison uses one master's view.
+    # Times: on SQLite the caller's clock (``now``, one master's view); on PostgreSQL the
+    # database's, ``now`` counting only as an offset from the caller's ``time.time()`` (so the
+    # masters' skew cancels out: postgres_cluster.py).
     def register_master(self, master_id: str, urls: list[str], now: float) -> None:
         """Add (or restart) ``master_id`` in the registry with its URLs."""
         ...
@@ -256,6 +259,13 @@ class Store(Protocol):
 
     def claim_session(self, uuid: str, master_id: str, now: float) -> int:
         """``master_id`` holds ``uuid``'s session from now: epoch + 1; returns the new epoch."""
+        ...
+
+    def reclaim_session(self, uuid: str, master_id: str, epoch: int) -> int | None:
+        """Claim ``uuid``'s session again only if it is still as ``master_id`` left it: at
+        ``epoch`` and held by ``master_id`` or by nobody (a master the others took for dead
+        takes back its sessions, never one an agent moved elsewhere). The new epoch, or None
+        when it moved on: the caller closes its own session of that agent."""
         ...
 
     def drop_session(self, uuid: str, master_id: str, epoch: int) -> bool:

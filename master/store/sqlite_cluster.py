@@ -61,10 +61,10 @@ class ClusterSQL(SQLiteBase):
             "SELECT m.id, m.urls, m.started_at, m.heartbeat_at, m.agents, l.holder IS NOT NULL AS singleton "
             "FROM masters m LEFT JOIN leases l ON l.name = ? AND l.holder = m.id AND l.expires_at > ? "
             "ORDER BY m.started_at, m.id",
-            (SINGLETON, time.time()),
+            (SINGLETON, now := time.time()),
         )
-        return [MasterRecord(id=r[0], urls=list(loads(r[1])), started_at=r[2], heartbeat_at=r[3], agents=r[4],
-                             singleton=bool(r[5])) for r in rows]
+        return [MasterRecord(id=r[0], urls=list(loads(r[1])), started_at=r[2], heartbeat_at=r[3],
+                             heartbeat_age=now - r[3], agents=r[4], singleton=bool(r[5])) for r in rows]
 
     def forget_master(self, master_id: str) -> None:
         with self.transaction() as db:
@@ -91,6 +91,13 @@ class ClusterSQL(SQLiteBase):
     # -- sessions ---------------------------------------------------------------------------
     def claim_session(self, uuid: str, master_id: str, now: float) -> int:
         return int(self.db.execute(_CLAIM_SQL, (uuid, master_id, now)).fetchone()[0])
+
+    def reclaim_session(self, uuid: str, master_id: str, epoch: int) -> int | None:
+        row = self.db.execute(
+            "UPDATE sessions SET master_id = ?, epoch = epoch + 1, since = ? "
+            "WHERE uuid = ? AND epoch = ? AND (master_id IS NULL OR master_id = ?) RETURNING epoch",
+            (master_id, time.time(), uuid, epoch, master_id)).fetchone()
+        return None if row is None else int(row[0])
 
     def drop_session(self, uuid: str, master_id: str, epoch: int) -> bool:
         cur = self.db.execute("UPDATE sessions SET master_id = NULL WHERE uuid = ? AND master_id = ? AND epoch = ?",
