@@ -16,7 +16,7 @@ from hcsdk.protocol.wire import loads
 
 from .postgres_base import FINAL_SQL, Conn, PostgresBase, clean, clean_or_none, js, sql_list
 from .protocol import Result
-from .sqlite_runs import DISPATCHABLE, PRESUMED_BY, SETTLED, STARTABLE
+from .sqlite_runs import CANCELLED_UNSENT, DISPATCHABLE, PRESUMED_BY, SETTLED, STARTABLE
 
 # the batched writes of ingest, from its staging tables (postgres_base._STAGING)
 _START_SQL = (f"UPDATE tasks t SET status='{TaskStatus.RUNNING}', started_at=v.started_at FROM zy_starts v "
@@ -43,6 +43,17 @@ _MASTER_FINAL_SQL = (
     f"WHERE t.taskid=v.taskid AND t.status NOT IN {FINAL_SQL} RETURNING t.taskid, t.run_id, t.uuid, v.status, v.error"
 )
 
+_UNHELD_FINAL_SQL = _MASTER_FINAL_SQL.replace(
+    " RETURNING", " AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.uuid = t.uuid AND s.master_id IS NOT NULL) "
+    "RETURNING")
+_CLAIM_PENDING_SQL = (f"UPDATE tasks SET status='{TaskStatus.DISPATCHED}' WHERE taskid = ANY(%s) "
+                      f"AND status='{TaskStatus.PENDING}' AND NOT cancel_requested RETURNING taskid")
+_CANCEL_PENDING_SQL = (
+    f"UPDATE tasks t SET status='{TaskStatus.CANCELLED}', error=%s, finished_at=%s, final_source='{Verdict.MASTER}' "
+    f"WHERE t.run_id=%s AND t.status='{TaskStatus.PENDING}' "
+    "RETURNING t.taskid, t.run_id, t.uuid, t.status, t.error"
+)
+
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     """Rows as one list per column (what ``unnest`` takes)."""
@@ -56,22 +67,53 @@ def _num(value: float | None) -> float | None:
 
 class PostgresRunsSQL(PostgresBase):
     def create_run(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float,
-                   tasks: list[tuple[str, str, str, float]]) -> list[dict[str, Any]]:
+                   tasks: list[tuple[str, str, str, float]],
+                   holder: tuple[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
         """Insert a run and its tasks ``(taskid, uuid, status, deadline)``; tasks created already
-        final (offline targets) get their ``done`` event here. Returns those events. (The run's
-        row is new, so it is this transaction's until it commits: no other writer can add events
-        to the run before these.)"""
+        final (offline targets) get their ``done`` event here. Returns those events. With
+        ``holder``, as ``create_run_held``. (The run's row is new, so it is this transaction's
+        until it commits: no other writer can add events to the run before these.)"""
+        return self.create_run_held(run_id, cmd, args, timeout, tasks, holder)[0]
+
+    def create_run_held(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float,
+                        tasks: list[tuple[str, str, str, float]], holder: tuple[str, dict[str, int]] | None
+                        ) -> tuple[list[dict[str, Any]], list[str]]:
+        """``create_run``, and with ``holder`` = (this master's id, {uuid: the epoch its local
+        session holds}) a task given as dispatched is stored dispatched only if its agent's
+        session is still this master's at that epoch, else pending (its holder sends it). The
+        sessions are read FOR SHARE in this transaction: a claim elsewhere (an UPDATE of the
+        row) waits for the commit, so its redelivery reads these tasks; a claim committed first
+        is seen here. Returns the done events and the taskids stored dispatched (the ones the
+        caller sends now)."""
         now = time.time()
         master = str(Verdict.MASTER)
-        rows = [(tid, run_id, uuid, str(st), float(dl), now if st in FINAL else None, master if st in FINAL else None)
-                for tid, uuid, st, dl in tasks]
         final = [(run_id, tid, uuid, 0, "done", js({"status": st, "error": "agent is offline"}))
                  for tid, uuid, st, _ in tasks if st in FINAL]
         with self.transaction() as conn:
+            if holder is not None:
+                tasks = self._held_only(conn, tasks, holder)
+            rows = [(tid, run_id, uuid, str(st), float(dl), now if st in FINAL else None,
+                     master if st in FINAL else None) for tid, uuid, st, dl in tasks]
             conn.execute("INSERT INTO runs(id, cmd, args, timeout, created_at, total) VALUES(%s,%s,%s,%s,%s,%s)",
                          (run_id, cmd, js(args), timeout, now, len(tasks)))
             self.copy_in(conn, "tasks(taskid, run_id, uuid, status, deadline, finished_at, final_source)", rows)
-            return self._insert_events(conn, final)
+            events = self._insert_events(conn, final)
+        return events, [tid for tid, _, st, _ in tasks if st == TaskStatus.DISPATCHED]
+
+    @staticmethod
+    def _held_only(conn: Conn, tasks: list[tuple[str, str, str, float]], holder: tuple[str, dict[str, int]]
+                   ) -> list[tuple[str, str, str, float]]:
+        """``tasks`` with those given as dispatched whose session ``holder`` no longer holds at
+        its epoch made pending; the sessions locked FOR SHARE (in uuid order) till the commit."""
+        me, epochs = holder
+        wanted = sorted({uuid for _, uuid, st, _ in tasks if st == TaskStatus.DISPATCHED})
+        held: set[str] = set()
+        if wanted:
+            rows = conn.execute("SELECT uuid, master_id, epoch FROM sessions WHERE uuid = ANY(%s) ORDER BY uuid "
+                                "FOR SHARE", (wanted,)).fetchall()
+            held = {r["uuid"] for r in rows if r["master_id"] == me and epochs.get(r["uuid"]) == int(r["epoch"])}
+        return [(tid, uuid, TaskStatus.PENDING if st == TaskStatus.DISPATCHED and uuid not in held else st, dl)
+                for tid, uuid, st, dl in tasks]
 
     @staticmethod
     def _insert_events(conn: Conn, rows: list[tuple[str, str, str, int, str, str]]) -> list[dict[str, Any]]:
@@ -190,24 +232,45 @@ class PostgresRunsSQL(PostgresBase):
                 conn.execute(_LOCK_TASK_RUNS_SQL, (taskids,))
                 conn.execute(_DISPATCHED_SQL, (taskids,))
 
+    def claim_pending(self, taskids: list[str]) -> list[str]:
+        """Of ``taskids``, those still pending and not asked to cancel, now dispatched: the ones
+        the caller may send (a cancel_pending of their run either came first and they are not
+        here, or waits for this and then sends their cancels)."""
+        if not taskids:
+            return []
+        with self.transaction() as conn:
+            conn.execute(_LOCK_TASK_RUNS_SQL, (list(taskids),))
+            rows = conn.execute(_CLAIM_PENDING_SQL, (list(taskids),)).fetchall()
+        return sorted(r["taskid"] for r in rows)
+
     def finish_by_master(self, items: list[tuple[str, str, str]]) -> set[str]:
         """Final status decided by the master ``(taskid, status, error)``; returns changed runs.
         Of one task given twice the first counts (as one statement after another would)."""
+        return self._finish(items, _MASTER_FINAL_SQL)
+
+    def finish_unheld(self, items: list[tuple[str, str, str]]) -> set[str]:
+        """``finish_by_master`` only for tasks whose agent's session nobody holds when the
+        verdict is written (a master that claimed it since delivers the task instead)."""
+        return self._finish(items, _UNHELD_FINAL_SQL)
+
+    def _finish(self, items: list[tuple[str, str, str]], statement: str) -> set[str]:
         first: dict[str, tuple[str, str]] = {}
         for taskid, status, error in items:
             first.setdefault(taskid, (str(status), error))
         if not first:
             return set()
-        owners = self.task_runs(first)
         ids = sorted(first)
         with self.transaction() as conn:
-            self.lock_runs(conn, (owners[t][0] for t in ids if t in owners))
-            done = conn.execute(_MASTER_FINAL_SQL, (time.time(), ids, [first[t][0] for t in ids],
-                                                    [first[t][1] for t in ids])).fetchall()
-            # seq -1 marks a verdict of the master's; agents' seqs start at 0
-            self._insert_events(conn, [(r["run_id"], r["taskid"], r["uuid"], -1, "done",
-                                        js({"status": r["status"], "error": r["error"]})) for r in done])
+            conn.execute(_LOCK_TASK_RUNS_SQL, (ids,))
+            done = conn.execute(statement, (time.time(), ids, [first[t][0] for t in ids],
+                                            [first[t][1] for t in ids])).fetchall()
+            self._master_events(conn, done)
         return {r["run_id"] for r in done}
+
+    def _master_events(self, conn: Conn, done: list[dict[str, Any]]) -> None:
+        # seq -1 marks a verdict of the master's; agents' seqs start at 0
+        self._insert_events(conn, [(r["run_id"], r["taskid"], r["uuid"], -1, "done",
+                                    js({"status": r["status"], "error": r["error"]})) for r in done])
 
     def request_cancel(self, run_id: str) -> list[dict[str, Any]]:
         with self.transaction() as conn:
@@ -216,6 +279,22 @@ class PostgresRunsSQL(PostgresBase):
                          (run_id,))
             return conn.execute(f"SELECT taskid, uuid, status FROM tasks WHERE run_id=%s AND status NOT IN "
                                 f"{FINAL_SQL}", (run_id,)).fetchall()
+
+    def cancel_pending(self, run_id: str) -> tuple[list[dict[str, Any]], set[str]]:
+        """``request_cancel`` with the verdict on pending tasks in the same transaction: its
+        open tasks asked to cancel, those still pending finished ``cancelled before the agent
+        received it`` (no claim_pending can take one in between: both lock the run's row).
+        Returns the open tasks left (``taskid, uuid, status``: dispatched or running, whose
+        cancels go out) and the runs that changed."""
+        with self.transaction() as conn:
+            self.lock_runs(conn, [run_id])
+            conn.execute(f"UPDATE tasks SET cancel_requested=true WHERE run_id=%s AND status NOT IN {FINAL_SQL}",
+                         (run_id,))
+            done = conn.execute(_CANCEL_PENDING_SQL, (CANCELLED_UNSENT, time.time(), run_id)).fetchall()
+            self._master_events(conn, done)
+            left = conn.execute(f"SELECT taskid, uuid, status FROM tasks WHERE run_id=%s AND status NOT IN "
+                                f"{FINAL_SQL} ORDER BY taskid", (run_id,)).fetchall()
+        return left, {r["run_id"] for r in done}
 
     def overdue_tasks(self, now: float) -> list[dict[str, Any]]:
         return self.all(f"SELECT taskid, uuid, status FROM tasks WHERE deadline < %s AND status NOT IN {FINAL_SQL}",

@@ -155,9 +155,22 @@ class Store(Protocol):
 
     # -- runs, tasks, events ----------------------------------------------------------------
     def create_run(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float,
-                   tasks: list[tuple[str, str, str, float]]) -> list[dict[str, Any]]:
+                   tasks: list[tuple[str, str, str, float]],
+                   holder: tuple[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
         """A run and its tasks ``(taskid, uuid, status, deadline)``; returns the ``done`` events
-        of tasks created final."""
+        of tasks created final. ``holder``: as ``create_run_held`` (which also says which
+        tasks it stored dispatched)."""
+        ...
+
+    def create_run_held(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float,
+                        tasks: list[tuple[str, str, str, float]], holder: tuple[str, dict[str, int]] | None
+                        ) -> tuple[list[dict[str, Any]], list[str]]:
+        """``create_run``; with ``holder`` = (this master's id, {uuid: its local session's
+        epoch}) a task given as dispatched is stored so only if the store's session of its agent
+        is this master's at that epoch, in the same transaction (PostgreSQL: the session rows
+        read FOR SHARE, so a claim elsewhere waits for the commit and its redelivery sees the
+        task); else it is stored pending, for the agent's holder to send. Returns the done
+        events and the taskids stored dispatched: only those are the caller's to send."""
         ...
 
     def task(self, taskid: str) -> dict[str, Any] | None: ...
@@ -172,11 +185,29 @@ class Store(Protocol):
 
     def open_tasks_for(self, uuid: str) -> list[dict[str, Any]]: ...
     def mark_dispatched(self, taskids: list[str]) -> None: ...
+    def claim_pending(self, taskids: list[str]) -> list[str]:
+        """Of ``taskids``, those still pending and not asked to cancel, now dispatched, in one
+        statement: a holder sends a pending task only if it claimed it (then a cancel_pending
+        after it sees it dispatched and its cancel goes out; one before it leaves it out)."""
+        ...
+
     def finish_by_master(self, items: list[tuple[str, str, str]]) -> set[str]:
         """Final ``(taskid, status, error)`` decided by the master; returns the runs that changed."""
         ...
 
+    def finish_unheld(self, items: list[tuple[str, str, str]]) -> set[str]:
+        """``finish_by_master`` for tasks whose agent's session nobody holds at the moment the
+        verdict is written (the same statement checks it): a task whose agent a master has
+        claimed since it was read is left for that master to deliver."""
+        ...
+
     def request_cancel(self, run_id: str) -> list[dict[str, Any]]: ...
+    def cancel_pending(self, run_id: str) -> tuple[list[dict[str, Any]], set[str]]:
+        """``request_cancel`` and, in the same transaction, the run's still-pending tasks
+        finished ``cancelled before the agent received it`` (no claim_pending in between).
+        Returns the open tasks left (``taskid, uuid, status``: dispatched or running, whose
+        cancels must go out) and the runs that changed (to notify)."""
+        ...
     def overdue_tasks(self, now: float) -> list[dict[str, Any]]: ...
     def open_task_agents(self) -> list[str]: ...
     def run(self, run_id: str) -> dict[str, Any] | None: ...

@@ -31,6 +31,8 @@ _DONE_SQL = ("UPDATE tasks SET status=?, exit_code=?, started_at=COALESCE(starte
              f"OR final_source IN {sql_list(PRESUMED_BY)})")
 _DISPATCHED_SQL = (f"UPDATE tasks SET status='{TaskStatus.DISPATCHED}' WHERE taskid=? "
                    f"AND status IN {sql_list(DISPATCHABLE)}")
+#: the error of a task cancelled before any agent was sent it
+CANCELLED_UNSENT = "cancelled before the agent received it"
 _EVENT_SQL = "INSERT OR IGNORE INTO events(run_id, taskid, uuid, seq, kind, data) VALUES(?,?,?,?,?,?)"
 _SAMPLE_SQL = ("INSERT OR IGNORE INTO samples(series, uuid, taskid, seq, time, status, fields, error) "
                "VALUES(?,?,?,?,?,?,?,?)")
@@ -38,15 +40,26 @@ _SAMPLE_SQL = ("INSERT OR IGNORE INTO samples(series, uuid, taskid, seq, time, s
 
 class RunsSQL(SQLiteBase):
     def create_run(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float,
-                   tasks: list[tuple[str, str, str, float]]) -> list[dict[str, Any]]:
+                   tasks: list[tuple[str, str, str, float]],
+                   holder: tuple[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
         """Insert a run and its tasks ``(taskid, uuid, status, deadline)``.
 
         Tasks created already final (offline targets) get their ``done`` event here, so the
-        SDK sees them like any other result. Returns those events.
+        SDK sees them like any other result. Returns those events. With ``holder``, as
+        ``create_run_held``.
         """
+        return self.create_run_held(run_id, cmd, args, timeout, tasks, holder)[0]
+
+    def create_run_held(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float,
+                        tasks: list[tuple[str, str, str, float]], holder: tuple[str, dict[str, int]] | None
+                        ) -> tuple[list[dict[str, Any]], list[str]]:
+        """As on PostgreSQL (one master here: the same check, in this one transaction, needs no
+        lock): the done events, and the taskids stored dispatched."""
         now = time.time()
         events = []
         with self.transaction() as db:
+            if holder is not None:
+                tasks = self._held_only(tasks, holder)
             db.execute("INSERT INTO runs(id, cmd, args, timeout, created_at, total) VALUES(?,?,?,?,?,?)",
                        (run_id, cmd, js(args), timeout, now, len(tasks)))
             db.executemany(
@@ -59,7 +72,18 @@ class RunsSQL(SQLiteBase):
                 if st in FINAL:
                     events.append(self._insert_event(run_id, tid, uuid, 0, "done",
                                                      {"status": st, "error": "agent is offline"}))
-        return [e for e in events if e]
+        return [e for e in events if e], [tid for tid, _, st, _ in tasks if st == TaskStatus.DISPATCHED]
+
+    def _held_only(self, tasks: list[tuple[str, str, str, float]], holder: tuple[str, dict[str, int]]
+                   ) -> list[tuple[str, str, str, float]]:
+        me, epochs = holder
+        wanted = sorted({uuid for _, uuid, st, _ in tasks if st == TaskStatus.DISPATCHED})
+        held: set[str] = set()
+        for part, marks in in_chunks(wanted):
+            rows = self.db.execute(f"SELECT uuid, master_id, epoch FROM sessions WHERE uuid IN {marks}", part)
+            held.update(r[0] for r in rows if r[1] == me and epochs.get(r[0]) == int(r[2]))
+        return [(tid, uuid, TaskStatus.PENDING if st == TaskStatus.DISPATCHED and uuid not in held else st, dl)
+                for tid, uuid, st, dl in tasks]
 
     def _insert_event(self, run_id: str, taskid: str, uuid: str, seq: int, kind: str,
                       data: dict[str, Any]) -> dict[str, Any] | None:
@@ -144,8 +168,27 @@ class RunsSQL(SQLiteBase):
     def mark_dispatched(self, taskids: list[str]) -> None:
         self.db.executemany(_DISPATCHED_SQL, [(t,) for t in taskids])
 
+    def claim_pending(self, taskids: list[str]) -> list[str]:
+        """As on PostgreSQL: those still pending and not asked to cancel, now dispatched."""
+        claimed: list[str] = []
+        with self.transaction() as db:
+            for part, marks in in_chunks(list(set(taskids))):
+                rows = db.execute(f"UPDATE tasks SET status='{TaskStatus.DISPATCHED}' WHERE taskid IN {marks} "
+                                  f"AND status='{TaskStatus.PENDING}' AND NOT cancel_requested RETURNING taskid",
+                                  part).fetchall()
+                claimed += [r[0] for r in rows]
+        return sorted(claimed)
+
     def finish_by_master(self, items: list[tuple[str, str, str]]) -> set[str]:
         """Final status decided by the master ``(taskid, status, error)``; returns changed runs."""
+        return self._finish(items, "")
+
+    def finish_unheld(self, items: list[tuple[str, str, str]]) -> set[str]:
+        """``finish_by_master`` only for tasks whose agent's session nobody holds."""
+        return self._finish(items, " AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.uuid = tasks.uuid "
+                                   "AND s.master_id IS NOT NULL)")
+
+    def _finish(self, items: list[tuple[str, str, str]], guard: str) -> set[str]:
         owners = self.task_runs(t for t, _, _ in items)
         changed = set()
         now = time.time()
@@ -153,7 +196,7 @@ class RunsSQL(SQLiteBase):
             for taskid, status, error in items:
                 cur = db.execute(
                     f"UPDATE tasks SET status=?, error=?, finished_at=?, final_source='{Verdict.MASTER}' "
-                    f"WHERE taskid=? AND status NOT IN {FINAL_SQL}",
+                    f"WHERE taskid=? AND status NOT IN {FINAL_SQL}{guard}",
                     (status, error, now, taskid),
                 )
                 if cur.rowcount and taskid in owners:
@@ -170,6 +213,22 @@ class RunsSQL(SQLiteBase):
             f"SELECT taskid, uuid, status FROM tasks WHERE run_id=? AND status NOT IN {FINAL_SQL}", (run_id,)
         )
         return [dict(r) for r in rows]
+
+    def cancel_pending(self, run_id: str) -> tuple[list[dict[str, Any]], set[str]]:
+        """As on PostgreSQL, in one transaction: the open tasks left, and the runs that changed."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(f"UPDATE tasks SET cancel_requested=1 WHERE run_id=? AND status NOT IN {FINAL_SQL}", (run_id,))
+            done = db.execute(
+                f"UPDATE tasks SET status='{TaskStatus.CANCELLED}', error=?, finished_at=?, "
+                f"final_source='{Verdict.MASTER}' WHERE run_id=? AND status='{TaskStatus.PENDING}' "
+                "RETURNING taskid, uuid", (CANCELLED_UNSENT, now, run_id)).fetchall()
+            for taskid, uuid in sorted((r[0], r[1]) for r in done):
+                self._insert_event(run_id, taskid, uuid, -1, "done",
+                                   {"status": TaskStatus.CANCELLED, "error": CANCELLED_UNSENT})
+            left = db.execute(f"SELECT taskid, uuid, status FROM tasks WHERE run_id=? AND status NOT IN "
+                              f"{FINAL_SQL} ORDER BY taskid", (run_id,)).fetchall()
+        return [dict(r) for r in left], {run_id} if done else set()
 
     def overdue_tasks(self, now: float) -> list[dict[str, Any]]:
         rows = self.db.execute(
