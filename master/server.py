@@ -229,11 +229,6 @@ def _announce(urls: list[str], paths: Paths, written: list[Any], start: _Start, 
 
 def _redacted(url: str) -> str:
     """The store URL without a password (the banner goes to logs)."""
-    from urllib.parse import urlsplit, urlunsplit
+    from .store.postgres import redact  # (master.store.postgres loads psycopg: only with a --store URL)
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    # the hosts as written: a multi-host URL (h1:5432,h2:5432, libpq's failover list) has no one .port
-    netloc = f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    return redact(url) if url else url

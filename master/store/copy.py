@@ -90,13 +90,10 @@ def copy_store(sqlite_path: Path, pg_url: str, progress: Progress | None = None,
 
 
 def describe_url(url: str) -> str:
-    """``url`` without its password, for messages."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.Error:
-        return "the --to URL (unparsable)"
-    return f"postgresql://{info.get('user') or ''}@{info.get('host') or ''}:{info.get('port') or 5432}/" \
-           f"{info.get('dbname') or ''}"
+    """``url`` without its password, for messages (postgres.py's ``redact``: one redactor)."""
+    from .postgres import redact
+
+    return redact(url)
 
 
 # -- the source -----------------------------------------------------------------------------
