@@ -28,6 +28,9 @@ __all__ = ["Dispatch", "Placement", "check_cmd"]
 class Placement(Protocol):
     """Where agents this master does not hold are held (the cluster, ``master.cluster``)."""
 
+    @property
+    def master_id(self) -> str: ...
+
     async def elsewhere(self, uuids: list[str]) -> dict[str, str]:
         """uuid -> the live master (not this one) whose session holds it, for those held so."""
         ...
@@ -70,6 +73,12 @@ class Dispatch:
     async def redeliver(self, session: Session) -> None:
         """What the store holds open for a (re)connected agent: its tasks and cancels again."""
         tasks = await self.db(self.db.store.open_tasks_for, session.uuid)
+        pending = [t["taskid"] for t in tasks if t["status"] == TaskStatus.PENDING and not t["cancel_requested"]]
+        if pending:
+            # a pending task goes out only once claimed (pending -> dispatched in one statement):
+            # a cancel meanwhile, or another master sending it, leaves it out here
+            claimed = set(await self.db(self.db.store.claim_pending, pending))
+            tasks = [t for t in tasks if t["status"] != TaskStatus.PENDING or t["taskid"] in claimed]
         sent = self._send_open(session, tasks)
         if sent:
             await self.db(self.db.store.mark_dispatched, sent)
@@ -90,16 +99,19 @@ class Dispatch:
 
     async def send_held(self, tasks: list[dict[str, Any]]) -> int:
         """Send pending tasks another master stored for agents held here (``uuid`` in each row),
-        and mark them dispatched; how many went out. Rows of agents no longer here are left
+        those this master claims (pending -> dispatched, so a cancel meanwhile or a redelivery
+        elsewhere is not raced); how many went out. Rows of agents no longer here are left
         to whoever holds them now."""
+        here = [t for t in tasks if t["uuid"] in self.table.sessions and not t["cancel_requested"]]
+        if not here:
+            return 0
+        claimed = set(await self.db(self.db.store.claim_pending, [t["taskid"] for t in here]))
         sent: list[str] = []
-        for t in tasks:
+        for t in here:
             session = self.table.sessions.get(t["uuid"])
-            if session is not None:
+            if t["taskid"] in claimed and session is not None:  # (a session gone meanwhile: redelivered)
                 sent += self._send_open(session, [t])
-        if sent:
-            await self.db(self.db.store.mark_dispatched, sent)
-            self.stats["dispatched"] += len(sent)
+        self.stats["dispatched"] += len(sent)
         return len(sent)
 
     def send_cancels(self, tasks: list[dict[str, Any]]) -> list[str]:
@@ -131,22 +143,36 @@ class Dispatch:
             status = (TaskStatus.DISPATCHED if uuid in sessions else TaskStatus.PENDING if uuid in elsewhere
                       else TaskStatus.OFFLINE)
             rows.append((f"{run_id}.{i}", uuid, status, deadline))
-        await self.db(self.db.store.create_run, run_id, cmd, args, timeout, rows)
+        dispatched = await self._store_run(run_id, cmd, args, timeout, rows)
         if elsewhere and self.placement is not None:  # stored first: the holders read the store
             self.placement.wake_dispatch(set(elsewhere.values()), run_id)
         # Tasks are stored as dispatched before they are sent: if this session drops before the
         # agent sees them, the next handshake redelivers them.
         for taskid, uuid, status, _ in rows:
             session = sessions.get(uuid)
-            if status == TaskStatus.DISPATCHED and session:
+            if status == TaskStatus.DISPATCHED and taskid in dispatched and session:
                 session.send([self.task_msg(uuid, taskid, cmd, args, timeout, deadline, run_id)])
                 self.stats["dispatched"] += 1
         self.events.notify({run_id})
+        stored = [r[2] if r[2] != TaskStatus.DISPATCHED or r[0] in dispatched else TaskStatus.PENDING for r in rows]
         return {
             "run_id": run_id, "cmd": cmd, "timeout": timeout,
-            "targets": [{"uuid": a["uuid"], "hostname": a["hostname"], "taskid": r[0], "status": r[2]}
-                        for a, r in zip(chosen, rows, strict=True)],
+            "targets": [{"uuid": a["uuid"], "hostname": a["hostname"], "taskid": r[0], "status": status}
+                        for a, r, status in zip(chosen, rows, stored, strict=True)],
         }
+
+    async def _store_run(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float,
+                         rows: list[tuple[str, str, TaskStatus, float]]) -> set[str]:
+        """Store the run; the taskids stored dispatched (this master's to send)."""
+        if self.placement is None:
+            await self.db(self.db.store.create_run, run_id, cmd, args, timeout, rows)
+            return {r[0] for r in rows if r[2] == TaskStatus.DISPATCHED}
+        # with several masters: dispatched only where this master's session is still the store's
+        # (a handshake elsewhere meanwhile: stored pending, and its new holder sends it)
+        epochs = {uuid: s.epoch for uuid in {r[1] for r in rows} if (s := self.table.sessions.get(uuid))}
+        _, dispatched = await self.db(self.db.store.create_run_held, run_id, cmd, args, timeout, rows,
+                                      (self.placement.master_id, epochs))
+        return set(dispatched)
 
     async def _elsewhere(self, uuids: list[str]) -> dict[str, str]:
         if self.placement is None or not uuids:
@@ -165,19 +191,17 @@ class Dispatch:
     async def cancel_run(self, run_id: str) -> int:
         if not await self.db(self.db.store.run_exists, run_id):
             raise RequestRejected(f"no run {run_id!r}", kind="run", status=404)
-        open_tasks = await self.db(self.db.store.request_cancel, run_id)
-        unreachable: list[tuple[str, str, str]] = []
+        # pending tasks end "cancelled before the agent received it" in the same transaction
+        # (a holder claims a pending task before it sends it: one or the other wins)
+        open_tasks, changed = await self.db(self.db.store.cancel_pending, run_id)
+        self.events.notify(changed)
         remote: list[str] = []
         for t in open_tasks:
             session = self.table.sessions.get(t["uuid"])
-            if t["status"] == TaskStatus.PENDING:
-                unreachable.append((t["taskid"], TaskStatus.CANCELLED, "cancelled before the agent received it"))
-            elif session:
+            if session:
                 session.send([self.cancel_msg(t["uuid"], t["taskid"])])
             else:  # the agent may be running it; the cancel goes out from its holder, or at its reconnect
                 remote.append(t["uuid"])
-        if unreachable:
-            self.events.notify(await self.db(self.db.store.finish_by_master, unreachable))
         holders = await self._elsewhere(remote)
         if holders and self.placement is not None:  # cancel_requested is stored: its holder sends it
             self.placement.wake_dispatch(set(holders.values()), run_id)
@@ -201,7 +225,9 @@ class Dispatch:
         verdicts: list[tuple[str, str, str]] = []
         for uuid in uuids:
             verdicts += await self._gone_verdicts(uuid)
-        await self._finish_overdue(verdicts)
+        if verdicts:  # only while nobody holds the agent: one claimed since is its master's to serve
+            self.events.notify(await self.db(self.db.store.finish_unheld, verdicts))
+        await self._finish_overdue([])
 
     async def _gone_verdicts(self, uuid: str) -> list[tuple[str, str, str]]:
         verdicts: list[tuple[str, str, str]] = []
