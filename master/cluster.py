@@ -84,7 +84,7 @@ class Cluster:
         #: where singleton work started in the background runs: cancelled when the lease is lost
         self.singleton_group: TaskGroup | None = None
         self._singleton_until = float("inf") if not self.shared else 0.0
-        self._live: dict[str, float] = {}  # master id -> its last heartbeat (wall clock)
+        self._live: dict[str, float] = {}  # master id -> its last heartbeat (this process's monotonic clock)
         self._kick = anyio.Event()
         self._cancels_sent: set[str] = set()
         self._gone: dict[str, float] = {}  # uuid -> since when no master holds it (monotonic)
@@ -227,19 +227,26 @@ class Cluster:
         await self._refresh_masters()
 
     async def _refresh_masters(self) -> None:
-        self._live = {m["id"]: m["heartbeat_at"] for m in await self.db(self.store.masters)}
+        # ages by the store's clock, so masters whose clocks disagree still agree on who is alive
+        now = time.monotonic()
+        self._live = {m["id"]: now - m["heartbeat_age"] for m in await self.db(self.store.masters)}
 
     def _is_live(self, master_id: str) -> bool:
         seen = self._live.get(master_id)
-        return seen is not None and time.time() - seen < self.settings.master_dead_after
+        return seen is not None and time.monotonic() - seen < self.settings.master_dead_after
 
     async def _reclaim(self, sessions: list[Session]) -> None:
-        def claim() -> list[int]:
-            now = time.time()
-            return [self.store.claim_session(s.uuid, self.master_id, now) for s in sessions]
+        """Claim again sessions the store dropped while this master seemed dead, unless their
+        agents moved on meanwhile (then the local session is the stale one: it closes)."""
+        def claim() -> list[int | None]:
+            return [self.store.reclaim_session(s.uuid, self.master_id, s.epoch) for s in sessions]
 
         for session, epoch in zip(sessions, await self.db(claim), strict=True):
-            session.epoch = epoch
+            if epoch is not None:
+                session.epoch = epoch
+            elif self.table.sessions.get(session.uuid) is session:
+                session.close("the agent moved to another master meanwhile")
+                self.table.session_ended(session, reason="moved to another master", offline=False)
 
     async def _singleton_tenures(self) -> None:
         """A task group per stretch of holding the lease: singleton work started in it (the

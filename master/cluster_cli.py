@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"zy master cluster: cannot open the store {_where(url, data_dir)}: {exc}", file=sys.stderr)
         return 2
     try:
-        rows = describe(store, time.time())
+        rows = describe(store)
     finally:
         store.close()
     print(json.dumps(rows, indent=1) if args.json else table(rows))
@@ -67,17 +66,18 @@ def _where(url: str | None, data_dir: Path) -> str:
     return f"{parts.hostname}:{parts.port or 5432}{parts.path}"
 
 
-def describe(store: Store, now: float, dead_after: float | None = None) -> list[dict[str, Any]]:
+def describe(store: Store, dead_after: float | None = None) -> list[dict[str, Any]]:
     """The registry as rows for the table (and --json)."""
     limit = MasterSettings.master_dead_after if dead_after is None else dead_after
-    return [_row(m, now, limit) for m in store.masters()]
+    return [_row(m, limit) for m in store.masters()]
 
 
-def _row(m: MasterRecord, now: float, dead_after: float) -> dict[str, Any]:
-    ago = max(0.0, now - m["heartbeat_at"])
+def _row(m: MasterRecord, dead_after: float) -> dict[str, Any]:
+    # ages by the store's clock (PostgreSQL's on a shared store), not this host's
+    ago = max(0.0, m["heartbeat_age"])
+    up = max(0.0, m["heartbeat_at"] + ago - m["started_at"])
     return {"id": m["id"], "urls": list(m["urls"]), "agents": m["agents"], "heartbeat_ago_s": round(ago, 1),
-            "alive": ago < dead_after, "singleton": bool(m["singleton"]),
-            "up_s": round(max(0.0, now - m["started_at"]), 1)}
+            "alive": ago < dead_after, "singleton": bool(m["singleton"]), "up_s": round(up, 1)}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
