@@ -257,10 +257,11 @@ async def cluster_urls(hub: Hub, own: list[str]) -> list[str]:
     """Where an agent joining with a token may connect: this master's URLs first, then every
     other live master's (heartbeat within master_dead_after), so it fails over between them."""
     rows = await hub.db(hub.db.store.masters)
-    now, dead_after, me = time.time(), hub.settings.master_dead_after, hub.settings.master_id
+    dead_after, me = hub.settings.master_dead_after, hub.settings.master_id
     urls = list(own)
     for row in rows:
-        if row["id"] != me and now - row["heartbeat_at"] <= dead_after:
+        # the store's own clock says how old a heartbeat is: masters' clocks may disagree
+        if row["id"] != me and row["heartbeat_age"] <= dead_after:
             urls.extend(u for u in row["urls"] if u not in urls)
     return urls[:32]  # what a token request may name too; the first (this master) always fits
 
