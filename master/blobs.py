@@ -45,9 +45,11 @@ MAX_BLOB = 2 * 1024**3
 READ_PIECE = 256 * 1024
 #: bytes read from the store at a time into a cache file (one piece of the store's)
 FILL_PIECE = 1024 * 1024
-#: the share of the store's connections (its ``concurrency``) blob reads and puts may take at
-#: once: the rest stay free for everything else (a release to a thousand agents must not stall
-#: ingest)
+#: how many blob reads and puts may run at once, as a share of the store's ``concurrency`` (its
+#: StoreThread calls at once). They run beside StoreThread, not inside its share: PostgresStore's
+#: pool holds connections for both (``pool_size_for``: concurrency + these blob slots + one
+#: spare; keep this equal to its BLOB_SHARE), so a release to a thousand agents neither stalls
+#: ingest nor waits for a connection
 STORE_BLOB_SHARE = 0.5
 
 
