@@ -20,13 +20,17 @@ them), but nothing is shared: no session claims, no wake-ups; the master is alwa
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
+
+from hcsdk.net.serve import StartupError
 
 from .dispatch import Dispatch
 from .run_events import RunEvents
@@ -59,6 +63,21 @@ def master_channel(master_id: str) -> str:
 
 
 SingletonWork = Callable[[], Awaitable[None]]
+#: how many heartbeats a master starting with the id of a registered one waits for that one to
+#: beat: none (a run that crashed without leaving) -> taken over; one -> another process of the
+#: id is alive (a copied data dir) -> refused
+_TWIN_BEATS = 3
+
+
+def twin_message(master_id: str, age: float) -> str:
+    return (f"another master with id {master_id} is alive (heartbeat {age:.0f}s ago) — a copied data dir? "
+            "remove DATA_DIR/master.id on the copy")
+
+
+def _stop_process(message: str) -> None:
+    """A master that found its id taken by another live process stops as at a SIGTERM (its
+    shutdown leaves the store alone: ``Cluster.leave`` knows)."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Cluster:
@@ -75,6 +94,13 @@ class Cluster:
             log.warning("no master id was given; this run is %s (the server keeps one in DATA_DIR/master.id)",
                         settings.master_id)
         self.master_id = settings.master_id
+        #: this process among those that might run ``master_id`` (a copied data dir): a token
+        #: kept with the registry's row, checked by every heartbeat and lease renewal
+        self.instance = secrets.token_hex(8)
+        #: why this master stopped taking part (another live process has its id), or None
+        self.twin: str | None = None
+        #: what it does then: the process stops (tests replace it)
+        self.on_twin: Callable[[str], None] = _stop_process
         #: several masters share the store: sessions are claimed, wake-ups sent
         self.shared = settings.store_url is not None
         #: the URLs this master is reached at (the server fills the list once it listens)
@@ -161,7 +187,7 @@ class Cluster:
         """A clean shutdown: out of the registry, the lease and the sessions let go, so another
         master takes over at once instead of after ``master_dead_after``."""
         if self._left:
-            return
+            return  # (a master whose id another process took leaves that one's records alone)
         self._left = True
         self._singleton_until = 0.0
 
@@ -177,19 +203,63 @@ class Cluster:
         except Exception:  # the others find out after master_dead_after instead
             log.exception("could not leave the cluster cleanly")
 
-    async def _register(self, again: bool = False) -> None:
+    async def _register(self, again: bool = False) -> bool:
+        """Into the registry with this master's URLs; False (and this master stops) when
+        another live process holds the id."""
         with anyio.move_on_after(5):  # the server fills in its URLs once it listens
             while not self.urls:  # noqa: ASYNC110 - the server appends to this list
                 await anyio.sleep(0.02)
-
-        await self.db(self.store.register_master, self.master_id, list(self.urls), time.time())
+        if self.shared:
+            if not await self.db(self.store.join_master, self.master_id, self.instance, list(self.urls), time.time(),
+                                 self.settings.master_dead_after):
+                await self._lost_to_twin()
+                return False
+        else:  # (alone on its data dir, which lock_dir keeps to one process)
+            await self.db(self.store.register_master, self.master_id, list(self.urls), time.time(), self.instance)
         log.info("master %s %s the cluster with %s", self.master_id, "joined again" if again else "joined", self.urls)
+        return True
+
+    async def _join(self) -> None:
+        """Take this master's id in the registry before anything else, unless another process of
+        it is alive (a copied data dir or a restored backup of DATA_DIR): ``StartupError``. A row
+        whose heartbeat is fresh but does not move for a few beats is a run that crashed
+        without leaving: taken over."""
+        seen: float | None = None
+        for _ in range(_TWIN_BEATS):
+            if await self.db(self.store.join_master, self.master_id, self.instance, list(self.urls), time.time(),
+                             self.settings.master_dead_after, seen):
+                if seen is not None:
+                    log.warning("master %s: its previous run stopped without leaving the cluster; taking over",
+                                self.master_id)
+                return
+            other = await self.db(self.store.master_instance, self.master_id)
+            if other is None:
+                continue  # it left meanwhile: join again
+            if seen is not None and other[1] != seen:
+                raise StartupError(twin_message(self.master_id, other[2]))
+            seen = other[1]
+            log.info("master %s: another process of this id beat %.1fs ago; waiting to see whether it is alive",
+                     self.master_id, other[2])
+            await anyio.sleep(_TWIN_BEATS * self.settings.cluster_heartbeat)
+        other = await self.db(self.store.master_instance, self.master_id)
+        raise StartupError(twin_message(self.master_id, other[2] if other else 0.0))
+
+    async def _lost_to_twin(self) -> None:
+        """Another live process runs this master's id (a copy of its data dir started while this
+        one seemed dead): this one, the stale twin, stops without touching the store's records."""
+        other = await self.db(self.store.master_instance, self.master_id)
+        self.twin = twin_message(self.master_id, other[2] if other else 0.0)
+        self._left = True
+        self._singleton_until = 0.0
+        log.error("master %s stops: %s", self.master_id, self.twin)
+        self.on_twin(self.twin)
 
     async def prepare(self) -> None:
         """Before the master takes handshakes: a restarted master (same id) holds nothing yet,
         so the sessions its previous run left in the store are let go of (they would keep those
         agents looking online, and their tasks open, for ever)."""
         if self.shared:
+            await self._join()  # (refuses to start beside a live twin, whose sessions these are)
             stale = await self.db(self.store.drop_sessions_of, self.master_id)
             if stale:
                 log.info("master %s let go of %d sessions of its previous run", self.master_id, len(stale))
@@ -207,14 +277,16 @@ class Cluster:
             return
         now = time.time()
         started = time.monotonic()
-        if not await self.db(self.store.master_heartbeat, self.master_id, len(self.table.sessions), now):
+        instance = self.instance if self.shared else None
+        if not await self.db(self.store.master_heartbeat, self.master_id, len(self.table.sessions), now, instance):
             # the others took this master for dead (a long store outage): join again, and claim
-            # again every session still held here
+            # again every session still held here; unless another process took the id meanwhile
             log.warning("master %s was forgotten by the cluster; registering again", self.master_id)
-            await self._register(again=True)
+            if not await self._register(again=True):
+                return
             await self._reclaim(list(self.table.sessions.values()))
         ttl = self.settings.master_dead_after
-        if await self.db(self.store.take_lease, SINGLETON, self.master_id, ttl, now) and self.shared:
+        if await self.db(self.store.take_lease, SINGLETON, self.master_id, ttl, now, instance) and self.shared:
             was = self.is_singleton
             # a margin: the lease is counted lost a beat before others may take it
             self._singleton_until = started + max(ttl - self.settings.cluster_heartbeat, ttl / 2)
@@ -274,6 +346,8 @@ class Cluster:
 
     async def sweep(self) -> None:
         """One pass of the dispatch sweep (and, as singleton, of the singleton work)."""
+        if self.twin is not None:
+            return  # (another process of this id sends this id's tasks)
         if self.shared and not self.table.stopping:
             await self._drop_ended()
             self._sweeps += 1

@@ -51,6 +51,23 @@ _CLAIM_SQL = (
     "ON CONFLICT(uuid) DO UPDATE SET master_id = excluded.master_id, epoch = sessions.epoch + 1, "
     "since = excluded.since RETURNING epoch"
 )
+# a master id taken by this process: unless another process of that id (another instance) still
+# heartbeats; a silent one (dead_after) or one whose heartbeat the caller saw and has not moved
+# since (stale_beat) is taken over
+_JOIN_SQL = (
+    f"INSERT INTO masters(id, urls, started_at, heartbeat_at, agents, instance) VALUES(%s, %s, {NOW}, {NOW}, 0, %s) "
+    "ON CONFLICT(id) DO UPDATE SET urls = excluded.urls, started_at = excluded.started_at, "
+    "heartbeat_at = excluded.heartbeat_at, agents = 0, instance = excluded.instance "
+    f"WHERE masters.instance = excluded.instance OR masters.heartbeat_at < {NOW} - %s "
+    "OR masters.heartbeat_at = %s RETURNING id"
+)
+# a lease taken or renewed only by the process that holds the holder's registry row
+_TAKE_LEASE_HELD_SQL = (
+    f"INSERT INTO leases(name, holder, expires_at) SELECT %s, %s, {NOW} + %s "
+    "WHERE EXISTS (SELECT 1 FROM masters WHERE id = %s AND instance = %s) "
+    "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
+    f"WHERE leases.holder = excluded.holder OR leases.expires_at <= {NOW} RETURNING holder"
+)
 # a claim only of a session still as this master left it: its epoch, and held by it or nobody
 _RECLAIM_SQL = (
     f"UPDATE sessions SET master_id = %s, epoch = epoch + 1, since = {NOW} "
@@ -65,17 +82,32 @@ def offset(now: float) -> float:
 
 class PostgresClusterSQL(PostgresBase):
     # -- masters ----------------------------------------------------------------------------
-    def register_master(self, master_id: str, urls: list[str], now: float) -> None:
+    def register_master(self, master_id: str, urls: list[str], now: float, instance: str = "") -> None:
         self.write(
-            f"INSERT INTO masters(id, urls, started_at, heartbeat_at, agents) VALUES(%s, %s, {NOW}, {NOW}, 0) "
+            f"INSERT INTO masters(id, urls, started_at, heartbeat_at, agents, instance) "
+            f"VALUES(%s, %s, {NOW}, {NOW}, 0, %s) "
             "ON CONFLICT(id) DO UPDATE SET urls = excluded.urls, started_at = excluded.started_at, "
-            "heartbeat_at = excluded.heartbeat_at, agents = 0",
-            (master_id, js(list(urls)), offset(now), offset(now)),
+            "heartbeat_at = excluded.heartbeat_at, agents = 0, instance = excluded.instance",
+            (master_id, js(list(urls)), offset(now), offset(now), instance),
         )
 
-    def master_heartbeat(self, master_id: str, agents: int, now: float) -> bool:
-        return self.write(f"UPDATE masters SET heartbeat_at = {NOW}, agents = %s WHERE id = %s",
-                          (offset(now), agents, master_id)) > 0
+    def join_master(self, master_id: str, instance: str, urls: list[str], now: float, dead_after: float,
+                    stale_beat: float | None = None) -> bool:
+        row = self.one(_JOIN_SQL, (master_id, js(list(urls)), offset(now), offset(now), instance, offset(now),
+                                   dead_after, stale_beat))
+        return row is not None
+
+    def master_instance(self, master_id: str) -> tuple[str, float, float] | None:
+        row = self.one(f"SELECT instance, heartbeat_at, {NOW} - heartbeat_at AS age FROM masters WHERE id = %s",
+                       (0.0, master_id))
+        return None if row is None else (str(row["instance"]), float(row["heartbeat_at"]), float(row["age"]))
+
+    def master_heartbeat(self, master_id: str, agents: int, now: float, instance: str | None = None) -> bool:
+        if instance is None:
+            return self.write(f"UPDATE masters SET heartbeat_at = {NOW}, agents = %s WHERE id = %s",
+                              (offset(now), agents, master_id)) > 0
+        return self.write(f"UPDATE masters SET heartbeat_at = {NOW}, agents = %s WHERE id = %s AND instance = %s",
+                          (offset(now), agents, master_id, instance)) > 0
 
     def masters(self) -> list[MasterRecord]:
         rows = self.all(
@@ -100,11 +132,14 @@ class PostgresClusterSQL(PostgresBase):
         return [r["id"] for r in rows]
 
     # -- leases -----------------------------------------------------------------------------
-    def take_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+    def take_lease(self, name: str, holder: str, ttl: float, now: float, instance: str | None = None) -> bool:
         # one statement: insert, or take over an expired or own lease; the WHERE refuses
         # another's, and then RETURNING gives no row. Two racing inserts: the loser waits on
         # the key, then its DO UPDATE sees the winner's unexpired row and is refused.
-        row = self.one(_TAKE_LEASE_SQL, (name, holder, offset(now), ttl, offset(now)))
+        if instance is None:
+            row = self.one(_TAKE_LEASE_SQL, (name, holder, offset(now), ttl, offset(now)))
+        else:  # (no row to insert unless this process holds the holder's registry row)
+            row = self.one(_TAKE_LEASE_HELD_SQL, (name, holder, offset(now), ttl, holder, instance, offset(now)))
         return row is not None
 
     def release_lease(self, name: str, holder: str) -> None:

@@ -262,13 +262,26 @@ class Store(Protocol):
     # Times: on SQLite the caller's clock (``now``, one master's view); on PostgreSQL the
     # database's, ``now`` counting only as an offset from the caller's ``time.time()`` (so the
     # masters' skew cancels out: postgres_cluster.py).
-    def register_master(self, master_id: str, urls: list[str], now: float) -> None:
-        """Add (or restart) ``master_id`` in the registry with its URLs."""
+    def register_master(self, master_id: str, urls: list[str], now: float, instance: str = "") -> None:
+        """Add (or restart) ``master_id`` in the registry with its URLs, unconditionally."""
         ...
 
-    def master_heartbeat(self, master_id: str, agents: int, now: float) -> bool:
+    def join_master(self, master_id: str, instance: str, urls: list[str], now: float, dead_after: float,
+                    stale_beat: float | None = None) -> bool:
+        """Register ``master_id`` as the process ``instance`` (a random token per process),
+        atomically, unless another process of that id still heartbeats: the row is taken when
+        absent, already ``instance``'s, silent for ``dead_after``, or its ``heartbeat_at`` is
+        still ``stale_beat`` (seen by the caller earlier and not renewed since). False: refused."""
+        ...
+
+    def master_instance(self, master_id: str) -> tuple[str, float, float] | None:
+        """(instance, heartbeat_at, seconds since that heartbeat) of ``master_id``'s row."""
+        ...
+
+    def master_heartbeat(self, master_id: str, agents: int, now: float, instance: str | None = None) -> bool:
         """Note a heartbeat; False when the registry no longer has ``master_id`` (it was taken
-        for dead and forgotten: register again and claim the sessions held again)."""
+        for dead and forgotten: register again and claim the sessions held again) or, given
+        ``instance``, when another process of that id holds the row now."""
         ...
 
     def masters(self) -> list[MasterRecord]: ...
@@ -280,9 +293,10 @@ class Store(Protocol):
         """Masters whose last heartbeat is more than ``dead_after`` seconds old."""
         ...
 
-    def take_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+    def take_lease(self, name: str, holder: str, ttl: float, now: float, instance: str | None = None) -> bool:
         """Acquire ``name`` if it is free, expired or already ``holder``'s (then renew it) until
-        ``now + ttl``, atomically; False if another holder has it."""
+        ``now + ttl``, atomically; False if another holder has it, or, given ``instance``, when
+        the registry's row of ``holder`` is another process's (a stale twin renews nothing)."""
         ...
 
     def release_lease(self, name: str, holder: str) -> None: ...

@@ -35,6 +35,20 @@ _TAKE_LEASE_SQL = (
     "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
     "WHERE leases.holder = excluded.holder OR leases.expires_at <= ?"
 )
+# as postgres_cluster.py's: a master id taken unless another process of it still heartbeats
+_JOIN_SQL = (
+    "INSERT INTO masters(id, urls, started_at, heartbeat_at, agents, instance) VALUES(?, ?, ?, ?, 0, ?) "
+    "ON CONFLICT(id) DO UPDATE SET urls = excluded.urls, started_at = excluded.started_at, "
+    "heartbeat_at = excluded.heartbeat_at, agents = 0, instance = excluded.instance "
+    "WHERE masters.instance = excluded.instance OR masters.heartbeat_at < ? OR masters.heartbeat_at = ? "
+    "RETURNING id"
+)
+_TAKE_LEASE_HELD_SQL = (
+    "INSERT INTO leases(name, holder, expires_at) SELECT ?, ?, ? "
+    "WHERE EXISTS (SELECT 1 FROM masters WHERE id = ? AND instance = ?) "
+    "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
+    "WHERE leases.holder = excluded.holder OR leases.expires_at <= ?"
+)
 _CLAIM_SQL = (
     "INSERT INTO sessions(uuid, master_id, epoch, since) VALUES(?, ?, 1, ?) "
     "ON CONFLICT(uuid) DO UPDATE SET master_id = excluded.master_id, epoch = sessions.epoch + 1, "
@@ -44,16 +58,31 @@ _CLAIM_SQL = (
 
 class ClusterSQL(SQLiteBase):
     # -- masters ----------------------------------------------------------------------------
-    def register_master(self, master_id: str, urls: list[str], now: float) -> None:
+    def register_master(self, master_id: str, urls: list[str], now: float, instance: str = "") -> None:
         self.db.execute(
-            "INSERT INTO masters(id, urls, started_at, heartbeat_at, agents) VALUES(?, ?, ?, ?, 0) "
+            "INSERT INTO masters(id, urls, started_at, heartbeat_at, agents, instance) VALUES(?, ?, ?, ?, 0, ?) "
             "ON CONFLICT(id) DO UPDATE SET urls = excluded.urls, started_at = excluded.started_at, "
-            "heartbeat_at = excluded.heartbeat_at, agents = 0",
-            (master_id, js(list(urls)), now, now),
+            "heartbeat_at = excluded.heartbeat_at, agents = 0, instance = excluded.instance",
+            (master_id, js(list(urls)), now, now, instance),
         )
 
-    def master_heartbeat(self, master_id: str, agents: int, now: float) -> bool:
-        cur = self.db.execute("UPDATE masters SET heartbeat_at = ?, agents = ? WHERE id = ?", (now, agents, master_id))
+    def join_master(self, master_id: str, instance: str, urls: list[str], now: float, dead_after: float,
+                    stale_beat: float | None = None) -> bool:
+        row = self.db.execute(_JOIN_SQL, (master_id, js(list(urls)), now, now, instance, now - dead_after,
+                                          stale_beat)).fetchone()
+        return row is not None
+
+    def master_instance(self, master_id: str) -> tuple[str, float, float] | None:
+        row = self.db.execute("SELECT instance, heartbeat_at FROM masters WHERE id = ?", (master_id,)).fetchone()
+        return None if row is None else (str(row[0]), float(row[1]), time.time() - float(row[1]))
+
+    def master_heartbeat(self, master_id: str, agents: int, now: float, instance: str | None = None) -> bool:
+        if instance is None:
+            cur = self.db.execute("UPDATE masters SET heartbeat_at = ?, agents = ? WHERE id = ?",
+                                  (now, agents, master_id))
+        else:
+            cur = self.db.execute("UPDATE masters SET heartbeat_at = ?, agents = ? WHERE id = ? AND instance = ?",
+                                  (now, agents, master_id, instance))
         return cur.rowcount > 0
 
     def masters(self) -> list[MasterRecord]:
@@ -76,9 +105,12 @@ class ClusterSQL(SQLiteBase):
         return [r[0] for r in rows]
 
     # -- leases -----------------------------------------------------------------------------
-    def take_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+    def take_lease(self, name: str, holder: str, ttl: float, now: float, instance: str | None = None) -> bool:
         # one statement: insert, or take over an expired or own lease; the WHERE refuses another's
-        cur = self.db.execute(_TAKE_LEASE_SQL, (name, holder, now + ttl, now))
+        if instance is None:
+            cur = self.db.execute(_TAKE_LEASE_SQL, (name, holder, now + ttl, now))
+        else:  # (no row to insert unless this process holds the holder's registry row)
+            cur = self.db.execute(_TAKE_LEASE_HELD_SQL, (name, holder, now + ttl, holder, instance, now))
         return cur.rowcount > 0
 
     def release_lease(self, name: str, holder: str) -> None:

