@@ -121,6 +121,9 @@ class Cluster:
         if self.shared:
             table.track_ended = True
             events.publish = True
+        #: the heartbeat of a previous run of this id that did not move while this one looked
+        #: (``prepare`` takes that row over only if it still did not)
+        self._stale_beat = self._refuse_a_live_twin() if self.shared else None
 
     # -- what the others ask ------------------------------------------------------------------
     @property
@@ -219,12 +222,31 @@ class Cluster:
         log.info("master %s %s the cluster with %s", self.master_id, "joined again" if again else "joined", self.urls)
         return True
 
+    def _refuse_a_live_twin(self) -> float | None:
+        """At construction, before the server's task group (so that ``StartupError`` reaches the
+        CLI as itself: exit 2), blocking: whether another process of this id is alive (a copied
+        data dir or a restored backup of DATA_DIR). A fresh row is watched for a few of its
+        beats: one -> ``StartupError``; none -> a run that crashed without leaving, whose
+        ``heartbeat_at`` is returned for ``prepare`` to take the row over from."""
+        other = self.store.master_instance(self.master_id)
+        if other is None or other[2] >= self.settings.master_dead_after:
+            return None
+        log.info("master %s: another process of this id beat %.1fs ago; waiting to see whether it is alive",
+                 self.master_id, other[2])
+        time.sleep(_TWIN_BEATS * self.settings.cluster_heartbeat)  # (nothing else runs yet)
+        again = self.store.master_instance(self.master_id)
+        if again is None:
+            return None
+        if again[1] != other[1]:
+            raise StartupError(twin_message(self.master_id, again[2]))
+        return other[1]
+
     async def _join(self) -> None:
         """Take this master's id in the registry before anything else, unless another process of
-        it is alive (a copied data dir or a restored backup of DATA_DIR): ``StartupError``. A row
-        whose heartbeat is fresh but does not move for a few beats is a run that crashed
-        without leaving: taken over."""
-        seen: float | None = None
+        it is alive: ``StartupError`` (the check at construction found none: this is the race of
+        one starting meanwhile). A row whose heartbeat is fresh but does not move for a few
+        beats is a run that crashed without leaving: taken over."""
+        seen = self._stale_beat
         for _ in range(_TWIN_BEATS):
             if await self.db(self.store.join_master, self.master_id, self.instance, list(self.urls), time.time(),
                              self.settings.master_dead_after, seen):

@@ -21,7 +21,6 @@ from typing import Any
 import anyio
 import pytest
 
-from hcsdk.net.serve import StartupError
 from master.cluster import SINGLETON
 from master.hub import Hub
 from master.settings import MasterSettings
@@ -125,24 +124,32 @@ def seeded(tmp_path: Path, pg_url: str) -> Iterator[Store]:
         s.close()
 
 
-@pytest.mark.anyio
-async def test_a_copied_data_dir_refuses_to_start_beside_the_live_master(tmp_path: Path, pg_url: str,
-                                                                         seeded: Store) -> None:
-    async with _hub(tmp_path, pg_url, "first") as first:
-        await first.handshake("a1", {"hostname": "a1"}, {}, "h2", secrets.token_bytes(32))
-        await _until("a1 held", lambda: seeded.session_holders(["a1"]))
-        copy = Hub(StoreThread(open_store(tmp_path, pg_url)), _settings(tmp_path, pg_url, "copy"))
-        try:
-            with pytest.raises(StartupError, match=f"another master with id {ID} is alive .*heartbeat \\d+s ago.*"
-                                                   "remove DATA_DIR/master.id on the copy"):
-                await copy.cluster.prepare()
-        finally:
-            copy.results.close()
-            copy.db.store.close()
-        # the live master's session and registry row were left alone
-        assert seeded.session_holders(["a1"])["a1"][0] == ID
-        assert (seeded.master_instance(ID) or ("",))[0] == first.cluster.instance
-        assert first.cluster.twin is None
+def test_a_copied_data_dir_refuses_to_start_beside_the_live_master(tmp_path: Path, pg_url: str) -> None:
+    """Two real master processes: the second on a copy of the first's data dir (same master.id)."""
+    import shutil
+    import subprocess
+
+    from fleet import ZY, Fleet, wait_for
+
+    fleet = Fleet(tmp_path, ["--heartbeat", "2"], store=pg_url)
+    try:
+        fleet.start_master(name="a")
+        live = fleet.masters["a"]
+        wait_for(lambda: any(r["id"] == live.master_id for r in fleet.cluster()), 30, "a in the registry")
+        copy = tmp_path / "copy"
+        shutil.copytree(live.data_dir, copy, ignore=shutil.ignore_patterns("listen.port", "*.lock"))
+        argv = [*ZY, "master", "--data-dir", str(copy), "--listen", "127.0.0.1:0", "--no-user-config",
+                "--store", pg_url, "--key-file", str(fleet.key_file)]
+        refused = subprocess.run(argv, capture_output=True, text=True, env=fleet.env, timeout=120, check=False)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert (f"another master with id {live.master_id} is alive (heartbeat" in refused.stderr
+                and "remove DATA_DIR/master.id on the copy" in refused.stderr), refused.stderr
+        assert "Traceback" not in refused.stderr
+        # the live master was left alone: still in the registry, alive
+        assert [r["alive"] for r in fleet.cluster() if r["id"] == live.master_id] == [True]
+        assert live.proc.alive
+    finally:
+        fleet.close()
 
 
 @pytest.mark.anyio
