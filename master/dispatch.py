@@ -22,7 +22,7 @@ from .settings import MasterSettings
 from .store import StoreThread
 from .targets import resolve
 
-__all__ = ["Dispatch", "Placement", "check_cmd"]
+__all__ = ["Dispatch", "Placement", "check_cmd", "new_run_id"]
 
 
 class Placement(Protocol):
@@ -38,6 +38,11 @@ class Placement(Protocol):
     def wake_dispatch(self, master_ids: set[str], run_id: str) -> None:
         """Tell ``master_ids`` that ``run_id`` has tasks (or cancels) for agents they hold."""
         ...
+
+
+def new_run_id() -> str:
+    """A run's id (a release step chooses its own first, to store it before the run exists)."""
+    return "r" + secrets.token_hex(6)
 
 
 def check_cmd(cmd: str) -> None:
@@ -125,7 +130,9 @@ class Dispatch:
         return sent
 
     # -- runs ---------------------------------------------------------------------------------
-    async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float) -> dict[str, Any]:
+    async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float,
+                         run_id: str | None = None) -> dict[str, Any]:
+        """``run_id``: one the caller chose and stored first (a release step), else a new one."""
         check_cmd(cmd)
         self._check_size(args)
         agents = await self.db(self.db.store.target_rows)
@@ -133,7 +140,7 @@ class Dispatch:
             chosen = resolve(targets, agents)
         except ValueError as exc:
             raise RequestRejected(str(exc), kind="target") from None
-        run_id = "r" + secrets.token_hex(6)
+        run_id = run_id or new_run_id()
         deadline = time.time() + timeout + self.settings.result_grace
         sessions = self.table.sessions
         elsewhere = await self._elsewhere([a["uuid"] for a in chosen if a["uuid"] not in sessions])

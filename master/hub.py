@@ -136,8 +136,9 @@ class Hub:
             self._tg.start_soon(self.schedules.reconcile, uuid, schedules)
         return session
 
-    async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float) -> dict[str, Any]:
-        run = await self.dispatch.create_run(cmd, args, targets, timeout)
+    async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float,
+                         run_id: str | None = None) -> dict[str, Any]:
+        run = await self.dispatch.create_run(cmd, args, targets, timeout, run_id)
         if cmd == vocab.SCHEDULE_SET:
             # (no await since the tasks went out: no sample of theirs can be judged before this)
             self.schedules.gave(str(args.get("name")), [t["uuid"] for t in run["targets"]])

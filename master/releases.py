@@ -29,6 +29,7 @@ from hcsdk.protocol import vocab
 from hcsdk.protocol.releases import ACTIVE, STEPS, Phase, ReleaseAction, ReleaseState, TargetStatus
 from hcsdk.protocol.tasks import TaskStatus
 
+from .dispatch import new_run_id
 from .hub import Hub, RequestRejected
 from .store import ArtifactRecord, ReleaseRecord, ReleaseSummary, ReleaseTargetRecord
 
@@ -42,6 +43,8 @@ _ALLOWED: dict[str, tuple[ReleaseState, ...]] = {
     ReleaseAction.ROLLBACK: (ReleaseState.RUNNING, ReleaseState.PAUSED, ReleaseState.DONE, ReleaseState.ABORTED,
                              ReleaseState.FAILED),
 }
+#: states an operator's action leaves a release in whose step run it cancels
+_STOPS_STEP = (ReleaseState.ABORTED, ReleaseState.ROLLING_BACK, ReleaseState.ROLLED_BACK)
 _MOVES_TO: dict[str, ReleaseState] = {ReleaseAction.PAUSE: ReleaseState.PAUSED,
                                       ReleaseAction.RESUME: ReleaseState.RUNNING,
                                       ReleaseAction.ABORT: ReleaseState.ABORTED,
@@ -126,7 +129,7 @@ class Releases:
             await self._set(release_id, options=options)
         await self._set(release_id, state=new, message=f"{action} requested")
         if action in (ReleaseAction.ABORT, ReleaseAction.ROLLBACK) and rel["step_run"]:
-            await self.hub.cancel_run(rel["step_run"])  # stop the step the agents are running now
+            await self._cancel_step(rel["step_run"])  # stop the step the agents are running now
         self._wake(release_id)
         if new in ACTIVE:
             self._drive(release_id)
@@ -216,17 +219,41 @@ class Releases:
         if command is None or not live:
             return
         run_id = rel["step_run"]
-        if not run_id:  # not started yet (after a restart, the run in flight is waited for, not redone)
+        # not started yet, or its driver stopped (a crash, a lost lease) between storing the
+        # step's run id and creating the run; a run in flight is waited for, never redone
+        if not run_id or not await self.db(self.store.run_exists, run_id):
             await self._online(live)
             if (await self._row(rel["id"]))["state"] != ReleaseState.RUNNING:
                 return  # paused, aborted or rolled back while the targets came back
-            cmd, args = command
-            run = await self.hub.create_run(cmd, args, {"uuids": live}, float(options["timeout"]))
-            run_id = run["run_id"]
+            # the id is stored before the run exists: whoever drives the release next finds the
+            # step's run (or creates it under that id), so the step never runs twice
+            run_id = run_id or new_run_id()
             await self._set(rel["id"], step=step, step_run=run_id)
             await self._targets(rel["id"], live, phase=step, started=step == Phase.FETCH)
+            await self._create_step_run(rel["id"], run_id, command, live, float(options["timeout"]))
         outcomes = await self._wait_run(run_id)
         await self._record(rel["id"], step, outcomes)
+
+    async def _create_step_run(self, release_id: str, run_id: str, command: tuple[str, dict[str, Any]],
+                               live: list[str], timeout: float) -> None:
+        cmd, args = command
+        try:
+            await self.hub.create_run(cmd, args, {"uuids": live}, timeout, run_id=run_id)
+        except Exception:
+            # two drivers at once (the old lease holder's create still in flight): one insert
+            # of the id wins, and the other follows that run
+            if not await self.db(self.store.run_exists, run_id):
+                raise
+            log.info("release %s: run %s of its step was created by another driver; following it", release_id,
+                     run_id)
+        if (await self._row(release_id))["state"] in _STOPS_STEP:
+            await self._cancel_step(run_id)  # an abort or rollback came while the run was being created
+
+    async def _cancel_step(self, run_id: str) -> None:
+        """Cancel a step's run; one whose id is stored but not yet created is left to its driver
+        (which cancels it once created, seeing the release no longer running)."""
+        if await self.db(self.store.run_exists, run_id):
+            await self.hub.cancel_run(run_id)
 
     async def _online(self, uuids: list[str]) -> None:
         """Give targets that are reconnecting (after a master or proxy restart) the time agents

@@ -185,3 +185,80 @@ async def test_a_stale_twin_stops_and_leaves_the_live_ones_records(tmp_path: Pat
         assert (seeded.master_instance(ID) or ("",))[0] == "copy"
         assert seeded.lease_holder(SINGLETON, time.time()) == ID
         tg.cancel_scope.cancel()
+
+
+# -- 2. a release step's run is created once ------------------------------------------------------
+
+REL = "relreview"
+
+
+def _runs(store: Store) -> int:
+    db = getattr(store, "db", None)
+    if db is not None:  # SQLite
+        return int(db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+    row = store.one("SELECT COUNT(*) AS n FROM runs")  # type: ignore[attr-defined]
+    return int(row["n"])
+
+
+@asynccontextmanager
+async def _releases(store: Store, tmp_path: Path) -> AsyncIterator[Any]:
+    from master.releases import Releases
+
+    settings = MasterSettings(data_dir=tmp_path / "rel", startup_grace=0.2, offline_grace=0.2)
+    hub = Hub(StoreThread(store), settings)
+    releases = Releases(hub)
+    _enroll(store)
+    now = time.time()
+    store.add_release({"id": REL, "artifact_id": "sha-1", "name": "app", "manifest": {"sha256": "x"},
+                       "dest": "/opt/app", "options": {"pre": "echo pre", "timeout": 5, "limit": 5,
+                                                       "max_failures": 5},
+                       "shards": [list(AGENTS)], "state": "running", "created_at": now, "updated_at": now},
+                      [(a, a, 0) for a in AGENTS])
+    try:
+        yield releases
+    finally:
+        hub.results.close()
+
+
+async def _step(releases: Any, store: Store) -> None:
+    from hcsdk.protocol.releases import Phase
+
+    rel = store.release(REL)
+    assert rel is not None
+    with anyio.fail_after(30):  # (the targets are offline: the run ends at once)
+        await releases._do_step(rel, list(AGENTS), Phase.PRE)
+
+
+@pytest.mark.anyio
+async def test_a_step_whose_driver_died_before_its_run_existed_creates_it_once_under_its_id(
+        store: Store, tmp_path: Path) -> None:
+    async with _releases(store, tmp_path) as releases:
+        store.update_release(REL, {"step": "pre", "step_run": "rchosen00001"}, ())  # stored, then the crash
+        await _step(releases, store)
+        assert store.run_exists("rchosen00001") and _runs(store) == 1
+        await _step(releases, store)  # and the next driver again: follows it
+        assert _runs(store) == 1
+
+
+@pytest.mark.anyio
+async def test_a_step_whose_run_exists_is_followed_not_created_again(store: Store, tmp_path: Path) -> None:
+    async with _releases(store, tmp_path) as releases:
+        await releases.hub.create_run("shell", {"script": "echo pre"}, {"uuids": list(AGENTS)}, 5.0,
+                                      run_id="rmade0000001")
+        store.update_release(REL, {"step": "pre", "step_run": "rmade0000001"}, ())  # created; the crash after
+        await _step(releases, store)
+        assert _runs(store) == 1
+
+
+@pytest.mark.anyio
+async def test_a_fresh_step_stores_its_run_id_and_two_drivers_at_once_make_one_run(store: Store,
+                                                                                    tmp_path: Path) -> None:
+    async with _releases(store, tmp_path) as releases:
+        await _step(releases, store)
+        rel = store.release(REL)
+        assert rel is not None and rel["step_run"] and store.run_exists(rel["step_run"]) and _runs(store) == 1
+        # the old lease holder's create and the new one's, for one stored id: the second follows
+        command = ("shell", {"script": "echo pre"})
+        await releases._create_step_run(REL, "rtwice000001", command, list(AGENTS), 5.0)
+        await releases._create_step_run(REL, "rtwice000001", command, list(AGENTS), 5.0)
+        assert _runs(store) == 2
