@@ -125,18 +125,28 @@ def wal_bytes(cfg: Config) -> int:
     return int(row[0])
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent not idle (all cores)."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+
 def measure(cfg: Config, n: int, rounds: int, runs: int) -> dict[str, Any]:
     """Fan-out rounds then throughput runs, with every server's CPU over both."""
     procs = cfg.procs()
     wal0 = wal_bytes(cfg) if cfg.url else 0
     cpu0 = {name: tree_cpu(pid) for name, pid in procs.items()}
     lat = fanout(cfg.fleet, n, rounds)
+    busy0, wall0 = machine_busy(), time.monotonic()
     tp = throughput(cfg.fleet, n, runs) if runs else {"results_per_s": 0.0, "tasks": 0}
+    # how many of the machine's cores the throughput runs kept busy (every process: masters,
+    # PostgreSQL, the swarms, the SDK): the ceiling two masters on one machine run into
+    cores_busy = (machine_busy() - busy0) / max(1e-9, time.monotonic() - wall0)
     tasks = n * (rounds + 1) + int(tp["tasks"])  # the warm-up round too
     per_task = {name: 1e6 * (tree_cpu(pid) - cpu0[name]) / tasks for name, pid in procs.items()}
     fig: dict[str, Any] = {"fanout_p50_s": statistics.median(lat), "fanout_p99_s": pct(lat, 0.99),
                            "results_per_s": tp["results_per_s"], "tasks": tasks,
-                           "cpu_us_per_task": per_task}
+                           "cpu_us_per_task": per_task, "cores_busy": cores_busy, "cores": psutil.cpu_count()}
     if cfg.url is not None:
         fig["wal_bytes_per_task"] = (wal_bytes(cfg) - wal0) / tasks
     if cfg.store is not None:
@@ -271,7 +281,8 @@ def bring_up(cfg: Config, n: int, urls: list[str], timeout: float) -> float:
 def report(name: str, fig: dict[str, Any]) -> None:
     cpu = ", ".join(f"{k} {v:.0f}" for k, v in fig["cpu_us_per_task"].items())
     print(f"[{name}] fan-out p50 {fig['fanout_p50_s'] * 1000:.0f} ms, p99 {fig['fanout_p99_s'] * 1000:.0f} ms; "
-          f"{fig['results_per_s']:.0f} results/s; CPU us/task: {cpu}", flush=True)
+          f"{fig['results_per_s']:.0f} results/s (machine {fig['cores_busy']:.2f} of {fig['cores']} cores busy); "
+          f"CPU us/task: {cpu}", flush=True)
     if "held" in fig:
         print(f"[{name}] agents held: {fig['held']}", flush=True)
     if "size" in fig:
