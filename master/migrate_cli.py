@@ -14,11 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from hcsdk.net.serve import StartupError, lock_dir
-
-from .bootstrap import Paths
-from .store.copy import BATCH, BLOBS_KEY, CopyError, copy_store, describe_url
-from .store.errors import SchemaError
+# what the copy needs (psycopg, the CA's cryptography, granian's serve module) is imported where it
+# runs: `zy master` registers this action in every `zy` command's parser, `zy agent`'s included
 
 
 def register(actions: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -35,6 +32,9 @@ def register(actions: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def _main(args: argparse.Namespace) -> int:
+    from .store.copy import CopyError
+    from .store.errors import SchemaError
+
     try:
         migrate(args.source, args.target, sys.stderr)
     except (CopyError, SchemaError) as exc:
@@ -45,6 +45,9 @@ def _main(args: argparse.Namespace) -> int:
 
 def migrate(source: Path, url: str, out: TextIO) -> dict[str, int]:
     """Copy ``source`` (a master's data dir) into the store at ``url``, reporting on ``out``."""
+    from .bootstrap import Paths
+    from .store.copy import CopyError, copy_store, describe_url
+
     if not url.startswith(("postgresql://", "postgres://")):
         raise CopyError(f"--to {describe_url(url)!r}: expected a postgresql://user@host/db URL")
     paths = Paths(source)
@@ -63,6 +66,10 @@ def migrate(source: Path, url: str, out: TextIO) -> dict[str, int]:
 
 def _lock(source: Path) -> Any:
     """The data dir's master lock (hcsdk.net.serve.lock_dir, what `zy master` holds while it runs)."""
+    from hcsdk.net.serve import StartupError, lock_dir
+
+    from .store.copy import CopyError
+
     try:
         return lock_dir(source, "master")
     except StartupError as exc:
@@ -77,6 +84,8 @@ class _Progress:
         self.out = out
 
     def __call__(self, table: str, done: int, total: int) -> None:
+        from .store.copy import BATCH
+
         if done == total:
             print(f"  {table:<16} {done:>10} rows" if table != "blobs" else f"  {'blobs':<16} {done:>10} files",
                   file=self.out, flush=True)
@@ -85,6 +94,9 @@ class _Progress:
 
 
 def _summary(counts: dict[str, int], seconds: float, source: Path, url: str, out: TextIO) -> None:
+    from .bootstrap import Paths
+    from .store.copy import BLOBS_KEY, describe_url
+
     rows = sum(n for t, n in counts.items() if t != BLOBS_KEY)
     print(f"copied {rows} rows of {len(counts) - (BLOBS_KEY in counts)} tables in {seconds:.1f} s "
           f"({rows / max(seconds, 1e-6):.0f} rows/s), in one transaction", file=out)

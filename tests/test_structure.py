@@ -106,9 +106,11 @@ def test_services_do_not_import_each_other() -> None:
 def test_agent_loads_without_pandas_or_server_libraries() -> None:
     """What `zy agent` imports once enrolled: no SDK, server or enrollment-only libraries (the
     idle agent's 35 MiB depend on it: docs/performance.md)."""
+    # hcsdk.cli._parser() registers every package's command (master's actions too), as `zy agent` does
     code = ("import sys; sys.argv = ['zy', 'agent']; import hcsdk.cli, agent.cli, agent.core, hcsdk.net.channel; "
+            "hcsdk.cli._parser(); "
             "bad = {'pandas', 'numpy', 'fastapi', 'granian', 'starlette', 'IPython', 'rich', 'pygments', 'click', "
-            "'cryptography'} & {m.split('.')[0] for m in sys.modules}; "
+            "'cryptography', 'psycopg', 'psycopg_pool'} & {m.split('.')[0] for m in sys.modules}; "
             "print(', '.join(sorted(bad))); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"agent imports {result.stdout or result.stderr}"
