@@ -444,6 +444,12 @@ class Cluster:
         uuids, holders = await self.db(read)
         now = time.monotonic()
         gone = {u for u in uuids if u not in holders}
+        if any(u in holders for u in self._gone):
+            # agents that were gone are coming back (a dead master's agents reconnect at the rate
+            # the survivors take handshakes, minutes for thousands): the rest may be among them,
+            # so their grace starts again, until a whole grace passes with none returning
+            self._gone_grace_from = max(self._gone_grace_from, now)
+            self._gone = {}
         start = max(now, self._gone_grace_from)
         self._gone = {u: self._gone.get(u, start) for u in gone}
         due = [u for u, since in self._gone.items() if now - since >= self.settings.offline_grace]

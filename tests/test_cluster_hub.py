@@ -201,3 +201,32 @@ async def test_the_sweep_repairs_lost_wake_ups(pair: tuple[Hub, Hub]) -> None:
     await b.db(store.claim_session, "a2", b.cluster.master_id, time.time())
     await _until("a's sweep to close the superseded session", lambda: other.closed.is_set())
     assert "a2" not in a.sessions and "a1" in a.sessions
+
+
+async def test_agents_still_coming_back_keep_the_rest_of_their_cohort_from_being_written_off(
+        tmp_path: Path, pg_url: str) -> None:
+    """A dead master's agents return one by one (thousands take minutes): while some of those
+    nobody held come back, the others' tasks wait; once none returns for a whole grace, the
+    ones still gone are written off."""
+    seed = open_store(tmp_path, pg_url)
+    _enroll(seed)
+    seed.close()
+    async with _hub(tmp_path, pg_url, "m-0000000a") as a:
+        await _until("the singleton", lambda: a.cluster.is_singleton)
+        a.settings.offline_grace = 2.0
+        store = a.db.store
+        rows = [(f"r-back.{i}", uuid, TaskStatus.DISPATCHED, time.time() + 120) for i, uuid in enumerate(AGENTS)]
+        await a.db(store.create_run, "r-back", "echo", {}, 60.0, rows)
+
+        def statuses() -> list[str]:
+            return [str((store.task(f"r-back.{i}") or {}).get("status")) for i in range(len(AGENTS))]
+
+        await anyio.sleep(1.2)  # a1..a3 gone for most of a grace
+        for uuid in AGENTS[:2]:  # two come back, each within a grace of the last
+            await _online(a, uuid)
+            await anyio.sleep(1.2)
+        # a3 has been gone for 3.6 s, well past the grace, but its cohort was still returning
+        assert statuses()[2] == TaskStatus.DISPATCHED, statuses()
+        await _until("a3's task written off once no one returned for a grace",
+                     lambda: statuses()[2] == TaskStatus.OFFLINE)
+        assert statuses()[:2] == [TaskStatus.DISPATCHED, TaskStatus.DISPATCHED]  # those that came back keep theirs
