@@ -9,6 +9,7 @@ from pg import PgServer, pg_bin
 from requires import in_ci
 
 from fleet import Fleet
+from master.store import Store, open_store
 
 
 def pytest_report_header() -> str:
@@ -37,6 +38,18 @@ def pg_server() -> Iterator[PgServer]:
 def pg_url(pg_server: PgServer) -> str:
     """A fresh, empty PostgreSQL database for one test: its URL."""
     return pg_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh store of each kind in turn (SQLite in tmp_path, PostgreSQL in a new database): the
+    store tests run the same assertions against both."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    s = open_store(tmp_path, url)
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture

@@ -32,16 +32,6 @@ ID = "m-0000000a"
 
 # -- the store's methods ---------------------------------------------------------------------------
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
-    s = open_store(tmp_path, url)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def test_a_master_id_is_joined_only_by_its_process_while_that_one_heartbeats(store: Store) -> None:
     now = time.time()
     assert store.join_master(ID, "first", ["https://a:1"], now, 10)

@@ -10,7 +10,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,6 @@ from master.store.wakeups import (
 )
 
 T0 = 1_000_000.0  # the callers' clock in these tests: any number will do
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
-    s = open_store(tmp_path, url)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 # -- leases ---------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,6 @@ from master.store.postgres_migrate import MIGRATIONS_PG, applied_pg, migrate_pg
 
 NOW = time.time()
 LATER = NOW + 600
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
-    s = open_store(tmp_path, url)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _start(uuid: str, taskid: str, seq: int = 0, at: float = NOW) -> tuple[str, Result]:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +31,6 @@ from master.store.sqlite_runs import CANCELLED_UNSENT
 
 ROOT = Path(__file__).resolve().parent.parent
 D, P = str(TaskStatus.DISPATCHED), str(TaskStatus.PENDING)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
-    s = open_store(tmp_path, url)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _status(store: Store, taskid: str) -> str:
