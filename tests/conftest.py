@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pg import PgServer, pg_bin
+from pg import PgServer, require_pg_bin
 from requires import in_ci
 
 from fleet import Fleet
@@ -23,10 +23,7 @@ def pytest_report_header() -> str:
 def pg_server() -> Iterator[PgServer]:
     """One throwaway PostgreSQL for the session (tests/pg.py); missing PostgreSQL skips, or
     fails under CI (scripts/setup.sh installs it)."""
-    if pg_bin() is None:
-        if in_ci():
-            pytest.fail("PostgreSQL is not installed (scripts/setup.sh installs it in CI)", pytrace=False)
-        pytest.skip("PostgreSQL is not installed: apt-get install postgresql")
+    require_pg_bin()
     server = PgServer().start()
     try:
         yield server

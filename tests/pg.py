@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["PgServer", "pg_bin"]
+__all__ = ["PgServer", "pg_bin", "require_pg_bin"]
 
 
 def pg_bin() -> Path | None:
@@ -32,6 +32,20 @@ def pg_bin() -> Path | None:
             return version
     found = shutil.which("initdb")
     return Path(found).parent if found else None
+
+
+def require_pg_bin() -> Path:
+    """pg_bin(), or the calling test skips saying how to install PostgreSQL; under CI it fails
+    instead (scripts/setup.sh installs it there, so a missing one is a broken setup)."""
+    import pytest
+    from requires import in_ci
+
+    found = pg_bin()
+    if found is None:
+        if in_ci():
+            pytest.fail("PostgreSQL is not installed (scripts/setup.sh installs it in CI)", pytrace=False)
+        pytest.skip("PostgreSQL is not installed: apt-get install postgresql")
+    return found
 
 
 def _free_port() -> int:

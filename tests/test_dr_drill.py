@@ -21,8 +21,7 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
-from pg import PgServer, pg_bin
-from requires import in_ci
+from pg import PgServer, pg_bin, require_pg_bin
 
 from fleet import ZY, Fleet, wait_for
 from hcsdk.common.jointoken import JoinToken
@@ -62,11 +61,7 @@ def _stop_everything(workdir: Path, bin_dir: Path) -> None:
 
 @pytest.fixture
 def drill_dir() -> Iterator[tuple[Path, Path]]:
-    bin_dir = pg_bin()
-    if bin_dir is None:
-        if in_ci():
-            pytest.fail("PostgreSQL is not installed (scripts/setup.sh installs it in CI)", pytrace=False)
-        pytest.skip("PostgreSQL is not installed: apt-get install postgresql")
+    bin_dir = require_pg_bin()
     # in /tmp, not pytest's tmp dirs: those are 0700 root, which the postgres user cannot enter
     workdir = Path(tempfile.mkdtemp(prefix="zy-dr-drill-test-"))
     try:
