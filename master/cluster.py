@@ -36,7 +36,7 @@ from .dispatch import Dispatch
 from .run_events import RunEvents
 from .sessions import Session, Sessions
 from .settings import MasterSettings
-from .store import StoreThread
+from .store import Coalesced, StoreThread
 
 if TYPE_CHECKING:
     from .store.wakeups import Wakeups
@@ -94,6 +94,8 @@ class Cluster:
             log.warning("no master id was given; this run is %s (the server keeps one in DATA_DIR/master.id)",
                         settings.master_id)
         self.master_id = settings.master_id
+        #: handshakes' session claims, coalesced (master/store/offload.py says why)
+        self._claims = Coalesced(db, self._claim)
         #: this process among those that might run ``master_id`` (a copied data dir): a token
         #: kept with the registry's row, checked by every heartbeat and lease renewal
         self.instance = secrets.token_hex(8)
@@ -156,15 +158,14 @@ class Cluster:
         (``session.epoch``); the master that held it before is told to close its own."""
         if not self.shared:
             return
+        previous, session.epoch = await self._claims(uuid)
+        if previous is not None and previous != self.master_id:
+            self._send_soon(master_channel(previous), [f"s:{uuid}:{session.epoch}"])
 
-        def claim() -> tuple[dict[str, tuple[str, int]], int]:
-            before = self.store.session_holders([uuid])
-            return before, self.store.claim_session(uuid, self.master_id, time.time())
-
-        before, session.epoch = await self.db(claim)
-        previous = before.get(uuid)
-        if previous is not None and previous[0] != self.master_id:
-            self._send_soon(master_channel(previous[0]), [f"s:{uuid}:{session.epoch}"])
+    def _claim(self, uuid: str) -> tuple[str | None, int]:
+        """(the master that held ``uuid`` before, or None; the new epoch)."""
+        before = self.store.session_holders([uuid]).get(uuid)
+        return (before[0] if before else None), self.store.claim_session(uuid, self.master_id, time.time())
 
     # -- the loops ----------------------------------------------------------------------------
     async def run(self) -> None:

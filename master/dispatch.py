@@ -19,7 +19,7 @@ from .errors import RequestRejected
 from .run_events import RunEvents
 from .sessions import Session, Sessions
 from .settings import MasterSettings
-from .store import StoreThread
+from .store import Coalesced, StoreThread
 from .targets import resolve
 
 __all__ = ["Dispatch", "Placement", "check_cmd", "new_run_id"]
@@ -64,6 +64,11 @@ class Dispatch:
         #: set with several masters on one store: targets held by another master go ``pending``
         #: and that master is woken to send them
         self.placement: Placement | None = None
+        #: what reconnecting agents get again, read and marked sent a batch at a time (a storm
+        #: of thousands of handshakes; master/store/offload.py says why)
+        self._open_tasks = Coalesced(db, db.store.open_tasks_for)
+        self._claim_pending = Coalesced(db, db.store.claim_pending)
+        self._mark_dispatched = Coalesced(db, db.store.mark_dispatched)
 
     def task_msg(self, uuid: str, taskid: str, cmd: str, args: dict[str, Any], timeout: float,
                  deadline: float, run: str) -> dict[str, Any]:
@@ -77,16 +82,16 @@ class Dispatch:
 
     async def redeliver(self, session: Session) -> None:
         """What the store holds open for a (re)connected agent: its tasks and cancels again."""
-        tasks = await self.db(self.db.store.open_tasks_for, session.uuid)
+        tasks = await self._open_tasks(session.uuid)
         pending = [t["taskid"] for t in tasks if t["status"] == TaskStatus.PENDING and not t["cancel_requested"]]
         if pending:
             # a pending task goes out only once claimed (pending -> dispatched in one statement):
             # a cancel meanwhile, or another master sending it, leaves it out here
-            claimed = set(await self.db(self.db.store.claim_pending, pending))
+            claimed = set(await self._claim_pending(pending))
             tasks = [t for t in tasks if t["status"] != TaskStatus.PENDING or t["taskid"] in claimed]
         sent = self._send_open(session, tasks)
         if sent:
-            await self.db(self.db.store.mark_dispatched, sent)
+            await self._mark_dispatched(sent)
 
     def _send_open(self, session: Session, tasks: list[dict[str, Any]]) -> list[str]:
         """Send ``session`` its open tasks (or their cancels); the taskids sent as tasks."""

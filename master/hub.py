@@ -30,7 +30,7 @@ from .run_events import RunEvents
 from .schedules import Schedules
 from .sessions import Session, Sessions, is_handover
 from .settings import MasterSettings
-from .store import AgentRecord, JoinTokenRecord, StoreThread
+from .store import AgentRecord, Coalesced, JoinTokenRecord, StoreThread
 
 log = logging.getLogger("zy.master.hub")
 
@@ -43,6 +43,10 @@ class Hub:
         self.stats: dict[str, int] = {"ingested": 0, "dispatched": 0, "rejected": 0, "busy": 0}
         self.table = Sessions()
         self.events = RunEvents()
+        #: every request's credential check, and each handshake's update of the agent's row:
+        #: coalesced, so a reconnect storm costs a thread hop per batch, not per agent
+        self._agent_rows = Coalesced(db, db.store.agent)
+        self._connected = Coalesced(db, self._agent_connected)
         self.dispatch = Dispatch(db, settings, self.table, self.events, self.stats)
         self.results = Ingest(db, self.table, self.events, self.stats)
         self.schedules = Schedules(db, self.create_run)
@@ -130,7 +134,7 @@ class Hub:
                           kind=kind, carrier=carrier, via=list(via or []))
         await self.cluster.claim(uuid, session)  # (before the table: the epoch is the session's)
         self.table.open(session, old, handing_over)
-        await self.db(self.db.store.agent_connected, uuid, facts, labels)
+        await self._connected((uuid, facts, labels))
         await self.dispatch.redeliver(session)
         if schedules is not None and self._tg is not None and self.schedules.worth_reconciling(schedules):
             self._tg.start_soon(self.schedules.reconcile, uuid, schedules)
@@ -147,7 +151,10 @@ class Hub:
     # -- the store, for the channel routes ---------------------------------------------------
     async def agent(self, uuid: str) -> AgentRecord | None:
         """The enrolled agent's (or proxy's) row, as stored."""
-        return await self.db(self.db.store.agent, uuid)
+        return await self._agent_rows(uuid)
+
+    def _agent_connected(self, call: tuple[str, dict[str, Any], dict[str, str]]) -> None:
+        self.db.store.agent_connected(*call)
 
     async def join_token(self, token_id: str) -> JoinTokenRecord | None:
         return await self.db(self.db.store.join_token, token_id)
