@@ -39,6 +39,8 @@ log = logging.getLogger("zy.reaper")
 REAPER_KEY = "zy.reaper_mark"
 #: TCP states of an accepted connection that still holds an fd: ESTABLISHED, CLOSE_WAIT
 _LIVE_STATES = {"01", "08"}
+#: the pause between scans is at least this many times the last scan's duration
+SCAN_SHARE = 10.0
 
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -89,12 +91,18 @@ def scan_connections(port: int) -> list[Conn]:
     """This process's live accepted connections on local ``port``."""
     fds = _socket_fds()
     found: list[Conn] = []
+    # the tables list every socket of the network namespace (with 10,000 agents, and their
+    # other sockets, tens of thousands of lines): lines of other local ports are skipped on a
+    # substring test before any split
+    local_port = f":{port:04X} "
     for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
+            if local_port not in line:
+                continue
             cols = line.split()
             if len(cols) < 10 or cols[3] not in _LIVE_STATES:
                 continue
@@ -160,10 +168,15 @@ class ConnectionReaper:
     async def run(self, port: int) -> None:
         if not sys.platform.startswith("linux") or self.grace <= 0:
             return  # not Linux, or disabled
+        took = 0.0
         while True:
-            await anyio.sleep(self.interval)
+            # a scan holds the GIL for most of its run: with tens of thousands of sockets it took
+            # up to a second, and every two seconds that starved the handshakes of a reconnect
+            # storm; the pause grows with the scan so the reaper keeps to a tenth of one core
+            await anyio.sleep(max(self.interval, SCAN_SHARE * took))
             start = time.monotonic()
             conns = await anyio.to_thread.run_sync(scan_connections, port)
+            took = time.monotonic() - start
             doomed = self.select(conns, start)
             if doomed:
                 done = await anyio.to_thread.run_sync(_cut_all, doomed)
