@@ -24,6 +24,7 @@ import anyio
 from hcsdk.net.asgi import Receive, Scope, Send, dispatch, error, header, query, respond
 from hcsdk.net.channel_server import ChannelServer, Credential, Refusal, bearer
 from hcsdk.net.limits import KeyedSlots, authenticated, declared_length, read_limited
+from hcsdk.net.pacing import SHORT_RETRY, AdmissionPacer
 from hcsdk.net.settings import ENROLL_BODY, HANDSHAKE_BODY
 from hcsdk.net.tls import norm_name, sign_csr
 from hcsdk.protocol.e2e import derive_key, unb64
@@ -58,6 +59,8 @@ class ChannelApp:
         self.settings = hub.settings
         self._handshake_slots = anyio.CapacityLimiter(self.settings.handshake_concurrency)
         self._handshakes_waiting = 0
+        #: tells each handshake refused for a full queue its own time to come back
+        self.pacer = AdmissionPacer()
         #: one handshake in flight per uuid: a second one at the same time is refused at once,
         #: so one credential cannot fill the admission slots or the queue
         self._handshaking = KeyedSlots(1)
@@ -228,7 +231,7 @@ class ChannelApp:
             if not mine:
                 self.hub.stats["busy"] += 1
                 await error(send, 409, f"a handshake for agent {who[0]['uuid']} is already in progress; "
-                                       "retry after a backoff", kind="busy")
+                                       "retry after a backoff", kind="busy", retry_after=SHORT_RETRY)
                 return
             # The body is read before the handshake joins the admission queue: clients that
             # trickle their bodies (many enrolled uuids from one token) must not fill the queue
@@ -242,7 +245,10 @@ class ChannelApp:
             self._handshakes_waiting += 1
             try:
                 async with self._handshake_slots:
-                    await self._handshake(scope, send, *who, body)
+                    try:
+                        await self._handshake(scope, send, *who, body)
+                    finally:
+                        self.pacer.completed()  # the admission rate the pacer spaces refusals by
             finally:
                 self._handshakes_waiting -= 1
 
@@ -250,8 +256,12 @@ class ChannelApp:
         return self._handshakes_waiting >= self.settings.handshake_queue
 
     async def _refuse_busy(self, send: Send) -> None:
+        """503 with the time this client should come back: a slot of its own, after the queue
+        ahead (see hcsdk.net.pacing.AdmissionPacer), so a storm returns at the rate we admit."""
         self.hub.stats["busy"] += 1
-        await error(send, 503, "the master is busy with reconnecting agents; retry after a backoff", kind="busy")
+        wait = self.pacer.retry_after(self._handshakes_waiting)
+        await error(send, 503, f"the master is busy with reconnecting agents; retry in {wait:.1f} s",
+                    kind="busy", retry_after=wait)
 
     async def _handshake_auth(self, scope: Scope,
                               send: Send) -> tuple[AgentRecord, Session | None, list[str]] | None:

@@ -20,6 +20,7 @@ from hcsdk.net.channel import ChannelLost
 from hcsdk.net.channel_server import ChannelServer, Credential, Refusal, bearer
 from hcsdk.net.h2conn import Response
 from hcsdk.net.limits import KeyedSlots, authenticated, read_limited
+from hcsdk.net.pacing import SHORT_RETRY
 from hcsdk.net.settings import ENROLL_BODY, HANDSHAKE_BODY, ChannelSettings
 from hcsdk.net.tls import shared_client_context
 from hcsdk.protocol.messages import Stats
@@ -135,7 +136,7 @@ class ProxyApp:
         pending = self.relay.begin(claimed)
         if pending is None:
             await error(send, 503, f"a handshake for {claimed} is already in flight here; retry after a backoff",
-                        kind="busy")
+                        kind="busy", retry_after=SHORT_RETRY)
             return
         try:
             await self._forward_handshake(scope, send, pending, cred, body, via_proxy)
@@ -155,7 +156,10 @@ class ProxyApp:
             return
         if resp.status_code != 200:
             self._refused(claimed, cred, resp.status_code)
-            await respond(send, resp.status_code, resp.content, [(b"content-type", b"application/json")])
+            # the master's Retry-After goes on as it is (its JSON too): it paces who is behind us
+            after = [(b"retry-after", v.encode("latin-1")) for k, v in resp.headers.items()
+                     if k.lower() == "retry-after"]
+            await respond(send, resp.status_code, resp.content, [(b"content-type", b"application/json"), *after[:1]])
             return
         info = _json_object(resp.content)
         if info is None or info.get("uuid") != claimed:

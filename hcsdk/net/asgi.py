@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -67,9 +68,16 @@ async def respond(send: Send, status: int, body: Any, headers: list[tuple[bytes,
     await send({"type": "http.response.body", "body": data})
 
 
-async def error(send: Send, status: int, message: str, kind: str = "request") -> None:
+async def error(send: Send, status: int, message: str, kind: str = "request",
+                retry_after: float | None = None) -> None:
+    """A JSON error answer. ``retry_after`` (seconds) goes in the body as a float and in the
+    ``Retry-After`` header rounded up: a refused client is told when to come back."""
     extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
-    await respond(send, status, {"error": message, "kind": kind}, extra)
+    body: dict[str, Any] = {"error": message, "kind": kind}
+    if retry_after is not None:
+        body["retry_after"] = round(retry_after, 3)
+        extra.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
+    await respond(send, status, body, extra)
 
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]

@@ -25,6 +25,7 @@ import httpx
 from hcsdk.common.backoff import Backoff
 from hcsdk.net.h2conn import H2Connection, H2Error, NotH2, Response
 from hcsdk.net.http import error_message
+from hcsdk.net.pacing import busy_hint, paced_delay
 from hcsdk.net.settings import ChannelSettings as ChannelSettings  # declared once, for both ends
 from hcsdk.net.tls import shared_client_context
 from hcsdk.protocol.messages import Heartbeat
@@ -46,6 +47,20 @@ class SwitchToH2(Exception):
 
 class Rejected(Exception):
     """The master refused this agent's credential: retrying cannot help."""
+
+
+class Unreachable(ChannelLost):
+    """No HTTP answer to the handshake (connection refused or reset, TLS failure, timeout):
+    this URL is down, the next one may not be."""
+
+
+class Busy(ChannelLost):
+    """The handshake was refused as busy (503/429/409, ``kind: busy``); ``retry_after`` is the
+    wait the server asked for, None when it named none usable."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Channel:
@@ -103,7 +118,13 @@ class Channel:
         self.poll_timeout = 30.0
 
     async def run_forever(self) -> None:
+        """Connect, and reconnect for ever. A server that is busy and says when to come back is
+        obeyed on the same URL without escalating the backoff (it is alive and has scheduled
+        us); a URL that gives no HTTP answer at all moves on to the next at once, and the
+        backoff grows only when a whole round of URLs has failed so. Anything else moves to
+        the next URL after the backoff, as a lost channel always did."""
         backoff = Backoff(self.settings.backoff_base, self.settings.backoff_cap)
+        unreachable = 0  # URLs in a row that gave no HTTP answer
         while True:
             if self.retiring:
                 await self._resume.wait()
@@ -121,12 +142,27 @@ class Channel:
             if isinstance(exc, SwitchToH2):
                 log.info("HTTP/2 reachable again; switching from polling")
                 continue
+            if isinstance(exc, Busy) and exc.retry_after is not None:
+                unreachable = 0
+                await self._paced(url, exc, exc.retry_after)
+                continue
             log.warning("channel to %s ended: %s", url, _describe(exc))
             self._url_index += 1
             self.mode = None
+            unreachable = unreachable + 1 if isinstance(exc, Unreachable) else 0
+            if 0 < unreachable < len(self.urls):
+                continue  # the round is not over: the next URL at once
+            unreachable = 0
             delay = backoff.next_delay()
             log.info("reconnecting in %.1fs", delay)
             await anyio.sleep(delay)
+
+    async def _paced(self, url: str, exc: Busy, asked: float) -> None:
+        """Sleep the wait a busy server asked for, within our own bounds (a buggy server must
+        not park us beyond the backoff cap, nor spin us with nothing), jittered by ±20 %."""
+        delay = paced_delay(asked, self.settings.backoff_base, self.settings.backoff_cap)
+        log.info("master busy; retrying in %.1f s (as it asked): %s %s", delay, url, exc)
+        await anyio.sleep(delay)
 
     def _client(self, http2: bool, connections: int = 4) -> httpx.AsyncClient:
         verify = shared_client_context(self.ca_pem, http2)
@@ -153,7 +189,7 @@ class Channel:
             except NotH2:
                 pass  # an HTTP/1.1-only server or middlebox: poll
             except H2Error as exc:
-                raise ChannelLost(str(exc)) from None
+                raise Unreachable(str(exc)) from None
             else:
                 try:
                     await self._h2_session(conn, url, backoff)
@@ -161,7 +197,10 @@ class Channel:
                     conn.close()
                 return
         async with self._client(False) as client:
-            resp = await client.post(f"{url}/v1/handshake", json=self._hello(), timeout=30.0)
+            try:
+                resp = await client.post(f"{url}/v1/handshake", json=self._hello(), timeout=30.0)
+            except httpx.TransportError as exc:
+                raise Unreachable(f"handshake with {url} failed: {_describe(exc)}") from None
             info = self._accept(resp, backoff)
             self.client, self.url, self.sid, self.mode = client, url, info["sid"], ChannelMode.POLL
             log.info("connected to %s by HTTP/1.1 polling", url)
@@ -201,7 +240,10 @@ class Channel:
         if resp.status_code in (401, 403):
             raise Rejected(error_message(resp))
         if resp.status_code != 200:
-            raise ChannelLost(f"handshake answered {resp.status_code}: {error_message(resp)}")
+            message = f"handshake answered {resp.status_code}: {error_message(resp)}"
+            if resp.status_code in (409, 429, 503):
+                raise Busy(message, busy_hint(resp.status_code, _json_or_none(resp), resp.headers))
+            raise ChannelLost(message)
         info: dict[str, Any] = resp.json()
         self.max_frame = int(info.get("max_frame") or DEFAULT_MAX_FRAME)
         # the master's expectations win: beat at least as often as it wants, and allow its
@@ -264,7 +306,7 @@ class Channel:
         try:
             resp = await conn.request("POST", "/v1/handshake", json_body=self._hello(), timeout=30.0)
         except H2Error as exc:
-            raise ChannelLost(f"handshake failed: {exc}") from None
+            raise Unreachable(f"handshake failed: {exc}") from None
         info = self._accept(resp, backoff)
         self.conn, self.url, self.sid, self.mode = conn, url, info["sid"], ChannelMode.H2
         log.info("connected to %s over HTTP/2", url)
@@ -409,6 +451,13 @@ class Channel:
                     raise SwitchToH2()
             except httpx.HTTPError:
                 pass
+
+
+def _json_or_none(resp: httpx.Response | Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return None
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -19,6 +19,7 @@ from pathlib import Path
 import anyio
 
 from hcsdk.net.asgi import BodyTimeout, BodyTooLarge, ClientGone, Receive, Scope, Send, error, header
+from hcsdk.net.pacing import SHORT_RETRY
 from hcsdk.net.reaper import REAPER_KEY
 
 __all__ = ["AddressGate", "BodyTimeout", "KeyedSlots", "authenticated", "client_address", "declared_length",
@@ -94,7 +95,8 @@ class AddressGate:
         if self.pending.get(addr, 0) >= self.limit:
             self.refused += 1
             await error(send, 429, f"too many unauthenticated requests in flight from {addr} "
-                                   f"(at most {self.limit}); retry after a backoff", kind="busy")
+                                   f"(at most {self.limit}); retry after a backoff", kind="busy",
+                        retry_after=SHORT_RETRY)
             return
         # the total binds only requests that bring no credential at all (enrollments, the CA):
         # one with a credential is checked from its headers at once, and the SDK and agents
@@ -103,7 +105,8 @@ class AddressGate:
         if anonymous and self.in_flight >= self.total > 0:
             self.refused += 1
             await error(send, 503, f"too many unauthenticated requests in flight (at most {self.total} from all "
-                                   "addresses); retry after a backoff", kind="busy")
+                                   "addresses); retry after a backoff", kind="busy",
+                        retry_after=SHORT_RETRY)
             return
         self.pending[addr] = self.pending.get(addr, 0) + 1
         self.in_flight += anonymous
