@@ -184,3 +184,20 @@ def test_a_storm_against_a_tiny_queue_is_paced_and_everyone_gets_in(tmp_path: Pa
         assert "503" in swarm.output()
     finally:
         fleet.close()
+
+
+def test_a_proxy_relays_the_masters_pacing_to_the_agents_behind_it(tmp_path: Path) -> None:
+    """The master's busy answer crosses the proxy with its retry_after intact: the agents behind
+    it sleep what the master asked, on the proxy's URL."""
+    fleet = Fleet(tmp_path, ["--handshake-concurrency", "1", "--handshake-queue", "1"])
+    fleet.start_master()
+    try:
+        url = fleet.start_proxy("edge")
+        swarm = fleet.start_swarm(50, name="pf", urls=[url], extra=["--log-level", "info"])
+        wait_for(lambda: fleet.online_count("pf-") == 50, 180, "50 agents online behind the proxy")
+        relayed = re.findall(r"master busy; retrying in [0-9.]+ s \(as it asked\): (\S+) .*", swarm.output())
+        assert relayed and set(relayed) == {url}, swarm.output()[-3000:]
+        assert "503: the master is busy with reconnecting agents" in swarm.output()  # the master's own answer
+        assert fleet.client.status()["busy"] > 0
+    finally:
+        fleet.close()
