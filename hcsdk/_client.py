@@ -27,6 +27,7 @@ from hcsdk._sync import SyncFace, blocking, wrapping
 from hcsdk._targets import TargetsLike, target_spec
 from hcsdk.common.config import load_client_config, parse_urls
 from hcsdk.common.errors import ConfigError, UsageError
+from hcsdk.protocol.names import new_run_id
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -156,8 +157,11 @@ class AsyncClient:
         selector (``"label:role=web,idc=hk"``) or a DataFrame with a ``uuid`` column.
         """
         cmd, merged = _script_args(script, cmd, args)
-        body = {"cmd": cmd, "args": merged, "targets": target_spec(targets), "timeout": timeout}
-        return AsyncRun(self._link, await self._link.request("POST", "/api/v1/runs", json=body))
+        # named here, so that the request may go again to another master should this one die
+        # with it unanswered: the master makes one run of one id
+        body = {"cmd": cmd, "args": merged, "targets": target_spec(targets), "timeout": timeout,
+                "run_id": new_run_id(16)}
+        return AsyncRun(self._link, await self._link.request("POST", "/api/v1/runs", json=body, idempotent=True))
 
     async def release(self, artifact: str, targets: TargetsLike, *, dest: str, batch: int | str = 10,
                       pre: str | None = None, post: str | None = None, health: str | None = None,

@@ -44,8 +44,10 @@ class MasterLink(Protocol):
         """The master the link talks to now (the last one that answered)."""
         ...
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """A JSON request; the JSON answer, or the matching ZyError."""
+    async def request(self, method: str, path: str, *, idempotent: bool = False, **kwargs: Any) -> Any:
+        """A JSON request; the JSON answer, or the matching ZyError. ``idempotent``: a change
+        the master makes once however often it comes (a named run), so it may be sent again
+        to another master after any transport failure, like a read."""
         ...
 
     async def send(self, path: str, content: bytes | AsyncIterable[bytes], *, timeout: float | None = None) -> Any:
@@ -81,11 +83,11 @@ class HttpLink:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def request(self, method: str, path: str, *, idempotent: bool = False, **kwargs: Any) -> Any:
         async def attempt(url: str) -> httpx.Response:
             return await self._http.request(method, url + path, **kwargs)
 
-        return check(await self._failover(attempt, resend=method.upper() in _SAFE_METHODS))
+        return check(await self._failover(attempt, resend=idempotent or method.upper() in _SAFE_METHODS))
 
     async def send(self, path: str, content: bytes | AsyncIterable[bytes], *, timeout: float | None = None) -> Any:
         options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}

@@ -198,7 +198,8 @@ class AsyncRun:
 
     async def cancel(self) -> int:
         """Stop the command on every target still running it (the process group is killed)."""
-        body = await self._link.request("POST", f"/api/v1/runs/{self.id}/cancel")
+        # asking twice asks once: the second finds the tasks already cancelling
+        body = await self._link.request("POST", f"/api/v1/runs/{self.id}/cancel", idempotent=True)
         return int(body["cancelling"])
 
     def view(self, /, **options: Any) -> ResultView:

@@ -45,6 +45,9 @@ class RunRequest(BaseModel):
     args: dict[str, Any]
     targets: dict[str, Any]
     timeout: float = Field(default=600.0, gt=0, le=7 * 86400)
+    #: the client's name for this run: a request resent (to this master or another) with the
+    #: same id gets the run the first one made, never a second run
+    run_id: str | None = Field(default=None, pattern=r"^r[0-9a-f]{12,32}$")  # (hcsdk.protocol.names.RUN_ID)
 
 
 class TokenRequest(BaseModel):
@@ -178,6 +181,8 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
                                            and await blobs.size(str(req.args["sha256"])) is not None):
             raise RequestRejected(f"no build with SHA-256 {req.args.get('sha256')!r} was uploaded to this master "
                                   "(client.agents.update uploads it first)", status=404)
+        if req.run_id is not None:
+            return await hub.create_run_once(req.cmd, req.args, req.targets, req.timeout, req.run_id)
         return await hub.create_run(req.cmd, req.args, req.targets, req.timeout)
 
     @app.get("/api/v1/runs/{run_id}", dependencies=deps)

@@ -5,13 +5,13 @@ acknowledged when it comes back, and writing off tasks whose agent stayed away o
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Any, Protocol
 
 from hcsdk.protocol import vocab
 from hcsdk.protocol.errors import MessageError
 from hcsdk.protocol.messages import Cancel, Task
+from hcsdk.protocol.names import new_run_id
 from hcsdk.protocol.tasks import TaskStatus
 from hcsdk.protocol.wire import dumps, loads
 
@@ -38,11 +38,6 @@ class Placement(Protocol):
     def wake_dispatch(self, master_ids: set[str], run_id: str) -> None:
         """Tell ``master_ids`` that ``run_id`` has tasks (or cancels) for agents they hold."""
         ...
-
-
-def new_run_id() -> str:
-    """A run's id (a release step chooses its own first, to store it before the run exists)."""
-    return "r" + secrets.token_hex(6)
 
 
 def check_cmd(cmd: str) -> None:
@@ -92,6 +87,21 @@ class Dispatch:
         sent = self._send_open(session, tasks)
         if sent:
             await self._mark_dispatched(sent)
+
+    async def replay(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """The answer that created run ``run_id`` again, when it exists (a client resending its
+        request after a master died); None when it does not. The same id with another command is
+        refused: the client reused an id."""
+        rec = await self.db(self.db.store.run, run_id)
+        if rec is None:
+            return None
+        if (rec["cmd"], rec["args"], float(rec["timeout"])) != (cmd, args, float(timeout)):
+            raise RequestRejected(f"run {run_id} exists with another command; a run id names one request",
+                                  kind="run", status=409)
+        tasks = sorted(rec["tasks"], key=lambda t: int(str(t["taskid"]).rsplit(".", 1)[1]))
+        return {"run_id": run_id, "cmd": cmd, "timeout": timeout, "replayed": True,
+                "targets": [{"uuid": t["uuid"], "hostname": t.get("hostname") or "", "taskid": t["taskid"],
+                             "status": t["status"]} for t in tasks]}
 
     def _send_open(self, session: Session, tasks: list[dict[str, Any]]) -> list[str]:
         """Send ``session`` its open tasks (or their cancels); the taskids sent as tasks."""

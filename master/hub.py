@@ -143,10 +143,30 @@ class Hub:
     async def create_run(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float,
                          run_id: str | None = None) -> dict[str, Any]:
         run = await self.dispatch.create_run(cmd, args, targets, timeout, run_id)
+        self._gave(cmd, args, run)
+        return run
+
+    async def create_run_once(self, cmd: str, args: dict[str, Any], targets: Any, timeout: float,
+                              run_id: str) -> dict[str, Any]:
+        """A run a client named: created once, whichever master each try of the request reached
+        and however many tries there were; a try after the first gets the first one's answer."""
+        replayed = await self.dispatch.replay(run_id, cmd, args, timeout)
+        if replayed is not None:
+            return replayed
+        try:
+            return await self.create_run(cmd, args, targets, timeout, run_id)
+        except RequestRejected:
+            raise
+        except Exception:  # (another try stored it meanwhile, on another master: its key is taken)
+            replayed = await self.dispatch.replay(run_id, cmd, args, timeout)
+            if replayed is None:
+                raise
+            return replayed
+
+    def _gave(self, cmd: str, args: dict[str, Any], run: dict[str, Any]) -> None:
         if cmd == vocab.SCHEDULE_SET:
             # (no await since the tasks went out: no sample of theirs can be judged before this)
             self.schedules.gave(str(args.get("name")), [t["uuid"] for t in run["targets"]])
-        return run
 
     # -- the store, for the channel routes ---------------------------------------------------
     async def agent(self, uuid: str) -> AgentRecord | None:

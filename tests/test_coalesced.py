@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from master.store import Coalesced, SQLiteStore, StoreThread
@@ -71,7 +72,7 @@ def test_batches_run_in_arrival_order_and_respect_the_limit(thread: StoreThread)
         async with anyio.create_task_group() as tg:
             for x in range(23):
                 tg.start_soon(calls, x)
-                await anyio.sleep(0)  # arrival order = start order
+                await anyio.lowlevel.checkpoint()  # arrival order = start order
 
     anyio.run(main)
     assert seen == list(range(23))

@@ -188,6 +188,18 @@ def test_a_dead_url_first_then_the_live_master(one: Fleet, tmp_path: Path) -> No
         dropper.close()
 
 
+def _unnamed_run(client: Client, marker: Path) -> None:
+    """A run request as an older SDK sent it: no run id, so not safe to send twice."""
+    body = {"cmd": "shell", "args": {"script": f"echo ran >> {marker}"}, "targets": {"expr": "fo-1"}, "timeout": 30}
+    portal_call(client, lambda link: link.request("POST", "/api/v1/runs", json=body))
+
+
+def portal_call(client: Client, fn):  # type: ignore[no-untyped-def]
+    from hcsdk._portal import portal
+
+    return portal().call(fn, client._async._link)
+
+
 def test_a_request_that_may_have_reached_a_master_is_never_sent_to_another(one: Fleet, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     hangup = FakeListener("hangup")
@@ -195,7 +207,7 @@ def test_a_request_that_may_have_reached_a_master_is_never_sent_to_another(one: 
         before = _runs_seen(one)
         with _client(one, hangup.url, one.url) as client:
             with pytest.raises(MasterUnreachable, match=f"cannot reach the master at {hangup.url}"):
-                client.run(f"echo ran >> {marker}", targets="fo-1", timeout=30)
+                _unnamed_run(client, marker)
             assert hangup.requests == 1 and not marker.exists() and _runs_seen(one) == before
             # a read changes nothing: it may go on to the next master, which then stays current
             assert client.status()["agents_online"] == 1 and client.url == one.url
@@ -203,6 +215,58 @@ def test_a_request_that_may_have_reached_a_master_is_never_sent_to_another(one: 
         assert marker.read_text().splitlines() == ["ran"] and _runs_seen(one) - before == 1
     finally:
         hangup.close()
+
+
+def test_a_named_run_that_may_have_reached_a_master_goes_on_to_the_next_and_runs_once(one: Fleet,
+                                                                                      tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    hangup = FakeListener("hangup")
+    try:
+        before = _runs_seen(one)
+        with _client(one, hangup.url, one.url) as client:
+            _marker_run(client, marker)  # the SDK names its runs: resent to the live master
+            assert hangup.requests == 1 and client.url == one.url
+        assert marker.read_text().splitlines() == ["ran"] and _runs_seen(one) - before == 1
+    finally:
+        hangup.close()
+
+
+def _post_run(fleet: Fleet, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    import ssl
+
+    import httpx
+
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(fleet.root / "master" / "ca.pem")),
+                      headers={"authorization": f"Bearer {fleet.admin_token}"}) as http:
+        resp = http.post(f"{fleet.url}/api/v1/runs", json=body, timeout=30)
+    return resp.status_code, resp.json()
+
+
+def test_a_run_id_makes_one_run_however_often_it_is_sent(one: Fleet, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    run_id = "r" + "5a" * 8
+    body = {"cmd": "shell", "args": {"script": f"echo ran >> {marker}"}, "targets": {"expr": "fo-1"},
+            "timeout": 30, "run_id": run_id}
+    code, first = _post_run(one, body)
+    assert code == 200 and first["run_id"] == run_id and "replayed" not in first
+    code, again = _post_run(one, body)
+    assert code == 200 and again["replayed"] is True
+    assert [t["taskid"] for t in again["targets"]] == [t["taskid"] for t in first["targets"]]  # type: ignore[union-attr]
+    wait_for(lambda: marker.exists(), 30, "the named run ran")
+    time.sleep(1.0)  # a second run would have written its line by now
+    assert marker.read_text().splitlines() == ["ran"]
+    # the same id for another command: refused, and the first run is untouched
+    code, other = _post_run(one, {**body, "args": {"script": "echo other"}})
+    assert code == 409 and "exists with another command" in str(other["error"])
+
+
+@pytest.mark.parametrize("bad", ["r12", "R" + "a" * 16, "r" + "a" * 33, "r" + "g" * 16, "../r" + "a" * 12, 7])
+def test_a_malformed_run_id_is_refused_and_makes_no_run(one: Fleet, bad: object) -> None:
+    before = _runs_seen(one)
+    code, answer = _post_run(one, {"cmd": "shell", "args": {"script": "true"}, "targets": {"expr": "fo-1"},
+                                   "run_id": bad})
+    assert code == 422 and "run_id" in json.dumps(answer)
+    assert _runs_seen(one) == before
 
 
 def test_an_http_answer_is_final_even_for_a_read(one: Fleet) -> None:

@@ -12,9 +12,10 @@ are the agent's own and refused everywhere, first at upload.
 from __future__ import annotations
 
 import re
+import secrets
 
-__all__ = ["PLUGIN_NAME", "RESERVED_MARK", "UnsafeName", "check_file_name", "check_sha256", "digest_dir",
-           "is_digest_dir", "is_plugin_name", "is_sha256"]
+__all__ = ["PLUGIN_NAME", "RESERVED_MARK", "RUN_ID", "UnsafeName", "check_file_name", "check_sha256", "digest_dir",
+           "is_digest_dir", "is_plugin_name", "is_run_id", "is_sha256", "new_run_id"]
 
 # \A...\Z, not ^...$: "$" also matches before a trailing newline, and these check remote input
 # (callers elsewhere may still .match() them; the functions below use fullmatch)
@@ -23,6 +24,9 @@ DIGEST_DIR = re.compile(r"\A[0-9a-f]{16}\Z")
 #: a plugin's name, which becomes a directory and a module name on the agent: an identifier of at
 #: most 40 lowercase letters, digits and _ (the SDK checks it before upload, the agent on install)
 PLUGIN_NAME = re.compile(r"\A[a-z][a-z0-9_]{0,39}\Z")
+#: a run's id: ``r`` and 12 hex digits when the master makes it, up to 32 when a client does (the
+#: SDK names its runs, so that a run request resent to another master is not a second run)
+RUN_ID = re.compile(r"\Ar[0-9a-f]{12,32}\Z")
 #: what marks the agent's own files (metadata, part files, kept previous versions)
 RESERVED_MARK = ".zy-"
 #: longest released file name: the agent adds a dot and ``.zy-part`` while it comes, and a
@@ -32,6 +36,15 @@ MAX_NAME_BYTES = 255 - len(".") - len(".zy-part")
 
 class UnsafeName(ValueError):
     """Text that must not name a file."""
+
+
+def new_run_id(hex_digits: int = 12) -> str:
+    """A fresh run id (the SDK asks for 16 digits: ids it makes must not meet the master's)."""
+    return "r" + secrets.token_hex(hex_digits // 2)
+
+
+def is_run_id(text: object) -> bool:
+    return isinstance(text, str) and RUN_ID.fullmatch(text) is not None
 
 
 def is_sha256(text: object) -> bool:
