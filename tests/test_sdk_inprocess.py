@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import pydoc
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -118,6 +119,7 @@ def test_sync_run_collects_every_target(master: FakeMaster) -> None:
     assert by_host.loc["web-2", "stderr"] == "boom\n" and by_host.loc["web-2", "exit_code"] == 3
     assert by_host.loc["web-2", "error"] == "exit status 3"
     sent = json.loads(master.requests[0].content)
+    assert re.fullmatch(r"r[0-9a-f]{16}", sent.pop("run_id"))  # named by the SDK: safe to resend
     assert sent == {"cmd": "shell", "args": {"script": "echo hello world"}, "targets": {"expr": "web-*"},
                     "timeout": 30}
     assert [(o.hostname, o.status) for o in run.outcomes()] == [("web-1", "ok"), ("web-2", "failed")]
