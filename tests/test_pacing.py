@@ -201,3 +201,59 @@ def test_a_proxy_relays_the_masters_pacing_to_the_agents_behind_it(tmp_path: Pat
         assert fleet.client.status()["busy"] > 0
     finally:
         fleet.close()
+
+
+def test_a_second_handshake_of_one_uuid_is_told_to_come_back_shortly(tmp_path: Path) -> None:
+    """409 "already in progress" is busy for a moment only: a short Retry-After, not a slot."""
+    from test_trust_master import FakeAgent, _head, _tls
+
+    fleet = Fleet(tmp_path)
+    fleet.start_master()
+    try:
+        fake = FakeAgent(fleet, "twice")
+        with _tls(fleet, src="127.0.0.1") as sock:  # the first handshake is still sending its body
+            sock.sendall(_head("POST", "/v1/handshake", f"authorization: {fake.auth}\r\ncontent-length: 100\r\n")
+                         + b"{")
+
+            def second() -> object:
+                resp = fake.handshake()
+                return resp if resp.status_code == 409 else None
+
+            resp = wait_for(second, 20, "the second handshake to be refused")
+        assert resp.json()["kind"] == "busy" and resp.json()["retry_after"] == 1.0, resp.text
+        assert resp.headers["retry-after"] == "1"
+    finally:
+        fleet.close()
+
+
+def test_the_address_gate_tells_a_refused_address_when_to_come_back() -> None:
+    import anyio
+
+    from hcsdk.net.limits import AddressGate
+
+    answers: list[dict[str, object]] = []
+    release = anyio.Event()
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        await release.wait()  # holds its place, never authenticates
+
+    async def send(msg: dict[str, object]) -> None:
+        answers.append(msg)
+
+    async def main() -> None:
+        gate = AddressGate(app, limit=1, total=1)
+        scope = {"type": "http", "client": ("10.0.0.1", 5), "headers": []}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gate, dict(scope), None, send)
+            await anyio.sleep(0.01)
+            await gate(dict(scope), None, send)  # same address: 429
+            await gate({**scope, "client": ("10.0.0.2", 5)}, None, send)  # another, anonymous: the total, 503
+            release.set()
+
+    anyio.run(main)
+    starts = [m for m in answers if m["type"] == "http.response.start"]
+    bodies = [json.loads(m["body"]) for m in answers if m["type"] == "http.response.body"]  # type: ignore[arg-type]
+    assert [m["status"] for m in starts] == [429, 503]
+    for start, body in zip(starts, bodies, strict=True):
+        assert (b"retry-after", b"1") in start["headers"]  # type: ignore[operator]
+        assert body["kind"] == "busy" and body["retry_after"] == 1.0
