@@ -10,6 +10,7 @@ import re
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -229,31 +230,35 @@ def test_a_second_handshake_of_one_uuid_is_told_to_come_back_shortly(tmp_path: P
 def test_the_address_gate_tells_a_refused_address_when_to_come_back() -> None:
     import anyio
 
+    from hcsdk.net.asgi import Receive, Scope, Send
     from hcsdk.net.limits import AddressGate
 
-    answers: list[dict[str, object]] = []
+    answers: list[dict[str, Any]] = []
     release = anyio.Event()
 
-    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await release.wait()  # holds its place, never authenticates
 
-    async def send(msg: dict[str, object]) -> None:
+    async def send(msg: dict[str, Any]) -> None:
         answers.append(msg)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
 
     async def main() -> None:
         gate = AddressGate(app, limit=1, total=1)
-        scope = {"type": "http", "client": ("10.0.0.1", 5), "headers": []}
+        scope: Scope = {"type": "http", "client": ("10.0.0.1", 5), "headers": []}
         async with anyio.create_task_group() as tg:
-            tg.start_soon(gate, dict(scope), None, send)
+            tg.start_soon(gate, dict(scope), receive, send)
             await anyio.sleep(0.01)
-            await gate(dict(scope), None, send)  # same address: 429
-            await gate({**scope, "client": ("10.0.0.2", 5)}, None, send)  # another, anonymous: the total, 503
+            await gate(dict(scope), receive, send)  # same address: 429
+            await gate({**scope, "client": ("10.0.0.2", 5)}, receive, send)  # another, anonymous: the total, 503
             release.set()
 
     anyio.run(main)
     starts = [m for m in answers if m["type"] == "http.response.start"]
-    bodies = [json.loads(m["body"]) for m in answers if m["type"] == "http.response.body"]  # type: ignore[arg-type]
+    bodies = [json.loads(m["body"]) for m in answers if m["type"] == "http.response.body"]
     assert [m["status"] for m in starts] == [429, 503]
     for start, body in zip(starts, bodies, strict=True):
-        assert (b"retry-after", b"1") in start["headers"]  # type: ignore[operator]
+        assert (b"retry-after", b"1") in start["headers"]
         assert body["kind"] == "busy" and body["retry_after"] == 1.0

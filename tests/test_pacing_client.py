@@ -57,21 +57,21 @@ class Scripted:
                     if not chunk:
                         return
                     data += chunk
-                head, _, body = data.partition(b"\r\n\r\n")
+                head, _, got = data.partition(b"\r\n\r\n")
                 length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
                                if line.startswith(b"content-length:")), 0)
-                while len(body) < length:  # read it all: closing on unread data resets the connection
+                while len(got) < length:  # read it all: closing on unread data resets the connection
                     chunk = conn.recv(65536)
                     if not chunk:
                         return
-                    body += chunk
+                    got += chunk
                 self.requests += 1
                 self.got.set()
                 status, body, headers = self.answer()
                 payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-                head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
                 conn.sendall(f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: "
-                             f"{len(payload)}\r\nconnection: close\r\n{head}\r\n".encode() + payload)
+                             f"{len(payload)}\r\nconnection: close\r\n{extra}\r\n".encode() + payload)
         except (OSError, ssl.SSLError):
             pass
 
@@ -122,7 +122,8 @@ def test_a_busy_server_is_obeyed_on_the_same_url_within_the_backoff_cap(tmp_path
         busy.close()
         other.close()
     assert other.requests == 0  # the busy server is alive: no rotation to the next URL
-    waits = [float(r.args[0]) for r in caplog.records if r.msg.startswith("master busy; retrying in")]
+    waits = [float(str(r.getMessage().split()[4])) for r in caplog.records
+             if r.getMessage().startswith("master busy; retrying in")]
     assert len(waits) >= 2 and all(0.3 < w <= 2.0 for w in waits), waits
     assert not any("reconnecting in" in r.getMessage() for r in caplog.records)  # no backoff escalation
 
