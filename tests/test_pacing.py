@@ -9,9 +9,11 @@ import random
 import re
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from fleet import Fleet
@@ -212,15 +214,18 @@ def test_a_second_handshake_of_one_uuid_is_told_to_come_back_shortly(tmp_path: P
     fleet.start_master()
     try:
         fake = FakeAgent(fleet, "twice")
-        with _tls(fleet, src="127.0.0.1") as sock:  # the first handshake is still sending its body
-            sock.sendall(_head("POST", "/v1/handshake", f"authorization: {fake.auth}\r\ncontent-length: 100\r\n")
-                         + b"{")
 
-            def second() -> object:
+        def second() -> httpx.Response | None:
+            # the first handshake is still sending its body (each try opens a fresh one: the body
+            # deadline ends a trickle after 5 s, and a loaded machine may be slower than that)
+            with _tls(fleet, src="127.0.0.1") as sock:
+                sock.sendall(_head("POST", "/v1/handshake",
+                                   f"authorization: {fake.auth}\r\ncontent-length: 100\r\n") + b"{")
+                time.sleep(0.2)
                 resp = fake.handshake()
-                return resp if resp.status_code == 409 else None
+            return resp if resp.status_code == 409 else None
 
-            resp = wait_for(second, 20, "the second handshake to be refused")
+        resp = wait_for(second, 60, "the second handshake to be refused")
         assert resp.json()["kind"] == "busy" and resp.json()["retry_after"] == 1.0, resp.text
         assert resp.headers["retry-after"] == "1"
     finally:
