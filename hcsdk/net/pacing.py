@@ -43,7 +43,7 @@ class AdmissionPacer:
     completion end the measurement. A measured rate below ``floor_rate`` (a stalled server)
     counts as the floor, so nothing divides by zero."""
 
-    def __init__(self, initial_rate: float = 100.0, floor_rate: float = 5.0, tau: float = 5.0,
+    def __init__(self, initial_rate: float = 200.0, floor_rate: float = 5.0, tau: float = 5.0,
                  interval: float = 0.5, idle: float = 10.0, min_delay: float = 0.5, max_delay: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if min(initial_rate, floor_rate, tau, interval, idle) <= 0 or not 0 < min_delay <= max_delay:
