@@ -215,8 +215,9 @@ class ChannelApp:
 
     async def handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Admission first: a reconnect storm (a master restart under 10,000 agents) must not
-        queue without bound. Beyond the queue the answer is 503 at once, and the agent retries
-        after its jittered backoff, which spreads the storm over time.
+        queue without bound. Beyond the queue the answer is 503 at once, with the time this
+        agent should come back (``retry_after``, ``Retry-After``: a slot of its own, spaced by
+        the measured admission rate), which spreads the storm over the time we need for it.
 
         The credential is checked from the headers, and the body read (bounded, with a
         deadline) before a processing slot is taken: a slot is held only for work, never while
