@@ -8,7 +8,9 @@ carriers, reconnecting for ever with backoff.
   in the background and switches back once it works.
 
 Either way the messages are the same frames; what was not acknowledged is resent from the
-spool after every reconnect. Reconnects back off exponentially with full jitter.
+spool after every reconnect. Reconnects back off exponentially with full jitter; a server
+that refuses a handshake as busy and says when to come back is obeyed instead (see
+:mod:`hcsdk.net.pacing`), on the same URL.
 """
 
 from __future__ import annotations
