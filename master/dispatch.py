@@ -19,7 +19,7 @@ from .errors import RequestRejected
 from .run_events import RunEvents
 from .sessions import Session, Sessions
 from .settings import MasterSettings
-from .store import Coalesced, StoreThread
+from .store import Coalesced, CoalescedSubsets, StoreThread
 from .targets import resolve
 
 __all__ = ["Dispatch", "Placement", "check_cmd", "new_run_id"]
@@ -62,8 +62,7 @@ class Dispatch:
         #: what reconnecting agents get again, read and marked sent a batch at a time (a storm
         #: of thousands of handshakes; master/store/offload.py says why)
         self._open_tasks = Coalesced(db, db.store.open_tasks_for)
-        self._claim_pending = Coalesced(db, db.store.claim_pending)
-        self._mark_dispatched = Coalesced(db, db.store.mark_dispatched)
+        self._claim_pending = CoalescedSubsets(db, db.store.claim_pending)
 
     def task_msg(self, uuid: str, taskid: str, cmd: str, args: dict[str, Any], timeout: float,
                  deadline: float, run: str) -> dict[str, Any]:
@@ -84,9 +83,10 @@ class Dispatch:
             # a cancel meanwhile, or another master sending it, leaves it out here
             claimed = set(await self._claim_pending(pending))
             tasks = [t for t in tasks if t["status"] != TaskStatus.PENDING or t["taskid"] in claimed]
-        sent = self._send_open(session, tasks)
-        if sent:
-            await self._mark_dispatched(sent)
+        # no store write after sending: what goes out is dispatched already (the pending ones
+        # by their claim), and a write here took the run's row lock per reconnecting agent,
+        # queueing a storm's redeliveries behind the run's result batches
+        self._send_open(session, tasks)
 
     async def replay(self, run_id: str, cmd: str, args: dict[str, Any], timeout: float) -> dict[str, Any] | None:
         """The answer that created run ``run_id`` again, when it exists (a client resending its

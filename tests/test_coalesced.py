@@ -12,7 +12,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from master.store import Coalesced, SQLiteStore, StoreThread
+from master.store import Coalesced, CoalescedSubsets, SQLiteStore, StoreThread
 
 
 @pytest.fixture
@@ -137,3 +137,49 @@ def test_a_failing_hop_fails_every_call_of_its_batch_and_the_next_batch_still_ru
     anyio.run(main)
     assert outcomes[0] == "the pool is gone"  # the first batch (alone) failed
     assert [outcomes[x] for x in range(1, 5)] == [2, 4, 6, 8]
+
+
+def test_subsets_make_one_call_per_batch_and_give_each_caller_its_share(thread: StoreThread) -> None:
+    made: list[list[str]] = []
+    taken = {"a1", "b2", "c1"}
+
+    def claim(ids: list[str]) -> list[str]:
+        made.append(list(ids))
+        time.sleep(0.01)
+        if "boom" in ids:
+            raise RuntimeError("refused: boom")
+        return sorted(i for i in ids if i in taken)
+
+    calls = CoalescedSubsets(thread, claim)
+    got: dict[str, object] = {}
+
+    async def one(name: str, ids: list[str]) -> None:
+        try:
+            got[name] = await calls(ids)
+        except RuntimeError as exc:
+            got[name] = str(exc)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "first", ["a1"])
+            await anyio.sleep(0.002)
+            for name, ids in (("b", ["b1", "b2"]), ("c", ["c1"]), ("d", ["d1"])):
+                tg.start_soon(one, name, ids)
+
+    anyio.run(main)
+    assert got == {"first": ["a1"], "b": ["b2"], "c": ["c1"], "d": []}
+    assert made == [["a1"], ["b1", "b2", "c1", "d1"]]  # the three waiting ones in one call
+
+    made.clear()
+    got.clear()
+
+    async def failing() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "first", ["a1"])
+            await anyio.sleep(0.002)
+            tg.start_soon(one, "bad", ["boom"])
+            tg.start_soon(one, "good", ["c1"])
+
+    anyio.run(failing)
+    # the batch's call failed: each of its callers was tried alone, and only the bad one failed
+    assert got == {"first": ["a1"], "bad": "refused: boom", "good": ["c1"]}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import SchemaError, TokenUsedUp
-from .offload import Coalesced, StoreThread
+from .offload import Coalesced, CoalescedSubsets, StoreThread
 from .protocol import (
     AgentRecord,
     ArtifactRecord,
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AgentRecord", "ArtifactRecord", "JoinTokenRecord", "PostgresStore", "ReleaseRecord", "ReleaseSummary",
            "ReleaseTargetRecord", "Result", "SQLiteStore", "SchemaError", "Store", "StoreThread", "TokenUsedUp",
-           "Coalesced", "open_store"]
+           "Coalesced", "CoalescedSubsets", "open_store"]
 
 
 def open_store(data_dir: Path, url: str | None = None) -> Store:

@@ -22,7 +22,7 @@ from .protocol import Store
 T = TypeVar("T")
 A = TypeVar("A")
 
-__all__ = ["Coalesced", "StoreThread"]
+__all__ = ["Coalesced", "CoalescedSubsets", "StoreThread"]
 
 
 class StoreThread:
@@ -109,3 +109,17 @@ class Coalesced(Generic[A, T]):
             except Exception as exc:  # one call's failure is that call's alone
                 out.append((None, exc))
         return out
+
+
+class CoalescedSubsets(Coalesced[list[str], list[str]]):
+    """Coalesced calls of a store method that takes ids and returns those of them it acted on
+    (``claim_pending``): a batch is one call with every caller's ids, and each caller gets its
+    own share of the answer. One statement (one lock of a run's row) per batch, not per caller.
+    If that call fails, the batch's calls are made one by one, so each fails alone."""
+
+    def _run_all(self, args: list[list[str]]) -> list[tuple[list[str] | None, BaseException | None]]:
+        try:
+            done = set(self.fn([i for ids in args for i in ids]))
+        except Exception:
+            return super()._run_all(args)
+        return [([i for i in ids if i in done], None) for ids in args]
