@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -27,22 +28,31 @@ def slow_double(x: int) -> int:
     return 2 * x
 
 
-def test_concurrent_calls_share_hops_and_keep_their_own_results(thread: StoreThread) -> None:
-    calls = Coalesced(thread, slow_double)
-    got: dict[int, object] = {}
+def call_all(calls: Coalesced[Any, Any], items: list[tuple[object, Any]], lead: bool = False) -> dict[object, object]:
+    """Each ``(key, arg)`` called at once (with ``lead``, the first one alone, then the rest while
+    it is in flight): key -> its result, or its exception's text."""
+    got: dict[object, object] = {}
 
-    async def one(x: int) -> None:
+    async def one(key: object, arg: Any) -> None:
         try:
-            got[x] = await calls(x)
-        except ValueError as exc:
-            got[x] = str(exc)
+            got[key] = await calls(arg)
+        except Exception as exc:
+            got[key] = str(exc)
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
-            for x in range(40):
-                tg.start_soon(one, x)
+            for i, (key, arg) in enumerate(items):
+                tg.start_soon(one, key, arg)
+                if lead and i == 0:
+                    await anyio.sleep(0.002)
 
     anyio.run(main)
+    return got
+
+
+def test_concurrent_calls_share_hops_and_keep_their_own_results(thread: StoreThread) -> None:
+    calls = Coalesced(thread, slow_double)
+    got = call_all(calls, [(x, x) for x in range(40)])
     assert got == {x: ("13 is refused" if x == 13 else 2 * x) for x in range(40)}
     assert calls.calls == 40
     assert calls.batches < 10  # the first alone, the rest together
@@ -121,20 +131,7 @@ def test_a_failing_hop_fails_every_call_of_its_batch_and_the_next_batch_still_ru
         return await original(fn, *args)
 
     calls.thread = flaky  # type: ignore[assignment]
-    outcomes: dict[int, object] = {}
-
-    async def one(x: int) -> None:
-        try:
-            outcomes[x] = await calls(x)
-        except RuntimeError as exc:
-            outcomes[x] = str(exc)
-
-    async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            for x in range(5):
-                tg.start_soon(one, x)
-
-    anyio.run(main)
+    outcomes = call_all(calls, [(x, x) for x in range(5)])
     assert outcomes[0] == "the pool is gone"  # the first batch (alone) failed
     assert [outcomes[x] for x in range(1, 5)] == [2, 4, 6, 8]
 
@@ -151,35 +148,11 @@ def test_subsets_make_one_call_per_batch_and_give_each_caller_its_share(thread: 
         return sorted(i for i in ids if i in taken)
 
     calls = CoalescedSubsets(thread, claim)
-    got: dict[str, object] = {}
-
-    async def one(name: str, ids: list[str]) -> None:
-        try:
-            got[name] = await calls(ids)
-        except RuntimeError as exc:
-            got[name] = str(exc)
-
-    async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(one, "first", ["a1"])
-            await anyio.sleep(0.002)
-            for name, ids in (("b", ["b1", "b2"]), ("c", ["c1"]), ("d", ["d1"])):
-                tg.start_soon(one, name, ids)
-
-    anyio.run(main)
+    got = call_all(calls, [("first", ["a1"]), ("b", ["b1", "b2"]), ("c", ["c1"]), ("d", ["d1"])], lead=True)
     assert got == {"first": ["a1"], "b": ["b2"], "c": ["c1"], "d": []}
     assert made == [["a1"], ["b1", "b2", "c1", "d1"]]  # the three waiting ones in one call
 
     made.clear()
-    got.clear()
-
-    async def failing() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(one, "first", ["a1"])
-            await anyio.sleep(0.002)
-            tg.start_soon(one, "bad", ["boom"])
-            tg.start_soon(one, "good", ["c1"])
-
-    anyio.run(failing)
+    got = call_all(calls, [("first", ["a1"]), ("bad", ["boom"]), ("good", ["c1"])], lead=True)
     # the batch's call failed: each of its callers was tried alone, and only the bad one failed
     assert got == {"first": ["a1"], "bad": "refused: boom", "good": ["c1"]}
