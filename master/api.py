@@ -47,7 +47,9 @@ class RunRequest(BaseModel):
     timeout: float = Field(default=600.0, gt=0, le=7 * 86400)
     #: the client's name for this run: a request resent (to this master or another) with the
     #: same id gets the run the first one made, never a second run
-    run_id: str | None = Field(default=None, pattern=r"^r[0-9a-f]{12,32}$")  # (hcsdk.protocol.names.RUN_ID)
+    #: (16 to 32 hex digits: never of the length the master's own ids have, so a client's id
+    #: cannot take one a release step is about to use)
+    run_id: str | None = Field(default=None, pattern=r"^r[0-9a-f]{16,32}$")
 
 
 class TokenRequest(BaseModel):

@@ -260,7 +260,8 @@ def test_a_run_id_makes_one_run_however_often_it_is_sent(one: Fleet, tmp_path: P
     assert code == 409 and "exists with another command" in str(other["error"])
 
 
-@pytest.mark.parametrize("bad", ["r12", "R" + "a" * 16, "r" + "a" * 33, "r" + "g" * 16, "../r" + "a" * 12, 7])
+@pytest.mark.parametrize("bad", ["r12", "r" + "a" * 12, "R" + "a" * 16, "r" + "a" * 33, "r" + "g" * 16,
+                                 "../r" + "a" * 12, 7])
 def test_a_malformed_run_id_is_refused_and_makes_no_run(one: Fleet, bad: object) -> None:
     before = _runs_seen(one)
     code, answer = _post_run(one, {"cmd": "shell", "args": {"script": "true"}, "targets": {"expr": "fo-1"},

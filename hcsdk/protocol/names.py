@@ -24,7 +24,7 @@ DIGEST_DIR = re.compile(r"\A[0-9a-f]{16}\Z")
 #: a plugin's name, which becomes a directory and a module name on the agent: an identifier of at
 #: most 40 lowercase letters, digits and _ (the SDK checks it before upload, the agent on install)
 PLUGIN_NAME = re.compile(r"\A[a-z][a-z0-9_]{0,39}\Z")
-#: a run's id: ``r`` and 12 hex digits when the master makes it, up to 32 when a client does (the
+#: a run's id: ``r`` and 12 hex digits when the master makes it, 16 to 32 when a client does (the
 #: SDK names its runs, so that a run request resent to another master is not a second run)
 RUN_ID = re.compile(r"\Ar[0-9a-f]{12,32}\Z")
 #: what marks the agent's own files (metadata, part files, kept previous versions)
