@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -231,7 +232,7 @@ def test_a_named_run_that_may_have_reached_a_master_goes_on_to_the_next_and_runs
         hangup.close()
 
 
-def _post_run(fleet: Fleet, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+def _post_run(fleet: Fleet, body: dict[str, object]) -> tuple[int, dict[str, Any]]:
     import ssl
 
     import httpx
@@ -239,7 +240,8 @@ def _post_run(fleet: Fleet, body: dict[str, object]) -> tuple[int, dict[str, obj
     with httpx.Client(verify=ssl.create_default_context(cafile=str(fleet.root / "master" / "ca.pem")),
                       headers={"authorization": f"Bearer {fleet.admin_token}"}) as http:
         resp = http.post(f"{fleet.url}/api/v1/runs", json=body, timeout=30)
-    return resp.status_code, resp.json()
+    reply: dict[str, Any] = resp.json()
+    return resp.status_code, reply
 
 
 def test_a_run_id_makes_one_run_however_often_it_is_sent(one: Fleet, tmp_path: Path) -> None:
@@ -251,7 +253,7 @@ def test_a_run_id_makes_one_run_however_often_it_is_sent(one: Fleet, tmp_path: P
     assert code == 200 and first["run_id"] == run_id and "replayed" not in first
     code, again = _post_run(one, body)
     assert code == 200 and again["replayed"] is True
-    assert [t["taskid"] for t in again["targets"]] == [t["taskid"] for t in first["targets"]]  # type: ignore[union-attr]
+    assert [t["taskid"] for t in again["targets"]] == [t["taskid"] for t in first["targets"]]
     wait_for(lambda: marker.exists(), 30, "the named run ran")
     time.sleep(1.0)  # a second run would have written its line by now
     assert marker.read_text().splitlines() == ["ran"]
