@@ -14,11 +14,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 #: figures where a larger number is better; for the rest, smaller is better
-HIGHER_IS_BETTER = {"dispatch_per_s", "results_per_s"}
+HIGHER_IS_BETTER = ("dispatch_per_s", "results_per_s")
 
 
 def verdict(name: str, ratio: float) -> str:
-    better = ratio > 1 if name in HIGHER_IS_BETTER else ratio < 1
+    better = ratio > 1 if name.startswith(HIGHER_IS_BETTER) else ratio < 1
     if abs(ratio - 1) < 0.2:
         return "same"
     return "better" if better else "WORSE"
@@ -35,13 +35,13 @@ def main() -> int:
     except (OSError, ValueError) as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
-    print(f"{'figure':<24}{'baseline':>12}{'now':>12}{'ratio':>8}")
+    print(f"{'figure':<32}{'baseline':>12}{'now':>12}{'ratio':>8}")
     for name, base in baseline.items():
         now = result.get(name)
         if not isinstance(base, (int, float)) or not isinstance(now, (int, float)) or name == "agents":
             continue
         ratio = now / base if base else float("inf")
-        print(f"{name:<24}{base:>12.3f}{now:>12.3f}{ratio:>8.2f}  {verdict(name, ratio)}")
+        print(f"{name:<32}{base:>12.3f}{now:>12.3f}{ratio:>8.2f}  {verdict(name, ratio)}")
     return 0
 
 
