@@ -23,7 +23,7 @@ from hcsdk.net.tls import ca_fingerprint, norm_name
 from hcsdk.protocol import vocab
 from hcsdk.protocol.e2e import b64, public_key
 from hcsdk.protocol.errors import MessageError
-from hcsdk.protocol.names import is_sha256
+from hcsdk.protocol.names import CLIENT_RUN_ID, is_sha256
 from hcsdk.protocol.tasks import SessionKind
 from hcsdk.protocol.wire import dumps
 
@@ -47,9 +47,7 @@ class RunRequest(BaseModel):
     timeout: float = Field(default=600.0, gt=0, le=7 * 86400)
     #: the client's name for this run: a request resent (to this master or another) with the
     #: same id gets the run the first one made, never a second run
-    #: (16 to 32 hex digits: never of the length the master's own ids have, so a client's id
-    #: cannot take one a release step is about to use)
-    run_id: str | None = Field(default=None, pattern=r"^r[0-9a-f]{16,32}$")
+    run_id: str | None = Field(default=None, pattern=CLIENT_RUN_ID)
 
 
 class TokenRequest(BaseModel):

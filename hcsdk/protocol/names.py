@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 import secrets
 
-__all__ = ["PLUGIN_NAME", "RESERVED_MARK", "RUN_ID", "UnsafeName", "check_file_name", "check_sha256", "digest_dir",
-           "is_digest_dir", "is_plugin_name", "is_run_id", "is_sha256", "new_run_id"]
+__all__ = ["CLIENT_RUN_ID", "PLUGIN_NAME", "RESERVED_MARK", "RUN_ID", "UnsafeName", "check_file_name", "check_sha256",
+           "digest_dir", "is_digest_dir", "is_plugin_name", "is_run_id", "is_sha256", "new_run_id"]
 
 # \A...\Z, not ^...$: "$" also matches before a trailing newline, and these check remote input
 # (callers elsewhere may still .match() them; the functions below use fullmatch)
@@ -27,6 +27,9 @@ PLUGIN_NAME = re.compile(r"\A[a-z][a-z0-9_]{0,39}\Z")
 #: a run's id: ``r`` and 12 hex digits when the master makes it, 16 to 32 when a client does (the
 #: SDK names its runs, so that a run request resent to another master is not a second run)
 RUN_ID = re.compile(r"\Ar[0-9a-f]{12,32}\Z")
+#: what a client may name a run (the API's check): never the length of the master's own ids, so a
+#: client's id cannot take one a release step is about to use
+CLIENT_RUN_ID = r"^r[0-9a-f]{16,32}$"
 #: what marks the agent's own files (metadata, part files, kept previous versions)
 RESERVED_MARK = ".zy-"
 #: longest released file name: the agent adds a dot and ``.zy-part`` while it comes, and a
