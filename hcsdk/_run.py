@@ -140,7 +140,8 @@ class AsyncRun:
 
     async def _stream(self) -> AsyncIterator[Event]:
         try:
-            async with self._link.lines(f"/api/v1/runs/{self.id}/events", {"after": self._cursor}) as lines:
+            query = {"after": self._cursor, "folded": 1}  # a done may carry its output (see _apply)
+            async with self._link.lines(f"/api/v1/runs/{self.id}/events", query) as lines:
                 self._last_ok = time.monotonic()
                 async for line in lines:
                     self._last_ok = time.monotonic()
@@ -151,29 +152,30 @@ class AsyncRun:
                         self._complete = True
                         return
                     self._cursor = rec["id"]
-                    event = self._apply(rec)
-                    if event is not None:
+                    for event in self._apply(rec):
                         yield event
         except ZyError:
             raise
         except Exception as exc:  # transport trouble mid-stream: resume from the cursor
             raise MasterUnreachable(f"event stream broke: {exc or type(exc).__name__}") from None
 
-    def _apply(self, rec: dict[str, Any]) -> Event | None:
+    def _apply(self, rec: dict[str, Any]) -> list[Event]:
+        """The events one record makes: a done first yields the output folded into it (the
+        pieces the agent sent with it, numbered just before it), as out records would have."""
         row = self._rows.get(rec["taskid"])
         if row is None:
-            return None
+            return []
         data = rec.get("data") or {}
         kind, seq = rec["kind"], rec["seq"]
         if kind == "start":
             row.started_at = data.get("started_at")
-            return Event(kind="start", uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq)
+            return [Event(kind="start", uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq)]
         if kind == "out":
-            stream = "stderr" if data.get("stream") == "stderr" else "stdout"
-            row.chunks[stream].append((seq, data.get("data", "")))
-            return Event(kind=stream, uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq,
-                         data=data.get("data", ""))
+            return [self._out(row, seq, data.get("stream"), data.get("data", ""))]
         if kind == "done":
+            folded = data.get("out") or []
+            first = seq - len(folded)
+            events = [self._out(row, first + i, piece[0], piece[1]) for i, piece in enumerate(folded)]
             row.exit_code = data.get("exit_code")
             row.started_at = row.started_at or data.get("started_at")
             row.finished_at = data.get("finished_at") or time.time()
@@ -181,9 +183,16 @@ class AsyncRun:
             row.truncated = data.get("truncated") or {}
             row.result = data.get("result")
             row.status = data.get("status", TaskStatus.ERROR.value)  # last: readers in other threads key on it
-            return Event(kind="done", uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq,
-                         status=row.status, exit_code=row.exit_code, error=row.error, result=row.result)
-        return None
+            events.append(Event(kind="done", uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq,
+                                status=row.status, exit_code=row.exit_code, error=row.error, result=row.result))
+            return events
+        return []
+
+    @staticmethod
+    def _out(row: _Row, seq: int, stream: Any, text: str) -> Event:
+        name = "stderr" if stream == "stderr" else "stdout"
+        row.chunks[name].append((seq, text))
+        return Event(kind=name, uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=seq, data=text)
 
     async def wait(self, timeout: float | None = None) -> AsyncRun:
         """Wait until every target has a final status."""

@@ -197,14 +197,14 @@ def build_api(hub: Hub, paths: Paths, master_urls: list[str], e2e_private: bytes
         return {"run_id": run_id, "cancelling": await hub.cancel_run(run_id)}
 
     @app.get("/api/v1/runs/{run_id}/events", dependencies=deps)
-    async def run_events(run_id: str, after: int = 0) -> StreamingResponse:
+    async def run_events(run_id: str, after: int = 0, folded: bool = False) -> StreamingResponse:
         try:
             exists = await hub.db(store.run_exists, run_id)
         except Exception:  # the store is away (PostgreSQL restarting): the stream waits for it
             exists = True
         if not exists:
             raise RequestRejected(f"no run {run_id!r}", kind="run", status=404)
-        return StreamingResponse(hub.events.stream(hub.db, run_id, after), media_type="application/x-ndjson")
+        return StreamingResponse(hub.events.stream(hub.db, run_id, after, folded), media_type="application/x-ndjson")
 
     @app.post("/api/v1/tokens", dependencies=deps)
     async def create_token(req: TokenRequest) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 
@@ -77,9 +78,11 @@ class RunEvents:
         if ev is not None and not ev.is_set():
             del self._events[run_id]
 
-    async def stream(self, db: StoreThread, run_id: str, cursor: int) -> AsyncIterator[bytes]:
+    async def stream(self, db: StoreThread, run_id: str, cursor: int, folded: bool = False) -> AsyncIterator[bytes]:
         """NDJSON lines of ``run_id``'s events past ``cursor``, then ``{"kind": "end"}`` once no
-        task is open; blank lines keep idle middleboxes from cutting the connection."""
+        task is open; blank lines keep idle middleboxes from cutting the connection. ``folded``:
+        a done keeps the output an agent folded into it (the SDK's way: one line per short task);
+        otherwise that output comes first as out lines, as an older agent sent it."""
         store = db.store
         failing_since: float | None = None
         while True:
@@ -103,12 +106,8 @@ class RunEvents:
                 continue
             failing_since = None
             if rows:
-                lines = []
-                for r in rows:
-                    r["data"] = loads(r["data"])
-                    lines.append(dumps(r))
-                    cursor = r["id"]
-                yield b"\n".join(lines) + b"\n"
+                cursor = rows[-1]["id"]
+                yield b"".join([_folded_line(r) for r in rows] if folded else [_unfolded_lines(r) for r in rows])
                 continue
             if still_open == 0:
                 self.forget(run_id)
@@ -118,3 +117,23 @@ class RunEvents:
                 await changed.wait()
                 continue
             yield b"\n"  # keep-alive through idle middleboxes
+
+
+def _folded_line(row: dict[str, Any]) -> bytes:
+    """One stored event as one line, its data (JSON as stored) spliced in, not parsed again."""
+    data = row.pop("data")
+    head = dumps(row)
+    return head[:-1] + b',"data":' + (data.encode() if isinstance(data, str) else dumps(data)) + b"}\n"
+
+
+def _unfolded_lines(row: dict[str, Any]) -> bytes:
+    """One stored event as lines a reader of start/out/done understands: a done's folded output
+    as the out lines it stands for (numbered just before it, under the done's id)."""
+    data = row["data"] = loads(row["data"])
+    folded = data.pop("out", None) if row["kind"] == "done" and isinstance(data, dict) else None
+    if not folded:
+        return dumps(row) + b"\n"
+    first = row["seq"] - len(folded)
+    outs = [dumps({**row, "seq": first + i, "kind": "out", "data": {"stream": stream, "data": text}})
+            for i, (stream, text) in enumerate(folded)]
+    return b"\n".join([*outs, dumps(row)]) + b"\n"

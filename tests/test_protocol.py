@@ -102,6 +102,12 @@ SAMPLES: list[tuple[Message, str, dict[str, Any]]] = [
      _sign({"t": "done", "uuid": U, "cmd": "hello.greet", "taskid": "r9.3", "seq": 5,
             "p": {"status": "error", "exit_code": None, "started_at": 1.5, "finished_at": 2.5,
                   "truncated": {"stdout": True}, "error": "boom", "result": {"greeted": "x"}}})),
+    # agent/executor.py _done: a short task's output folded in (its start dropped)
+    (Done(uuid=U, cmd="shell", taskid="r9.5", seq=3, status=TaskStatus.OK, exit_code=0, started_at=1.5, finished_at=2.5,
+          out=[["stdout", "hi\n"], ["stderr", "oops\n"]]).signed(KEY), UP,
+     _sign({"t": "done", "uuid": U, "cmd": "shell", "taskid": "r9.5", "seq": 3,
+            "p": {"status": "ok", "exit_code": 0, "started_at": 1.5, "finished_at": 2.5, "truncated": {},
+                  "out": [["stdout", "hi\n"], ["stderr", "oops\n"]]}})),
     # agent/executor.py refuse
     (Done(uuid=U, cmd="shell", taskid="r9.4", seq=2**31 - 2, status=TaskStatus.ERROR, finished_at=3.0,
           error="refused: the command's MAC does not verify").signed(KEY), UP,
@@ -162,6 +168,21 @@ def test_decoder_and_batch() -> None:
         MessageDecoder(UP).feed(wire.encode_frame({"t": "done", "uuid": U, "p": {}}))
 
 
+@pytest.mark.parametrize(("out", "seq", "why"), [
+    ("hi", 3, "a list of"),  # not a list
+    ([["stdout", "a"], ["stdout", "b"]], 1, "at most seq"),  # more pieces than seqs before the done
+    ([["stdin", "a"]], 3, "pieces must be"),  # no such stream
+    ([["stdout", 7]], 3, "pieces must be"),  # data not text
+    ([["stdout", "a", "extra"]], 3, "pieces must be"),
+    ([{"stream": "stdout", "data": "a"}], 3, "pieces must be"),
+])
+def test_a_done_with_malformed_folded_output_is_refused(out: Any, seq: int, why: str) -> None:
+    env = {"t": "done", "uuid": U, "cmd": "shell", "taskid": "r1.0", "seq": seq,
+           "p": {"status": "ok", "exit_code": 0, "started_at": 1.0, "finished_at": 2.0, "truncated": {}, "out": out}}
+    with pytest.raises(MessageError, match=why):
+        parse(env, UP)
+
+
 def test_unknown_keys_survive_a_parse() -> None:
     """A newer peer's extra keys: kept on the wire (the MAC still verifies, the store keeps them)."""
     d = _sign({"t": "done", "uuid": U, "cmd": "x", "taskid": "t.0", "seq": 1, "x-new": 1,
@@ -205,10 +226,10 @@ def old_problem(msg: dict[str, Any]) -> str | None:
         if p.get("stream") not in ("stdout", "stderr") or not isinstance(p.get("data"), str):
             return "out needs stream stdout|stderr and string data"
         return None
-    return _done_problem(p)
+    return _done_problem(p, seq)
 
 
-def _done_problem(p: dict[str, Any]) -> str | None:
+def _done_problem(p: dict[str, Any], seq: int) -> str | None:
     if p.get("status") not in FINAL:
         return f"done needs a status among {', '.join(FINAL)}"
     code = p.get("exit_code")
@@ -221,6 +242,19 @@ def _done_problem(p: dict[str, Any]) -> str | None:
     truncated = p.get("truncated", {})
     if not isinstance(truncated, dict) or not all(isinstance(v, bool) for v in truncated.values()):
         return "truncated must map stream names to booleans"
+    return _folded_problem(p.get("out"), seq)
+
+
+def _folded_problem(out: Any, seq: int) -> str | None:
+    """New in issue 16: output folded into a done, checked as its out messages would be."""
+    if out is None:
+        return None
+    if not isinstance(out, list) or len(out) > seq:
+        return "done's out must be a list of [stream, data] pieces, at most seq of them"
+    for piece in out:
+        if not (isinstance(piece, list) and len(piece) == 2 and piece[0] in ("stdout", "stderr")
+                and isinstance(piece[1], str)):
+            return "done's out pieces must be [stdout|stderr, string data]"
     return None
 
 
@@ -263,7 +297,7 @@ json_values = st.recursive(
     max_leaves=10,
 )
 PAYLOAD_KEYS = ["status", "exit_code", "started_at", "finished_at", "truncated", "error", "result", "stream",
-                "data", "series", "time", "taken_at", "fields", "cache", "args", "timeout", "exp", "aud", "ids"]
+                "data", "series", "time", "taken_at", "fields", "cache", "args", "timeout", "exp", "aud", "ids", "out"]
 payloads = st.one_of(json_values, st.dictionaries(st.sampled_from(PAYLOAD_KEYS), json_values, max_size=8))
 envelopes = st.fixed_dictionaries(
     {"t": st.sampled_from(sorted(wire.UP_TYPES | wire.DOWN_TYPES))},

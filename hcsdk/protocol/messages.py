@@ -185,7 +185,12 @@ class Out(_Envelope):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Done(_Envelope):
-    """A task's final status. ``error`` and ``result`` are left off the wire when empty."""
+    """A task's final status. ``error`` and ``result`` are left off the wire when empty.
+
+    ``out`` folds in the output that came just before it: ``[stream, data]`` pieces that would
+    have been ``out`` messages numbered ``seq - len(out)`` to ``seq - 1``. A short task is one
+    message (and one MAC, one stored row, one acknowledgement) instead of start, out and done;
+    left off the wire when empty, as an older agent sends it."""
 
     T: ClassVar[str] = "done"
     status: TaskStatus
@@ -195,6 +200,7 @@ class Done(_Envelope):
     truncated: dict[str, bool] = field(default_factory=dict)
     error: str | None = None
     result: Any = None
+    out: list[list[str]] = field(default_factory=list)
 
     def payload(self) -> dict[str, Any]:
         p: dict[str, Any] = {"status": self.status, "exit_code": self.exit_code, "started_at": self.started_at,
@@ -203,6 +209,8 @@ class Done(_Envelope):
             p["error"] = self.error
         if self.result is not None:
             p["result"] = self.result
+        if self.out:
+            p["out"] = self.out
         return p
 
 
@@ -408,9 +416,24 @@ def _parse_done(d: dict[str, Any]) -> Message:
     truncated = p.get("truncated", {})
     if not isinstance(truncated, dict) or not all(isinstance(v, bool) for v in truncated.values()):
         raise MessageError("truncated must map stream names to booleans")
+    out = _folded(p.get("out"), seq)
     return _new_done(_wire=d, uuid=_str(d.get("uuid")), cmd=_str(d.get("cmd")), taskid=taskid, seq=seq, mac=_mac_of(d),
                      status=status, exit_code=code, started_at=started_at, finished_at=finished_at,
-                     truncated=truncated, error=error, result=p.get("result"))
+                     truncated=truncated, error=error, result=p.get("result"), out=out)
+
+
+def _folded(out: Any, seq: int) -> list[list[str]]:
+    """A done's folded output, checked as its ``out`` messages would be: pieces ``[stream, data]``,
+    no more of them than the seqs before the done's."""
+    if out is None:
+        return []
+    if not isinstance(out, list) or len(out) > seq:
+        raise MessageError("done's out must be a list of [stream, data] pieces, at most seq of them")
+    for piece in out:
+        if (not isinstance(piece, list) or len(piece) != 2 or piece[0] not in _STREAMS
+                or not isinstance(piece[1], str)):
+            raise MessageError("done's out pieces must be [stdout|stderr, string data]")
+    return out
 
 
 def _parse_sample(d: dict[str, Any]) -> Message:
