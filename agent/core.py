@@ -23,6 +23,7 @@ from hcsdk.protocol.messages import DOWN, Ack, Cancel, Message, parse
 from hcsdk.protocol.messages import Task as TaskMessage
 from hcsdk.protocol.tasks import TaskStatus
 
+from .children import watch_children_by_pidfd
 from .executor import Executor, Task, TaskFailed
 from .memspool import MemorySpool
 from .plugin_host import InstallError, PluginHost
@@ -188,6 +189,7 @@ class Agent:
     async def run(self, handle_signals: bool = True) -> None:
         """Serve until stopped. ``handle_signals=False`` leaves SIGINT/SIGTERM to the caller
         (a swarm runs many agents in one process)."""
+        watch_children_by_pidfd()
         if self.handover is None:  # a new build must not touch the tasks the old one still runs
             self.executor.recover(self.spool.interrupted())
         self.spool.forget_before(time.time() - 30 * 86400)
