@@ -7,6 +7,7 @@ Batching is what keeps SQLite and Python off the hot path.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import anyio
@@ -23,6 +24,11 @@ log = logging.getLogger("zy.master.hub")
 
 #: the most messages stored in one transaction
 _BATCH = 5000
+#: how long an acknowledgement may wait for a write to its agent to ride with (the next task,
+#: a heartbeat): a fan-out's acks mostly go with the next run's tasks, one write per agent and
+#: round instead of two, and an agent's acks of several batches are one message. An agent keeps
+#: its results this much longer; nothing stored is lost by the wait.
+ACK_DELAY = 0.5
 
 
 class Ingest:
@@ -32,6 +38,9 @@ class Ingest:
         self.events = events
         self.stats = stats
         self._tx, self._rx = anyio.create_memory_object_stream[tuple[str, Result]](20_000)
+        #: sessions holding acknowledgements (see ACK_DELAY), and the flusher's wake-up
+        self._acking: dict[str, Session] = {}
+        self._acks_held = anyio.Event()
 
     async def put(self, uuid: str, msg: Result) -> None:
         """Queue one checked, authentic message of agent ``uuid`` (waits while the writer is
@@ -56,7 +65,23 @@ class Ingest:
         session.send([self.ack(uuid, [[msg.taskid, msg.seq]])])
 
     async def run(self) -> None:
-        """The single writer, for as long as the master runs."""
+        """The single writer (and its acknowledgements' flusher), for as long as the master runs."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._flush_acks)
+            await self._write()
+            tg.cancel_scope.cancel()
+
+    async def _flush_acks(self) -> None:
+        """Send, ACK_DELAY after they were held, the acknowledgements no write took meanwhile."""
+        while True:
+            await self._acks_held.wait()
+            self._acks_held = anyio.Event()
+            await anyio.sleep(ACK_DELAY)
+            due, self._acking = self._acking, {}
+            for session in due.values():
+                session.flush_acks()
+
+    async def _write(self) -> None:
         async for first in self._rx:
             batch = [first]
             while len(batch) < _BATCH:
@@ -83,6 +108,8 @@ class Ingest:
         sessions = self.table.sessions
         for uuid, pairs in acks.items():
             session = sessions.get(uuid)
-            if session:
-                session.send([self.ack(uuid, pairs)])
+            if session and session.defer_ack(pairs, partial(self.ack, uuid)):
+                self._acking[uuid] = session
+        if self._acking:
+            self._acks_held.set()
         self.events.notify(changed)

@@ -21,7 +21,7 @@ import anyio
 
 from hcsdk.protocol.wire import dumps, loads
 
-from .store import StoreThread
+from .store import Store, StoreThread
 
 __all__ = ["STORE_PATIENCE", "RunEvents"]
 
@@ -90,8 +90,7 @@ class RunEvents:
             try:
                 # Count open tasks before reading events: a task's final event commits together
                 # with its status, so "no open task" seen first means every event is readable.
-                still_open = await db(store.run_open_count, run_id)
-                rows = await db(store.events_after, run_id, cursor)
+                still_open, rows = await db(_page, store, run_id, cursor)
             except Exception:
                 # the store is away (a PostgreSQL restart cuts every pooled connection): keep the
                 # SDK's stream, and read again shortly
@@ -137,3 +136,8 @@ def _unfolded_lines(row: dict[str, Any]) -> bytes:
     outs = [dumps({**row, "seq": first + i, "kind": "out", "data": {"stream": stream, "data": text}})
             for i, (stream, text) in enumerate(folded)]
     return b"\n".join([*outs, dumps(row)]) + b"\n"
+
+
+def _page(store: Store, run_id: str, cursor: int) -> tuple[int, list[dict[str, Any]]]:
+    """Open tasks, then the events past ``cursor``: one trip to the store thread, not two."""
+    return store.run_open_count(run_id), store.events_after(run_id, cursor)

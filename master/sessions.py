@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from hcsdk.net.mailbox import Mailbox
@@ -46,12 +47,41 @@ class Session(Mailbox):
         #: the store's claim on this session (issue 15): a claim with a higher epoch, by this
         #: master or another, supersedes it
         self.epoch = 0
+        #: [taskid, seq] of results stored and not acknowledged yet (see ``defer_ack``)
+        self._acks: list[list[Any]] = []
+        self._sign_ack: Callable[[list[list[Any]]], dict[str, Any]] | None = None
+
+    def defer_ack(self, pairs: list[list[Any]], sign: Callable[[list[list[Any]]], dict[str, Any]]) -> bool:
+        """Hold the acknowledgement of ``pairs`` to ride, as one message with the others held,
+        in the next write to this client (``sign`` makes it); True when none was held before."""
+        first = not self._acks
+        self._acks.extend(pairs)
+        self._sign_ack = sign
+        return first
+
+    def flush_acks(self) -> None:
+        """Send what acknowledgements are held, if no other write took them meanwhile."""
+        if self._acks:
+            self.send([])
+
+    def _take_acks(self) -> list[dict[str, Any]]:
+        if not self._acks or self._sign_ack is None:
+            return []
+        pairs, self._acks = self._acks, []
+        return [self._sign_ack(pairs)]
 
     def send(self, msgs: list[dict[str, Any]]) -> None:
+        if self._acks:
+            msgs = [*self._take_acks(), *msgs]
         if self.carrier is not None:
             self.carrier.send(msgs)
         else:
             super().send(msgs)
+
+    def take_frames(self, max_frame: int, max_bytes: int = 256 * 1024) -> bytes:
+        if self._acks:  # a heartbeat or a poll's answer takes them too
+            self.outbox.extendleft(self._take_acks())
+        return super().take_frames(max_frame, max_bytes)
 
 
 async def is_handover(db: StoreThread, uuid: str, taskid: str) -> bool:

@@ -53,6 +53,10 @@ class Tamper:
             evil = copy.deepcopy(msg)
             evil["p"]["data"] = "tampered\n"
             return [evil]
+        if self.mode == "alter-result" and msg["t"] == "done" and msg.get("p", {}).get("out"):
+            evil = copy.deepcopy(msg)  # a short task's output, folded into its done
+            evil["p"]["out"] = [["stdout", "tampered\n"]]
+            return [evil]
         if self.mode == "forge-result" and msg["t"] == "out":
             forged = {"t": "done", "uuid": msg["uuid"], "cmd": msg["cmd"], "taskid": msg["taskid"], "seq": 999,
                       "p": {"status": "ok", "exit_code": 0, "started_at": None, "finished_at": None}, "m": "0" * 64}
