@@ -23,6 +23,9 @@ from .store import StoreThread
 __all__ = ["Session", "Sessions", "is_handover"]
 
 log = logging.getLogger("zy.master.hub")
+#: how stale a connected agent's stored last_seen may be, in seconds (whether it is online is
+#: the session's, not this)
+SEEN_EVERY = 30.0
 
 
 class Session(Mailbox):
@@ -106,6 +109,8 @@ class Sessions:
         self.stopping = False
         #: uuid -> wall time of its last message since the last flush to the store
         self._seen: dict[str, float] = {}
+        #: when each connected agent's last_seen was last written (see SEEN_EVERY)
+        self._written: dict[str, float] = {}
         #: with several masters (``track_ended``): (uuid, epoch) of sessions that left the table,
         #: for the cluster to drop from the store (``take_ended``)
         self.track_ended = False
@@ -198,9 +203,18 @@ class Sessions:
 
     # -- housekeeping -------------------------------------------------------------------------
     def take_seen(self) -> dict[str, float]:
-        """Last-message times since the previous call, for the store's ``last_seen``."""
-        seen, self._seen = self._seen, {}
-        return seen
+        """Last-message times for the store's ``last_seen``: a connected agent's once every
+        SEEN_EVERY seconds at most (a fan-out or 10,000 heartbeats would otherwise rewrite every
+        agent's row each second), and the last one of an agent whose session ended."""
+        due = {u: t for u, t in self._seen.items()
+               if u not in self.sessions or t - self._written.get(u, 0.0) >= SEEN_EVERY}
+        for uuid, stamp in due.items():
+            del self._seen[uuid]
+            if uuid in self.sessions:
+                self._written[uuid] = stamp
+            else:
+                self._written.pop(uuid, None)
+        return due
 
     def take_ended(self) -> list[tuple[str, int]]:
         """(uuid, epoch) of the sessions that left the table since the previous call."""

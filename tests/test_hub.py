@@ -72,6 +72,21 @@ def test_a_proxy_that_goes_takes_the_agents_it_carries() -> None:
     assert "a2" not in table.offline_since  # a master going away starts no offline clock
 
 
+def test_last_seen_is_written_once_per_interval_and_when_the_session_ends() -> None:
+    table = Sessions()
+    agent = _session("a1")
+    table.open(agent, None, None)
+    table.touch(agent)
+    first = table.take_seen()
+    assert set(first) == {"a1"}  # a new session's first message: at once
+    table.touch(agent)
+    assert table.take_seen() == {}  # a busy agent's row is not rewritten every second
+    table.session_ended(agent)
+    last = table.take_seen()
+    assert set(last) == {"a1"} and last["a1"] >= first["a1"]  # its last message is kept
+    assert table.take_seen() == {}
+
+
 def test_an_offline_clock_reset_meanwhile_is_left_alone() -> None:
     table = Sessions()
     table.presume_offline(["a1"], 10.0)
