@@ -160,8 +160,9 @@ class AsyncRun:
             raise MasterUnreachable(f"event stream broke: {exc or type(exc).__name__}") from None
 
     def _apply(self, rec: dict[str, Any]) -> list[Event]:
-        """The events one record makes: a done first yields the output folded into it (the
-        pieces the agent sent with it, numbered just before it), as out records would have."""
+        """The events one record makes: a done first yields the start and the output folded
+        into it (the pieces the agent sent with it, numbered just before it), as start and out
+        records would have."""
         row = self._rows.get(rec["taskid"])
         if row is None:
             return []
@@ -175,7 +176,11 @@ class AsyncRun:
         if kind == "done":
             folded = data.get("out") or []
             first = seq - len(folded)
-            events = [self._out(row, first + i, piece[0], piece[1]) for i, piece in enumerate(folded)]
+            events = []
+            if row.started_at is None and data.get("started_at") is not None:
+                # a short task's start was folded away: its readers still see start, output, done
+                events.append(Event(kind="start", uuid=row.uuid, hostname=row.hostname, taskid=row.taskid, seq=0))
+            events += [self._out(row, first + i, piece[0], piece[1]) for i, piece in enumerate(folded)]
             row.exit_code = data.get("exit_code")
             row.started_at = row.started_at or data.get("started_at")
             row.finished_at = data.get("finished_at") or time.time()

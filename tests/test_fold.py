@@ -26,6 +26,8 @@ def test_a_short_task_is_one_stored_event_with_its_output(fleet5: Fleet) -> None
     run = fleet5.client.run("echo hi; echo oops >&2", targets="web-1", timeout=30)
     df = run.to_dataframe()
     assert (df.loc[0, "status"], df.loc[0, "stdout"], df.loc[0, "stderr"]) == ("ok", "hi\n", "oops\n")
+    again = fleet5.client.run("echo hi", targets="web-1", timeout=30)
+    assert [e.kind for e in again.events()] == ["start", "stdout", "done"]  # as before folding
     db = sqlite3.connect(fleet5.root / "master" / "master.db")
     rows = db.execute("SELECT kind, seq, data FROM events WHERE run_id=?", (run.id,)).fetchall()
     assert [(kind, seq) for kind, seq, _ in rows] == [("done", 3)], rows

@@ -87,17 +87,18 @@ def _hex_address(text: str) -> str:
     return _norm(socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw))
 
 
-def scan_connections(port: int) -> list[Conn]:
-    """This process's live accepted connections on local ``port``."""
-    fds = _socket_fds()
-    found: list[Conn] = []
+def scan_connections(port: int) -> dict[int, str]:
+    """This process's namespace's live accepted connections on local ``port``: inode -> the
+    peer's address as /proc prints it (decoded only for those the reaper does not know yet)."""
+    found: dict[int, str] = {}
     # the tables list every socket of the network namespace (with 10,000 agents, and their
     # other sockets, tens of thousands of lines): lines of other local ports are skipped on a
     # substring test before any split
     local_port = f":{port:04X} "
     for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
         try:
-            lines = Path(table).read_text().splitlines()[1:]
+            with open(table) as fh:
+                lines = fh.read().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
@@ -106,12 +107,21 @@ def scan_connections(port: int) -> list[Conn]:
             cols = line.split()
             if len(cols) < 10 or cols[3] not in _LIVE_STATES:
                 continue
-            local, remote, inode = cols[1], cols[2], int(cols[9])
-            if int(local.rsplit(":", 1)[1], 16) != port or inode not in fds:
-                continue  # another port (an outbound connection), or not this process's
-            peer_hex, peer_port = remote.rsplit(":", 1)
-            found.append(Conn(inode, fds[inode], _hex_address(peer_hex), int(peer_port, 16)))
+            if int(cols[1].rsplit(":", 1)[1], 16) == port:  # not an outbound connection to the port
+                found[int(cols[9])] = cols[2]
     return found
+
+
+def _peer(remote: str) -> tuple[str, int]:
+    peer_hex, peer_port = remote.rsplit(":", 1)
+    return _hex_address(peer_hex), int(peer_port, 16)
+
+
+def _with_fds(doomed: dict[int, tuple[str, int]]) -> list[Conn]:
+    """The doomed connections this process holds, with their fds (read only when some are doomed:
+    reading every socket's fd link was a third of an idle scan with 10,000 agents)."""
+    fds = _socket_fds()
+    return [Conn(inode, fds[inode], *peer) for inode, peer in doomed.items() if inode in fds]
 
 
 def cut(conn: Conn) -> bool:
@@ -149,6 +159,8 @@ class ConnectionReaper:
         self._marks: dict[tuple[str, int], float] = {}
         self._authed: set[int] = set()
         self._first_seen: dict[int, float] = {}
+        #: inode -> (peer address, port) of connections not known to be authenticated
+        self._peers: dict[int, tuple[str, int]] = {}
         self.cut_count = 0
 
     def wrap(self, app: App) -> App:
@@ -175,39 +187,44 @@ class ConnectionReaper:
             # storm; the pause grows with the scan so the reaper keeps to a tenth of one core
             await anyio.sleep(max(self.interval, SCAN_SHARE * took))
             start = time.monotonic()
-            conns = await anyio.to_thread.run_sync(scan_connections, port)
+            live = await anyio.to_thread.run_sync(scan_connections, port)
             took = time.monotonic() - start
-            doomed = self.select(conns, start)
+            doomed = self.select(live, start)
             if doomed:
                 done = await anyio.to_thread.run_sync(_cut_all, doomed)
                 self.cut_count += done
                 log.info("closed %d connections that did not authenticate", done)
 
-    def select(self, conns: list[Conn], start: float) -> list[Conn]:
-        """Update what is known from one scan taken at ``start``; the connections to cut."""
-        by_peer = {(c.peer, c.peer_port): c.inode for c in conns}
+    def select(self, live: dict[int, str], start: float) -> list[Conn]:
+        """Update what is known from one scan taken at ``start`` (inode -> peer, as /proc has it);
+        the connections to cut. Authenticated connections cost a set lookup: only the others'
+        addresses are decoded (once each), so an idle scan of 10,000 agents stays cheap."""
+        self._authed &= live.keys()
+        self._first_seen = {i: t for i, t in self._first_seen.items() if i in live}
+        self._peers = {i: p for i, p in self._peers.items() if i in live}
+        unknown = [i for i in live if i not in self._authed]
+        for inode in unknown:
+            if inode not in self._peers:
+                self._peers[inode] = _peer(live[inode])
+        by_peer = {self._peers[i]: i for i in unknown}
         for key, stamp in list(self._marks.items()):
-            inode = by_peer.get(key)
-            if inode is not None:
-                self._authed.add(inode)
+            marked = by_peer.get(key)
+            if marked is not None:
+                self._authed.add(marked)
                 del self._marks[key]
             elif stamp < start:
-                del self._marks[key]  # its connection is gone already
-        live = {c.inode for c in conns}
-        self._authed &= live
-        self._first_seen = {i: t for i, t in self._first_seen.items() if i in live}
-        for inode in live:
+                del self._marks[key]  # its connection is gone already (or known already)
+        for inode in unknown:
             self._first_seen.setdefault(inode, start)
-        pending = sorted((c for c in conns if c.inode not in self._authed),
-                         key=lambda c: self._first_seen[c.inode])
-        doomed = {c.inode: c for c in pending if start - self._first_seen[c.inode] > self.grace}
-        per: dict[str, list[Conn]] = {}
-        for c in pending:
-            per.setdefault(c.peer, []).append(c)
+        pending = sorted((i for i in unknown if i not in self._authed), key=lambda i: self._first_seen[i])
+        doomed = {i: self._peers[i] for i in pending if start - self._first_seen[i] > self.grace}
+        per: dict[str, list[int]] = {}
+        for i in pending:
+            per.setdefault(self._peers[i][0], []).append(i)
         for group in per.values() if self.per_address > 0 else ():
-            for c in group[:max(0, len(group) - self.per_address)]:  # the oldest ones
-                doomed[c.inode] = c
-        return list(doomed.values())
+            for i in group[:max(0, len(group) - self.per_address)]:  # the oldest ones
+                doomed[i] = self._peers[i]
+        return _with_fds(doomed) if doomed else []
 
 
 def _cut_all(conns: list[Conn]) -> int:
