@@ -17,13 +17,14 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import ByteReceiveStream, Process, TaskGroup
+from anyio.abc import TaskGroup
 
 from hcsdk.common import facts as facts_mod
 from hcsdk.common.version import __version__
@@ -63,7 +64,7 @@ class Task:
     seq: int = 0
     #: set when the task is cancelled (its final status, whatever the plugin says)
     status: TaskStatus | None = None
-    proc: Process | None = None
+    proc: asyncio.SubprocessTransport | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     truncated: dict[str, bool] = field(default_factory=dict)
     result: dict[str, Any] | None = None
@@ -278,9 +279,9 @@ class Executor:
 
     @staticmethod
     def _kill(task: Task) -> None:
-        if task.proc is not None and task.proc.returncode is None:
+        if task.proc is not None and task.proc.get_returncode() is None:
             try:
-                os.killpg(task.proc.pid, signal.SIGKILL)
+                os.killpg(task.proc.get_pid(), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
 
@@ -348,48 +349,70 @@ class Executor:
         return self._env
 
     async def _process(self, task: Task, argv: list[str]) -> tuple[str, int | None]:
+        env = {**self._environ(), "ZY_TASKID": task.taskid}
+        if task.run is not None:
+            env["ZY_RUN_ID"] = task.run
+        loop = asyncio.get_running_loop()
+        output = _Output(self, task, loop)
         try:
-            env = {**self._environ(), "ZY_TASKID": task.taskid}
-            if task.run is not None:
-                env["ZY_RUN_ID"] = task.run
-            proc = await anyio.open_process(argv, stdin=_devnull(), start_new_session=True, env=env)
+            transport, _ = await loop.subprocess_exec(lambda: output, *argv, stdin=_devnull(), stdout=subprocess.PIPE,
+                                                      stderr=subprocess.PIPE, start_new_session=True, env=env)
         except OSError as exc:
             raise TaskFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
-        task.proc = proc
-        self.started(task.taskid, proc.pid)
+        task.proc = transport
+        self.started(task.taskid, transport.get_pid())
         try:
-            async with anyio.create_task_group() as tg:
-                assert proc.stdout is not None and proc.stderr is not None
-                tg.start_soon(self._pump, task, proc.stdout, "stdout")
-                tg.start_soon(self._pump, task, proc.stderr, "stderr")
-                code = await proc.wait()
-                # a background child may hold the pipes open: read on briefly, then stop
-                tg.cancel_scope.deadline = anyio.current_time() + 1.0
+            await asyncio.shield(output.exited)
+            # a background child may hold the pipes open: read on briefly, then stop
+            with anyio.move_on_after(1.0):
+                await asyncio.shield(output.drained)
         finally:
             self._kill(task)
-            with anyio.CancelScope(shield=True):
-                await proc.aclose()
+            transport.close()
+        code = transport.get_returncode()
         return (TaskStatus.OK if code == 0 else TaskStatus.FAILED), code
-
-    async def _pump(self, task: Task, stream: ByteReceiveStream, name: str) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        sent = 0
-        async for chunk in stream:
-            if sent >= self.output_cap:
-                task.truncated[name] = True
-                continue  # keep draining so the process is never blocked on a full pipe
-            room = self.output_cap - sent
-            if len(chunk) > room:
-                chunk, task.truncated[name] = chunk[:room], True
-            sent += len(chunk)
-            self.emit_text(task, name, decoder.decode(chunk))
-        self.emit_text(task, name, decoder.decode(b"", final=True))
 
     def emit_text(self, task: Task, stream: str, text: str) -> None:
         """``text`` as the task's output on ``stream`` (a collection keeps it, others send it)."""
         # JSON can grow a character to six bytes (\u0000): pieces this size always fit a frame
         for i in range(0, len(text), OUT_PIECE_CHARS):
             self._out(task, stream, text[i : i + OUT_PIECE_CHARS])
+
+
+class _Output(asyncio.SubprocessProtocol):
+    """A command's stdout and stderr, decoded and capped as they arrive, straight into its
+    messages: a protocol rather than anyio's process streams, whose wrappers, reader tasks and
+    task group were a tenth of the agent's CPU per shell task. A pipe past its cap is still read
+    (and dropped), so the command never blocks on a full pipe."""
+
+    def __init__(self, executor: Executor, task: Task, loop: asyncio.AbstractEventLoop) -> None:
+        self.executor, self.task = executor, task
+        self.decoders = {1: codecs.getincrementaldecoder("utf-8")(errors="replace"),
+                         2: codecs.getincrementaldecoder("utf-8")(errors="replace")}
+        self.sent = {1: 0, 2: 0}
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.drained: asyncio.Future[None] = loop.create_future()  # both pipes closed
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        name = "stderr" if fd == 2 else "stdout"
+        chunk = data.encode() if isinstance(data, str) else data
+        room = self.executor.output_cap - self.sent[fd]
+        if len(chunk) > room:
+            chunk, self.task.truncated[name] = chunk[:max(0, room)], True
+        if chunk:
+            self.sent[fd] += len(chunk)
+            self.executor.emit_text(self.task, name, self.decoders[fd].decode(chunk))
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd in self.decoders:
+            self.executor.emit_text(self.task, "stderr" if fd == 2 else "stdout",
+                                    self.decoders.pop(fd).decode(b"", final=True))
+        if not self.decoders and not self.drained.done():
+            self.drained.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
 
 
 _DEVNULL: list[int] = []
