@@ -78,6 +78,7 @@ class Agent:
             settings=settings,
         )
         self.channel.on_connected = self._connected
+        self.executor.fold = lambda: self.channel.fold
         self._took_over = False
         self.channel.hello_extra = lambda: {"schedules": self.scheduler.digests()}
         if handover is not None:

@@ -108,6 +108,9 @@ class Executor:
         self.accepting = True
         self.worker: WorkerProcess | None = None
         self._env: dict[str, str] | None = None
+        #: whether the master reads output folded into a done (its handshake says so; an older
+        #: master does not, and gets the held messages as they are)
+        self.fold: Callable[[], bool] = lambda: True
         self.plugins: dict[str, Callable[[Task], Awaitable[tuple[str, int | None]]]] = {
             "shell": self._shell, "exec": self._exec, "ping": self._ping, "facts": self._facts,
             "echo": self._echo,
@@ -240,40 +243,41 @@ class Executor:
 
     def _flush(self, task: Task) -> None:
         """Send what the task holds, as it is."""
-        if task.flush is not None:
-            task.flush.cancel()
-            task.flush = None
-        held, task.held, task.held_chars = task.held, [], 0
+        held = self._take_held(task)
         if held:
             self.emit(held)
 
     @staticmethod
-    def _fold(task: Task) -> list[list[str]]:
-        """The output still held, to ride in the task's done (a held start is dropped: the done
-        carries started_at); nothing is held afterwards."""
+    def _take_held(task: Task) -> list[Message]:
+        """What the task still holds, now the caller's to send; its timer stopped."""
         if task.flush is not None:
             task.flush.cancel()
             task.flush = None
-        out = [[m.stream, m.data] for m in task.held if isinstance(m, Out)]
-        task.held, task.held_chars = [], 0
-        return out
+        held, task.held, task.held_chars = task.held, [], 0
+        return held
 
     def _out(self, task: Task, stream: str, data: str) -> None:
         self._send(task, Out(uuid=self.uuid, cmd=task.cmd, taskid=task.taskid, seq=task.seq, stream=stream, data=data))
 
     def _done(self, task: Task, status: TaskStatus, code: int | None, started: float | None,
               error: str | None) -> None:
+        """The task's final message, with what it still holds: folded in when the master reads
+        folded dones (``fold``), else spooled before it in the same commit. A held start is
+        dropped when folding: the done carries started_at."""
+        held, folded = self._take_held(task), []
+        if self.fold():
+            folded, held = [[m.stream, m.data] for m in held if isinstance(m, Out)], []
         msg = Done(uuid=self.uuid, cmd=task.cmd, taskid=task.taskid, seq=task.seq, status=status, exit_code=code,
                    started_at=started, finished_at=time.time(), truncated=task.truncated, error=error,
-                   result=task.result, out=self._fold(task))
+                   result=task.result, out=folded)
         task.seq += 1
         try:
-            self.finish(task.taskid, [msg])
+            self.finish(task.taskid, [*held, msg])
         except (ValueError, TypeError) as exc:  # FrameError too: a result too big or not JSON
             failed = replace(msg, status=TaskStatus.ERROR, result=None,
                              error=f"the task's result cannot be sent: {exc}")
             try:
-                self.finish(task.taskid, [failed])
+                self.finish(task.taskid, [*held, failed])
             except (ValueError, TypeError):  # the output itself (not JSON): the verdict still goes
                 self.finish(task.taskid, [replace(failed, out=[])])
 

@@ -314,7 +314,7 @@ class ChannelApp:
                                            handover=handover if isinstance(handover, str) else None,
                                            schedules=schedules if _str_map(schedules) else None)
         await respond(send, 200, {"uuid": session.uuid, "sid": session.sid, "mode": mode, **self.settings.served(),
-                                  "dead_after": self.settings.dead_after})
+                                  "dead_after": self.settings.dead_after, "fold": True})
 
     async def _json(self, receive: Receive, send: Send, limit: int = ENROLL_BODY,
                     scope: Scope | None = None, timeout: float | None = None) -> dict[str, Any] | None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import sqlite3
 import ssl
+import time
 from typing import Any
 
 import httpx
+import pytest
 
 from fleet import Fleet
 from hcsdk.protocol.wire import loads
@@ -58,3 +60,28 @@ def test_a_long_task_still_streams_while_it_runs(fleet5: Fleet) -> None:
     db = sqlite3.connect(fleet5.root / "master" / "master.db")
     stored = [k for (k,) in db.execute("SELECT kind FROM events WHERE run_id=? ORDER BY id", (run.id,))]
     assert stored[0] == "start" and stored[-1] == "done" and "out" in stored
+
+
+async def _finished(fold: bool) -> list[Any]:
+    """The messages an executor spools for one echo task: for a master that reads folded dones
+    (``fold``), or for an older one."""
+    import anyio
+
+    from agent.executor import Executor
+    from hcsdk.protocol.messages import Task
+
+    spooled: list[Any] = []
+    executor = Executor("u1", spooled.extend, lambda taskid, cmd: True, lambda taskid, msgs: spooled.extend(msgs))
+    executor.fold = lambda: fold
+    task = Task(uuid="u1", cmd="echo", taskid="r1.0", args={"text": "hi"}, timeout=5, exp=time.time() + 60, aud="u1")
+    async with anyio.create_task_group() as tg:
+        executor.submit(task, tg)
+    return spooled
+
+
+@pytest.mark.anyio
+async def test_an_older_master_gets_start_out_and_done_in_one_commit() -> None:
+    folded = await _finished(True)
+    assert [(m.T, m.seq) for m in folded] == [("done", 2)] and folded[0].out == [["stdout", "hi\n"]]
+    plain = await _finished(False)
+    assert [(m.T, m.seq) for m in plain] == [("start", 0), ("out", 1), ("done", 2)] and plain[2].out == []

@@ -116,6 +116,8 @@ class Channel:
         self.heartbeat = self.settings.heartbeat
         #: seconds between application heartbeats on a quiet HTTP/2 channel (PINGs keep it alive)
         self.idle_beat = self.settings.heartbeat
+        #: whether the master reads a task's output folded into its done (its handshake says)
+        self.fold = False
         self.dead_after = self.settings.dead_after
         self.poll_timeout = 30.0
 
@@ -254,6 +256,7 @@ class Channel:
         self.heartbeat = min(self.settings.heartbeat, master_hb / 2)
         self.dead_after = max(self.settings.dead_after, 2 * master_hb + 1)
         self.idle_beat = float(info.get("idle_beat") or self.heartbeat)
+        self.fold = info.get("fold") is True
         self.poll_timeout = float(info.get("poll_wait") or 2) + self.dead_after
         backoff.reset()
         self.connects += 1
