@@ -63,6 +63,29 @@ UPDATE_ARGS = {
 SETTLE = 2.0
 
 
+class NewBuild:
+    """The new build's process. A plain Popen, not an asyncio subprocess: an asyncio subprocess
+    transport kills its process when it is collected, and with the pidfd child watcher (whose
+    callbacks are dropped as the loop closes) that happened as this agent exited, taking the
+    new build with it."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    async def wait(self) -> int:
+        while (code := self._popen.poll()) is None:  # noqa: ASYNC110 - no watcher: polled, ten times a second
+            await anyio.sleep(0.1)
+        return code
+
+
 class Updater:
     def __init__(self, services: AgentServices, scheduler: Scheduler, handover: tuple[str, int] | None = None) -> None:
         self.services = services
@@ -166,7 +189,7 @@ class Updater:
             raise TaskFailed(f"cannot fetch the build: {exc or type(exc).__name__}", status=TaskStatus.FAILED) from None
         return path
 
-    async def _start(self, build: Path, taskid: str) -> Any:
+    async def _start(self, build: Path, taskid: str) -> NewBuild:
         try:
             argv = [*builds.build_command(build), *builds.agent_options(), "--handover", f"{taskid}:{os.getpid()}"]
         except builds.BuildError as exc:
@@ -175,8 +198,8 @@ class Updater:
         (self.root / "handover.json").unlink(missing_ok=True)
         try:
             # its own session: it must outlive this process, which exits once it hands over
-            return await anyio.open_process(argv, stdin=subprocess.DEVNULL, stdout=None, stderr=None,
-                                            start_new_session=True)
+            # (a spawn returns at once; see NewBuild for why this is not an asyncio subprocess)
+            return NewBuild(subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True))  # noqa: ASYNC220
         except OSError as exc:
             raise TaskFailed(f"cannot start the new build: {exc.strerror or exc}", status=TaskStatus.FAILED) from None
 
