@@ -144,7 +144,9 @@ async def test_acknowledgements_ride_with_the_next_task_as_one_message(hub: Hub,
     for run, task in zip(runs, tasks, strict=True):
         changed = hub.run_changed(run["run_id"])
         done = Done(uuid="a1", cmd="echo", taskid=task.taskid, seq=1, status=TaskStatus.OK, exit_code=0)
-        await hub.ingest("a1", parse(done.signed(key).to_wire(), UP))
+        msg = parse(done.signed(key).to_wire(), UP)
+        assert isinstance(msg, Done)
+        await hub.ingest("a1", msg)
         with anyio.fail_after(10):
             await changed.wait()
     assert not session.outbox  # both acknowledgements are held...
